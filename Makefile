@@ -1,0 +1,40 @@
+# Two commands do all the set-up and the work:
+#   make demo   -> installs into .venv, runs `hpo search search_spaces/lora.py`
+#   make test   -> installs into .venv with the dev tools, runs the test suite
+# torch is installed first and pinned, so pip never pulls a multi-GB CUDA build by accident.
+# On a GPU machine: make demo TORCH=torch   (or any torch build you want)
+# Elsewhere on a CPU-only machine: make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+PIP = $(VENV)/bin/pip
+INDEX = $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
+
+.PHONY: install install-dev demo test lint clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+install: $(VENV)/bin/python
+	$(PIP) install --quiet "$(TORCH)" $(INDEX)
+	$(PIP) install --quiet -e .
+
+install-dev: $(VENV)/bin/python
+	$(PIP) install --quiet "$(TORCH)" $(INDEX)
+	$(PIP) install --quiet -e ".[dev]"
+
+demo: install
+	$(VENV)/bin/hpo search search_spaces/lora.py
+
+test: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf hpo.db mlflow.db mlruns mlartifacts .hpo

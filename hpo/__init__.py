@@ -1,0 +1,16 @@
+"""hpo: hyperparameter search for fine-tuning language models.
+
+A search-space module imports only this package's light surface::
+
+    import hpo
+    sweep = hpo.Sweep(model=..., train_data=..., metric="eval_accuracy")
+
+    def space(trial):
+        return {"learning_rate": trial.suggest_float("learning_rate", 1e-5, 1e-2, log=True)}
+"""
+
+from hpo.config import Sweep
+from hpo.errors import HpoError
+
+__all__ = ["HpoError", "Sweep"]
+__version__ = "0.1.0"

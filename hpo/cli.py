@@ -1,0 +1,203 @@
+"""The ``hpo`` command: parses arguments and calls the modules that do the work.
+
+Heavy libraries (torch, transformers, peft, ray, mlflow) are imported inside commands,
+so ``hpo --help`` stays instant. A problem the user can fix (:class:`HpoError`) is one
+line on stderr and exit status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from hpo.errors import HpoError
+
+app = typer.Typer(
+    help="Hyperparameter search for fine-tuning language models (Optuna + Ray Tune + MLflow).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+_state = {"debug": False}
+
+Study = Annotated[str | None, typer.Option("--study", help="Study name (default: the module's file name; for other commands, the only study in the storage).")]
+Storage = Annotated[str | None, typer.Option("--storage", envvar="HPO_STORAGE", help="Optuna storage, an SQLAlchemy URL (default: sqlite:///hpo.db in this folder).")]
+Tracking = Annotated[str | None, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite:///mlflow.db in this folder).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def search(
+    module: Annotated[str, typer.Argument(help="Search-space module, e.g. search_spaces/lora.py")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a sweep field: KEY=VALUE (repeatable).")] = None,
+    study: Study = None,
+    storage: Storage = None,
+    tracking_uri: Tracking = None,
+    trials: Annotated[int | None, typer.Option("--trials", help="Finished trials the study should hold at the end.")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds after which no new trial starts.")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address (ray://host:10001 or auto); default: a local Ray, or RAY_ADDRESS.")] = None,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", help="Most trials running at once.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the study (the default when it exists; kept for scripts).")] = False,
+) -> None:
+    """Run a sweep: sample trials, train them on Ray, stop weak ones early, record everything."""
+    from hpo.sweep import SearchOptions
+    from hpo.sweep import search as run_search
+
+    options = SearchOptions(module=module, overrides=set_ or [], study=study, storage=storage,
+                            tracking_uri=tracking_uri, trials=trials, timeout=timeout, address=address,
+                            concurrency=concurrency)
+    result = run_search(options, console)
+    counts = result.counts
+    console.print(
+        f"\n[bold]{result.study_name}[/]: {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} pruned, "
+        f"{counts.get('FAIL', 0)} failed, {counts.get('RUNNING', 0)} running"
+    )
+    if result.best:
+        best = result.best
+        console.print(f"best: trial {best['number']} {best['metric']}={best['value']:.4g}  {_params_text(best['config'])}")
+    storage_flag = f" --storage '{result.storage}'" if storage else ""
+    tracking_flag = f" --tracking-uri '{result.tracking_uri}'" if tracking_uri else ""
+    console.print(
+        f"look:   hpo status --study {result.study_name}{storage_flag}\n"
+        f"        hpo dashboard{storage_flag}   (Optuna dashboard, http://127.0.0.1:8080)\n"
+        f"        hpo ui{tracking_flag}   (MLflow UI, http://127.0.0.1:5000)"
+    )
+    if counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 0:
+        _fail_summary(result)
+
+
+def _fail_summary(result: Any) -> None:
+    reasons = ", ".join(f"{count} {reason}" for reason, count in result.fail_reasons.items()) or "none ran"
+    err_console.print(
+        f"error: no trial of study {result.study_name!r} finished ({reasons}); "
+        f"see `hpo status --study {result.study_name}` for each trial's error", markup=False, highlight=False)
+    raise typer.Exit(1)
+
+
+@app.command()
+def status(study: Study = None, storage: Storage = None, as_json: AsJson = False) -> None:
+    """Table of the study's trials: number, state, value, steps, params, reason."""
+    from hpo import study as studies
+
+    loaded = studies.load(storage, study)
+    rows = [_trial_row(t) for t in loaded.get_trials(deepcopy=False)]
+    if as_json:
+        print(json.dumps({"study": loaded.study_name, "trials": rows}, default=str))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"study {loaded.study_name} ({loaded.direction.name.lower()})", header_style="bold")
+    for column in ("trial", "state", "value", "steps", "seconds", "params", "reason"):
+        table.add_column(column, justify="right" if column in ("trial", "value", "steps", "seconds") else "left")
+    styles = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}
+    for row in rows:
+        table.add_row(
+            str(row["number"]), f"[{styles.get(row['state'], '')}]{row['state']}[/]",
+            "-" if row["value"] is None else f"{row['value']:.4g}", str(row["steps"] or "-"),
+            "-" if row["seconds"] is None else f"{row['seconds']:.0f}", _params_text(row["params"]),
+            row["reason"] or "",
+        )
+    console.print(table)
+    counts = studies.state_counts(loaded)
+    console.print("  ".join(f"{k.lower()}: {v}" for k, v in sorted(counts.items())))
+
+
+def _trial_row(trial: Any) -> dict[str, Any]:
+    from hpo.study import last_step
+
+    seconds = None
+    if trial.datetime_start and trial.datetime_complete:
+        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+    value = trial.value if trial.state.name == "COMPLETE" else None
+    reason = trial.user_attrs.get("reason")
+    if trial.user_attrs.get("error"):
+        reason = f"{reason}: {trial.user_attrs['error']}"
+    return {"number": trial.number, "state": trial.state.name, "value": value, "steps": last_step(trial),
+            "seconds": seconds, "params": trial.params, "reason": reason}
+
+
+@app.command()
+def best(study: Study = None, storage: Storage = None, as_json: AsJson = False) -> None:
+    """The best trial's parameters and value."""
+    from hpo import study as studies
+
+    loaded = studies.load(storage, study)
+    summary = studies.best_summary(loaded)
+    if summary is None:
+        raise HpoError(f"study {loaded.study_name!r} has no COMPLETE trial yet; run more trials or see `hpo status`")
+    if as_json:
+        print(json.dumps(summary, default=str))
+        return
+    console.print(f"best trial {summary['number']} of {summary['study']}: {summary['metric']} = {summary['value']:.6g}")
+    for key, value in summary["config"].items():
+        console.print(f"  {key} = {value}")
+
+
+@app.command()
+def dashboard(
+    storage: Storage = None,
+    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8080,
+) -> None:
+    """Serve the Optuna dashboard on the study storage."""
+    from hpo import study as studies
+
+    opened = studies.open_storage(storage)
+    import optuna_dashboard
+
+    console.print(f"Optuna dashboard on {studies.redact(opened.url)}: http://{host}:{port}  (Ctrl-C stops it)")
+    optuna_dashboard.run_server(opened, host=host, port=port)
+
+
+@app.command()
+def ui(
+    tracking_uri: Tracking = None,
+    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 5000,
+) -> None:
+    """Serve the MLflow UI on the tracking store (one worker)."""
+    from hpo.tracking import DEFAULT_TRACKING_URI, redact
+
+    uri = tracking_uri or DEFAULT_TRACKING_URI
+    if uri.startswith(("http://", "https://")):
+        console.print(f"{redact(uri)} is an MLflow server already: open it in a browser")
+        return
+    console.print(f"MLflow UI on {redact(uri)}: http://{host}:{port}  (Ctrl-C stops it)")
+    sys.stdout.flush()
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+               "--host", host, "--port", str(port), "--workers", "1"]
+    os.execv(sys.executable, command)
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def main() -> None:
+    """Console-script entry point: one-line errors, exit 2 for bad input."""
+    try:
+        app()
+    except HpoError as error:
+        if _state["debug"]:
+            raise
+        err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

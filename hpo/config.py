@@ -1,0 +1,230 @@
+"""The typed sweep config: its fields, defaults, validation and ``--set`` overrides.
+
+A search-space module declares ``sweep = hpo.Sweep(...)``; the command line may then
+override any field with ``--set KEY=VALUE``. Every check names the field and how to fix
+it, so :class:`HpoError` messages can be shown to the user as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from hpo.errors import HpoError
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+TASKS = ("classification", "causal_lm")
+PRUNERS = ("asha", "none")
+SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
+# Metrics whose better direction is known; any other metric needs `direction`.
+KNOWN_DIRECTIONS = {
+    "eval_accuracy": "maximize",
+    "eval_loss": "minimize",
+    "eval_perplexity": "minimize",
+    "train_loss": "minimize",
+}
+DATA_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What one sweep trains, on which data, for how long, and how trials are chosen.
+
+    Declared at module level in a search-space module (``sweep = hpo.Sweep(...)``);
+    every field can be overridden with ``hpo search MODULE --set FIELD=VALUE``.
+    """
+
+    model: str = DEFAULT_MODEL
+    """Base model: a Hugging Face id or a local folder (``--set model=...``)."""
+    task: Literal["classification", "causal_lm"] = "classification"
+    """``classification`` (sequence labels) or ``causal_lm`` (next-token prediction)."""
+    train_data: str = ""
+    """Training data: a TSV/CSV/JSONL/TXT file, or a Hugging Face dataset id (``imdb:train``)."""
+    eval_data: str | None = None
+    """Validation data, same forms; ``None`` holds out ``eval_fraction`` of the training data."""
+    text_column: str | None = None
+    """Column holding the text; ``None`` detects it (text, sentence, content, ...)."""
+    label_column: str | None = None
+    """Column holding integer labels (classification); ``None`` detects it."""
+    max_length: int = 128
+    """Longest input in tokens; longer texts are truncated (causal LM: the block size)."""
+    eval_fraction: float = 0.1
+    """Share of the training data held out for validation when ``eval_data`` is ``None``."""
+    metric: str | None = None
+    """The objective, a key of what ``report`` records; default by task (eval_accuracy / eval_loss)."""
+    direction: Literal["maximize", "minimize"] | None = None
+    """Whether a larger or a smaller ``metric`` is better; known metrics need none."""
+    trials: int = 12
+    """How many finished trials the study should hold when the sweep ends (``--trials``)."""
+    timeout: float | None = None
+    """Seconds after which no new trial starts; running trials finish (``--timeout``)."""
+    max_steps: int = 120
+    """Optimizer steps of a trial that is not stopped early: the full budget."""
+    eval_every: int = 20
+    """Steps between evaluations; each one is reported and may stop the trial early."""
+    pruner: Literal["asha", "none"] = "asha"
+    """Early stop of weak trials: ``asha`` (asynchronous successive halving) or ``none``."""
+    reduction_factor: float = 3.0
+    """ASHA keeps the best 1/reduction_factor of the trials at each rung."""
+    sampler: Literal["tpe", "random", "cmaes", "gp", "qmc"] = "tpe"
+    """Optuna sampler proposing the next trial's parameters (seeded with ``seed``)."""
+    seed: int = 0
+    """Seed of the sampler and of every trial's training run."""
+    cpus_per_trial: float = 1.0
+    """CPUs Ray reserves for each trial (torch uses that many threads)."""
+    gpus_per_trial: float = 0.0
+    """GPUs Ray reserves for each trial; fractions (0.5) share one GPU between trials."""
+    concurrency: int | None = None
+    """Most trials running at once; ``None`` lets the free resources decide."""
+    eval_batch_size: int = 64
+    """Batch size for evaluation (it does not change results, only speed and memory)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form settings for a module's own ``train`` function (not used by the recipe)."""
+
+    def __post_init__(self) -> None:
+        metric = self.metric or ("eval_accuracy" if self.task == "classification" else "eval_loss")
+        object.__setattr__(self, "metric", metric)
+        if self.direction is None and metric in KNOWN_DIRECTIONS:
+            object.__setattr__(self, "direction", KNOWN_DIRECTIONS[metric])
+        for problem in self._problems():
+            raise HpoError(problem)
+
+    def _problems(self) -> typing.Iterator[str]:
+        if self.task not in TASKS:
+            yield _bad("task", self.task, f"must be one of {', '.join(TASKS)}")
+        if self.direction not in ("maximize", "minimize"):
+            yield _bad(
+                "direction", self.direction,
+                f"must be maximize or minimize (needed for the metric {self.metric!r})",
+            )
+        if not self.model:
+            yield _bad("model", self.model, "must name a Hugging Face model id or a local folder")
+        if self.pruner not in PRUNERS:
+            yield _bad("pruner", self.pruner, f"must be one of {', '.join(PRUNERS)}")
+        if self.sampler not in SAMPLERS:
+            yield _bad("sampler", self.sampler, f"must be one of {', '.join(SAMPLERS)}")
+        for name in ("trials", "max_steps", "eval_every", "max_length", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                yield _bad(name, value, "must be a whole number of at least 1")
+        if isinstance(self.eval_every, int) and isinstance(self.max_steps, int):
+            if self.eval_every > self.max_steps:
+                yield _bad("eval_every", self.eval_every, f"must not exceed max_steps={self.max_steps}")
+        if self.concurrency is not None and (not isinstance(self.concurrency, int) or self.concurrency < 1):
+            yield _bad("concurrency", self.concurrency, "must be a whole number of at least 1, or none")
+        if self.timeout is not None and not (_is_number(self.timeout) and self.timeout > 0):
+            yield _bad("timeout", self.timeout, "must be a positive number of seconds, or none")
+        if not (_is_number(self.eval_fraction) and 0 < self.eval_fraction < 1):
+            yield _bad("eval_fraction", self.eval_fraction, "must lie between 0 and 1")
+        if not (_is_number(self.reduction_factor) and self.reduction_factor > 1):
+            yield _bad("reduction_factor", self.reduction_factor, "must be a number above 1")
+        if not (_is_number(self.cpus_per_trial) and self.cpus_per_trial > 0):
+            yield _bad("cpus_per_trial", self.cpus_per_trial, "must be a positive number")
+        if not (_is_number(self.gpus_per_trial) and self.gpus_per_trial >= 0):
+            yield _bad("gpus_per_trial", self.gpus_per_trial, "must be 0 or a positive number")
+        elif self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
+            yield _bad("gpus_per_trial", self.gpus_per_trial, "above 1 must be a whole number")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            yield _bad("seed", self.seed, "must be a whole number")
+
+    @property
+    def mode(self) -> str:
+        """``max`` or ``min``, as Ray Tune names the direction."""
+        return "max" if self.direction == "maximize" else "min"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bad(name: str, value: Any, what: str) -> str:
+    return f"sweep field {name}={value!r} {what} (fix it in the module or with --set {name}=...)"
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Sweep) if f.name != "extra"]
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``["max_steps=30", "eval_data=none"]`` into typed values, by the fields' types.
+
+    Raises HpoError for a malformed pair, an unknown key (with the closest valid one) or a
+    value of the wrong type. Values are checked again, in context, by :class:`Sweep`.
+    """
+    hints = typing.get_type_hints(Sweep)
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise HpoError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set max_steps=30")
+        if key not in hints or key == "extra":
+            close = difflib.get_close_matches(key, field_names(), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise HpoError(
+                f"--set {pair!r}: unknown sweep field {key!r}; {hint}"
+                f"valid fields: {', '.join(field_names())}"
+            )
+        values[key] = _coerce(key, raw.strip(), hints[key])
+    return values
+
+
+def _coerce(key: str, raw: str, hint: Any) -> Any:
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional and raw.lower() in ("none", "null", ""):
+        return None
+    kinds = [a for a in args if a is not type(None)] if _is_union(hint) else [hint]
+    for kind in kinds:
+        if typing.get_origin(kind) is Literal:
+            choices = typing.get_args(kind)
+            if raw in choices:
+                return raw
+            raise HpoError(f"--set {key}={raw}: must be one of {', '.join(choices)}")
+        if kind is int:
+            try:
+                return int(raw)
+            except ValueError:
+                raise HpoError(f"--set {key}={raw}: must be a whole number") from None
+        if kind is float:
+            try:
+                return float(raw)
+            except ValueError:
+                raise HpoError(f"--set {key}={raw}: must be a number") from None
+        if kind is str:
+            return raw
+    raise HpoError(f"--set {key}={raw}: this field cannot be set from the command line")
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def looks_like_local_path(value: str) -> bool:
+    """A file name we should resolve on disk rather than treat as a hub id."""
+    return value.lower().endswith(DATA_SUFFIXES) or value.startswith((".", "/", "~"))
+
+
+def resolve_paths(sweep: Sweep, base: Path) -> Sweep:
+    """Make local file/folder fields absolute, relative to ``base`` (module dir or cwd).
+
+    Hub ids (``imdb:train``, ``org/model``) are left alone unless such a path exists.
+    """
+    changes: dict[str, str] = {}
+    for name in ("train_data", "eval_data", "model"):
+        value = getattr(sweep, name)
+        if not value:
+            continue
+        candidate = (base / Path(value).expanduser()).resolve()
+        if candidate.exists() or (name != "model" and looks_like_local_path(value)):
+            changes[name] = str(candidate)
+    return dataclasses.replace(sweep, **changes) if changes else sweep

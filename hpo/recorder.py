@@ -1,0 +1,144 @@
+"""The driver's one writer: turns trial events into Optuna, MLflow and progress updates.
+
+Events arrive from the scheduler (Ray Tune, in its driver thread) as plain calls:
+``next_trial`` -> ``on_result``* -> ``on_end``. Each is written to the Optuna study
+first (the source of truth), then mirrored to MLflow, then shown. Knows neither Ray nor
+transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from optuna.trial import TrialState
+
+from hpo.study import HEARTBEAT_INTERVAL, AskedTrial, Ledger, finished_count
+from hpo.tracking import SweepTracker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a trial ended, as the scheduler saw it."""
+
+    kind: str
+    """``complete``, ``pruned``, ``fail`` or ``interrupted``."""
+    reason: str | None = None
+    """For ``fail``: error, nan, oom, crash, space. For ``pruned``: why it stopped."""
+    error: str | None = None
+    """The exception's class and message, for ``fail``."""
+    step: int | None = None
+    """The step at which the trial was stopped early, for ``pruned``."""
+
+
+class Display(Protocol):
+    def trial_started(self, number: int, params: dict[str, Any]) -> None: ...
+    def trial_result(self, number: int, step: int, value: float | None) -> None: ...
+    def trial_ended(self, number: int, state: str, value: float | None, reason: str | None) -> None: ...
+    def tick(self) -> None: ...
+
+
+class Recorder:
+    """Owns the sweep's bookkeeping while Ray runs trials.
+
+    ``target`` is the number of finished trials the study should hold; a sweep stops
+    asking for trials once finished + running reaches it, or after ``deadline``.
+    """
+
+    DONE = "done"
+
+    def __init__(self, ledger: Ledger, tracker: SweepTracker, display: Display, *, metric: str,
+                 target: int, deadline: float | None):
+        self.ledger = ledger
+        self.tracker = tracker
+        self.display = display
+        self.metric = metric
+        self.target = target
+        self.deadline = deadline
+        self.started = 0
+        self.ended: dict[str, int] = {"complete": 0, "pruned": 0, "fail": 0, "interrupted": 0}
+        self.last: dict[int, dict[str, float]] = {}
+        self._steps: dict[int, int] = {}
+        self._last_heartbeat = time.monotonic()
+        self._finished_before = finished_count(ledger.study)
+        self.stopping = False
+
+    def next_trial(self) -> AskedTrial | str | None:
+        """The next trial to run, ``None`` (wait for running trials), or ``DONE``."""
+        running = len(self.ledger.running)
+        out_of_time = self.deadline is not None and time.time() >= self.deadline
+        finished = self._finished_before + self.ended["complete"] + self.ended["pruned"] + self.ended["fail"]
+        if self.stopping or out_of_time or finished + running >= self.target:
+            return self.DONE if running == 0 or self.stopping or out_of_time else None
+        asked = self.ledger.ask()
+        self.started += 1
+        params = {**asked.trial.params, **{k: v for k, v in asked.params.items() if k not in asked.trial.params}}
+        self.tracker.start_trial(asked.number, params)
+        self.display.trial_started(asked.number, asked.params)
+        return asked
+
+    def on_result(self, number: int, step: int, metrics: dict[str, float]) -> None:
+        """One evaluation of a running trial (deduplicated by step)."""
+        if number not in self.ledger.running or self._steps.get(number, 0) >= step:
+            return
+        self._steps[number] = step
+        self.last[number] = metrics
+        value = metrics.get(self.metric)
+        if value is not None:
+            self.ledger.report(number, step, value)
+        self.tracker.log_metrics(number, step, metrics)
+        self.display.trial_result(number, step, value)
+
+    def on_end(self, number: int, outcome: Outcome) -> None:
+        """Tell Optuna the truthful end, close the MLflow run, update the display."""
+        if number not in self.ledger.running:
+            return
+        value = self.last.get(number, {}).get(self.metric)
+        kind, reason, error = outcome.kind, outcome.reason, outcome.error
+        if kind == "complete" and (value is None or not math.isfinite(value)):
+            kind, reason = "fail", ("nan" if value is not None else "no_metric")
+            error = f"the trial ended with {self.metric}={value}" if value is not None else \
+                f"the trial ended without reporting {self.metric!r}"
+        if kind == "pruned":
+            reason = f"stopped early by the pruner at step {outcome.step}"
+        steps = self._steps.get(number)
+        attrs = {"last_step": steps} if steps else {}
+        if kind == "complete":
+            self.ledger.tell(number, TrialState.COMPLETE, value=value, attrs=attrs)
+            state = "COMPLETE"
+        elif kind == "pruned":
+            self.ledger.tell(number, TrialState.PRUNED, reason="pruned", attrs={**attrs, "pruned_at": outcome.step})
+            state = "PRUNED"
+        elif kind == "interrupted":
+            self.ledger.tell(number, TrialState.FAIL, reason="interrupted", attrs=attrs)
+            state, reason = "FAIL", "interrupted"
+        else:
+            self.ledger.tell(number, TrialState.FAIL, reason=reason or "error", error=error, attrs=attrs)
+            state = "FAIL"
+        self.ended[kind] += 1
+        self.tracker.end_trial(number, state, reason=error or reason, value=value if kind == "complete" else None)
+        self.display.trial_ended(number, state, value, error or reason)
+
+    def tick(self) -> None:
+        """Called often by the scheduler's loop: heartbeats and the display's clock."""
+        now = time.monotonic()
+        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL / 2:
+            self._last_heartbeat = now
+            for asked in list(self.ledger.running.values()):
+                try:
+                    self.ledger.heartbeat(asked.trial)
+                except Exception:  # noqa: BLE001 - a missed heartbeat is retried next tick
+                    logger.warning("hpo: recording a heartbeat failed", exc_info=True)
+        self.display.tick()
+
+    def close_leftovers(self) -> list[int]:
+        """After the scheduler returns: any trial still open ends as interrupted."""
+        left = sorted(self.ledger.running)
+        for number in left:
+            self.on_end(number, Outcome("interrupted"))
+        return left

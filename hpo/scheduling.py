@@ -1,0 +1,297 @@
+"""Ray Tune: runs the trials on resources, stops weak ones early (ASHA), and streams
+every result back to the driver's :class:`~hpo.recorder.Recorder`.
+
+How a trial flows (Tune calls all of this in one driver thread):
+
+1. ``OptunaBridge.suggest`` asks the recorder for the next trial (Optuna ``ask`` +
+   ``space(trial)``), or says to wait, or that the sweep is done.
+2. A worker runs :func:`run_trial`: the module's ``train`` or the built-in recipe, whose
+   ``report(step, metrics)`` becomes ``tune.report``. Exceptions become an error result,
+   so the reason reaches the driver; a non-finite objective ends the trial (``nan``).
+3. Tune gives each result to the scheduler first (``_ASHA`` may answer STOP and notes
+   when that is an early stop), then to ``OptunaBridge.on_trial_result``, except the
+   result on which the scheduler stops: ``on_trial_complete`` reports that one.
+4. ``on_trial_complete`` decides the truthful end -- COMPLETE, PRUNED (stopped early by
+   ASHA), FAIL (error/nan/worker died) or interrupted -- and hands it to the recorder.
+
+A searcher exception is only logged by Tune and would leave the trial RUNNING, so every
+hook here is defensive; the driver also closes whatever is left when ``fit`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from hpo.recipe import TrainJob
+from hpo.recorder import Outcome, Recorder
+from hpo.space import TrainFn
+
+logger = logging.getLogger(__name__)
+ERROR_KEY = "hpo_error"
+REASON_KEY = "hpo_reason"
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What every worker needs besides the trial's own params (sent once via the object store)."""
+
+    sweep: Any  # hpo.Sweep
+    train: TrainFn | None
+
+
+class _NonFinite(Exception):
+    """The objective or training loss became NaN/inf: the trial cannot recover."""
+
+
+def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
+    """Ray Tune function trainable for one trial (runs on a worker)."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*(Some weights|newly initialized).*")
+    metric = spec.sweep.metric
+    params = config["params"]
+    last = {"step": 0}
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        """Record one evaluation; Ray may end the trial here (early stop)."""
+        if not isinstance(step, int) or isinstance(step, bool) or step <= last["step"]:
+            raise ValueError(f"report(step={step!r}): step must be an int greater than the last ({last['step']})")
+        if not isinstance(metrics, dict) or metric not in metrics:
+            raise ValueError(f"report() got no {metric!r} (the sweep's metric); got {sorted(metrics or {})}")
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        last["step"] = step
+        bad = [k for k in (metric, "train_loss", "eval_loss") if k in values and not math.isfinite(values[k])]
+        if bad:
+            tune.report({"step": step, **values})
+            raise _NonFinite(f"{bad[0]} is {values[bad[0]]} at step {step}")
+        tune.report({"step": step, **values})
+
+    try:
+        if spec.train is not None:
+            spec.train(params, report)
+        else:
+            from hpo import training
+
+            training.fine_tune(TrainJob.from_sweep(spec.sweep, params), report)
+    except _NonFinite as error:
+        tune.report({"step": last["step"], ERROR_KEY: f"non-finite loss: {error}", REASON_KEY: "nan"})
+    except Exception as error:  # noqa: BLE001 - any trial error becomes FAIL with its reason
+        reason = "oom" if _is_oom(error) else "error"
+        message = f"{type(error).__name__}: {error}"
+        tune.report({"step": last["step"], ERROR_KEY: message[:4000], REASON_KEY: reason})
+    finally:
+        if spec.train is None:
+            _release_memory()
+
+
+def _is_oom(error: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(error, MemoryError)
+
+
+def _release_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class _ASHA(ASHAScheduler):
+    """Ray's ASHA, noting the trials it stops *before* ``max_t`` (an early stop).
+
+    ASHA also answers STOP when a trial reaches ``max_t``; that is a finished trial.
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.stopped_early: dict[str, int] = {}
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        step = result.get(self._time_attr)
+        if decision == TrialScheduler.STOP and step is not None and step < self._max_t and not result.get("done"):
+            self.stopped_early[trial.trial_id] = step
+        return decision
+
+
+class _NoStop(FIFOScheduler):
+    stopped_early: dict[str, int] = {}
+
+
+class OptunaBridge(Searcher):
+    """Tune searcher whose trials are Optuna trials; all writes go through the recorder."""
+
+    def __init__(self, recorder: Recorder, scheduler: _ASHA | _NoStop, metric: str, mode: str):
+        super().__init__(metric=metric, mode=mode)
+        self.recorder = recorder
+        self.scheduler = scheduler
+        self.numbers: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles searchers (tuner.pkl); the study is the state that matters, and the
+        # recorder holds connections and a live display.
+        state = self.__dict__.copy()
+        state["recorder"] = None
+        return state
+
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to save: the Optuna study is the searcher's state."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Nothing to restore: see :meth:`save`."""
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        try:
+            asked = self.recorder.next_trial()
+        except Exception:  # noqa: BLE001 - logged; the sweep ends rather than spin
+            logger.exception("hpo: asking for the next trial failed")
+            return Searcher.FINISHED
+        if asked is None:
+            return None
+        if asked == Recorder.DONE:
+            return Searcher.FINISHED
+        self.numbers[trial_id] = asked.number
+        return {"number": asked.number, "params": asked.params}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        number = self.numbers.get(trial_id)
+        if number is None or ERROR_KEY in result or "step" not in result:
+            return
+        try:
+            self.recorder.on_result(number, int(result["step"]), _metrics(result))
+        except Exception:  # noqa: BLE001
+            logger.exception("hpo: recording a result of trial %s failed", number)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        number = self.numbers.pop(trial_id, None)
+        if number is None:
+            return
+        try:
+            outcome = self._outcome(trial_id, number, result, error)
+        except Exception as problem:  # noqa: BLE001 - never leave a trial RUNNING
+            logger.exception("hpo: deciding the end of trial %s failed", number)
+            outcome = Outcome("fail", reason="error", error=f"hpo internal error: {problem}")
+        self.recorder.on_end(number, outcome)
+
+    def _outcome(self, trial_id: str, number: int, result: dict | None, error: bool) -> Outcome:
+        stopped_at = self.scheduler.stopped_early.pop(trial_id, None)
+        if error:
+            return Outcome("fail", reason="crash", error="the trial's worker process died (see the Ray logs)")
+        if result is None:
+            return Outcome("interrupted")
+        if ERROR_KEY in result:
+            return Outcome("fail", reason=result.get(REASON_KEY, "error"), error=result[ERROR_KEY])
+        if "step" in result and self.metric in result:
+            self.recorder.on_result(number, int(result["step"]), _metrics(result))
+        if stopped_at is not None:
+            return Outcome("pruned", step=stopped_at)
+        if result.get("done"):
+            return Outcome("complete")
+        return Outcome("interrupted")
+
+
+class _Heartbeat(tune.Callback):
+    """Keeps running trials' heartbeats fresh between results (long evaluation gaps)."""
+
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"recorder": None}
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.tick()
+
+
+_RESULT_KEYS = {"step", "done", "trial_id", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
+                "time_since_restore", "iterations_since_restore", "pid", "hostname", "node_ip", "date",
+                "experiment_tag", "checkpoint_dir_name", "should_checkpoint"}
+
+
+def _metrics(result: dict) -> dict[str, float]:
+    return {k: v for k, v in result.items() if k not in _RESULT_KEYS and not k.startswith(("config/", "hpo_"))
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str | None, module: Any,
+        storage_path: str, name: str) -> None:
+    """Start (or join) Ray and run trials until the recorder says the sweep is done."""
+    import ray
+    import ray.cloudpickle
+
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if train is not None:
+        # The module was loaded from a path workers may not import by name: ship it by value.
+        ray.cloudpickle.register_pickle_by_value(module)
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    if not ray.is_initialized():
+        # Ray enables token auth for a local cluster and says so on every start; keep it, quietly.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                                      "TRANSFORMERS_VERBOSITY": "error"}},
+        )
+    resources = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
+    concurrency = sweep.concurrency or _fit_count(ray.cluster_resources(), resources)
+
+    if sweep.pruner == "asha":
+        scheduler: _ASHA | _NoStop = _ASHA(
+            time_attr="step", metric=sweep.metric, mode=sweep.mode, max_t=sweep.max_steps,
+            grace_period=sweep.eval_every, reduction_factor=sweep.reduction_factor,
+        )
+    else:
+        scheduler = _NoStop()
+    searcher = OptunaBridge(recorder, scheduler, sweep.metric, sweep.mode)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=TrialSpec(sweep, train)), resources)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=-1,
+            max_concurrent_trials=concurrency, reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage_path,
+            verbose=0,
+            callbacks=[_Heartbeat(recorder)],
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    tuner.fit()
+
+
+def _fit_count(available: dict[str, float], per_trial: dict[str, float]) -> int:
+    """How many trials fit on the cluster's resources at once (at least 1)."""
+    fits = [available.get(k.upper(), 0.0) / v for k, v in per_trial.items() if v > 0]
+    return max(1, int(min(fits))) if fits else 1

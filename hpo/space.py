@@ -1,0 +1,146 @@
+"""Loading a search-space module from a path and checking its contract.
+
+The contract (also in README.md and ``search_spaces/lora.py``):
+
+* ``space(trial) -> dict``: define-by-run, samples with ``trial.suggest_*``; the dict is
+  what one trial trains with (for the built-in recipe: learning_rate, batch_size, ...).
+* ``sweep = hpo.Sweep(...)``: the sweep's defaults, overridable with ``--set``.
+* optional ``train(params, report)``: replaces the built-in fine-tuning recipe;
+  ``report(step, metrics)`` records one evaluation and may end the trial early.
+
+Everything here runs before any storage is touched, so a bad module writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from hpo.config import Sweep, parse_overrides, resolve_paths
+from hpo.errors import HpoError
+
+Space = Callable[[Any], dict]
+TrainFn = Callable[[dict, Callable[[int, dict], None]], Any]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A loaded, checked search-space module with overrides applied."""
+
+    path: Path
+    module: ModuleType
+    space: Space
+    sweep: Sweep
+    train: TrainFn | None
+
+    @property
+    def default_study_name(self) -> str:
+        return self.path.stem
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
+    """Import the module at ``path``, check its contract, apply ``--set`` overrides.
+
+    Raises HpoError naming the file and what is wrong: missing file, syntax error (with
+    line), an exception at import, no ``space``, ``sweep`` of the wrong type, bad values.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise HpoError(f"{path}: no such file; give the path of a search-space module (.py)")
+    if path.suffix != ".py":
+        raise HpoError(f"{path}: a search-space module must be a Python file ending in .py")
+    path = path.resolve()
+    module = _import(path)
+
+    space = getattr(module, "space", None)
+    if not callable(space):
+        raise HpoError(f"{path}: defines no function space(trial) -> dict; add one that samples with trial.suggest_*")
+    sweep = getattr(module, "sweep", None)
+    if sweep is None:
+        raise HpoError(f"{path}: defines no `sweep = hpo.Sweep(...)`; add one with the sweep's model, data and metric")
+    if not isinstance(sweep, Sweep):
+        raise HpoError(f"{path}: `sweep` is a {type(sweep).__name__}, expected hpo.Sweep(...)")
+    train = getattr(module, "train", None)
+    if train is not None and not callable(train):
+        raise HpoError(f"{path}: `train` must be a function train(params, report)")
+
+    sweep = resolve_paths(sweep, path.parent)
+    values = parse_overrides(overrides or [])
+    if values:
+        try:
+            sweep = dataclasses.replace(sweep, **values)
+        except HpoError as error:
+            raise HpoError(f"{path}: {error}") from None
+        sweep = resolve_paths(sweep, Path.cwd())
+    return SearchSpace(path=path, module=module, space=space, sweep=sweep, train=train)
+
+
+def _import(path: Path) -> ModuleType:
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    name = f"hpo_space_{path.stem}_{digest}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as error:
+        del sys.modules[name]
+        raise HpoError(f"{path}:{error.lineno}: syntax error: {error.msg}") from None
+    except HpoError as error:
+        del sys.modules[name]
+        raise HpoError(f"{path}: {error}") from None
+    except BaseException as error:  # noqa: BLE001 - user code may raise anything, even SystemExit
+        del sys.modules[name]
+        line = _user_line(error, path)
+        raise HpoError(f"{path}{line}: raised {type(error).__name__} at import: {error}") from error
+    return module
+
+
+def _user_line(error: BaseException, path: Path) -> str:
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == str(path)]
+    return f":{frames[-1].lineno}" if frames else ""
+
+
+def sample_check(search_space: SearchSpace) -> dict:
+    """Sample ``space`` once on a throwaway in-memory study: catches bad distributions,
+    non-dict returns and (built-in recipe) unknown parameter names before a sweep starts.
+
+    Returns the sampled dict.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction=search_space.sweep.direction)
+    trial = study.ask()
+    return call_space(search_space, trial)
+
+
+def call_space(search_space: SearchSpace, trial: Any) -> dict:
+    """Run ``space(trial)`` and check what comes back; errors name the module."""
+    path = search_space.path
+    try:
+        params = search_space.space(trial)
+    except Exception as error:  # noqa: BLE001 - user code
+        line = _user_line(error, path)
+        raise HpoError(f"{path}{line}: space(trial) raised {type(error).__name__}: {error}") from error
+    if not isinstance(params, dict):
+        raise HpoError(f"{path}: space(trial) returned {type(params).__name__}, expected a dict of parameters")
+    bad_keys = [k for k in params if not isinstance(k, str)]
+    if bad_keys:
+        raise HpoError(f"{path}: space(trial) returned non-string keys {bad_keys!r}")
+    if search_space.train is None:
+        from hpo.recipe import check_params
+
+        problem = check_params(params)
+        if problem:
+            raise HpoError(f"{path}: space(trial) {problem}")
+    return params

@@ -1,0 +1,288 @@
+"""Optuna: storage, samplers, study create/resume, and the trial ledger.
+
+The Optuna study is the single source of truth for trials. Only the driver process
+writes it (see :class:`Ledger`): workers compute, the driver asks, reports and tells.
+Nothing here knows Ray or transformers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo.errors import HpoError
+
+DEFAULT_STORAGE = "sqlite:///hpo.db"
+# The driver records a heartbeat for every trial it runs; a trial whose heartbeat is older
+# than GRACE_PERIOD belongs to a dead driver and is failed when a sweep (re)starts.
+HEARTBEAT_INTERVAL = 20
+GRACE_PERIOD = 60
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# The driver records heartbeats itself (Ledger.heartbeat, Recorder.tick), so the storage's
+# heartbeat works with ask/tell here, which Optuna warns it does not do on its own.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ``***`` (safe to print or log)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: hide everything after '//'
+        return url.split("//", 1)[0] + "//***" if "@" in url else url
+
+
+def check_storage(url: str | None) -> None:
+    """Make sure the storage can be opened, writing nothing (not even an SQLite file).
+
+    Raises HpoError (password hidden) naming the URL and what to check.
+    """
+    url = url or DEFAULT_STORAGE
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        folder = os.path.dirname(path)
+        if path and folder and not os.path.isdir(folder):
+            raise HpoError(f"--storage {redact(url)}: the folder {folder} does not exist")
+        return
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url, pool_pre_ping=True)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as error:  # noqa: BLE001 - drivers raise many types
+        raise _storage_error(url, error) from None
+
+
+def open_storage(url: str | None) -> optuna.storages.RDBStorage:
+    """Connect to an SQLAlchemy URL (SQLite file by default, PostgreSQL, MySQL).
+
+    SQLite gets a long busy timeout so several writers wait instead of failing with
+    'database is locked'. Raises HpoError (password hidden) if the database is unreachable.
+    """
+    url = url or DEFAULT_STORAGE
+    check_storage(url)
+    engine_kwargs: dict[str, Any] = (
+        {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    )
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD
+        )
+    except Exception as error:  # noqa: BLE001 - drivers raise many types
+        raise _storage_error(url, error) from None
+
+
+def _storage_error(url: str, error: Exception) -> HpoError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    reason = reason.replace(url, redact(url))
+    password = _password(url)
+    if password:
+        reason = reason.replace(password, "***")
+    return HpoError(
+        f"--storage {redact(url)}: cannot open the study storage ({type(error).__name__}: {reason[:300]}); "
+        "check the URL, that the server runs, and the credentials"
+    )
+
+
+def _password(url: str) -> str | None:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).password
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    """Sampler by name, seeded. TPE starts modeling after a third of the trials (4-10),
+    so that small sweeps are not all random; it lies about running trials
+    (``constant_liar``) so concurrent trials don't all sample the same point."""
+    if name == "tpe":
+        startup = max(4, min(10, trials // 3))
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True, multivariate=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed)
+    raise HpoError(f"unknown sampler {name!r}; use tpe, random, cmaes, gp or qmc")
+
+
+def create_or_resume(storage: optuna.storages.BaseStorage, name: str, direction: str,
+                     sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """The study ``name``, created if new. An existing study must have the same direction."""
+    try:
+        existing = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    except KeyError:
+        return optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction=direction,
+                                   load_if_exists=True)
+    if existing.direction.name.lower() != direction:
+        raise HpoError(
+            f"study {name!r} exists and {existing.direction.name.lower()}s its objective, but this sweep "
+            f"{direction}s; use another --study name"
+        )
+    return existing
+
+
+def load(storage_url: str | None, name: str | None) -> optuna.Study:
+    """An existing study; with no name, the only study in the storage."""
+    storage = open_storage(storage_url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    if name is None:
+        if len(names) == 1:
+            name = names[0]
+        elif not names:
+            raise HpoError(f"--storage {redact(storage.url)}: holds no study yet; run `hpo search MODULE` first")
+        else:
+            raise HpoError(f"--storage {redact(storage.url)}: holds several studies; pick one with --study ({', '.join(names)})")
+    if name not in names:
+        raise HpoError(f"no study {name!r} in {redact(storage.url)}; studies there: {', '.join(names) or 'none'}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count towards ``--trials``: COMPLETE, PRUNED and FAIL, except trials
+    that failed only because their sweep was interrupted (they are run again)."""
+    return sum(
+        1 for t in study.get_trials(deepcopy=False, states=FINISHED)
+        if t.user_attrs.get("reason") != "interrupted"
+    )
+
+
+def last_step(trial: FrozenTrial) -> int | None:
+    return max(trial.intermediate_values) if trial.intermediate_values else None
+
+
+def fail_stale(study: optuna.Study) -> list[int]:
+    """Fail trials left RUNNING by a dead driver (stale heartbeat); return their numbers."""
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    optuna.storages.fail_stale_trials(study)
+    after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    return sorted(before - after)
+
+
+@dataclass
+class AskedTrial:
+    number: int
+    params: dict[str, Any]
+    """What ``space(trial)`` returned: what the trial trains with."""
+    trial: optuna.Trial
+    reported: set[int] = field(default_factory=set)
+
+
+class Ledger:
+    """The driver's writer of trial state: ask, report intermediate values, tell.
+
+    Called from one thread (Ray Tune's driver loop). Each method is a short storage
+    transaction; nothing is buffered, so a killed driver loses no finished trial.
+    """
+
+    def __init__(self, study: optuna.Study, space: Callable[[optuna.Trial], dict]):
+        self.study = study
+        self.space = space
+        self.running: dict[int, AskedTrial] = {}
+        self._host = f"{socket.gethostname()}:{os.getpid()}"
+
+    def ask(self) -> AskedTrial:
+        """A new trial and its parameters. If ``space`` raises, the trial is told FAIL
+        (reason ``space``) and the error re-raised."""
+        trial = self.study.ask()
+        try:
+            params = self.space(trial)
+        except Exception as error:
+            self._fail(trial, "space", f"{type(error).__name__}: {error}")
+            raise
+        self.study._storage.set_trial_user_attr(trial._trial_id, "config", _jsonable(params))
+        self.study._storage.set_trial_system_attr(trial._trial_id, "hpo:driver", self._host)
+        self.heartbeat(trial)
+        asked = AskedTrial(trial.number, params, trial)
+        self.running[trial.number] = asked
+        return asked
+
+    def heartbeat(self, trial: optuna.Trial) -> None:
+        storage = self.study._storage
+        if isinstance(storage, optuna.storages.RDBStorage):
+            storage.record_heartbeat(trial._trial_id)
+
+    def report(self, number: int, step: int, value: float) -> None:
+        """Record the objective at ``step`` (once per step; NaN and inf are kept as they are)."""
+        asked = self.running[number]
+        if step not in asked.reported:
+            asked.trial.report(float(value), step)
+            asked.reported.add(step)
+        self.heartbeat(asked.trial)
+
+    def tell(self, number: int, state: TrialState, value: float | None = None, reason: str | None = None,
+             error: str | None = None, attrs: dict[str, Any] | None = None) -> FrozenTrial:
+        """Record the trial's end: COMPLETE with ``value``, PRUNED (keeps its last
+        intermediate value) or FAIL, with ``reason``/``error`` as user attrs."""
+        asked = self.running.pop(number)
+        trial = asked.trial
+        for key, attr in {**(attrs or {}), "reason": reason, "error": error}.items():
+            if attr is not None:
+                trial.set_user_attr(key, attr)
+        if state == TrialState.COMPLETE:
+            return self.study.tell(trial, float(value), skip_if_finished=True)  # type: ignore[arg-type]
+        return self.study.tell(trial, state=state, skip_if_finished=True)
+
+    def _fail(self, trial: optuna.Trial, reason: str, error: str) -> None:
+        trial.set_user_attr("reason", reason)
+        trial.set_user_attr("error", error[:2000])
+        self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    """Number of trials in each state, by Optuna state name."""
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
+
+
+def best_summary(study: optuna.Study) -> dict[str, Any] | None:
+    """The best COMPLETE trial as plain data (number, value, params, config), or None."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.value is not None and math.isfinite(t.value)]
+    if not complete:
+        return None
+    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    trial = pick(complete, key=lambda t: t.value)
+    return {
+        "study": study.study_name,
+        "number": trial.number,
+        "value": trial.value,
+        "metric": (study.user_attrs.get("hpo") or {}).get("sweep", {}).get("metric"),
+        "params": trial.params,
+        "config": trial.user_attrs.get("config", trial.params),
+        "steps": last_step(trial),
+    }
+
+
+def fail_reasons(study: optuna.Study) -> dict[str, int]:
+    """How many trials failed for each reason (error, nan, oom, interrupted, ...)."""
+    reasons: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        reason = trial.user_attrs.get("reason", "unknown")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons

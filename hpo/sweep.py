@@ -1,0 +1,159 @@
+"""``hpo search``: check everything, open the study and the MLflow experiment, run the
+trials on Ray, and close every record truthfully.
+
+The order matters: the module, its sampled parameters, the data and the model are checked
+before any storage is opened, so bad input writes nothing; a crashed earlier sweep is
+cleaned up (stale RUNNING trials failed, their MLflow runs KILLED) before new trials start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from hpo import data, models
+from hpo import space as spaces
+from hpo import study as studies
+from hpo.errors import HpoError
+
+
+@dataclass
+class SearchOptions:
+    """The command line's settings for one ``hpo search`` (beyond ``--set``)."""
+
+    module: str
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    study: str | None = None
+    storage: str | None = None
+    tracking_uri: str | None = None
+    trials: int | None = None
+    timeout: float | None = None
+    address: str | None = None
+    concurrency: int | None = None
+    workdir: str = ".hpo"
+
+
+@dataclass
+class SearchResult:
+    study_name: str
+    storage: str
+    tracking_uri: str
+    counts: dict[str, int]
+    best: dict[str, Any] | None
+    ran: int
+    fail_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def prepare(options: SearchOptions) -> spaces.SearchSpace:
+    """Load and check the module, its overrides, one sample of its space, data and model."""
+    extra = list(options.overrides)
+    if options.trials is not None:
+        extra.append(f"trials={options.trials}")
+    if options.timeout is not None:
+        extra.append(f"timeout={options.timeout}")
+    if options.concurrency is not None:
+        extra.append(f"concurrency={options.concurrency}")
+    search_space = spaces.load(options.module, extra)
+    spaces.sample_check(search_space)
+    sweep = search_space.sweep
+    if search_space.train is None:
+        if not sweep.train_data:
+            raise HpoError(f"{search_space.path}: sweep field train_data is empty; the built-in recipe needs "
+                           "training data (set it in the module or with --set train_data=...)")
+        models.check_available(sweep.model)
+        _check_data(search_space)
+    return search_space
+
+
+def _check_data(search_space: spaces.SearchSpace) -> None:
+    sweep = search_space.sweep
+    train = data.read(sweep.train_data, sweep.task, sweep.text_column, sweep.label_column)
+    if sweep.eval_data:
+        data.read(sweep.eval_data, sweep.task, sweep.text_column, sweep.label_column)
+    else:
+        data.hold_out(train, sweep.eval_fraction)
+
+
+def search(options: SearchOptions, console: Console) -> SearchResult:
+    """Run one sweep to its target number of finished trials (or its timeout)."""
+    from hpo.tracking import SweepTracker, check_tracking, redact
+
+    search_space = prepare(options)
+    sweep = search_space.sweep
+    name = options.study or search_space.default_study_name
+    studies.check_storage(options.storage)  # both stores reachable before either is written
+    check_tracking(options.tracking_uri)
+    storage = studies.open_storage(options.storage)
+    study = studies.create_or_resume(storage, name, sweep.direction, studies.make_sampler(sweep.sampler, sweep.seed, sweep.trials))
+    tracker = SweepTracker(options.tracking_uri, name)
+
+    stale = studies.fail_stale(study)
+    orphans = tracker.kill_orphans(running_trials=_live_running(study))
+    if stale or orphans:
+        console.print(f"[yellow]cleaned up an interrupted sweep:[/] failed stale trials {stale or '-'}, "
+                      f"killed MLflow runs of trials {orphans or '-'}")
+    already = studies.finished_count(study)
+    result = SearchResult(name, studies.redact(storage.url), redact(tracker.uri), {}, None, 0)
+    if already >= sweep.trials:
+        console.print(f"study {name!r} already has {already} finished trials (target {sweep.trials}); "
+                      f"raise --trials to run more")
+        result.counts, result.best = studies.state_counts(study), studies.best_summary(study)
+        return result
+
+    sweep_params = {k: v for k, v in sweep.to_dict().items() if k != "extra"}
+    parent = tracker.start_sweep(
+        {**sweep_params, "module": str(search_space.path), "study": name},
+        {"hpo.storage": result.storage, "hpo.module": str(search_space.path)},
+    )
+    study.set_user_attr("hpo", {
+        "module": str(search_space.path), "sweep": sweep_params, "tracking_uri": result.tracking_uri,
+        "mlflow_experiment_id": tracker.experiment_id, "mlflow_parent_run_id": parent,
+        "custom_train": search_space.train is not None,
+    })
+    console.print(f"[bold]hpo search[/] {search_space.path.name}: study [bold]{name}[/] in {result.storage}, "
+                  f"MLflow {result.tracking_uri}; {sweep.trials - already} trials to go "
+                  f"({sweep.max_steps} steps, evaluate every {sweep.eval_every}, pruner {sweep.pruner})")
+
+    from hpo.progress import SweepDisplay
+    from hpo.recorder import Recorder
+
+    deadline = time.time() + sweep.timeout if sweep.timeout else None
+    best = studies.best_summary(study)
+    display = SweepDisplay(console, study=name, metric=sweep.metric, direction=sweep.direction, target=sweep.trials,
+                           max_steps=sweep.max_steps, already=already,
+                           best=(best["number"], best["value"]) if best else None)
+    ledger = studies.Ledger(study, lambda trial: spaces.call_space(search_space, trial))
+    recorder = Recorder(ledger, tracker, display, metric=sweep.metric, target=sweep.trials, deadline=deadline)
+    status = "FINISHED"
+    try:
+        with display:
+            from hpo import scheduling
+
+            scheduling.run(
+                recorder, sweep, search_space.train, address=options.address or os.environ.get("RAY_ADDRESS"),
+                module=search_space.module, storage_path=str(Path(options.workdir).resolve() / "ray_results"),
+                name=name,
+            )
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        recorder.close_leftovers()
+        result.counts, result.best, result.ran = studies.state_counts(study), studies.best_summary(study), recorder.started
+        result.fail_reasons = studies.fail_reasons(study)
+        tracker.end_sweep(status, summary={"finished": sum(result.counts.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL")),
+                                           **({"best_value": result.best["value"], "best_trial": result.best["number"]}
+                                              if result.best else {})})
+    return result
+
+
+def _live_running(study: Any) -> set[int]:
+    from optuna.trial import TrialState
+
+    return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}

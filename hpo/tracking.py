@@ -1,0 +1,198 @@
+"""MLflow: one parent run per sweep (per study), one nested run per trial.
+
+The parent run carries the sweep's settings; each trial's run carries the trial's params
+(the same names and values as in Optuna), every evaluation as metric history, its final
+state, and tags linking the study and trial number. Only the driver writes here.
+A resumed sweep reopens its study's parent run, so nested runs stay under one parent.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from hpo.errors import HpoError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TAG_STUDY = "hpo.study"
+TAG_ROLE = "hpo.role"
+TAG_TRIAL = "hpo.trial_number"
+TAG_STATE = "hpo.state"
+TAG_REASON = "hpo.reason"
+# Optuna state -> MLflow run status. A pruned trial was stopped early by the sweep: KILLED,
+# with hpo.state=PRUNED telling it apart from an interrupted one.
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def redact(uri: str) -> str:
+    """The URI with a password (``scheme://user:pass@host``) replaced by ``***``."""
+    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = uri.split("://", 1)
+        credentials, host = rest.split("@", 1)
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in credentials else f"{scheme}://{user}@{host}"
+    return uri
+
+
+def check_tracking(uri: str | None) -> None:
+    """Make sure the MLflow store can be used, writing nothing (not even an SQLite file)."""
+    import os
+
+    uri = uri or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:"):
+        folder = os.path.dirname(uri.split("///", 1)[-1])
+        if folder and not os.path.isdir(folder):
+            raise HpoError(f"--tracking-uri {redact(uri)}: the folder {folder} does not exist")
+        return
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+                return
+        except Exception as error:  # noqa: BLE001 - URLError, HTTPError, timeouts
+            raise HpoError(
+                f"--tracking-uri {redact(uri)}: the MLflow server does not answer ({type(error).__name__}: "
+                f"{redact(str(error))[:200]}); start it (hpo ui, or docker/compose.yaml) or fix the URI"
+            ) from None
+    if "://" in uri and not uri.startswith(("file:", "databricks")):
+        try:
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(uri, pool_pre_ping=True)
+            with engine.connect():
+                pass
+            engine.dispose()
+        except Exception as error:  # noqa: BLE001
+            raise HpoError(
+                f"--tracking-uri {redact(uri)}: cannot open the MLflow store ({type(error).__name__}); "
+                "check the URL, that the server runs, and the credentials"
+            ) from None
+
+
+class SweepTracker:
+    """Writes a sweep's runs; all methods are called from the driver's one thread."""
+
+    def __init__(self, tracking_uri: str | None, study_name: str):
+        import logging
+
+        from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        self.uri = tracking_uri or DEFAULT_TRACKING_URI
+        self.study_name = study_name
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = self._experiment()
+        self.parent_run_id: str | None = None
+        self.trial_runs: dict[int, str] = {}
+
+    def _experiment(self) -> str:
+        try:
+            experiment = self.client.get_experiment_by_name(self.study_name)
+            if experiment is not None:
+                if experiment.lifecycle_stage == "deleted":
+                    self.client.restore_experiment(experiment.experiment_id)
+                return experiment.experiment_id
+            return self.client.create_experiment(self.study_name, tags={TAG_STUDY: self.study_name})
+        except Exception as error:  # noqa: BLE001 - MLflow raises many types for a bad store
+            message = str(error).splitlines()[0] if str(error) else ""
+            raise HpoError(
+                f"--tracking-uri {redact(self.uri)}: cannot use the MLflow store "
+                f"({type(error).__name__}: {redact(message)[:300]}); check the URI and that the server runs"
+            ) from None
+
+    def start_sweep(self, params: dict[str, Any], tags: dict[str, str]) -> str:
+        """Open (or reopen, on resume) the study's parent run; returns its id."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{TAG_STUDY}` = '{self.study_name}'",
+            max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=self.study_name,
+                tags={TAG_ROLE: "sweep", TAG_STUDY: self.study_name, **tags},
+            )
+            run_id = run.info.run_id
+            self._log_params(run_id, params)
+        self.parent_run_id = run_id
+        return run_id
+
+    def start_trial(self, number: int, params: dict[str, Any]) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{number}",
+            tags={
+                "mlflow.parentRunId": self.parent_run_id or "",
+                TAG_STUDY: self.study_name,
+                TAG_TRIAL: str(number),
+                TAG_ROLE: "trial",
+                TAG_STATE: "RUNNING",
+            },
+        )
+        self.trial_runs[number] = run.info.run_id
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_metrics(self, number: int, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+        if batch:
+            self.client.log_batch(self.trial_runs[number], metrics=batch)
+
+    def end_trial(self, number: int, state: str, reason: str | None = None, value: float | None = None) -> None:
+        """Close the trial's run with the status matching the Optuna ``state``."""
+        run_id = self.trial_runs.pop(number, None)
+        if run_id is None:
+            return
+        self.client.set_tag(run_id, TAG_STATE, state)
+        if reason:
+            self.client.set_tag(run_id, TAG_REASON, reason[:5000])
+        if value is not None and _is_number(value):
+            self.client.set_tag(run_id, "hpo.objective", repr(float(value)))
+        self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
+
+    def end_sweep(self, status: str = "FINISHED", summary: dict[str, Any] | None = None) -> None:
+        if self.parent_run_id is None:
+            return
+        if summary:
+            for key, value in summary.items():
+                self.client.set_tag(self.parent_run_id, f"hpo.{key}", str(value))
+        self.client.set_terminated(self.parent_run_id, status=status)
+
+    def kill_orphans(self, running_trials: set[int]) -> list[int]:
+        """Set KILLED on this study's trial runs left RUNNING by a dead sweep (their trial
+        numbers not in ``running_trials``); returns the trial numbers."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_STUDY}` = '{self.study_name}' and tags.`{TAG_ROLE}` = 'trial' "
+                          "and attributes.status = 'RUNNING'",
+            max_results=10000,
+        )
+        killed = []
+        for run in found:
+            number = int(run.data.tags.get(TAG_TRIAL, -1))
+            if number in running_trials:
+                continue
+            self.client.set_tag(run.info.run_id, TAG_STATE, "FAIL")
+            self.client.set_tag(run.info.run_id, TAG_REASON, "interrupted")
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+            killed.append(number)
+        return killed
+
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(str(k), str(v)[:6000]) for k, v in params.items() if v is not None]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

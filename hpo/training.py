@@ -1,0 +1,231 @@
+"""The built-in fine-tuning recipe: a base model + a fresh LoRA adapter, AdamW, evaluation
+every ``eval_every`` steps, each evaluation handed to ``report(step, metrics)``.
+
+It knows nothing of Optuna, Ray or MLflow: it runs the same under Ray, in a plain
+process, or in a test. ``report`` may raise to end the run early (Ray's stop does).
+
+Load once per worker: the frozen base model and the tokenized data are cached in this
+process, keyed by model, task and data; each run seeds torch, re-initialises the task head,
+wraps the base in a new adapter and removes the adapter in ``finally``, so a run on a warm
+worker gives exactly the results of a fresh load with the same seed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hpo import data, models
+from hpo.recipe import TrainJob
+
+Reporter = Callable[[int, dict[str, float]], None]
+
+_BASE_MODELS: dict[tuple, Any] = {}
+_TOKENIZERS: dict[str, Any] = {}
+_DATASETS: dict[tuple, tuple[Any, Any, int]] = {}
+
+
+def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], None] | None = None) -> dict[str, float]:
+    """Train one LoRA adapter as ``job`` says; return the last evaluation's metrics.
+
+    ``on_trained(peft_model, tokenizer)`` is called after the last step, before the
+    adapter is removed from the cached base model (to save it, for example).
+    """
+    from peft import get_peft_model
+
+    tokenizer = _tokenizer(job.model)
+    train_set, eval_set, num_labels = _datasets(job, tokenizer)
+    base = _base_model(job, num_labels, tokenizer)
+
+    torch.manual_seed(job.seed)
+    _reset_head(base, job.task)
+    model = get_peft_model(base, _lora_config(job))
+    try:
+        metrics = _train(job, model, tokenizer, train_set, eval_set, report)
+        if on_trained is not None:
+            on_trained(model, tokenizer)
+        return metrics
+    finally:
+        model.unload()  # the cached base is clean again for the next run on this worker
+
+
+def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, report: Reporter) -> dict[str, float]:
+    p = job.params
+    trainable = [w for w in model.parameters() if w.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.weight_decay)
+    warmup = int(p.warmup_ratio * job.max_steps)
+
+    def schedule(step: int) -> float:  # linear warmup, then linear decay to 0
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (job.max_steps - step) / max(1, job.max_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    batches = _batches(train_set, p.batch_size, job.seed, tokenizer, job.task)
+    losses: list[float] = []
+    metrics: dict[str, float] = {}
+    started = time.perf_counter()
+    model.train()
+    for step in range(1, job.max_steps + 1):
+        loss = model(**next(batches)).loss
+        loss.backward()
+        if p.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, p.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % job.eval_every == 0 or step == job.max_steps:
+            metrics = evaluate(job, model, tokenizer, eval_set)
+            metrics["train_loss"] = sum(losses) / len(losses)
+            metrics["learning_rate"] = scheduler.get_last_lr()[0]
+            metrics["train_seconds"] = time.perf_counter() - started
+            losses.clear()
+            model.train()
+            report(step, metrics)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any) -> dict[str, float]:
+    """Mean loss over the validation set; accuracy (classification) or perplexity (causal LM)."""
+    model.eval()
+    total_loss, total_count, correct = 0.0, 0, 0
+    for start in range(0, len(eval_set), job.eval_batch_size):
+        batch = _collate(eval_set, range(start, min(start + job.eval_batch_size, len(eval_set))), tokenizer, job.task)
+        out = model(**batch)
+        count = batch["labels"].shape[0]
+        total_loss += out.loss.item() * count
+        total_count += count
+        if job.task == "classification":
+            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+    eval_loss = total_loss / total_count
+    if job.task == "classification":
+        return {"eval_loss": eval_loss, "eval_accuracy": correct / total_count}
+    return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+
+
+def _batches(train_set: Any, batch_size: int, seed: int, tokenizer: Any, task: str):
+    """Endless seeded shuffled batches: each epoch a new permutation of the training set."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(train_set), generator=generator).tolist()
+        for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+            yield _collate(train_set, order[start : start + batch_size], tokenizer, task)
+
+
+def _collate(dataset: Any, indices: Any, tokenizer: Any, task: str) -> dict[str, Any]:
+    indices = list(indices)
+    if task == "causal_lm":
+        blocks = dataset[indices]
+        return {"input_ids": blocks, "labels": blocks}
+    features, labels = dataset
+    batch = tokenizer.pad([features[i] for i in indices], return_tensors="pt")
+    batch["labels"] = torch.tensor([labels[i] for i in indices])
+    return dict(batch)
+
+
+class _Classification(tuple):
+    """(token features, labels) with a length, so both tasks' datasets have ``len``."""
+
+    def __len__(self) -> int:  # type: ignore[override]
+        return len(self[1])
+
+
+def _datasets(job: TrainJob, tokenizer: Any) -> tuple[Any, Any, int]:
+    key = (job.model, job.task, job.train_data, job.eval_data, job.text_column, job.label_column,
+           job.max_length, job.eval_fraction)
+    if key not in _DATASETS:
+        train = data.read(job.train_data, job.task, job.text_column, job.label_column)
+        if job.eval_data:
+            evaluation = data.read(job.eval_data, job.task, job.text_column, job.label_column)
+        else:
+            train, evaluation = data.hold_out(train, job.eval_fraction)
+        if job.task == "causal_lm":
+            _DATASETS[key] = (_blocks(train, tokenizer, job.max_length), _blocks(evaluation, tokenizer, job.max_length), 0)
+        else:
+            num_labels = max(max(train.labels), max(evaluation.labels)) + 1  # type: ignore[arg-type]
+            _DATASETS[key] = (
+                _Classification((_tokenize(train.texts, tokenizer, job.max_length), train.labels)),
+                _Classification((_tokenize(evaluation.texts, tokenizer, job.max_length), evaluation.labels)),
+                max(2, num_labels),
+            )
+    return _DATASETS[key]
+
+
+def _tokenize(texts: list[str], tokenizer: Any, max_length: int) -> list[dict]:
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    return [{k: encoded[k][i] for k in encoded.keys()} for i in range(len(texts))]
+
+
+def _blocks(examples: data.Examples, tokenizer: Any, block_size: int) -> Any:
+    ids: list[int] = []
+    for text in examples.texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    n_blocks = len(ids) // block_size
+    if n_blocks == 0:
+        from hpo.errors import HpoError
+
+        raise HpoError(f"{examples.source}: only {len(ids)} tokens, fewer than one block of max_length={block_size}")
+    return torch.tensor(ids[: n_blocks * block_size]).view(n_blocks, block_size)
+
+
+def _tokenizer(model_name: str) -> Any:
+    if model_name not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(models.resolve(model_name))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        _TOKENIZERS[model_name] = tokenizer
+    return _TOKENIZERS[model_name]
+
+
+def _base_model(job: TrainJob, num_labels: int, tokenizer: Any) -> Any:
+    key = (job.model, job.task, num_labels)
+    if key not in _BASE_MODELS:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        path = models.resolve(job.model)
+        if job.task == "classification":
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        _BASE_MODELS[key] = model
+    return _BASE_MODELS[key]
+
+
+def _reset_head(model: Any, task: str) -> None:
+    """Fresh, seeded weights for the task head (it is not in a pretrained checkpoint)."""
+    if task != "classification":
+        return
+    for name in ("classifier", "score"):
+        head = getattr(model, name, None)
+        if head is None:
+            continue
+        for module in head.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=model.config.initializer_range if hasattr(model.config, "initializer_range") else 0.02)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+
+
+def _lora_config(job: TrainJob) -> Any:
+    from peft import LoraConfig, TaskType
+
+    p = job.params
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS if job.task == "classification" else TaskType.CAUSAL_LM,
+        r=p.lora_r,
+        lora_alpha=p.lora_alpha,
+        lora_dropout=p.lora_dropout,
+        target_modules=list(p.target_modules) if p.target_modules else None,
+    )

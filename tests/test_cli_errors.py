@@ -1,0 +1,82 @@
+"""Bad input through the real command line: one clear line, exit 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SEARCH_SPACES, run_hpo
+
+LORA = str(SEARCH_SPACES / "lora.py")
+
+
+def assert_clean_error(result, *words: str, cwd: Path) -> None:
+    assert result.returncode == 2, result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    leftovers = sorted(p.name for p in cwd.iterdir())
+    assert leftovers == [], f"bad input wrote {leftovers}"
+
+
+def test_missing_module(tmp_path: Path) -> None:
+    result = run_hpo(["search", "nowhere/space.py"], cwd=tmp_path)
+    assert_clean_error(result, "nowhere/space.py: no such file", cwd=tmp_path)
+
+
+def test_syntax_error_and_missing_space(tmp_path: Path) -> None:
+    modules = tmp_path.parent / f"{tmp_path.name}-modules"
+    modules.mkdir()
+    broken = modules / "broken.py"
+    broken.write_text("import hpo\nsweep = hpo.Sweep(\n")
+    assert_clean_error(run_hpo(["search", str(broken)], cwd=tmp_path), "broken.py:2: syntax error", cwd=tmp_path)
+    no_space = modules / "nospace.py"
+    no_space.write_text("import hpo\nsweep = hpo.Sweep(train_data='x.tsv')\n")
+    assert_clean_error(run_hpo(["search", str(no_space)], cwd=tmp_path), "nospace.py: defines no function space(trial)",
+                       cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--set", "max_step=30"], ("unknown sweep field 'max_step'", "did you mean max_steps?")),
+        (["--set", "max_steps=-5"], ("lora.py", "max_steps=-5 must be a whole number of at least 1", "--set max_steps=")),
+        (["--set", "eval_every=many"], ("--set eval_every=many: must be a whole number",)),
+        (["--set", "train_data=missing.tsv"], ("missing.tsv: no such file",)),
+        (["--set", "label_column=stars"], ("train.tsv: no column 'stars'", "--set label_column")),
+        (["--set", "model=./no/such/model"], ("no such folder", "--set model=")),
+        (["--trials", "0"], ("trials=0 must be a whole number of at least 1",)),
+    ],
+)
+def test_bad_overrides(tmp_path: Path, flags: list[str], words: tuple[str, ...]) -> None:
+    assert_clean_error(run_hpo(["search", LORA, *flags], cwd=tmp_path), *words, cwd=tmp_path)
+
+
+def test_unreachable_storage_hides_the_password(tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = run_hpo(["search", LORA, "--storage", "postgresql://alice:s3cret-pw@127.0.0.1:1/nodb"], cwd=tmp_path)
+    assert_clean_error(result, "--storage postgresql://alice:***@127.0.0.1:1/nodb", "cannot open", cwd=tmp_path)
+    assert "s3cret-pw" not in result.stderr + result.stdout
+    assert time.monotonic() - started < 60
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = run_hpo(["--debug", "search", "nowhere.py"], cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_help_does_not_import_the_heavy_libraries(tmp_path: Path) -> None:
+    import subprocess
+
+    code = ("import sys; sys.argv=['hpo','--help']\nfrom hpo.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "heavy=[m for m in ('torch','transformers','peft','ray','mlflow','optuna') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert "HEAVY []" in result.stdout, result.stdout + result.stderr
+    assert "search" in result.stdout and "dashboard" in result.stdout

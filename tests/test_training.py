@@ -1,0 +1,68 @@
+"""The built-in recipe in a plain process: reports, load-once caching, both tasks."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from hpo import Sweep, training
+from hpo.recipe import TrainJob
+from tests.conftest import SEARCH_SPACES, needs_shared_data
+
+REVIEWS = SEARCH_SPACES / "data" / "reviews"
+
+
+def run(job: TrainJob) -> list[tuple[int, dict]]:
+    """The reports of one run, without the wall-clock timing (which never repeats)."""
+    reports: list[tuple[int, dict]] = []
+    training.fine_tune(job, lambda step, metrics: reports.append(
+        (step, {k: v for k, v in metrics.items() if k != "train_seconds"})))
+    return reports
+
+
+def classification_job(model: Path, **params: float) -> TrainJob:
+    sweep = Sweep(model=str(model), train_data=str(REVIEWS / "train.tsv"), eval_data=str(REVIEWS / "eval.tsv"),
+                  max_steps=12, eval_every=5, max_length=32, seed=3)
+    return TrainJob.from_sweep(sweep, {"learning_rate": 3e-3, "batch_size": 8, **params})
+
+
+def test_reports_every_eval_and_at_the_end(tiny_bert: Path) -> None:
+    reports = run(classification_job(tiny_bert))
+    assert [step for step, _ in reports] == [5, 10, 12]
+    for _, metrics in reports:
+        assert set(metrics) >= {"eval_loss", "eval_accuracy", "train_loss", "learning_rate"}
+        assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert reports[-1][1]["learning_rate"] == 0.0  # linear decay reaches 0 at max_steps
+
+
+def test_a_warm_worker_gives_exactly_a_fresh_loads_results(tiny_bert: Path) -> None:
+    job = classification_job(tiny_bert, lora_r=4, lora_dropout=0.1)
+    other = classification_job(tiny_bert, lora_r=16, learning_rate=1e-2)
+    first = run(job)
+    run(other)  # a different trial in between must leave no trace on the cached base model
+    warm = run(job)
+    training._BASE_MODELS.clear()
+    training._DATASETS.clear()
+    training._TOKENIZERS.clear()
+    fresh = run(job)
+    assert first == warm == fresh
+    assert run(dataclasses.replace(job, seed=4)) != first, "the seed matters"
+
+
+def test_causal_lm_on_the_shipped_text() -> None:
+    sweep = Sweep(model="hpo/tiny-gpt2", task="causal_lm", train_data=str(SEARCH_SPACES / "data/text/corpus.txt"),
+                  max_steps=30, eval_every=10, max_length=64)
+    reports = run(TrainJob.from_sweep(sweep, {"learning_rate": 1e-2, "batch_size": 8}))
+    losses = [metrics["eval_loss"] for _, metrics in reports]
+    assert losses[-1] < losses[0], "LoRA on the tiny model learns"
+    assert reports[-1][1]["eval_perplexity"] == pytest.approx(2.718281828 ** losses[-1], rel=1e-6)
+
+
+@needs_shared_data
+def test_causal_lm_on_tinyshakespeare(shared_data: Path) -> None:
+    sweep = Sweep(model="hpo/tiny-gpt2", task="causal_lm", train_data=str(shared_data / "tinyshakespeare/input.txt"),
+                  max_steps=10, eval_every=10, max_length=64, eval_batch_size=128)
+    reports = run(TrainJob.from_sweep(sweep, {"learning_rate": 1e-2, "batch_size": 8}))
+    assert reports[-1][0] == 10 and reports[-1][1]["eval_loss"] > 0
