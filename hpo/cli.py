@@ -49,6 +49,7 @@ def search(
     timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds after which no new trial starts.")] = None,
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster address (ray://host:10001 or auto); default: a local Ray, or RAY_ADDRESS.")] = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", help="Most trials running at once.")] = None,
+    retries: Annotated[int, typer.Option("--retries", min=0, help="Run a failed trial (error, oom, crash) again up to N times.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the study (the default when it exists; kept for scripts).")] = False,
 ) -> None:
     """Run a sweep: sample trials, train them on Ray, stop weak ones early, record everything."""
@@ -57,7 +58,7 @@ def search(
 
     options = SearchOptions(module=module, overrides=set_ or [], study=study, storage=storage,
                             tracking_uri=tracking_uri, trials=trials, timeout=timeout, address=address,
-                            concurrency=concurrency)
+                            concurrency=concurrency, retries=retries)
     result = run_search(options, console)
     counts = result.counts
     console.print(
@@ -197,6 +198,12 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    except Exception as error:  # noqa: BLE001 - a bug or an environment problem: say which, briefly
+        if _state["debug"]:
+            raise
+        err_console.print(f"error: unexpected {type(error).__name__}: {error} (run `hpo --debug ...` for the traceback)",
+                          markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,3 +9,12 @@ class HpoError(Exception):
     The CLI prints ``error: <message>`` on one line and exits with status 2, with no
     traceback unless ``--debug`` is given. Raise it before anything is written.
     """
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation failure: ``torch.OutOfMemoryError`` (GPU, and some CPU paths), a CPU
+    allocator's RuntimeError, or Python's MemoryError. No torch import needed."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 from optuna.trial import TrialState
 
-from hpo.study import HEARTBEAT_INTERVAL, AskedTrial, Ledger, finished_count
+from hpo.ledger import AskedTrial, Ledger
+from hpo.study import GRACE_PERIOD, HEARTBEAT_INTERVAL
 from hpo.tracking import SweepTracker
 
 logger = logging.getLogger(__name__)
@@ -46,36 +47,33 @@ class Display(Protocol):
 class Recorder:
     """Owns the sweep's bookkeeping while Ray runs trials.
 
-    ``target`` is the number of finished trials the study should hold; a sweep stops
-    asking for trials once finished + running reaches it, or after ``deadline``.
+    The ledger's ``target`` is the number of finished trials the study should hold; a
+    sweep stops asking for trials once the study has them (with the trials running in any
+    process), or after ``deadline`` (running trials then finish).
     """
 
     DONE = "done"
+    # Trial attributes the recipe reports among its metrics and the study keeps as user attrs.
+    ATTRS = ("micro_batch_size", "grad_accum")
 
     def __init__(self, ledger: Ledger, tracker: SweepTracker, display: Display, *, metric: str,
-                 target: int, deadline: float | None):
+                 deadline: float | None):
         self.ledger = ledger
         self.tracker = tracker
         self.display = display
         self.metric = metric
-        self.target = target
         self.deadline = deadline
         self.started = 0
-        self.ended: dict[str, int] = {"complete": 0, "pruned": 0, "fail": 0, "interrupted": 0}
         self.last: dict[int, dict[str, float]] = {}
         self._steps: dict[int, int] = {}
-        self._last_heartbeat = time.monotonic()
-        self._finished_before = finished_count(ledger.study)
-        self.stopping = False
+        self._last_heartbeat = self._last_reclaim = time.monotonic()
 
     def next_trial(self) -> AskedTrial | str | None:
         """The next trial to run, ``None`` (wait for running trials), or ``DONE``."""
-        running = len(self.ledger.running)
         out_of_time = self.deadline is not None and time.time() >= self.deadline
-        finished = self._finished_before + self.ended["complete"] + self.ended["pruned"] + self.ended["fail"]
-        if self.stopping or out_of_time or finished + running >= self.target:
-            return self.DONE if running == 0 or self.stopping or out_of_time else None
-        asked = self.ledger.ask()
+        asked = None if out_of_time else self.ledger.claim()
+        if asked is None:
+            return None if self.ledger.running else self.DONE
         self.started += 1
         params = {**asked.trial.params, **{k: v for k, v in asked.params.items() if k not in asked.trial.params}}
         self.tracker.start_trial(asked.number, params)
@@ -91,6 +89,9 @@ class Recorder:
         value = metrics.get(self.metric)
         if value is not None:
             self.ledger.report(number, step, value)
+        for key in self.ATTRS:
+            if key in metrics:
+                self.ledger.set_attr(number, key, int(metrics[key]))
         self.tracker.log_metrics(number, step, metrics)
         self.display.trial_result(number, step, value)
 
@@ -120,7 +121,6 @@ class Recorder:
         else:
             self.ledger.tell(number, TrialState.FAIL, reason=reason or "error", error=error, attrs=attrs)
             state = "FAIL"
-        self.ended[kind] += 1
         self.tracker.end_trial(number, state, reason=error or reason, value=value if kind == "complete" else None)
         self.display.trial_ended(number, state, value, error or reason)
 
@@ -132,8 +132,14 @@ class Recorder:
             for asked in list(self.ledger.running.values()):
                 try:
                     self.ledger.heartbeat(asked.trial)
-                except Exception:  # noqa: BLE001 - a missed heartbeat is retried next tick
-                    logger.warning("hpo: recording a heartbeat failed", exc_info=True)
+                except Exception as error:  # noqa: BLE001 - a missed heartbeat is retried next tick
+                    logger.warning("hpo: recording a heartbeat failed (%s); trying again shortly", error)
+        if now - self._last_reclaim >= GRACE_PERIOD:
+            self._last_reclaim = now
+            try:
+                self.ledger.reclaim()  # trials of other drivers that died meanwhile
+            except Exception:  # noqa: BLE001
+                logger.warning("hpo: reclaiming trials of dead drivers failed", exc_info=True)
         self.display.tick()
 
     def close_leftovers(self) -> list[int]:

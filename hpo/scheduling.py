@@ -32,6 +32,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from hpo.errors import is_out_of_memory
 from hpo.recipe import TrainJob
 from hpo.recorder import Outcome, Recorder
 from hpo.space import TrainFn
@@ -85,23 +86,12 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     except _NonFinite as error:
         tune.report({"step": last["step"], ERROR_KEY: f"non-finite loss: {error}", REASON_KEY: "nan"})
     except Exception as error:  # noqa: BLE001 - any trial error becomes FAIL with its reason
-        reason = "oom" if _is_oom(error) else "error"
+        reason = "oom" if is_out_of_memory(error) else "error"
         message = f"{type(error).__name__}: {error}"
         tune.report({"step": last["step"], ERROR_KEY: message[:4000], REASON_KEY: reason})
     finally:
         if spec.train is None:
             _release_memory()
-
-
-def _is_oom(error: BaseException) -> bool:
-    try:
-        import torch
-
-        if isinstance(error, torch.OutOfMemoryError):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return isinstance(error, MemoryError)
 
 
 def _release_memory() -> None:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-import socket
+import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -25,7 +23,6 @@ DEFAULT_STORAGE = "sqlite:///hpo.db"
 # than GRACE_PERIOD belongs to a dead driver and is failed when a sweep (re)starts.
 HEARTBEAT_INTERVAL = 20
 GRACE_PERIOD = 60
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -42,6 +39,24 @@ def redact(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: hide everything after '//'
         return url.split("//", 1)[0] + "//***" if "@" in url else url
+
+
+def retry_when_locked(call: Any, attempts: int = 8) -> Any:
+    """Run ``call()``; if SQLite answers 'database is locked', wait and run it again.
+
+    SQLite's busy timeout does not help when two processes' deferred transactions both try
+    to upgrade from reading to writing: one of them gets 'database is locked' at once
+    (Optuna's heartbeat and tell are such transactions). Waiting a moment and retrying the
+    whole short transaction is the remedy. Only for idempotent calls.
+    """
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as error:  # noqa: BLE001 - sqlalchemy/optuna wrap sqlite3.OperationalError
+            if "database is locked" not in str(error) or attempt == attempts - 1:
+                raise
+            time.sleep(min(5.0, 0.05 * 2**attempt))
+    raise AssertionError("unreachable")
 
 
 def check_storage(url: str | None) -> None:
@@ -78,12 +93,35 @@ def open_storage(url: str | None) -> optuna.storages.RDBStorage:
     engine_kwargs: dict[str, Any] = (
         {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     )
-    try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD
-        )
-    except Exception as error:  # noqa: BLE001 - drivers raise many types
-        raise _storage_error(url, error) from None
+    # Several sweeps starting at once on a new database race to create its tables: take
+    # turns on SQLite (a file lock beside it), retry elsewhere (the loser finds them made).
+    for attempt in range(5):
+        try:
+            with sqlite_file_lock(url):
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD
+                )
+        except Exception as error:  # noqa: BLE001 - drivers raise many types
+            if attempt == 4 or not _is_creation_race(error):
+                raise _storage_error(url, error) from None
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _is_creation_race(error: Exception) -> bool:
+    text = f"{type(error).__name__} {error}"
+    return any(word in text for word in ("IntegrityError", "UniqueViolation", "already exists", "duplicate key"))
+
+
+def sqlite_file_lock(url: str) -> Any:
+    """A lock file beside an SQLite database (``<file>.lock``); a no-op for other URLs."""
+    import contextlib
+
+    if not url.startswith("sqlite:///") or url.endswith(":memory:"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(url.removeprefix("sqlite:///") + ".lock", timeout=600)
 
 
 def _storage_error(url: str, error: Exception) -> HpoError:
@@ -157,99 +195,8 @@ def load(storage_url: str | None, name: str | None) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def finished_count(study: optuna.Study) -> int:
-    """Trials that count towards ``--trials``: COMPLETE, PRUNED and FAIL, except trials
-    that failed only because their sweep was interrupted (they are run again)."""
-    return sum(
-        1 for t in study.get_trials(deepcopy=False, states=FINISHED)
-        if t.user_attrs.get("reason") != "interrupted"
-    )
-
-
 def last_step(trial: FrozenTrial) -> int | None:
     return max(trial.intermediate_values) if trial.intermediate_values else None
-
-
-def fail_stale(study: optuna.Study) -> list[int]:
-    """Fail trials left RUNNING by a dead driver (stale heartbeat); return their numbers."""
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    optuna.storages.fail_stale_trials(study)
-    after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    return sorted(before - after)
-
-
-@dataclass
-class AskedTrial:
-    number: int
-    params: dict[str, Any]
-    """What ``space(trial)`` returned: what the trial trains with."""
-    trial: optuna.Trial
-    reported: set[int] = field(default_factory=set)
-
-
-class Ledger:
-    """The driver's writer of trial state: ask, report intermediate values, tell.
-
-    Called from one thread (Ray Tune's driver loop). Each method is a short storage
-    transaction; nothing is buffered, so a killed driver loses no finished trial.
-    """
-
-    def __init__(self, study: optuna.Study, space: Callable[[optuna.Trial], dict]):
-        self.study = study
-        self.space = space
-        self.running: dict[int, AskedTrial] = {}
-        self._host = f"{socket.gethostname()}:{os.getpid()}"
-
-    def ask(self) -> AskedTrial:
-        """A new trial and its parameters. If ``space`` raises, the trial is told FAIL
-        (reason ``space``) and the error re-raised."""
-        trial = self.study.ask()
-        try:
-            params = self.space(trial)
-        except Exception as error:
-            self._fail(trial, "space", f"{type(error).__name__}: {error}")
-            raise
-        self.study._storage.set_trial_user_attr(trial._trial_id, "config", _jsonable(params))
-        self.study._storage.set_trial_system_attr(trial._trial_id, "hpo:driver", self._host)
-        self.heartbeat(trial)
-        asked = AskedTrial(trial.number, params, trial)
-        self.running[trial.number] = asked
-        return asked
-
-    def heartbeat(self, trial: optuna.Trial) -> None:
-        storage = self.study._storage
-        if isinstance(storage, optuna.storages.RDBStorage):
-            storage.record_heartbeat(trial._trial_id)
-
-    def report(self, number: int, step: int, value: float) -> None:
-        """Record the objective at ``step`` (once per step; NaN and inf are kept as they are)."""
-        asked = self.running[number]
-        if step not in asked.reported:
-            asked.trial.report(float(value), step)
-            asked.reported.add(step)
-        self.heartbeat(asked.trial)
-
-    def tell(self, number: int, state: TrialState, value: float | None = None, reason: str | None = None,
-             error: str | None = None, attrs: dict[str, Any] | None = None) -> FrozenTrial:
-        """Record the trial's end: COMPLETE with ``value``, PRUNED (keeps its last
-        intermediate value) or FAIL, with ``reason``/``error`` as user attrs."""
-        asked = self.running.pop(number)
-        trial = asked.trial
-        for key, attr in {**(attrs or {}), "reason": reason, "error": error}.items():
-            if attr is not None:
-                trial.set_user_attr(key, attr)
-        if state == TrialState.COMPLETE:
-            return self.study.tell(trial, float(value), skip_if_finished=True)  # type: ignore[arg-type]
-        return self.study.tell(trial, state=state, skip_if_finished=True)
-
-    def _fail(self, trial: optuna.Trial, reason: str, error: str) -> None:
-        trial.set_user_attr("reason", reason)
-        trial.set_user_attr("error", error[:2000])
-        self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-
-
-def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
@@ -286,3 +233,16 @@ def fail_reasons(study: optuna.Study) -> dict[str, int]:
         reason = trial.user_attrs.get("reason", "unknown")
         reasons[reason] = reasons.get(reason, 0) + 1
     return reasons
+
+
+def trial_ends(study: optuna.Study) -> dict[int, tuple[str, str | None]]:
+    """Each trial's Optuna state name and reason, by number (to bring MLflow in line)."""
+    return {t.number: (t.state.name, t.user_attrs.get("reason") or ("interrupted" if t.state == TrialState.FAIL else None))
+            for t in study.get_trials(deepcopy=False)}
+
+
+def next_run_index(study: optuna.Study) -> int:
+    """0 for the first sweep process on this study, then 1, 2, ... (call under the study lock)."""
+    index = int(study._storage.get_study_system_attrs(study._study_id).get("hpo:runs", 0))
+    study._storage.set_study_system_attr(study._study_id, "hpo:runs", index + 1)
+    return index

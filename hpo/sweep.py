@@ -36,6 +36,7 @@ class SearchOptions:
     timeout: float | None = None
     address: str | None = None
     concurrency: int | None = None
+    retries: int = 0
     workdir: str = ".hpo"
 
 
@@ -82,6 +83,7 @@ def _check_data(search_space: spaces.SearchSpace) -> None:
 
 def search(options: SearchOptions, console: Console) -> SearchResult:
     """Run one sweep to its target number of finished trials (or its timeout)."""
+    from hpo.ledger import Ledger
     from hpo.tracking import SweepTracker, check_tracking, redact
 
     search_space = prepare(options)
@@ -92,13 +94,20 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     storage = studies.open_storage(options.storage)
     study = studies.create_or_resume(storage, name, sweep.direction, studies.make_sampler(sweep.sampler, sweep.seed, sweep.trials))
     tracker = SweepTracker(options.tracking_uri, name)
+    ledger = Ledger(study, lambda trial: spaces.call_space(search_space, trial), target=sweep.trials,
+                    retries=options.retries)
+    with ledger.lock:
+        # The n-th process to run this study seeds its sampler with seed + n: a new study is
+        # reproducible, while a resumed or shared one does not replay the samples it has.
+        run_index = studies.next_run_index(study)
+    study.sampler = studies.make_sampler(sweep.sampler, sweep.seed + run_index, sweep.trials)
 
-    stale = studies.fail_stale(study)
-    orphans = tracker.kill_orphans(running_trials=_live_running(study))
-    if stale or orphans:
-        console.print(f"[yellow]cleaned up an interrupted sweep:[/] failed stale trials {stale or '-'}, "
-                      f"killed MLflow runs of trials {orphans or '-'}")
-    already = studies.finished_count(study)
+    reclaimed = ledger.reclaim()
+    closed = tracker.close_orphans(studies.trial_ends(study))
+    if reclaimed or closed:
+        console.print(f"[yellow]cleaned up after an interrupted sweep:[/] trials {reclaimed or '-'} failed as "
+                      f"interrupted (they run again), MLflow runs of trials {closed or '-'} closed")
+    already = ledger.finished()
     result = SearchResult(name, studies.redact(storage.url), redact(tracker.uri), {}, None, 0)
     if already >= sweep.trials:
         console.print(f"study {name!r} already has {already} finished trials (target {sweep.trials}); "
@@ -107,15 +116,16 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         return result
 
     sweep_params = {k: v for k, v in sweep.to_dict().items() if k != "extra"}
-    parent = tracker.start_sweep(
-        {**sweep_params, "module": str(search_space.path), "study": name},
-        {"hpo.storage": result.storage, "hpo.module": str(search_space.path)},
-    )
-    study.set_user_attr("hpo", {
-        "module": str(search_space.path), "sweep": sweep_params, "tracking_uri": result.tracking_uri,
-        "mlflow_experiment_id": tracker.experiment_id, "mlflow_parent_run_id": parent,
-        "custom_train": search_space.train is not None,
-    })
+    with ledger.lock:  # one parent run per study, even when several processes start at once
+        parent = tracker.start_sweep(
+            {**sweep_params, "module": str(search_space.path), "study": name},
+            {"hpo.storage": result.storage, "hpo.module": str(search_space.path)},
+        )
+        study.set_user_attr("hpo", {
+            "module": str(search_space.path), "sweep": sweep_params, "tracking_uri": result.tracking_uri,
+            "mlflow_experiment_id": tracker.experiment_id, "mlflow_parent_run_id": parent,
+            "custom_train": search_space.train is not None,
+        })
     console.print(f"[bold]hpo search[/] {search_space.path.name}: study [bold]{name}[/] in {result.storage}, "
                   f"MLflow {result.tracking_uri}; {sweep.trials - already} trials to go "
                   f"({sweep.max_steps} steps, evaluate every {sweep.eval_every}, pruner {sweep.pruner})")
@@ -128,8 +138,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     display = SweepDisplay(console, study=name, metric=sweep.metric, direction=sweep.direction, target=sweep.trials,
                            max_steps=sweep.max_steps, already=already,
                            best=(best["number"], best["value"]) if best else None)
-    ledger = studies.Ledger(study, lambda trial: spaces.call_space(search_space, trial))
-    recorder = Recorder(ledger, tracker, display, metric=sweep.metric, target=sweep.trials, deadline=deadline)
+    recorder = Recorder(ledger, tracker, display, metric=sweep.metric, deadline=deadline)
     status = "FINISHED"
     try:
         with display:
@@ -147,13 +156,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         recorder.close_leftovers()
         result.counts, result.best, result.ran = studies.state_counts(study), studies.best_summary(study), recorder.started
         result.fail_reasons = studies.fail_reasons(study)
-        tracker.end_sweep(status, summary={"finished": sum(result.counts.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL")),
+        tracker.end_sweep(status, summary={"finished": ledger.finished(),
                                            **({"best_value": result.best["value"], "best_trial": result.best["number"]}
                                               if result.best else {})})
     return result
-
-
-def _live_running(study: Any) -> set[int]:
-    from optuna.trial import TrialState
-
-    return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}

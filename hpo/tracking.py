@@ -79,10 +79,13 @@ class SweepTracker:
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        from hpo.study import sqlite_file_lock
+
         self.uri = tracking_uri or DEFAULT_TRACKING_URI
         self.study_name = study_name
-        self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._experiment()
+        with sqlite_file_lock(self.uri):  # concurrent sweeps: one creates the store and experiment
+            self.client = _RetryWhenLocked(MlflowClient(tracking_uri=self.uri))
+            self.experiment_id = self._experiment()
         self.parent_run_id: str | None = None
         self.trial_runs: dict[int, str] = {}
 
@@ -156,7 +159,8 @@ class SweepTracker:
             self.client.set_tag(run_id, TAG_REASON, reason[:5000])
         if value is not None and _is_number(value):
             self.client.set_tag(run_id, "hpo.objective", repr(float(value)))
-        self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
+        status = "KILLED" if reason == "interrupted" else RUN_STATUS.get(state, "FAILED")
+        self.client.set_terminated(run_id, status=status)
 
     def end_sweep(self, status: str = "FINISHED", summary: dict[str, Any] | None = None) -> None:
         if self.parent_run_id is None:
@@ -166,25 +170,31 @@ class SweepTracker:
                 self.client.set_tag(self.parent_run_id, f"hpo.{key}", str(value))
         self.client.set_terminated(self.parent_run_id, status=status)
 
-    def kill_orphans(self, running_trials: set[int]) -> list[int]:
-        """Set KILLED on this study's trial runs left RUNNING by a dead sweep (their trial
-        numbers not in ``running_trials``); returns the trial numbers."""
+    def close_orphans(self, trials: dict[int, tuple[str, str | None]]) -> list[int]:
+        """Close this study's trial runs left RUNNING by a dead sweep, matching the Optuna
+        state of their trial (``trials``: number -> (state, reason)); runs of trials still
+        RUNNING in Optuna (another live sweep's) are left alone. Returns the trial numbers."""
         found = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{TAG_STUDY}` = '{self.study_name}' and tags.`{TAG_ROLE}` = 'trial' "
                           "and attributes.status = 'RUNNING'",
-            max_results=10000,
+            max_results=50000,
         )
-        killed = []
+        closed = []
         for run in found:
             number = int(run.data.tags.get(TAG_TRIAL, -1))
-            if number in running_trials:
+            if number in self.trial_runs:
                 continue
-            self.client.set_tag(run.info.run_id, TAG_STATE, "FAIL")
-            self.client.set_tag(run.info.run_id, TAG_REASON, "interrupted")
-            self.client.set_terminated(run.info.run_id, status="KILLED")
-            killed.append(number)
-        return killed
+            state, reason = trials.get(number, ("FAIL", "interrupted"))
+            if state == "RUNNING":
+                continue
+            self.client.set_tag(run.info.run_id, TAG_STATE, state)
+            if reason:
+                self.client.set_tag(run.info.run_id, TAG_REASON, reason)
+            status = "KILLED" if reason == "interrupted" else RUN_STATUS.get(state, "FAILED")
+            self.client.set_terminated(run.info.run_id, status=status)
+            closed.append(number)
+        return sorted(closed)
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -192,6 +202,21 @@ class SweepTracker:
         items = [Param(str(k), str(v)[:6000]) for k, v in params.items() if v is not None]
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start : start + 100])
+
+
+class _RetryWhenLocked:
+    """The MLflow client, each call retried when a shared SQLite store says 'locked'."""
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        from hpo.study import retry_when_locked
+
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+        return lambda *args, **kwargs: retry_when_locked(lambda: attribute(*args, **kwargs))
 
 
 def _is_number(value: Any) -> bool:

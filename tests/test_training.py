@@ -66,3 +66,41 @@ def test_causal_lm_on_tinyshakespeare(shared_data: Path) -> None:
                   max_steps=10, eval_every=10, max_length=64, eval_batch_size=128)
     reports = run(TrainJob.from_sweep(sweep, {"learning_rate": 1e-2, "batch_size": 8}))
     assert reports[-1][0] == 10 and reports[-1][1]["eval_loss"] > 0
+
+
+def test_an_oom_halves_the_micro_batch_and_keeps_the_effective_batch(tiny_bert: Path, monkeypatch) -> None:
+    """A real OOM can't be produced on this CPU: inject torch's OutOfMemoryError where the
+    model runs, for any piece of more than 4 examples, and compare with the unsplit run."""
+    import torch
+
+    job = classification_job(tiny_bert, batch_size=16, lora_dropout=0.0)
+    unsplit = run(job)
+    calls: list[int] = []
+    real_forward = training._forward
+
+    def forward_with_small_memory(model, batch):
+        calls.append(batch["labels"].shape[0])
+        if batch["labels"].shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real_forward(model, batch)
+
+    monkeypatch.setattr(training, "_forward", forward_with_small_memory)
+    split = run(job)
+    assert calls[:4] == [16, 8, 4, 4], "halved twice, then four pieces of 4"
+    assert all(metrics["micro_batch_size"] == 4 and metrics["grad_accum"] == 4 for _, metrics in split)
+    assert all(metrics["micro_batch_size"] == 16 and metrics["grad_accum"] == 1 for _, metrics in unsplit)
+    for (step_a, a), (step_b, b) in zip(unsplit, split, strict=True):
+        assert step_a == step_b
+        for key in ("train_loss", "eval_loss", "eval_accuracy"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key
+
+
+def test_an_oom_with_one_example_is_an_error(tiny_bert: Path, monkeypatch) -> None:
+    import torch
+
+    def no_memory_at_all(model, batch):
+        raise torch.OutOfMemoryError("out of memory (injected)")
+
+    monkeypatch.setattr(training, "_forward", no_memory_at_all)
+    with pytest.raises(torch.OutOfMemoryError):
+        run(classification_job(tiny_bert, batch_size=4))

@@ -1,0 +1,272 @@
+"""Nothing lost: kill -9 and resume, retries, timeout, several sweep processes on one study
+(SQLite and PostgreSQL), secrets kept out of output and records. Real processes, real Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from hpo.ledger import counts_towards_target
+from tests.conftest import hpo_env, run_hpo
+
+pytestmark = pytest.mark.slow
+
+SLOW_MODULE = '''
+import time
+import hpo
+
+sweep = hpo.Sweep(metric="score", direction="maximize", trials=6, max_steps=3, eval_every=1,
+                  pruner="none", sampler="random", seed=0, concurrency=2)
+
+
+def space(trial):
+    return {"x": trial.suggest_float("x", 0.0, 1.0)}
+
+
+def train(params, report):
+    for step in (1, 2, 3):
+        time.sleep(SECONDS)
+        report(step, {"score": params["x"] + step})
+'''
+
+
+def write_module(folder: Path, body: str, seconds: float = 1.0, name: str = "slow") -> Path:
+    path = folder / f"{name}.py"
+    path.write_text(body.replace("SECONDS", repr(seconds)))
+    return path
+
+
+def study_of(folder: Path, name: str = "slow", storage: str | None = None) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage or f"sqlite:///{folder / 'hpo.db'}")
+
+
+def mlflow_runs(folder: Path, name: str = "slow") -> list:
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=1000)
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hpo", *args], cwd=cwd, env=hpo_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the sweep and every process it started (Ray's included), all at once."""
+    family = [process.pid] + [p.pid for p in psutil.Process(process.pid).children(recursive=True)]
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+
+
+def test_kill_9_after_two_trials_then_resume(tmp_path: Path) -> None:
+    module = write_module(tmp_path, SLOW_MODULE, seconds=1.5)
+    process = start(["search", str(module)], tmp_path)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if (tmp_path / "hpo.db").exists():
+            try:
+                done = [t for t in study_of(tmp_path).get_trials() if t.state == TrialState.COMPLETE]
+            except KeyError:
+                done = []
+            if len(done) >= 2:
+                break
+        time.sleep(0.3)
+    else:
+        kill_tree(process)
+        raise AssertionError("two trials did not finish in time")
+    kill_tree(process)
+
+    before = study_of(tmp_path).get_trials()
+    finished_before = {t.number: t.value for t in before if t.state == TrialState.COMPLETE}
+    running_before = [t.number for t in before if t.state == TrialState.RUNNING]
+    assert len(finished_before) >= 2 and running_before, "killed with trials running"
+
+    result = run_hpo(["search", str(module)], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cleaned up after an interrupted sweep" in result.stdout
+
+    trials = study_of(tmp_path).get_trials()
+    by_number = {t.number: t for t in trials}
+    assert sum(counts_towards_target(t) for t in trials) == 6
+    assert [t for t in trials if t.state == TrialState.COMPLETE].__len__() == 6
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    for number, value in finished_before.items():
+        assert by_number[number].state == TrialState.COMPLETE and by_number[number].value == value
+    retried = {t.user_attrs["retry_of"]: t for t in trials if "retry_of" in t.user_attrs}
+    for number in running_before:
+        assert by_number[number].state == TrialState.FAIL
+        assert by_number[number].user_attrs["reason"] == "interrupted"
+        assert retried[number].params == by_number[number].params, "an interrupted trial runs again"
+        assert retried[number].state == TrialState.COMPLETE
+    complete_params = [t.params["x"] for t in trials if t.state == TrialState.COMPLETE]
+    assert len(set(complete_params)) == 6, "no finished trial duplicated"
+
+    runs = mlflow_runs(tmp_path)
+    assert not [r for r in runs if r.info.status == "RUNNING" and r.data.tags["hpo.role"] == "trial"]
+    trial_runs = {int(r.data.tags["hpo.trial_number"]): r for r in runs if r.data.tags["hpo.role"] == "trial"}
+    for number in running_before:
+        assert trial_runs[number].info.status == "KILLED"
+        assert trial_runs[number].data.tags["hpo.reason"] == "interrupted"
+    assert sorted(trial_runs) == sorted(by_number)
+
+
+FLAKY_MODULE = '''
+from pathlib import Path
+import hpo
+
+sweep = hpo.Sweep(metric="score", direction="maximize", trials=3, max_steps=2, eval_every=1,
+                  pruner="none", sampler="random", seed=0, concurrency=1)
+
+
+def space(trial):
+    return {"x": trial.suggest_float("x", 0.0, 1.0)}
+
+
+def train(params, report):
+    marker = Path(MARKER)
+    if not marker.exists():
+        marker.touch()
+        raise RuntimeError("flaky node")
+    report(1, {"score": params["x"]})
+    report(2, {"score": params["x"] + 1})
+'''
+
+
+def test_retries_run_a_failed_trial_again(tmp_path: Path) -> None:
+    module = tmp_path / "flaky.py"
+    module.write_text(FLAKY_MODULE.replace("MARKER", repr(str(tmp_path / "failed-once"))))
+    result = run_hpo(["search", str(module), "--retries", "1"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = study_of(tmp_path, "flaky").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 3
+    failed = trials[0]
+    assert failed.user_attrs["reason"] == "error" and failed.user_attrs["retried"] is True
+    assert failed.user_attrs["error"] == "RuntimeError: flaky node"
+    retry = trials[1]
+    assert retry.user_attrs["retry_of"] == 0 and retry.params == failed.params and retry.user_attrs["attempt"] == 2
+
+
+def test_timeout_lets_running_trials_finish_and_leaves_nothing_running(tmp_path: Path) -> None:
+    module = write_module(tmp_path, SLOW_MODULE.replace("trials=6", "trials=50"), seconds=1.0)
+    started = time.monotonic()
+    result = run_hpo(["search", str(module), "--timeout", "8"], cwd=tmp_path)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = study_of(tmp_path).get_trials()
+    assert 2 <= len(trials) < 50
+    assert {t.state for t in trials} == {TrialState.COMPLETE}, "running trials finished, none cut short"
+    assert elapsed < 90
+    assert not [r for r in mlflow_runs(tmp_path) if r.info.status == "RUNNING"]
+
+
+FAST_MODULE = '''
+import hpo
+
+sweep = hpo.Sweep(metric="score", direction="maximize", trials=100, max_steps=2, eval_every=1,
+                  pruner="none", sampler="tpe", seed=0, concurrency=2)
+
+
+def space(trial):
+    return {"x": trial.suggest_float("x", 0.0, 1.0), "y": trial.suggest_int("y", 0, 10)}
+
+
+def train(params, report):
+    report(1, {"score": params["x"]})
+    report(2, {"score": params["x"] + params["y"]})
+'''
+
+
+def four_processes(tmp_path: Path, storage: str) -> optuna.Study:
+    module = tmp_path / "shared.py"
+    module.write_text(FAST_MODULE)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    processes = [start(["search", str(module), "--storage", storage, "--tracking-uri", tracking], tmp_path)
+                 for _ in range(4)]
+    outputs = []
+    for process in processes:
+        out, _ = process.communicate(timeout=600)
+        outputs.append(out)
+        assert process.returncode == 0, out
+    joined = "\n".join(outputs)
+    for word in ("database is locked", "Traceback"):
+        at = joined.find(word)
+        assert at < 0, joined[max(0, at - 3000) : at + 1500]
+    study = optuna.load_study(study_name="shared", storage=storage)
+    trials = study.get_trials()
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 100, "exactly the 100 asked for, all finished"
+    drivers = {t.system_attrs["hpo:driver"] for t in trials}
+    assert len(drivers) >= 2, "the processes shared the work"
+    client = MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id], max_results=1000)
+    assert sum(1 for r in runs if r.data.tags["hpo.role"] == "trial") == 100
+    assert sum(1 for r in runs if r.data.tags["hpo.role"] == "sweep") == 1
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    return study
+
+
+def test_four_processes_share_one_sqlite_study(tmp_path: Path) -> None:
+    four_processes(tmp_path, f"sqlite:///{tmp_path / 'hpo.db'}")
+
+
+@pytest.fixture
+def postgres_url():
+    import psycopg
+
+    name = f"hpo_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True)
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        # trust auth ignores the password: it is there to prove it never leaks
+        yield f"postgresql://postgres:pg-Secret-42@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.mark.postgres
+def test_four_processes_share_one_postgresql_study(tmp_path: Path, postgres_url: str) -> None:
+    four_processes(tmp_path, postgres_url)
+
+
+@pytest.mark.postgres
+def test_passwords_never_reach_output_or_records(tmp_path: Path, postgres_url: str) -> None:
+    module = write_module(tmp_path, SLOW_MODULE.replace("trials=6", "trials=2"), seconds=0.0)
+    result = run_hpo(["search", str(module), "--storage", postgres_url], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = run_hpo(["status", "--storage", postgres_url, "--json"], cwd=tmp_path)
+    assert status.returncode == 0
+    texts = [result.stdout, result.stderr, status.stdout, status.stderr]
+    for run in mlflow_runs(tmp_path):
+        texts.append(json.dumps({"params": run.data.params, "tags": run.data.tags}))
+    texts.append(json.dumps(study_of(tmp_path, storage=postgres_url).user_attrs))
+    for log in (tmp_path / ".hpo").rglob("*"):
+        if log.is_file() and log.stat().st_size < 5_000_000:
+            texts.append(log.read_text(errors="replace"))
+    assert "postgres:***@127.0.0.1" in result.stdout
+    assert not [t for t in texts if "pg-Secret-42" in t]
+
+
+def test_unreachable_tracking_server_is_one_line(tmp_path: Path) -> None:
+    module = write_module(tmp_path, SLOW_MODULE, seconds=0.0)
+    result = run_hpo(["search", str(module), "--tracking-uri", "http://bob:hunter2@127.0.0.1:9/"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --tracking-uri http://bob:***@127.0.0.1:9/: the MLflow server does not answer")
+    assert "hunter2" not in result.stderr + result.stdout and "Traceback" not in result.stderr
+    assert not (tmp_path / "hpo.db").exists()
