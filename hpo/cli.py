@@ -75,6 +75,10 @@ def search(
         f"        hpo dashboard{storage_flag}   (Optuna dashboard, http://127.0.0.1:8080)\n"
         f"        hpo ui{tracking_flag}   (MLflow UI, http://127.0.0.1:5000)"
     )
+    if result.interrupted:
+        err_console.print(f"interrupted: trials {result.interrupted} stopped unfinished; run the same command "
+                          "again to run them and finish the sweep", markup=False, highlight=False)
+        raise typer.Exit(130)
     if counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 0:
         _fail_summary(result)
 
@@ -102,13 +106,15 @@ def status(study: Study = None, storage: Storage = None, as_json: AsJson = False
     table = Table(title=f"study {loaded.study_name} ({loaded.direction.name.lower()})", header_style="bold")
     for column in ("trial", "state", "value", "steps", "seconds", "params", "reason"):
         table.add_column(column, justify="right" if column in ("trial", "value", "steps", "seconds") else "left")
-    styles = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}
+    from rich.text import Text
+
+    styles = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan", "WAITING": "dim"}
     for row in rows:
         table.add_row(
-            str(row["number"]), f"[{styles.get(row['state'], '')}]{row['state']}[/]",
+            str(row["number"]), Text(row["state"], style=styles.get(row["state"], "")),
             "-" if row["value"] is None else f"{row['value']:.4g}", str(row["steps"] or "-"),
             "-" if row["seconds"] is None else f"{row['seconds']:.0f}", _params_text(row["params"]),
-            row["reason"] or "",
+            Text(row["reason"] or ""),
         )
     console.print(table)
     counts = studies.state_counts(loaded)
@@ -125,8 +131,12 @@ def _trial_row(trial: Any) -> dict[str, Any]:
     reason = trial.user_attrs.get("reason")
     if trial.user_attrs.get("error"):
         reason = f"{reason}: {trial.user_attrs['error']}"
+    params = trial.params
+    if trial.state.name == "WAITING":  # enqueued to run again: its params are fixed, not sampled yet
+        params = trial.system_attrs.get("fixed_params", {})
+        reason = f"queued to run again (retry of trial {trial.user_attrs.get('retry_of')})"
     return {"number": trial.number, "state": trial.state.name, "value": value, "steps": last_step(trial),
-            "seconds": seconds, "params": trial.params, "reason": reason}
+            "seconds": seconds, "params": params, "reason": reason}
 
 
 @app.command()

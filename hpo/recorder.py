@@ -64,6 +64,7 @@ class Recorder:
         self.metric = metric
         self.deadline = deadline
         self.started = 0
+        self.interrupted: list[int] = []
         self.last: dict[int, dict[str, float]] = {}
         self._steps: dict[int, int] = {}
         self._last_heartbeat = self._last_reclaim = time.monotonic()
@@ -118,6 +119,7 @@ class Recorder:
         elif kind == "interrupted":
             self.ledger.tell(number, TrialState.FAIL, reason="interrupted", attrs=attrs)
             state, reason = "FAIL", "interrupted"
+            self.interrupted.append(number)
         else:
             self.ledger.tell(number, TrialState.FAIL, reason=reason or "error", error=error, attrs=attrs)
             state = "FAIL"

@@ -241,6 +241,9 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
         # The module was loaded from a path workers may not import by name: ship it by value.
         ray.cloudpickle.register_pickle_by_value(module)
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    # On Ctrl-C Tune stops the trials gracefully (they end as interrupted and run again on
+    # resume) and then suggests Tuner.restore: the study, not Tune's state, is what resumes.
+    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
     if not ray.is_initialized():
         # Ray enables token auth for a local cluster and says so on every start; keep it, quietly.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)

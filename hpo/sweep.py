@@ -49,6 +49,8 @@ class SearchResult:
     best: dict[str, Any] | None
     ran: int
     fail_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+    interrupted: list[int] = dataclasses.field(default_factory=list)
+    """Trials this run stopped unfinished (Ctrl-C): they run again on the next run."""
 
 
 def prepare(options: SearchOptions) -> spaces.SearchSpace:
@@ -154,6 +156,9 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         raise
     finally:
         recorder.close_leftovers()
+        result.interrupted = list(recorder.interrupted)
+        if result.interrupted:
+            status = "KILLED"
         result.counts, result.best, result.ran = studies.state_counts(study), studies.best_summary(study), recorder.started
         result.fail_reasons = studies.fail_reasons(study)
         tracker.end_sweep(status, summary={"finished": ledger.finished(),

@@ -80,3 +80,42 @@ def test_help_does_not_import_the_heavy_libraries(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
     assert "search" in result.stdout and "dashboard" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("module_body", "words"),
+    [
+        ("import hpo\nraise RuntimeError('no GPU here')\n", ("bad.py:2: raised RuntimeError at import: no GPU here",)),
+        ("import hpo\nsweep = hpo.Sweep(train_data='x.tsv')\ndef space(trial):\n    return 3\n",
+         ("bad.py: space(trial) returned int, expected a dict",)),
+        ("import hpo\nsweep = hpo.Sweep(train_data='x.tsv')\ndef space(trial):\n"
+         "    return {'learning_rate': trial.suggest_float('learning_rate', 1e-2, 1e-5)}\n",
+         ("bad.py:4: space(trial) raised ValueError", "low")),
+        ("import hpo\nsweep = hpo.Sweep(train_data='x.tsv')\ndef space(trial):\n"
+         "    return {'learning_rate': trial.suggest_float('learning_rate', 0, 1e-2, log=True)}\n",
+         ("space(trial) raised ValueError",)),
+    ],
+)
+def test_bad_modules_through_the_cli(tmp_path: Path, module_body: str, words: tuple[str, ...]) -> None:
+    modules = tmp_path.parent / f"{tmp_path.name}-modules"
+    modules.mkdir()
+    (modules / "bad.py").write_text(module_body)
+    assert_clean_error(run_hpo(["search", str(modules / "bad.py")], cwd=tmp_path), *words, cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ("label\ttext\n1\tgood\n0\tbad\n", ("no column 'review'",)),  # with --set text_column=review below
+        ("label\ttext\npositive\tgood\n", ("label 'positive' is not an integer", "row 1")),
+        ("", ("the file has no data rows",)),
+    ],
+)
+def test_bad_data_through_the_cli(tmp_path: Path, content: str, words: tuple[str, ...]) -> None:
+    data_dir = tmp_path.parent / f"{tmp_path.name}-data"
+    data_dir.mkdir()
+    (data_dir / "train.tsv").write_text(content)
+    flags = ["--set", f"train_data={data_dir / 'train.tsv'}"]
+    if "review" in words[0]:
+        flags += ["--set", "text_column=review"]
+    assert_clean_error(run_hpo(["search", LORA, *flags], cwd=tmp_path), "train.tsv", *words, cwd=tmp_path)
