@@ -157,6 +157,33 @@ def best(study: Study = None, storage: Storage = None, as_json: AsJson = False) 
 
 
 @app.command()
+def promote(
+    study: Study = None,
+    storage: Storage = None,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: the one the sweep used).")] = None,
+    trial: Annotated[int | None, typer.Option("--trial", help="Trial number to promote (default: the best COMPLETE trial).")] = None,
+    output: Annotated[str | None, typer.Option("--output", help="Folder for the model (default: promoted/STUDY-trialN).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a sweep field: KEY=VALUE (repeatable), e.g. max_steps=600.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the final run (default: the sweep's).")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="Write the base model with the adapter merged in, instead of the adapter.")] = False,
+    register: Annotated[str | None, typer.Option("--register", help="Registered model name in MLflow (default: the study name).")] = None,
+) -> None:
+    """Train the final model with a trial's parameters, save it, register it in MLflow."""
+    from hpo.promote import PromoteOptions
+    from hpo.promote import promote as run_promote
+
+    overrides = list(set_ or []) + ([f"seed={seed}"] if seed is not None else [])
+    result = run_promote(PromoteOptions(study=study, storage=storage, tracking_uri=tracking_uri, trial=trial,
+                                        output=output, overrides=overrides, merge=merge, register=register), console)
+    shown = "  ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()
+                      if k.startswith(("eval_", "test_")) or k in ("best_step", "stopped_early_at"))
+    console.print(f"\n[bold]promoted[/] trial {result.trial_number}: {shown}")
+    console.print(f"model:  {result.output}")
+    console.print(f"MLflow: run {result.run_id}, registered model {result.model_name!r} version {result.model_version}")
+    console.print("load it:\n" + "\n".join(f"    {line}" for line in result.load_code.splitlines()), highlight=False)
+
+
+@app.command()
 def dashboard(
     storage: Storage = None,
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",

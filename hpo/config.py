@@ -56,6 +56,10 @@ class Sweep:
     """Longest input in tokens; longer texts are truncated (causal LM: the block size)."""
     eval_fraction: float = 0.1
     """Share of the training data held out for validation when ``eval_data`` is ``None``."""
+    test_data: str | None = None
+    """Optional test set, same forms; ``hpo promote`` reports the final model's metrics on it."""
+    train_limit: int | None = None
+    """Each trial trains on at most this many examples (a seeded sample); promote uses all."""
     metric: str | None = None
     """The objective, a key of what ``report`` records; default by task (eval_accuracy / eval_loss)."""
     direction: Literal["maximize", "minimize"] | None = None
@@ -68,6 +72,9 @@ class Sweep:
     """Optimizer steps of a trial that is not stopped early: the full budget."""
     eval_every: int = 20
     """Steps between evaluations; each one is reported and may stop the trial early."""
+    patience: int | None = None
+    """Early stopping: end a run after this many evaluations without a lower eval_loss
+    (None: trials never do; ``hpo promote`` uses 5 unless set; 0: never)."""
     pruner: Literal["asha", "none"] = "asha"
     """Early stop of weak trials: ``asha`` (asynchronous successive halving) or ``none``."""
     reduction_factor: float = 3.0
@@ -116,6 +123,10 @@ class Sweep:
         if isinstance(self.eval_every, int) and isinstance(self.max_steps, int):
             if self.eval_every > self.max_steps:
                 yield _bad("eval_every", self.eval_every, f"must not exceed max_steps={self.max_steps}")
+        for name in ("train_limit", "patience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                yield _bad(name, value, "must be a whole number of at least 0, or none")
         if self.concurrency is not None and (not isinstance(self.concurrency, int) or self.concurrency < 1):
             yield _bad("concurrency", self.concurrency, "must be a whole number of at least 1, or none")
         if self.timeout is not None and not (_is_number(self.timeout) and self.timeout > 0):
@@ -220,7 +231,7 @@ def resolve_paths(sweep: Sweep, base: Path) -> Sweep:
     Hub ids (``imdb:train``, ``org/model``) are left alone unless such a path exists.
     """
     changes: dict[str, str] = {}
-    for name in ("train_data", "eval_data", "model"):
+    for name in ("train_data", "eval_data", "test_data", "model"):
         value = getattr(sweep, name)
         if not value:
             continue

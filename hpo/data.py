@@ -84,6 +84,18 @@ def hold_out(examples: Examples, fraction: float) -> tuple[Examples, Examples]:
     return take(sorted(order[n_eval:])), take(sorted(order[:n_eval]))
 
 
+def sample(examples: Examples, limit: int) -> Examples:
+    """At most ``limit`` examples: a seeded sample kept in file order (classification), or
+    the first ``limit`` lines (plain text for a causal LM)."""
+    if examples.labels is None:
+        lines = "\n\n".join(examples.texts).splitlines(keepends=True)
+        return Examples(examples.source, ["".join(lines[:limit])], None)
+    if len(examples.texts) <= limit:
+        return examples
+    chosen = sorted(random.Random(SPLIT_SEED).sample(range(len(examples.texts)), limit))
+    return Examples(examples.source, [examples.texts[i] for i in chosen], [examples.labels[i] for i in chosen])
+
+
 def _read_rows(source: str) -> tuple[list[dict], list[str]]:
     path = Path(source)
     suffix = path.suffix.lower()

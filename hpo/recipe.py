@@ -87,6 +87,12 @@ class TrainJob:
     eval_batch_size: int
     seed: int
     params: TrainParams = field(default_factory=TrainParams)
+    train_limit: int | None = None
+    """Use at most this many training examples (a seeded sample); None: all."""
+    patience: int | None = None
+    """Stop after this many evaluations without a lower eval_loss; None/0: never."""
+    restore_best: bool = False
+    """End with the weights of the evaluation with the lowest eval_loss."""
 
     @classmethod
     def from_sweep(cls, sweep: Sweep, params: dict[str, Any]) -> TrainJob:
@@ -109,4 +115,6 @@ class TrainJob:
             eval_batch_size=sweep.eval_batch_size,
             seed=int(params.get("seed", sweep.seed)),
             params=TrainParams(**values),
+            train_limit=sweep.train_limit,
+            patience=sweep.patience,
         )

@@ -85,24 +85,9 @@ class SweepTracker:
         self.study_name = study_name
         with sqlite_file_lock(self.uri):  # concurrent sweeps: one creates the store and experiment
             self.client = _RetryWhenLocked(MlflowClient(tracking_uri=self.uri))
-            self.experiment_id = self._experiment()
+            self.experiment_id = _experiment_id(self.client, self.uri, study_name)
         self.parent_run_id: str | None = None
         self.trial_runs: dict[int, str] = {}
-
-    def _experiment(self) -> str:
-        try:
-            experiment = self.client.get_experiment_by_name(self.study_name)
-            if experiment is not None:
-                if experiment.lifecycle_stage == "deleted":
-                    self.client.restore_experiment(experiment.experiment_id)
-                return experiment.experiment_id
-            return self.client.create_experiment(self.study_name, tags={TAG_STUDY: self.study_name})
-        except Exception as error:  # noqa: BLE001 - MLflow raises many types for a bad store
-            message = str(error).splitlines()[0] if str(error) else ""
-            raise HpoError(
-                f"--tracking-uri {redact(self.uri)}: cannot use the MLflow store "
-                f"({type(error).__name__}: {redact(message)[:300]}); check the URI and that the server runs"
-            ) from None
 
     def start_sweep(self, params: dict[str, Any], tags: dict[str, str]) -> str:
         """Open (or reopen, on resume) the study's parent run; returns its id."""
@@ -202,6 +187,99 @@ class SweepTracker:
         items = [Param(str(k), str(v)[:6000]) for k, v in params.items() if v is not None]
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start : start + 100])
+
+
+def _experiment_id(client: Any, uri: str, study_name: str) -> str:
+    """The experiment named after the study (created, or restored if deleted)."""
+    try:
+        experiment = client.get_experiment_by_name(study_name)
+        if experiment is not None:
+            if experiment.lifecycle_stage == "deleted":
+                client.restore_experiment(experiment.experiment_id)
+            return experiment.experiment_id
+        return client.create_experiment(study_name, tags={TAG_STUDY: study_name})
+    except Exception as error:  # noqa: BLE001 - MLflow raises many types for a bad store
+        message = str(error).splitlines()[0] if str(error) else ""
+        raise HpoError(
+            f"--tracking-uri {redact(uri)}: cannot use the MLflow store "
+            f"({type(error).__name__}: {redact(message)[:300]}); check the URI and that the server runs"
+        ) from None
+
+
+class PromoteTracker:
+    """The final training run of ``hpo promote``: a run of its own in the study's
+    experiment, linked to the trial and the sweep, with a registered model version."""
+
+    def __init__(self, tracking_uri: str | None, study_name: str):
+        import logging
+
+        from mlflow.tracking import MlflowClient
+
+        from hpo.study import sqlite_file_lock
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        self.uri = tracking_uri or DEFAULT_TRACKING_URI
+        self.study_name = study_name
+        with sqlite_file_lock(self.uri):
+            self.client = _RetryWhenLocked(MlflowClient(tracking_uri=self.uri))
+            self.experiment_id = _experiment_id(self.client, self.uri, study_name)
+        self.run_id = ""
+        self.trial_number = -1
+
+    def start(self, trial_number: int, parent_run_id: str | None, params: dict[str, Any]) -> str:
+        trial_runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_STUDY}` = '{self.study_name}' and tags.`{TAG_ROLE}` = 'trial' "
+                          f"and tags.`{TAG_TRIAL}` = '{trial_number}'",
+            max_results=1,
+        )
+        tags = {TAG_ROLE: "promote", TAG_STUDY: self.study_name, TAG_TRIAL: str(trial_number),
+                "hpo.sweep_run_id": parent_run_id or "", "hpo.trial_run_id": trial_runs[0].info.run_id if trial_runs else ""}
+        run = self.client.create_run(self.experiment_id, run_name=f"promote-trial-{trial_number}", tags=tags)
+        self.run_id, self.trial_number = run.info.run_id, trial_number
+        from mlflow.entities import Param
+
+        items = [Param(str(k), str(v)[:6000]) for k, v in params.items() if v is not None]
+        self.client.log_batch(self.run_id, params=items)
+        return self.run_id
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_folder(self, folder: Any) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path="model")
+
+    def register(self, name: str, trial_number: int) -> str:
+        """A new version of registered model ``name`` from this run's ``model`` artifacts."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(
+                name, tags={TAG_STUDY: self.study_name},
+                description=f"Models promoted by hpo from the Optuna study {self.study_name!r}.")
+        except MlflowException as error:
+            if "RESOURCE_ALREADY_EXISTS" not in str(error) and "already exists" not in str(error):
+                raise
+        run = self.client.get_run(self.run_id)
+        version = self.client.create_model_version(
+            name, source=f"{run.info.artifact_uri}/model", run_id=self.run_id,
+            tags={TAG_STUDY: self.study_name, TAG_TRIAL: str(trial_number)},
+            description=f"hpo promote of trial {trial_number} of study {self.study_name!r}",
+        )
+        return str(version.version)
+
+    def finish(self, metrics: dict[str, float], status: str) -> None:
+        if not self.run_id:
+            return
+        final = {f"final_{k}": v for k, v in metrics.items() if _is_number(v)}
+        if final:
+            self.log_metrics(0, final)
+        self.client.set_terminated(self.run_id, status=status)
 
 
 class _RetryWhenLocked:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,8 @@ from hpo.errors import is_out_of_memory
 from hpo.recipe import TrainJob
 
 Reporter = Callable[[int, dict[str, float]], None]
+# peft asks transformers a deprecated question on every wrap; it is not ours to answer.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 _BASE_MODELS: dict[tuple, Any] = {}
 _TOKENIZERS: dict[str, Any] = {}
@@ -37,10 +40,14 @@ _DATASETS: dict[tuple, tuple[Any, Any, int]] = {}
 
 
 def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], None] | None = None) -> dict[str, float]:
-    """Train one LoRA adapter as ``job`` says; return the last evaluation's metrics.
+    """Train one LoRA adapter as ``job`` says; return the final model's metrics.
 
-    ``on_trained(peft_model, tokenizer)`` is called after the last step, before the
-    adapter is removed from the cached base model (to save it, for example).
+    With ``job.patience``, training stops once ``eval_loss`` has not improved for that many
+    evaluations; with ``job.restore_best`` the weights of the evaluation with the lowest
+    ``eval_loss`` are restored at the end (and evaluated again). The returned metrics then
+    also hold ``best_step`` and ``stopped_early_at`` (0 when it ran to ``max_steps``).
+    ``on_trained(peft_model, tokenizer)`` is called at the end, before the adapter is removed
+    from the cached base model (to save it, for example).
     """
     from peft import get_peft_model
 
@@ -75,6 +82,7 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
     batches = _batches(train_set, p.batch_size, job.seed, tokenizer, job.task)
     losses: list[float] = []
     metrics: dict[str, float] = {}
+    watch = _BestWatch(job.patience, job.restore_best)
     micro = p.batch_size
     started = time.perf_counter()
     model.train()
@@ -104,9 +112,52 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
             metrics["learning_rate"] = scheduler.get_last_lr()[0]
             metrics["train_seconds"] = time.perf_counter() - started
             losses.clear()
-            model.train()
             report(step, metrics)
-    return metrics
+            if watch.should_stop(step, metrics["eval_loss"], model):
+                break
+            model.train()
+    return watch.finish(step, metrics, model, lambda: evaluate(job, model, tokenizer, eval_set))
+
+
+class _BestWatch:
+    """Early stopping on ``eval_loss`` with patience, and the best weights kept to restore."""
+
+    def __init__(self, patience: int | None, restore_best: bool):
+        self.patience = patience or 0
+        self.restore_best = restore_best
+        self.best_loss = math.inf
+        self.best_step = 0
+        self.best_state: dict[str, Any] | None = None
+        self.since_best = 0
+        self.stopped_at = 0
+
+    def should_stop(self, step: int, eval_loss: float, model: Any) -> bool:
+        if not (self.patience or self.restore_best):
+            return False
+        if eval_loss < self.best_loss:
+            self.best_loss, self.best_step, self.since_best = eval_loss, step, 0
+            if self.restore_best:
+                self.best_state = {n: w.detach().clone() for n, w in model.named_parameters() if w.requires_grad}
+            return False
+        self.since_best += 1
+        if self.patience and self.since_best >= self.patience:
+            self.stopped_at = step
+            return True
+        return False
+
+    def finish(self, step: int, metrics: dict[str, float], model: Any, evaluate_now: Callable[[], dict]) -> dict:
+        if not (self.patience or self.restore_best):
+            return metrics
+        final = dict(metrics)
+        if self.restore_best and self.best_state is not None and self.best_step != step:
+            with torch.no_grad():
+                for name, weight in model.named_parameters():
+                    if name in self.best_state:
+                        weight.copy_(self.best_state[name])
+            final = {**metrics, **evaluate_now()}
+        final["best_step"] = self.best_step
+        final["stopped_early_at"] = self.stopped_at
+        return final
 
 
 def _accumulate(model: Any, batch: dict[str, Any], micro: int) -> float:
@@ -197,13 +248,15 @@ class _Classification(tuple):
 
 def _datasets(job: TrainJob, tokenizer: Any) -> tuple[Any, Any, int]:
     key = (job.model, job.task, job.train_data, job.eval_data, job.text_column, job.label_column,
-           job.max_length, job.eval_fraction)
+           job.max_length, job.eval_fraction, job.train_limit)
     if key not in _DATASETS:
         train = data.read(job.train_data, job.task, job.text_column, job.label_column)
         if job.eval_data:
             evaluation = data.read(job.eval_data, job.task, job.text_column, job.label_column)
         else:
             train, evaluation = data.hold_out(train, job.eval_fraction)
+        if job.train_limit:
+            train = data.sample(train, job.train_limit)
         if job.task == "causal_lm":
             _DATASETS[key] = (_blocks(train, tokenizer, job.max_length), _blocks(evaluation, tokenizer, job.max_length), 0)
         else:
@@ -214,6 +267,16 @@ def _datasets(job: TrainJob, tokenizer: Any) -> tuple[Any, Any, int]:
                 max(2, num_labels),
             )
     return _DATASETS[key]
+
+
+def evaluate_source(job: TrainJob, model: Any, tokenizer: Any, source: str) -> dict[str, float]:
+    """Evaluate ``model`` on another data source (a test set), the way validation is done."""
+    examples = data.read(source, job.task, job.text_column, job.label_column)
+    if job.task == "causal_lm":
+        dataset = _blocks(examples, tokenizer, job.max_length)
+    else:
+        dataset = _Classification((_tokenize(examples.texts, tokenizer, job.max_length), examples.labels))
+    return evaluate(job, model, tokenizer, dataset)
 
 
 def _tokenize(texts: list[str], tokenizer: Any, max_length: int) -> list[dict]:

@@ -1,0 +1,284 @@
+"""``hpo promote``: the best trial (or ``--trial N``) becomes the final training run.
+
+The run re-applies the trial's parameters exactly (the ``config`` the sweep trained it
+with, the sweep's recorded settings and seed), on all the training data (no
+``train_limit``), for the full budget (3x the sweep's ``max_steps`` unless
+``--set max_steps=N``), with early stopping on the validation loss (``patience``, 5
+evaluations by default) and the best weights restored. Then:
+
+1. the output folder is written whole or not at all (built in a temporary folder beside
+   it, then renamed): the LoRA adapter in safetensors (or, with ``--merge``, the merged
+   model), the tokenizer, ``hpo_promote.json`` and a model card ``README.md``;
+2. MLflow gets a run of its own in the study's experiment, tagged with the study, the
+   trial and the sweep's parent run, with the metric history, the folder as artifacts,
+   and a registered model version (``--register NAME``, default the study name).
+
+Nothing here knows Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from hpo import study as studies
+from hpo.config import Sweep, parse_overrides, resolve_paths
+from hpo.errors import HpoError
+
+DEFAULT_PATIENCE = 5
+BUDGET_FACTOR = 3
+
+
+@dataclass
+class PromoteOptions:
+    study: str | None = None
+    storage: str | None = None
+    tracking_uri: str | None = None
+    trial: int | None = None
+    output: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    merge: bool = False
+    register: str | None = None
+
+
+@dataclass
+class PromoteResult:
+    output: Path
+    run_id: str
+    model_name: str
+    model_version: str
+    metrics: dict[str, float]
+    trial_number: int
+    load_code: str
+
+
+def promote(options: PromoteOptions, console: Console) -> PromoteResult:
+    study = studies.load(options.storage, options.study)
+    recorded = study.user_attrs.get("hpo")
+    if not recorded:
+        raise HpoError(f"study {study.study_name!r} was not made by `hpo search`; nothing records how to train it")
+    trial = _pick_trial(study, options.trial)
+    sweep = _final_sweep(recorded, options.overrides)
+    if recorded.get("custom_train"):
+        raise HpoError(
+            f"study {study.study_name!r} trained with the module's own train(params, report) "
+            f"({recorded.get('module')}); hpo promote runs the built-in recipe only: train trial "
+            f"{trial.number}'s params (`hpo best --study {study.study_name} --json`) with your own code"
+        )
+    from hpo.recipe import TrainJob
+    from hpo.tracking import check_tracking
+
+    params = trial.user_attrs.get("config") or trial.params
+    job = TrainJob.from_sweep(sweep, params)
+    job = dataclasses.replace(
+        job, train_limit=None, restore_best=True,
+        patience=DEFAULT_PATIENCE if sweep.patience is None else sweep.patience,
+    )
+    output = Path(options.output or f"promoted/{study.study_name}-trial{trial.number}").resolve()
+    if output.exists() and any(output.iterdir()):
+        raise HpoError(f"--output {output}: the folder exists and is not empty; choose another or remove it")
+    if not output.parent.is_dir():
+        output.parent.mkdir(parents=True, exist_ok=True)
+    tracking_uri = options.tracking_uri or recorded.get("tracking_uri")
+    if tracking_uri and "***" in tracking_uri:
+        raise HpoError("the study's MLflow URI has a hidden password: give it again with --tracking-uri")
+    check_tracking(tracking_uri)
+    model_name = options.register or _registry_name(study.study_name)
+
+    from hpo.tracking import PromoteTracker
+
+    tracker = PromoteTracker(tracking_uri, study.study_name)
+    run_id = tracker.start(
+        trial_number=trial.number, parent_run_id=recorded.get("mlflow_parent_run_id"),
+        params={**params, "seed": job.seed, "max_steps": job.max_steps, "eval_every": job.eval_every,
+                "patience": job.patience, "model": job.model, "train_data": job.train_data,
+                "eval_data": job.eval_data or "", "merge": options.merge, "source_trial": trial.number},
+    )
+    console.print(f"[bold]hpo promote[/] study {study.study_name} trial {trial.number} "
+                  f"({recorded['sweep']['metric']}={trial.value}): {job.max_steps} steps, early stopping "
+                  f"after {job.patience} evaluations without a lower eval_loss; MLflow run {run_id}")
+    try:
+        metrics, staging = _train_and_save(job, sweep, params, options, study, trial, output, tracker, console)
+        if output.exists():  # an empty folder the user named
+            _move_into(staging, output)
+        else:
+            staging.rename(output)
+        tracker.log_folder(output)
+        version = tracker.register(model_name, trial.number)
+        tracker.finish(metrics, "FINISHED")
+    except BaseException:
+        tracker.finish({}, "FAILED")
+        raise
+    return PromoteResult(output, run_id, model_name, version, metrics, trial.number,
+                         _load_code(output, sweep.task, options.merge, metrics.get("num_labels")))
+
+
+def _pick_trial(study: Any, number: int | None) -> Any:
+    from optuna.trial import TrialState
+
+    if number is None:
+        best = studies.best_summary(study)
+        if best is None:
+            raise HpoError(f"study {study.study_name!r} has no COMPLETE trial to promote; run more trials "
+                           f"(`hpo status --study {study.study_name}` shows why they ended)")
+        number = best["number"]
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials:
+        raise HpoError(f"--trial {number}: study {study.study_name!r} has trials 0..{len(trials) - 1}")
+    trial = trials[number]
+    if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+        raise HpoError(f"--trial {number} is {trial.state.name}; promote a COMPLETE (or PRUNED) trial")
+    return trial
+
+
+def _final_sweep(recorded: dict[str, Any], overrides: list[str]) -> Sweep:
+    """The sweep as it ran, then ``--set`` on top; the budget grows unless max_steps is set."""
+    values = dict(recorded["sweep"])
+    chosen = parse_overrides(overrides)
+    if "max_steps" not in chosen:
+        values["max_steps"] = values["max_steps"] * BUDGET_FACTOR
+    try:
+        sweep = dataclasses.replace(Sweep(**values), **chosen)
+    except HpoError as error:
+        raise HpoError(f"hpo promote: {error}") from None
+    return resolve_paths(sweep, Path.cwd())
+
+
+def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOptions, study: Any, trial: Any,
+                    output: Path, tracker: Any, console: Console) -> tuple[dict[str, float], Path]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from hpo import training
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    saved: dict[str, Any] = {}
+    started = time.perf_counter()
+
+    def save(model: Any, tokenizer: Any) -> None:
+        if sweep.test_data:
+            saved["test"] = training.evaluate_source(job, model, tokenizer, sweep.test_data)
+        if options.merge:
+            model.merge_and_unload().save_pretrained(staging)
+        else:
+            model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        saved["num_labels"] = getattr(model.config, "num_labels", None) if sweep.task == "classification" else None
+
+    try:
+        with Progress(TextColumn("[bold]training"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+                      TextColumn("{task.fields[shown]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                      console=console, transient=False) as progress:
+            task = progress.add_task("train", total=job.max_steps, shown="")
+
+            def report(step: int, metrics: dict[str, float]) -> None:
+                tracker.log_metrics(step, metrics)
+                shown = f"{sweep.metric}={metrics.get(sweep.metric, float('nan')):.4f} eval_loss={metrics['eval_loss']:.4f}"
+                progress.update(task, completed=step, shown=shown)
+
+            final = training.fine_tune(job, report, on_trained=save)
+            progress.update(task, completed=job.max_steps)
+        metrics = {k: v for k, v in final.items() if isinstance(v, (int, float))}
+        metrics["train_minutes"] = (time.perf_counter() - started) / 60
+        metrics.update({f"test_{k.removeprefix('eval_')}": v for k, v in saved.get("test", {}).items()})
+        if saved.get("num_labels"):
+            metrics["num_labels"] = saved["num_labels"]
+        _write_records(staging, job, sweep, params, options, study, trial, metrics)
+        return metrics, staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _move_into(staging: Path, output: Path) -> None:
+    for item in staging.iterdir():
+        item.rename(output / item.name)
+    staging.rmdir()
+
+
+def _write_records(folder: Path, job: Any, sweep: Sweep, params: dict, options: PromoteOptions, study: Any,
+                   trial: Any, metrics: dict[str, float]) -> None:
+    from hpo import models
+
+    record = {
+        "study": study.study_name,
+        "trial": trial.number,
+        "trial_value": trial.value,
+        "metric": sweep.metric,
+        "base_model": sweep.model,
+        "base_model_path": models.resolve(sweep.model),
+        "task": sweep.task,
+        "merged": options.merge,
+        "params": params,
+        "seed": job.seed,
+        "max_steps": job.max_steps,
+        "patience": job.patience,
+        "train_data": sweep.train_data,
+        "eval_data": sweep.eval_data,
+        "test_data": sweep.test_data,
+        "max_length": sweep.max_length,
+        "metrics": metrics,
+    }
+    (folder / "hpo_promote.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items()))
+    param_rows = "\n".join(f"| {k} | {v} |" for k, v in params.items())
+    (folder / "README.md").write_text(f"""---
+library_name: {"transformers" if options.merge else "peft"}
+base_model: {sweep.model}
+tags: [hpo, {"lora" if not options.merge else "lora-merged"}, {sweep.task}]
+---
+
+# {study.study_name}: trial {trial.number}, promoted
+
+{"A merged" if options.merge else "A LoRA adapter for"} `{sweep.model}` ({sweep.task}), trained by `hpo promote` with
+the parameters of trial {trial.number} of the Optuna study `{study.study_name}`
+({sweep.metric} = {trial.value} in the sweep), for up to {job.max_steps} steps with early stopping on
+the validation loss (patience {job.patience}); the weights are those of the evaluation with the
+lowest validation loss (step {int(metrics.get('best_step', 0))}).
+
+Training data: `{sweep.train_data}`; validation: `{sweep.eval_data or f'{sweep.eval_fraction:.0%} held out of the training data'}`.
+
+## Parameters
+
+| parameter | value |
+| --- | --- |
+{param_rows}
+| seed | {job.seed} |
+
+## Metrics (final model)
+
+| metric | value |
+| --- | --- |
+{rows}
+
+## Load it
+
+```python
+{_load_code(folder, sweep.task, options.merge, metrics.get("num_labels"))}
+```
+""")
+
+
+def _load_code(folder: Path, task: str, merged: bool, num_labels: float | None) -> str:
+    labels = f", num_labels={int(num_labels)}" if num_labels and int(num_labels) != 2 else ""
+    if merged:
+        cls = "AutoModelForSequenceClassification" if task == "classification" else "AutoModelForCausalLM"
+        return (f"from transformers import {cls}, AutoTokenizer\n"
+                f"model = {cls}.from_pretrained(\"{folder}\")\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(\"{folder}\")")
+    cls = "AutoPeftModelForSequenceClassification" if task == "classification" else "AutoPeftModelForCausalLM"
+    return (f"from peft import {cls}\nfrom transformers import AutoTokenizer\n"
+            f"model = {cls}.from_pretrained(\"{folder}\"{labels})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained(\"{folder}\")")
+
+
+def _registry_name(study_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", study_name).strip("-") or "hpo-model"
