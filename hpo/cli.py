@@ -50,6 +50,7 @@ def search(
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster address (ray://host:10001 or auto); default: a local Ray, or RAY_ADDRESS.")] = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", help="Most trials running at once.")] = None,
     retries: Annotated[int, typer.Option("--retries", min=0, help="Run a failed trial (error, oom, crash) again up to N times.")] = 0,
+    skip_data_check: Annotated[bool, typer.Option("--skip-data-check", help="Start even if `hpo check-data` finds errors.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the study (the default when it exists; kept for scripts).")] = False,
 ) -> None:
     """Run a sweep: sample trials, train them on Ray, stop weak ones early, record everything."""
@@ -58,7 +59,7 @@ def search(
 
     options = SearchOptions(module=module, overrides=set_ or [], study=study, storage=storage,
                             tracking_uri=tracking_uri, trials=trials, timeout=timeout, address=address,
-                            concurrency=concurrency, retries=retries)
+                            concurrency=concurrency, retries=retries, skip_data_check=skip_data_check)
     result = run_search(options, console)
     counts = result.counts
     console.print(
@@ -68,6 +69,8 @@ def search(
     if result.best:
         best = result.best
         console.print(f"best: trial {best['number']} {best['metric']}={best['value']:.4g}  {_params_text(best['config'])}")
+    if result.report:
+        console.print(f"report: {result.report} (also in MLflow, parent run, report/)")
     storage_flag = f" --storage '{result.storage}'" if storage else ""
     tracking_flag = f" --tracking-uri '{result.tracking_uri}'" if tracking_uri else ""
     console.print(
@@ -89,6 +92,53 @@ def _fail_summary(result: Any) -> None:
         f"error: no trial of study {result.study_name!r} finished ({reasons}); "
         f"see `hpo status --study {result.study_name}` for each trial's error", markup=False, highlight=False)
     raise typer.Exit(1)
+
+
+@app.command("check-data")
+def check_data(
+    module: Annotated[str | None, typer.Argument(help="Search-space module whose data to check (or give --set train_data=...).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a sweep field: KEY=VALUE (repeatable).")] = None,
+    as_json: AsJson = False,
+    tokenizer: Annotated[bool, typer.Option("--tokenizer/--no-tokenizer", help="Count tokens with the model's tokenizer (exact) or estimate from words (fast).")] = True,
+) -> None:
+    """Check the data before a sweep: empty texts, duplicates, leakage, labels, imbalance, lengths."""
+    import dataclasses
+
+    from hpo.config import Sweep, parse_overrides, resolve_paths
+    from hpo.sweep import check_data as run_check
+
+    if module:
+        from hpo import space as spaces
+
+        sweep = spaces.load(module, set_ or []).sweep
+    else:
+        try:
+            sweep = resolve_paths(dataclasses.replace(Sweep(), **parse_overrides(set_ or [])), __import__("pathlib").Path.cwd())
+        except HpoError as error:
+            raise HpoError(f"hpo check-data: {error}") from None
+    if not sweep.train_data:
+        raise HpoError("hpo check-data: no data to check; give a module or --set train_data=... [--set eval_data=...]")
+    loaded_tokenizer = None
+    if tokenizer:
+        from hpo import models
+
+        try:
+            from transformers import AutoTokenizer
+
+            loaded_tokenizer = AutoTokenizer.from_pretrained(models.resolve(sweep.model))
+        except Exception as error:  # noqa: BLE001 - fall back to the estimate, and say so
+            err_console.print(f"note: no tokenizer for {sweep.model!r} ({type(error).__name__}); estimating lengths")
+    report = run_check(sweep, loaded_tokenizer)
+    if as_json:
+        print(json.dumps(report.to_dict(), default=str))
+    else:
+        from rich.text import Text
+
+        styles = {"error": "bold red", "warning": "yellow", "info": "dim"}
+        for line in report.lines():
+            console.print(Text(line, style=styles.get(line.split(":", 1)[0], "")))
+    if report.errors:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -181,6 +231,70 @@ def promote(
     console.print(f"model:  {result.output}")
     console.print(f"MLflow: run {result.run_id}, registered model {result.model_name!r} version {result.model_version}")
     console.print("load it:\n" + "\n".join(f"    {line}" for line in result.load_code.splitlines()), highlight=False)
+
+
+@app.command()
+def diagnose(study: Study = None, storage: Storage = None, as_json: AsJson = False) -> None:
+    """What went wrong in each trial (overfitting, underfitting, diverging, slow), what matters, what to try."""
+    from hpo import study as studies
+    from hpo.diagnose import diagnose_study
+
+    loaded = studies.load(storage, study)
+    result = diagnose_study(loaded).to_dict()
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"diagnosis of study {loaded.study_name}", header_style="bold", show_lines=False)
+    for column in ("trial", "state", "finding", "evidence"):
+        table.add_column(column)
+    for trial in result["trials"]:
+        for finding in trial["findings"] or [{"kind": "-", "message": "", "evidence": {}}]:
+            evidence = ", ".join(f"{k}={_short(v)}" for k, v in finding.get("evidence", {}).items())
+            table.add_row(str(trial["number"]), trial.get("state", ""), f"{finding['kind']}: {finding['message']}",
+                          evidence)
+    console.print(table)
+    if result.get("importance"):
+        console.print("importance: " + "  ".join(f"{k}={v:.2f}" for k, v in result["importance"].items()))
+    for model, summary in (result.get("models") or {}).items():
+        console.print(f"model {model}: {summary}")
+    console.print("[bold]what to try next:[/]")
+    for line in result.get("advice", []):
+        console.print(f"  - {line}", highlight=False)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@app.command()
+def report(
+    study: Study = None,
+    storage: Storage = None,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: the one the sweep used).")] = None,
+    output: Annotated[str | None, typer.Option("--output", help="Folder for the report (default: .hpo/reports/STUDY).")] = None,
+) -> None:
+    """Write the study report again (HTML + PNG plots + diagnosis) and log it to the sweep's MLflow run."""
+    from pathlib import Path
+
+    from hpo import study as studies
+    from hpo.report import write_report
+
+    loaded = studies.load(storage, study)
+    folder = Path(output or Path(".hpo") / "reports" / loaded.study_name).resolve()
+    write_report(loaded, folder)
+    console.print(f"report: {folder / 'report.html'}")
+    uri = tracking_uri or (loaded.user_attrs.get("hpo") or {}).get("tracking_uri")
+    if uri and "***" not in uri:
+        from hpo.tracking import SweepTracker, check_tracking
+
+        check_tracking(uri)
+        tracker = SweepTracker(uri, loaded.study_name)
+        run_id = tracker.find_sweep_run()
+        if run_id:
+            tracker.log_report(folder, run_id)
+            console.print(f"logged to MLflow run {run_id} under report/")
 
 
 @app.command()

@@ -60,6 +60,8 @@ class Sweep:
     """Optional test set, same forms; ``hpo promote`` reports the final model's metrics on it."""
     train_limit: int | None = None
     """Each trial trains on at most this many examples (a seeded sample); promote uses all."""
+    synonyms: str | None = None
+    """A synonym table (TSV: word, then its synonyms) for the augment_synonym augmentation."""
     metric: str | None = None
     """The objective, a key of what ``report`` records; default by task (eval_accuracy / eval_loss)."""
     direction: Literal["maximize", "minimize"] | None = None
@@ -231,7 +233,7 @@ def resolve_paths(sweep: Sweep, base: Path) -> Sweep:
     Hub ids (``imdb:train``, ``org/model``) are left alone unless such a path exists.
     """
     changes: dict[str, str] = {}
-    for name in ("train_data", "eval_data", "test_data", "model"):
+    for name in ("train_data", "eval_data", "test_data", "synonyms", "model"):
         value = getattr(sweep, name)
         if not value:
             continue

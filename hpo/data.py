@@ -34,29 +34,62 @@ class Examples:
     labels: list[int] | None
 
 
+@dataclass(frozen=True)
+class RawExamples:
+    """Texts and labels as they stand in the source, before labels are checked.
+
+    ``labels`` holds each row's raw label value (a string from TSV/CSV, any JSON or hub
+    value), so a checker can count every bad label where :func:`read` stops at the first.
+    Index ``i`` of ``texts`` and ``labels`` is "row i+1" in :func:`read`'s errors.
+    """
+
+    source: str
+    texts: list[str]
+    labels: list[object] | None
+    label_column: str | None
+
+
 def read(source: str, task: str, text_column: str | None = None, label_column: str | None = None) -> Examples:
     """Read one source into :class:`Examples` (see the module docstring for the forms)."""
+    raw = read_raw(source, task, text_column, label_column)
+    if raw.labels is None:
+        if Path(source).suffix.lower() == ".txt" and not raw.texts[0].strip():
+            raise HpoError(f"{source}: the file is empty; give a text file with some content")
+        return Examples(source, raw.texts, None)
+    labels = [_label(source, i, value, raw.label_column or "") for i, value in enumerate(raw.labels)]
+    return Examples(source, raw.texts, labels)
+
+
+def read_raw(source: str, task: str, text_column: str | None = None, label_column: str | None = None) -> RawExamples:
+    """Read one source as :func:`read` does, but leave labels unchecked and an empty .txt
+    file as it is. A missing file, a missing column or an unreadable file still raise."""
     path = Path(source)
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise HpoError(f"{source}: no such file; check --set train_data/eval_data")
         text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            raise HpoError(f"{source}: the file is empty; give a text file with some content")
         if task == "classification":
+            if not text.strip():
+                raise HpoError(f"{source}: the file is empty; give a text file with some content")
             raise HpoError(f"{source}: a .txt file holds plain text, but classification needs labels; use TSV/CSV/JSONL")
-        return Examples(source, [text], None)
+        return RawExamples(source, [text], None, None)
     rows, columns = _read_rows(source)
     if not rows:
         raise HpoError(f"{source}: the file has no data rows; give a file with examples")
     if task == "causal_lm":
         text_key = _pick(source, columns, text_column, TEXT_CANDIDATES, "text_column")
-        return Examples(source, [str(r.get(text_key) or "") for r in rows], None)
+        return RawExamples(source, [str(r.get(text_key) or "") for r in rows], None, None)
     label_key = _label_key(source, rows, columns, label_column)
     text_key = _text_key(source, rows, columns, text_column, label_key)
-    labels = [_label(source, i, r.get(label_key), label_key) for i, r in enumerate(rows)]
     texts = ["" if r.get(text_key) is None else str(r.get(text_key)) for r in rows]
-    return Examples(source, texts, labels)
+    return RawExamples(source, texts, [r.get(label_key) for r in rows], label_key)
+
+
+def as_label(value: object) -> int | None:
+    """A raw label's integer value (``"1"``, ``" 2 "``, ``"-1"``, ``3``), or None when it is not an integer."""
+    if not _is_int(value):
+        return None
+    return value if isinstance(value, int) else int(str(value).strip())
 
 
 def hold_out(examples: Examples, fraction: float) -> tuple[Examples, Examples]:
@@ -68,11 +101,7 @@ def hold_out(examples: Examples, fraction: float) -> tuple[Examples, Examples]:
         newline = text.rfind("\n", 0, cut)
         cut = newline if newline > len(text) // 2 else cut
         return Examples(examples.source, [text[:cut]], None), Examples(examples.source, [text[cut:]], None)
-    order = list(range(len(examples.texts)))
-    random.Random(SPLIT_SEED).shuffle(order)
-    n_eval = max(1, int(round(len(order) * fraction)))
-    if n_eval >= len(order):
-        raise HpoError(f"{examples.source}: too few rows ({len(order)}) to hold out a validation set; set eval_data")
+    kept, held = hold_out_rows(examples.source, len(examples.texts), fraction)
 
     def take(indices: list[int]) -> Examples:
         return Examples(
@@ -81,7 +110,17 @@ def hold_out(examples: Examples, fraction: float) -> tuple[Examples, Examples]:
             [examples.labels[i] for i in indices],  # type: ignore[index]
         )
 
-    return take(sorted(order[n_eval:])), take(sorted(order[:n_eval]))
+    return take(kept), take(held)
+
+
+def hold_out_rows(source: str, count: int, fraction: float) -> tuple[list[int], list[int]]:
+    """The 0-based rows :func:`hold_out` keeps for training and holds out, each in file order."""
+    order = list(range(count))
+    random.Random(SPLIT_SEED).shuffle(order)
+    n_eval = max(1, int(round(len(order) * fraction)))
+    if n_eval >= len(order):
+        raise HpoError(f"{source}: too few rows ({len(order)}) to hold out a validation set; set eval_data")
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
 def sample(examples: Examples, limit: int) -> Examples:
@@ -243,12 +282,12 @@ def _is_int(value: object) -> bool:
 
 
 def _label(source: str, index: int, value: object, column: str) -> int:
-    if not _is_int(value):
+    label = as_label(value)
+    if label is None:
         raise HpoError(
             f"{source}: row {index + 1}, column {column!r}: label {value!r} is not an integer; "
             "labels must be integers 0..K-1 (map names to numbers, or pick another --set label_column)"
         )
-    label = int(str(value).strip()) if not isinstance(value, int) else value
     if label < 0:
         raise HpoError(f"{source}: row {index + 1}, column {column!r}: label {label} is negative; labels must be 0..K-1")
     return label

@@ -35,27 +35,46 @@ class TrainParams:
     max_grad_norm: float = 1.0
     """Gradient norm clip; 0 disables clipping."""
     target_modules: tuple[str, ...] | None = None
-    """Module names that get LoRA adapters; None uses peft's default for the model type."""
+    """Module names that get LoRA adapters; None uses peft's default for the model type.
+    A search space may sample it as a comma-separated string ("query,value,key")."""
+    augment_word_dropout: float = 0.0
+    """Text augmentation: chance to drop each word of a training text (0: off)."""
+    augment_word_swap: float = 0.0
+    """Text augmentation: chance to swap each word with its neighbour (0: off)."""
+    augment_synonym: float = 0.0
+    """Text augmentation: chance to replace a word found in the sweep's synonym table (0: off)."""
 
     def __post_init__(self) -> None:
-        if self.target_modules is not None and not isinstance(self.target_modules, tuple):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        modules = self.target_modules
+        if isinstance(modules, str):
+            modules = tuple(m.strip() for m in modules.split(",") if m.strip())
+        if modules is not None and not isinstance(modules, tuple):
+            modules = tuple(modules)
+        object.__setattr__(self, "target_modules", modules or None)
+
+    @property
+    def augments(self) -> bool:
+        return bool(self.augment_word_dropout or self.augment_word_swap or self.augment_synonym)
 
 
 PARAM_NAMES = tuple(f.name for f in dataclasses.fields(TrainParams))
+# Besides the hyperparameters, a space may choose the base model (transfer learning) and seed.
+JOB_KEYS = ("model", "seed")
 
 
-def check_params(params: dict[str, Any]) -> str | None:
+def check_params(params: dict[str, Any], task: str = "classification") -> str | None:
     """Why ``params`` cannot drive the built-in recipe, or None if it can."""
-    unknown = sorted(set(params) - set(PARAM_NAMES) - {"seed"})
+    unknown = sorted(set(params) - set(PARAM_NAMES) - set(JOB_KEYS))
     if unknown:
         return (
             f"returned {', '.join(map(repr, unknown))}, which the built-in recipe does not know; "
-            f"use {', '.join(PARAM_NAMES)} or define train(params, report) in the module"
+            f"use {', '.join(PARAM_NAMES + JOB_KEYS)} or define train(params, report) in the module"
         )
+    if "model" in params and (not isinstance(params["model"], str) or not params["model"]):
+        return f"returned model={params['model']!r}, expected a Hugging Face model id or a local folder"
     positive = ("learning_rate", "batch_size", "lora_r", "lora_alpha")
     for name, value in params.items():
-        if name == "target_modules":
+        if name in ("target_modules", "model"):
             continue
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             return f"returned {name}={value!r}, expected a finite number"
@@ -65,8 +84,12 @@ def check_params(params: dict[str, Any]) -> str | None:
             return f"returned {name}={value!r}, expected a number of at least 0"
     if not 0 <= params.get("lora_dropout", 0) < 1:
         return f"returned lora_dropout={params['lora_dropout']!r}, expected a number in [0, 1)"
-    if not 0 <= params.get("warmup_ratio", 0) < 1:
-        return f"returned warmup_ratio={params['warmup_ratio']!r}, expected a number in [0, 1)"
+    for name in ("warmup_ratio", "augment_word_dropout", "augment_word_swap", "augment_synonym"):
+        if not 0 <= params.get(name, 0) < 1:
+            return f"returned {name}={params[name]!r}, expected a number in [0, 1)"
+    if task != "classification" and any(params.get(k) for k in ("augment_word_dropout", "augment_word_swap",
+                                                                   "augment_synonym")):
+        return "returned a text augmentation, which applies to classification only"
     return None
 
 
@@ -93,16 +116,18 @@ class TrainJob:
     """Stop after this many evaluations without a lower eval_loss; None/0: never."""
     restore_best: bool = False
     """End with the weights of the evaluation with the lowest eval_loss."""
+    synonyms: str | None = None
+    """Synonym table for ``augment_synonym`` (see :mod:`hpo.augment`)."""
 
     @classmethod
     def from_sweep(cls, sweep: Sweep, params: dict[str, Any]) -> TrainJob:
-        values = {k: v for k, v in params.items() if k != "seed"}
+        values = {k: v for k, v in params.items() if k not in JOB_KEYS}
         if "batch_size" in values:
             values["batch_size"] = int(values["batch_size"])
         if "lora_r" in values:
             values["lora_r"] = int(values["lora_r"])
         return cls(
-            model=sweep.model,
+            model=str(params.get("model", sweep.model)),
             task=sweep.task,
             train_data=sweep.train_data,
             eval_data=sweep.eval_data,
@@ -117,4 +142,5 @@ class TrainJob:
             params=TrainParams(**values),
             train_limit=sweep.train_limit,
             patience=sweep.patience,
+            synonyms=sweep.synonyms,
         )

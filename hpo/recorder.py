@@ -30,11 +30,12 @@ class Outcome:
     kind: str
     """``complete``, ``pruned``, ``fail`` or ``interrupted``."""
     reason: str | None = None
-    """For ``fail``: error, nan, oom, crash, space. For ``pruned``: why it stopped."""
+    """For ``fail``: error, nan, oom, crash, space. For ``complete``: early_stopped, when the
+    trial's own early stopping (patience) ended it before max_steps."""
     error: str | None = None
     """The exception's class and message, for ``fail``."""
     step: int | None = None
-    """The step at which the trial was stopped early, for ``pruned``."""
+    """The step at which the trial was stopped early (``pruned``, or ``early_stopped``)."""
 
 
 class Display(Protocol):
@@ -55,6 +56,8 @@ class Recorder:
     DONE = "done"
     # Trial attributes the recipe reports among its metrics and the study keeps as user attrs.
     ATTRS = ("micro_batch_size", "grad_accum")
+    # Curves kept on the Optuna trial (user attr "curves") for `hpo diagnose` and reports.
+    CURVES = ("train_loss", "eval_loss", "learning_rate")
 
     def __init__(self, ledger: Ledger, tracker: SweepTracker, display: Display, *, metric: str,
                  deadline: float | None):
@@ -66,6 +69,7 @@ class Recorder:
         self.started = 0
         self.interrupted: list[int] = []
         self.last: dict[int, dict[str, float]] = {}
+        self.curves: dict[int, dict[str, list[list[float]]]] = {}
         self._steps: dict[int, int] = {}
         self._last_heartbeat = self._last_reclaim = time.monotonic()
 
@@ -87,6 +91,10 @@ class Recorder:
             return
         self._steps[number] = step
         self.last[number] = metrics
+        curves = self.curves.setdefault(number, {})
+        for key, metric in metrics.items():
+            if key in self.CURVES or key == self.metric or key.startswith("eval_"):
+                curves.setdefault(key, []).append([step, metric])
         value = metrics.get(self.metric)
         if value is not None:
             self.ledger.report(number, step, value)
@@ -109,9 +117,13 @@ class Recorder:
         if kind == "pruned":
             reason = f"stopped early by the pruner at step {outcome.step}"
         steps = self._steps.get(number)
-        attrs = {"last_step": steps} if steps else {}
+        attrs: dict[str, Any] = {"last_step": steps} if steps else {}
+        if number in self.curves:
+            attrs["curves"] = self.curves.pop(number)
         if kind == "complete":
-            self.ledger.tell(number, TrialState.COMPLETE, value=value, attrs=attrs)
+            if reason == "early_stopped":
+                attrs["stopped_early_at"] = outcome.step
+            self.ledger.tell(number, TrialState.COMPLETE, value=value, reason=reason, attrs=attrs)
             state = "COMPLETE"
         elif kind == "pruned":
             self.ledger.tell(number, TrialState.PRUNED, reason="pruned", attrs={**attrs, "pruned_at": outcome.step})

@@ -40,6 +40,7 @@ from hpo.space import TrainFn
 logger = logging.getLogger(__name__)
 ERROR_KEY = "hpo_error"
 REASON_KEY = "hpo_reason"
+EARLY_STOP_KEY = "hpo_early_stopped"
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,9 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         else:
             from hpo import training
 
-            training.fine_tune(TrainJob.from_sweep(spec.sweep, params), report)
+            final = training.fine_tune(TrainJob.from_sweep(spec.sweep, params), report)
+            if final.get("stopped_early_at"):  # patience ended it: tell the driver why
+                tune.report({"step": last["step"], EARLY_STOP_KEY: int(final["stopped_early_at"])})
     except _NonFinite as error:
         tune.report({"step": last["step"], ERROR_KEY: f"non-finite loss: {error}", REASON_KEY: "nan"})
     except Exception as error:  # noqa: BLE001 - any trial error becomes FAIL with its reason
@@ -199,6 +202,8 @@ class OptunaBridge(Searcher):
             self.recorder.on_result(number, int(result["step"]), _metrics(result))
         if stopped_at is not None:
             return Outcome("pruned", step=stopped_at)
+        if result.get("done") and EARLY_STOP_KEY in result:
+            return Outcome("complete", reason="early_stopped", step=int(result[EARLY_STOP_KEY]))
         if result.get("done"):
             return Outcome("complete")
         return Outcome("interrupted")

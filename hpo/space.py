@@ -140,7 +140,7 @@ def call_space(search_space: SearchSpace, trial: Any) -> dict:
     if search_space.train is None:
         from hpo.recipe import check_params
 
-        problem = check_params(params)
+        problem = check_params(params, search_space.sweep.task)
         if problem:
             raise HpoError(f"{path}: space(trial) {problem}")
     return params

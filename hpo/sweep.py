@@ -37,6 +37,7 @@ class SearchOptions:
     address: str | None = None
     concurrency: int | None = None
     retries: int = 0
+    skip_data_check: bool = False
     workdir: str = ".hpo"
 
 
@@ -51,9 +52,11 @@ class SearchResult:
     fail_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
     interrupted: list[int] = dataclasses.field(default_factory=list)
     """Trials this run stopped unfinished (Ctrl-C): they run again on the next run."""
+    report: Path | None = None
+    """The study report's HTML page (also logged to the parent MLflow run)."""
 
 
-def prepare(options: SearchOptions) -> spaces.SearchSpace:
+def prepare(options: SearchOptions, console: Console | None = None) -> spaces.SearchSpace:
     """Load and check the module, its overrides, one sample of its space, data and model."""
     extra = list(options.overrides)
     if options.trials is not None:
@@ -70,17 +73,38 @@ def prepare(options: SearchOptions) -> spaces.SearchSpace:
             raise HpoError(f"{search_space.path}: sweep field train_data is empty; the built-in recipe needs "
                            "training data (set it in the module or with --set train_data=...)")
         models.check_available(sweep.model)
-        _check_data(search_space)
+        _check_data(search_space, options, console)
     return search_space
 
 
-def _check_data(search_space: spaces.SearchSpace) -> None:
+def check_data(sweep: Any, tokenizer: Any = None) -> Any:
+    """The data-quality report for the sweep's data (see :mod:`hpo.checks`)."""
+    from hpo.checks import check_data as run_checks
+
+    return run_checks(sweep.train_data, sweep.eval_data, task=sweep.task, text_column=sweep.text_column,
+                      label_column=sweep.label_column, max_length=sweep.max_length,
+                      eval_fraction=sweep.eval_fraction, tokenizer=tokenizer)
+
+
+def _check_data(search_space: spaces.SearchSpace, options: SearchOptions, console: Console | None) -> None:
+    """Abort on data errors (before anything is written); show warnings and go on."""
     sweep = search_space.sweep
-    train = data.read(sweep.train_data, sweep.task, sweep.text_column, sweep.label_column)
-    if sweep.eval_data:
-        data.read(sweep.eval_data, sweep.task, sweep.text_column, sweep.label_column)
+    if options.skip_data_check:
+        data.read(sweep.train_data, sweep.task, sweep.text_column, sweep.label_column)
     else:
-        data.hold_out(train, sweep.eval_fraction)
+        report = check_data(sweep)
+        if report.errors:
+            shown = " | ".join(f"{f.source}: {f.message}" + (f" (rows {', '.join(map(str, f.rows))})" if f.rows else "")
+                               for f in report.errors[:3])
+            raise HpoError(f"the data check found {len(report.errors)} error(s): {shown}; fix the data, or run "
+                           f"`hpo check-data {search_space.path.name}` for the full report, or --skip-data-check")
+        if console is not None:
+            for finding in report.warnings:
+                console.print(f"[yellow]data warning:[/] {finding.source}: {finding.message}", highlight=False)
+    if sweep.synonyms:
+        from hpo.augment import load_synonyms
+
+        load_synonyms(sweep.synonyms)
 
 
 def search(options: SearchOptions, console: Console) -> SearchResult:
@@ -88,7 +112,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     from hpo.ledger import Ledger
     from hpo.tracking import SweepTracker, check_tracking, redact
 
-    search_space = prepare(options)
+    search_space = prepare(options, console)
     sweep = search_space.sweep
     name = options.study or search_space.default_study_name
     studies.check_storage(options.storage)  # both stores reachable before either is written
@@ -161,7 +185,23 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
             status = "KILLED"
         result.counts, result.best, result.ran = studies.state_counts(study), studies.best_summary(study), recorder.started
         result.fail_reasons = studies.fail_reasons(study)
+        result.report = _report(study, tracker, Path(options.workdir), console)
         tracker.end_sweep(status, summary={"finished": ledger.finished(),
                                            **({"best_value": result.best["value"], "best_trial": result.best["number"]}
                                               if result.best else {})})
     return result
+
+
+def _report(study: Any, tracker: Any, workdir: Path, console: Console) -> Path | None:
+    """Write the study report and log it to the sweep's parent run; a failure here only warns."""
+    try:
+        from hpo.report import write_report
+
+        folder = (workdir / "reports" / study.study_name).resolve()
+        write_report(study, folder)
+        tracker.log_report(folder)
+        return folder / "report.html"
+    except Exception as error:  # noqa: BLE001 - the trials are recorded; the pictures are a bonus
+        console.print(f"[yellow]warning:[/] the study report could not be written ({type(error).__name__}: {error}); "
+                      f"`hpo report --study {study.study_name}` tries again")
+        return None

@@ -155,6 +155,20 @@ class SweepTracker:
                 self.client.set_tag(self.parent_run_id, f"hpo.{key}", str(value))
         self.client.set_terminated(self.parent_run_id, status=status)
 
+    def log_report(self, folder: Any, run_id: str | None = None) -> None:
+        """Log the study report's files under ``report/`` of the parent run (or ``run_id``)."""
+        target = run_id or self.parent_run_id
+        if target:
+            self.client.log_artifacts(target, str(folder), artifact_path="report")
+
+    def find_sweep_run(self) -> str | None:
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{TAG_STUDY}` = '{self.study_name}'",
+            max_results=1,
+        )
+        return found[0].info.run_id if found else None
+
     def close_orphans(self, trials: dict[int, tuple[str, str | None]]) -> list[int]:
         """Close this study's trial runs left RUNNING by a dead sweep, matching the Optuna
         state of their trial (``trials``: number -> (state, reason)); runs of trials still

@@ -79,7 +79,8 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
         return max(0.0, (job.max_steps - step) / max(1, job.max_steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    batches = _batches(train_set, p.batch_size, job.seed, tokenizer, job.task)
+    augment = _augmenter(job) if job.task == "classification" and p.augments else None
+    batches = _batches(train_set, p.batch_size, job.seed, tokenizer, job.task, augment, job.max_length)
     losses: list[float] = []
     metrics: dict[str, float] = {}
     watch = _BestWatch(job.patience, job.restore_best)
@@ -219,21 +220,28 @@ def _evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any, size: in
     return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
 
 
-def _batches(train_set: Any, batch_size: int, seed: int, tokenizer: Any, task: str):
+def _batches(train_set: Any, batch_size: int, seed: int, tokenizer: Any, task: str,
+             augment: Callable[[str], str] | None = None, max_length: int = 0):
     """Endless seeded shuffled batches: each epoch a new permutation of the training set."""
     generator = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(train_set), generator=generator).tolist()
         for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-            yield _collate(train_set, order[start : start + batch_size], tokenizer, task)
+            yield _collate(train_set, order[start : start + batch_size], tokenizer, task, augment, max_length)
 
 
-def _collate(dataset: Any, indices: Any, tokenizer: Any, task: str) -> dict[str, Any]:
+def _collate(dataset: Any, indices: Any, tokenizer: Any, task: str,
+             augment: Callable[[str], str] | None = None, max_length: int = 0) -> dict[str, Any]:
     indices = list(indices)
     if task == "causal_lm":
         blocks = dataset[indices]
         return {"input_ids": blocks, "labels": blocks}
-    features, labels = dataset
+    features, labels = dataset[0], dataset[1]
+    if augment is not None:  # tokenized per batch: each epoch sees other perturbations
+        texts = [augment(dataset[2][i]) for i in indices]
+        batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        batch["labels"] = torch.tensor([labels[i] for i in indices])
+        return dict(batch)
     batch = tokenizer.pad([features[i] for i in indices], return_tensors="pt")
     batch["labels"] = torch.tensor([labels[i] for i in indices])
     return dict(batch)
@@ -262,7 +270,7 @@ def _datasets(job: TrainJob, tokenizer: Any) -> tuple[Any, Any, int]:
         else:
             num_labels = max(max(train.labels), max(evaluation.labels)) + 1  # type: ignore[arg-type]
             _DATASETS[key] = (
-                _Classification((_tokenize(train.texts, tokenizer, job.max_length), train.labels)),
+                _Classification((_tokenize(train.texts, tokenizer, job.max_length), train.labels, train.texts)),
                 _Classification((_tokenize(evaluation.texts, tokenizer, job.max_length), evaluation.labels)),
                 max(2, num_labels),
             )
@@ -294,6 +302,14 @@ def _blocks(examples: data.Examples, tokenizer: Any, block_size: int) -> Any:
 
         raise HpoError(f"{examples.source}: only {len(ids)} tokens, fewer than one block of max_length={block_size}")
     return torch.tensor(ids[: n_blocks * block_size]).view(n_blocks, block_size)
+
+
+def _augmenter(job: TrainJob) -> Callable[[str], str]:
+    from hpo.augment import Augmenter, load_synonyms
+
+    p = job.params
+    return Augmenter(word_dropout=p.augment_word_dropout, word_swap=p.augment_word_swap, synonym=p.augment_synonym,
+                     synonyms=load_synonyms(job.synonyms), seed=job.seed)
 
 
 def _tokenizer(model_name: str) -> Any:

@@ -107,7 +107,7 @@ def test_bad_modules_through_the_cli(tmp_path: Path, module_body: str, words: tu
     ("content", "words"),
     [
         ("label\ttext\n1\tgood\n0\tbad\n", ("no column 'review'",)),  # with --set text_column=review below
-        ("label\ttext\npositive\tgood\n", ("label 'positive' is not an integer", "row 1")),
+        ("label\ttext\npositive\tgood\n", ("the data check found 1 error", "not an integer (row 1: 'positive')")),
         ("", ("the file has no data rows",)),
     ],
 )
