@@ -103,6 +103,7 @@ def check_data(
 ) -> None:
     """Check the data before a sweep: empty texts, duplicates, leakage, labels, imbalance, lengths."""
     import dataclasses
+    from pathlib import Path
 
     from hpo.config import Sweep, parse_overrides, resolve_paths
     from hpo.sweep import check_data as run_check
@@ -113,7 +114,7 @@ def check_data(
         sweep = spaces.load(module, set_ or []).sweep
     else:
         try:
-            sweep = resolve_paths(dataclasses.replace(Sweep(), **parse_overrides(set_ or [])), __import__("pathlib").Path.cwd())
+            sweep = resolve_paths(dataclasses.replace(Sweep(), **parse_overrides(set_ or [])), Path.cwd())
         except HpoError as error:
             raise HpoError(f"hpo check-data: {error}") from None
     if not sweep.train_data:
@@ -250,7 +251,7 @@ def diagnose(study: Study = None, storage: Storage = None, as_json: AsJson = Fal
     for column in ("trial", "state", "finding", "evidence"):
         table.add_column(column)
     for trial in result["trials"]:
-        for finding in trial["findings"] or [{"kind": "-", "message": "", "evidence": {}}]:
+        for finding in trial["findings"] or [{"kind": "no finding", "message": trial.get("note") or "", "evidence": {}}]:
             evidence = ", ".join(f"{k}={_short(v)}" for k, v in finding.get("evidence", {}).items())
             table.add_row(str(trial["number"]), trial.get("state", ""), f"{finding['kind']}: {finding['message']}",
                           evidence)

@@ -104,7 +104,8 @@ def _page(study: optuna.Study, diagnosis: dict[str, Any], sections: list[tuple[s
     )
     advice = "".join(f"<li>{html.escape(str(a))}</li>" for a in diagnosis.get("advice", [])) or "<li>none</li>"
     trial_rows = [
-        [t["number"], t.get("state", ""), "; ".join(f"{f['kind']}: {f['message']}" for f in t.get("findings", []))]
+        [t["number"], t.get("state", ""),
+         "; ".join(f"{f['kind']}: {f['message']}" for f in t.get("findings", [])) or t.get("note") or ""]
         for t in diagnosis.get("trials", [])
     ]
     importance = diagnosis.get("importance") or {}

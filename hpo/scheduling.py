@@ -129,7 +129,11 @@ class _ASHA(ASHAScheduler):
 
 
 class _NoStop(FIFOScheduler):
-    stopped_early: dict[str, int] = {}
+    """No early stop (``pruner="none"``): every trial runs to its end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped_early: dict[str, int] = {}
 
 
 class OptunaBridge(Searcher):

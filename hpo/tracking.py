@@ -70,22 +70,45 @@ def check_tracking(uri: str | None) -> None:
             ) from None
 
 
-class SweepTracker:
-    """Writes a sweep's runs; all methods are called from the driver's one thread."""
+class _Tracker:
+    """An MLflow client on the study's experiment (created on first use), its calls retried
+    when a shared SQLite store says 'locked'."""
 
     def __init__(self, tracking_uri: str | None, study_name: str):
         import logging
 
         from mlflow.tracking import MlflowClient
 
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
         from hpo.study import sqlite_file_lock
 
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.uri = tracking_uri or DEFAULT_TRACKING_URI
         self.study_name = study_name
         with sqlite_file_lock(self.uri):  # concurrent sweeps: one creates the store and experiment
             self.client = _RetryWhenLocked(MlflowClient(tracking_uri=self.uri))
             self.experiment_id = _experiment_id(self.client, self.uri, study_name)
+
+    def _log_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(str(k), str(v)[:6000]) for k, v in params.items() if v is not None]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+
+class SweepTracker(_Tracker):
+    """Writes a sweep's runs; all methods are called from the driver's one thread."""
+
+    def __init__(self, tracking_uri: str | None, study_name: str):
+        super().__init__(tracking_uri, study_name)
         self.parent_run_id: str | None = None
         self.trial_runs: dict[int, str] = {}
 
@@ -127,12 +150,7 @@ class SweepTracker:
         return run.info.run_id
 
     def log_metrics(self, number: int, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
-        if batch:
-            self.client.log_batch(self.trial_runs[number], metrics=batch)
+        self._log_metrics(self.trial_runs[number], step, metrics)
 
     def end_trial(self, number: int, state: str, reason: str | None = None, value: float | None = None) -> None:
         """Close the trial's run with the status matching the Optuna ``state``."""
@@ -195,14 +213,6 @@ class SweepTracker:
             closed.append(number)
         return sorted(closed)
 
-    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(str(k), str(v)[:6000]) for k, v in params.items() if v is not None]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[start : start + 100])
-
-
 def _experiment_id(client: Any, uri: str, study_name: str) -> str:
     """The experiment named after the study (created, or restored if deleted)."""
     try:
@@ -220,25 +230,12 @@ def _experiment_id(client: Any, uri: str, study_name: str) -> str:
         ) from None
 
 
-class PromoteTracker:
+class PromoteTracker(_Tracker):
     """The final training run of ``hpo promote``: a run of its own in the study's
     experiment, linked to the trial and the sweep, with a registered model version."""
 
-    def __init__(self, tracking_uri: str | None, study_name: str):
-        import logging
-
-        from mlflow.tracking import MlflowClient
-
-        from hpo.study import sqlite_file_lock
-
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        self.uri = tracking_uri or DEFAULT_TRACKING_URI
-        self.study_name = study_name
-        with sqlite_file_lock(self.uri):
-            self.client = _RetryWhenLocked(MlflowClient(tracking_uri=self.uri))
-            self.experiment_id = _experiment_id(self.client, self.uri, study_name)
-        self.run_id = ""
-        self.trial_number = -1
+    run_id = ""
+    trial_number = -1
 
     def start(self, trial_number: int, parent_run_id: str | None, params: dict[str, Any]) -> str:
         trial_runs = self.client.search_runs(
@@ -251,19 +248,11 @@ class PromoteTracker:
                 "hpo.sweep_run_id": parent_run_id or "", "hpo.trial_run_id": trial_runs[0].info.run_id if trial_runs else ""}
         run = self.client.create_run(self.experiment_id, run_name=f"promote-trial-{trial_number}", tags=tags)
         self.run_id, self.trial_number = run.info.run_id, trial_number
-        from mlflow.entities import Param
-
-        items = [Param(str(k), str(v)[:6000]) for k, v in params.items() if v is not None]
-        self.client.log_batch(self.run_id, params=items)
+        self._log_params(self.run_id, params)
         return self.run_id
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+        self._log_metrics(self.run_id, step, metrics)
 
     def log_folder(self, folder: Any) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path="model")
