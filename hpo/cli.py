@@ -51,6 +51,7 @@ def search(
     concurrency: Annotated[int | None, typer.Option("--concurrency", help="Most trials running at once.")] = None,
     retries: Annotated[int, typer.Option("--retries", min=0, help="Run a failed trial (error, oom, crash) again up to N times.")] = 0,
     skip_data_check: Annotated[bool, typer.Option("--skip-data-check", help="Start even if `hpo check-data` finds errors.")] = False,
+    worker_logs: Annotated[bool, typer.Option("--worker-logs", help="Show what trials print (otherwise it stays in Ray's log files).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the study (the default when it exists; kept for scripts).")] = False,
 ) -> None:
     """Run a sweep: sample trials, train them on Ray, stop weak ones early, record everything."""
@@ -59,7 +60,8 @@ def search(
 
     options = SearchOptions(module=module, overrides=set_ or [], study=study, storage=storage,
                             tracking_uri=tracking_uri, trials=trials, timeout=timeout, address=address,
-                            concurrency=concurrency, retries=retries, skip_data_check=skip_data_check)
+                            concurrency=concurrency, retries=retries, skip_data_check=skip_data_check,
+                            worker_logs=worker_logs)
     result = run_search(options, console)
     counts = result.counts
     console.print(

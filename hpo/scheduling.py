@@ -238,8 +238,13 @@ def _metrics(result: dict) -> dict[str, float]:
 
 
 def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str | None, module: Any,
-        storage_path: str, name: str) -> None:
-    """Start (or join) Ray and run trials until the recorder says the sweep is done."""
+        storage_path: str, name: str, worker_logs: bool = False) -> None:
+    """Start (or join) Ray and run trials until the recorder says the sweep is done.
+
+    Workers' output stays in Ray's log files unless ``worker_logs``: the live view stays
+    readable, and Ray's own shutdown noise from idle reused workers is not shown. A trial's
+    exception reaches the study either way (its ``error`` attr).
+    """
     import ray
     import ray.cloudpickle
 
@@ -260,7 +265,7 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
             address=address,
             include_dashboard=False,
             logging_level=logging.WARNING,
-            log_to_driver=True,
+            log_to_driver=worker_logs,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                                       "TRANSFORMERS_VERBOSITY": "error"}},
         )

@@ -38,6 +38,7 @@ class SearchOptions:
     concurrency: int | None = None
     retries: int = 0
     skip_data_check: bool = False
+    worker_logs: bool = False
     workdir: str = ".hpo"
 
 
@@ -173,7 +174,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
             scheduling.run(
                 recorder, sweep, search_space.train, address=options.address or os.environ.get("RAY_ADDRESS"),
                 module=search_space.module, storage_path=str(Path(options.workdir).resolve() / "ray_results"),
-                name=name,
+                name=name, worker_logs=options.worker_logs,
             )
     except KeyboardInterrupt:
         status = "KILLED"

@@ -28,6 +28,7 @@ def space(trial):
 
 
 def train(params, report):
+    print("HELLO-FROM-TRIAL")
     for step in (3, 6, 9):
         if params["outcome"] == "raise" and step == 6:
             raise ValueError("exploded at step 6")
@@ -50,6 +51,7 @@ def sweep_in(tmp_path: Path, body: str, *flags: str):
 def test_failures_keep_their_reason_and_the_sweep_goes_on(tmp_path: Path) -> None:
     result, study = sweep_in(tmp_path, MODULE)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "HELLO-FROM-TRIAL" not in result.stdout + result.stderr, "trial output stays in Ray's logs"
     trials = study.get_trials()
     assert len(trials) == 6
     raised, nan, oom = trials[1], trials[3], trials[4]
@@ -89,7 +91,8 @@ def test_all_trials_failing_exits_non_zero_with_a_summary(tmp_path: Path) -> Non
 
 def test_without_a_pruner_every_good_trial_completes(tmp_path: Path) -> None:
     body = MODULE.replace('OUTCOMES = ["ok", "raise", "ok", "nan", "oom"', 'OUTCOMES = ["ok", "ok", "ok", "ok", "ok"')
-    result, study = sweep_in(tmp_path, body, "--set", "pruner=none", "--trials", "4")
+    result, study = sweep_in(tmp_path, body, "--set", "pruner=none", "--trials", "4", "--worker-logs")
     assert result.returncode == 0, result.stderr
+    assert "HELLO-FROM-TRIAL" in result.stdout + result.stderr, "--worker-logs shows what trials print"
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 4
     assert all(sorted(t.intermediate_values) == [3, 6, 9] for t in study.get_trials())
