@@ -50,6 +50,11 @@ def counts_towards_target(trial: FrozenTrial) -> bool:
     return reason is not None and reason not in NOT_COUNTED and not trial.user_attrs.get("retried")
 
 
+def backend(storage: Any) -> Any:
+    """The storage behind Optuna's cache wrapper (``load_study`` wraps an RDBStorage)."""
+    return getattr(storage, "_backend", storage)
+
+
 def driver_id() -> str:
     """This process as ``host:pid:start_time`` (the start time tells a reused pid apart)."""
     return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
@@ -135,8 +140,9 @@ class Ledger:
 
     # while running ------------------------------------------------------------------
     def heartbeat(self, trial: optuna.Trial) -> None:
-        storage = self.study._storage
-        if isinstance(storage, optuna.storages.RDBStorage) and storage.heartbeat_interval:
+        storage = self.study._storage  # Optuna wraps the RDB storage in a cache that forwards heartbeats
+        interval = getattr(storage, "get_heartbeat_interval", None)
+        if interval is not None and interval():
             retry_when_locked(lambda: storage.record_heartbeat(trial._trial_id))
 
     def report(self, number: int, step: int, value: float) -> None:
@@ -218,7 +224,7 @@ class StudyLock:
     an advisory lock on PostgreSQL and MySQL, none for other storages."""
 
     def __init__(self, study: optuna.Study):
-        storage = study._storage
+        storage = backend(study._storage)
         self.url: str = getattr(storage, "url", "")
         self.engine = getattr(storage, "engine", None)
         self.key = f"hpo:{study.study_name}"

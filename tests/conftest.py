@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,18 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def postgres_url():
+    import psycopg
+
+    name = f"hpo_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True)
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        # trust auth ignores the password: it is there to prove it never leaks
+        yield f"postgresql://postgres:pg-Secret-42@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import optuna
@@ -223,21 +222,6 @@ def four_processes(tmp_path: Path, storage: str) -> optuna.Study:
 
 def test_four_processes_share_one_sqlite_study(tmp_path: Path) -> None:
     four_processes(tmp_path, f"sqlite:///{tmp_path / 'hpo.db'}")
-
-
-@pytest.fixture
-def postgres_url():
-    import psycopg
-
-    name = f"hpo_test_{uuid.uuid4().hex[:10]}"
-    admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True)
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        # trust auth ignores the password: it is there to prove it never leaks
-        yield f"postgresql://postgres:pg-Secret-42@127.0.0.1:5432/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.mark.postgres
