@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from hpo.ledger import counts_towards_target
+from hpo.study import open_storage
 from tests.conftest import hpo_env, run_hpo
 
 pytestmark = pytest.mark.slow
@@ -48,7 +49,8 @@ def write_module(folder: Path, body: str, seconds: float = 1.0, name: str = "slo
 
 
 def study_of(folder: Path, name: str = "slow", storage: str | None = None) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=storage or f"sqlite:///{folder / 'hpo.db'}")
+    """The study, opened as hpo opens it (taking turns with a sweep that may be creating the tables)."""
+    return optuna.load_study(study_name=name, storage=open_storage(storage or f"sqlite:///{folder / 'hpo.db'}"))
 
 
 def mlflow_runs(folder: Path, name: str = "slow") -> list:
