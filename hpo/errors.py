@@ -18,3 +18,18 @@ def is_out_of_memory(error: BaseException) -> bool:
         return True
     message = str(error).lower()
     return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (``scheme://user:password@host/...``) replaced by ``***``:
+    the one way storage URLs and tracking URIs are shown in output, errors, tags and params."""
+    if "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    netloc, slash, path = rest.partition("/")
+    if "@" not in netloc:
+        return url
+    credentials, host = netloc.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    hidden = f"{user}:***" if ":" in credentials else user
+    return f"{scheme}://{hidden}@{host}{slash}{path}"

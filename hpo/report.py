@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import html
 import json
-import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -25,8 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-
-logger = logging.getLogger(__name__)
 
 PLOTS = (
     ("optimization_history", "Optimization history: the objective per trial and the best so far"),

@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import HpoError
+from hpo.errors import redact_url as redact
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 # The driver records a heartbeat for every trial it runs; a trial whose heartbeat is older
@@ -29,16 +30,6 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 # The driver records heartbeats itself (Ledger.heartbeat, Recorder.tick), so the storage's
 # heartbeat works with ask/tell here, which Optuna warns it does not do on its own.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced by ``***`` (safe to print or log)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: hide everything after '//'
-        return url.split("//", 1)[0] + "//***" if "@" in url else url
 
 
 def retry_when_locked(call: Any, attempts: int = 8) -> Any:

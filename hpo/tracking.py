@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from hpo.errors import HpoError
+from hpo.errors import redact_url as redact
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG_STUDY = "hpo.study"
@@ -22,16 +23,6 @@ TAG_REASON = "hpo.reason"
 # Optuna state -> MLflow run status. A pruned trial was stopped early by the sweep: KILLED,
 # with hpo.state=PRUNED telling it apart from an interrupted one.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-
-
-def redact(uri: str) -> str:
-    """The URI with a password (``scheme://user:pass@host``) replaced by ``***``."""
-    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = uri.split("://", 1)
-        credentials, host = rest.split("@", 1)
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in credentials else f"{scheme}://{user}@{host}"
-    return uri
 
 
 def check_tracking(uri: str | None) -> None:
