@@ -80,10 +80,15 @@ def search(
         f"        hpo dashboard{storage_flag}   (Optuna dashboard, http://127.0.0.1:8080)\n"
         f"        hpo ui{tracking_flag}   (MLflow UI, http://127.0.0.1:5000)"
     )
-    if result.interrupted:
-        err_console.print(f"interrupted: trials {result.interrupted} stopped unfinished; run the same command "
+    if result.ended == "interrupted":
+        err_console.print(f"interrupted: trials {result.interrupted or '-'} stopped unfinished; run the same command "
                           "again to run them and finish the sweep", markup=False, highlight=False)
         raise typer.Exit(130)
+    if result.ended == "short":
+        err_console.print(f"error: study {result.study_name!r} ended with {result.finished} of {result.target} "
+                          f"finished trials: {result.short_reason}; run the same command again to continue",
+                          markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
     if counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 0:
         _fail_summary(result)
 

@@ -1,47 +1,60 @@
 """The driver's record of trials in the Optuna study: claim, report, tell, retry, reclaim.
 
-One writer per sweep process: only the driver calls this (from Ray Tune's loop thread).
-Several sweep processes may share a study (on one machine or many); they coordinate
-through the storage:
+One writer per sweep process: only the driver calls this (from Ray Tune's loop thread;
+heartbeats come from their own thread, see :mod:`hpo.liveness`). Several sweep processes
+may share a study (on one machine or many); they coordinate through the storage:
 
-* **claim**: under a study-wide lock (a file lock beside an SQLite database, an advisory
-  lock on PostgreSQL/MySQL) a process counts finished + running trials and asks for a new
-  one only while the study is short of ``target``. So ``--trials N`` means N finished
-  trials in the study, however many processes share it, with none too many.
-* **liveness**: each trial records its driver (host, pid, process start time) and a
-  heartbeat (Optuna's RDB heartbeat, refreshed by the driver while the trial runs).
-  ``reclaim`` fails trials whose driver is dead -- at once when it ran on this host and the
-  process is gone, else once its heartbeat is older than the grace period -- with
-  reason ``interrupted``, and enqueues the same parameters to run again.
-* **retries**: a trial that failed (error, oom, crash) is enqueued again up to
-  ``retries`` times; the failed attempt is kept (FAIL, ``retried``) but not counted.
+* **claim**: under the study lock (:mod:`hpo.locks`) a process counts finished + running
+  trials and asks for a new one only while the study is short of ``target``. So
+  ``--trials N`` means N finished trials in the study, however many processes share it.
+* **liveness**: each trial records its driver (:func:`hpo.liveness.driver_id`) and a
+  heartbeat. ``reclaim`` -- under the study lock -- fails with reason ``interrupted`` the
+  RUNNING trials of dead drivers: at once when the driver ran in this machine's boot and
+  PID namespace and is gone, else once its heartbeat is older than the grace period; a
+  driver known alive (this process included) is never failed. Only the trials this call
+  failed are enqueued again, so two reclaimers never queue one trial twice.
+* **late results**: a trial failed by a reclaimer while its driver still ran (a driver cut
+  off from the database longer than the grace period) can still end with a result. That
+  result is kept, as a new finished trial with the same params (``late_result_of``), and
+  the queued rerun, if not started yet, is withdrawn (reason ``superseded``).
+* **retries**: an interrupted trial runs again, at most ``MAX_ATTEMPTS`` attempts of one
+  config (then FAIL, reason ``interrupted_too_often``, counted); a trial that failed
+  (error, oom, ...) runs again up to ``retries`` times. Attempts run again are kept (FAIL)
+  but not counted.
 
-Every write is a short storage transaction, so a driver killed at any moment loses no
-finished trial.
+Every write is a short storage transaction, retried on transient errors, so a driver
+killed at any moment loses no finished trial.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.study import retry_when_locked, sqlite_file_lock
+from hpo.liveness import Heartbeats, driver_id, driver_is_dead, known_alive
+from hpo.locks import StudyLock, backend
+from hpo.study import GRACE_PERIOD, HEARTBEAT_INTERVAL, retry_transient, retry_when_locked
 
+__all__ = ["AskedTrial", "Ledger", "StudyLock", "Told", "backend", "counts_towards_target", "driver_id"]
+logger = logging.getLogger(__name__)
 DRIVER_ATTR = "hpo:driver"
-NOT_COUNTED = ("interrupted",)
+NOT_COUNTED = ("interrupted", "superseded")
+RERUN = ("interrupted",)
+MAX_ATTEMPTS = 3
+"""Attempts of one config that may end interrupted (worker or driver killed) before the
+trial counts as FAIL with reason ``interrupted_too_often``."""
 
 
 def counts_towards_target(trial: FrozenTrial) -> bool:
     """COMPLETE, PRUNED and FAIL trials count, except attempts that are run again:
     interrupted ones (including those Optuna failed for a stale heartbeat, which carry no
-    reason) and failures that were retried."""
+    reason), withdrawn reruns (``superseded``) and failures that were retried."""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
     if trial.state != TrialState.FAIL:
@@ -50,38 +63,8 @@ def counts_towards_target(trial: FrozenTrial) -> bool:
     return reason is not None and reason not in NOT_COUNTED and not trial.user_attrs.get("retried")
 
 
-def backend(storage: Any) -> Any:
-    """The storage behind Optuna's cache wrapper (``load_study`` wraps an RDBStorage)."""
-    return getattr(storage, "_backend", storage)
-
-
-def driver_id() -> str:
-    """This process as ``host:pid:start_time`` (the start time tells a reused pid apart)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
-
-
-def driver_is_dead(driver: str) -> bool:
-    """True when ``driver`` ran on this host and that process is gone (or the pid now
-    belongs to another process). Drivers on other hosts are judged by heartbeat instead."""
-    try:
-        host, pid_text, start = driver.rsplit(":", 2)
-        pid = int(pid_text)
-    except ValueError:
-        return False
-    if host != socket.gethostname():
-        return False
-    if pid == os.getpid():
-        return False
-    return _start_time(pid) != start
-
-
-def _start_time(pid: int) -> str:
-    try:
-        import psutil
-
-        return f"{psutil.Process(pid).create_time():.2f}"
-    except Exception:  # noqa: BLE001 - NoSuchProcess, AccessDenied, ...
-        return "gone"
+def _write(call: Callable[[], Any]) -> Any:
+    return retry_transient(lambda: retry_when_locked(call), what="writing the study")
 
 
 @dataclass
@@ -90,26 +73,50 @@ class AskedTrial:
     params: dict[str, Any]
     """What ``space(trial)`` returned: what the trial trains with."""
     trial: optuna.Trial
-    reported: set[int] = field(default_factory=set)
+    reported: dict[int, float] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Told:
+    """What :meth:`Ledger.tell` recorded."""
+
+    state: TrialState
+    reason: str | None
+    again: bool = False
+    """Enqueued to run again."""
+    kept_as: int | None = None
+    """The trial had been failed by a reclaimer: its result was kept as this new trial."""
 
 
 class Ledger:
     """See the module docstring. ``space`` maps an Optuna trial to the trial's params."""
 
     def __init__(self, study: optuna.Study, space: Callable[[optuna.Trial], dict], *, target: int,
-                 retries: int = 0):
+                 retries: int = 0, max_attempts: int = MAX_ATTEMPTS):
         self.study = study
         self.space = space
         self.target = target
         self.retries = retries
+        self.max_attempts = max_attempts
         self.running: dict[int, AskedTrial] = {}
+        self.abandoned: set[int] = set()
+        """Trials of this process whose end could not be written: reclaimed like a dead driver's."""
         self.driver = driver_id()
         self.lock = StudyLock(study)
+        storage = backend(study._storage)
+        url = getattr(storage, "url", None)
+        enabled = url and getattr(storage, "get_heartbeat_interval", lambda: None)()
+        self.heartbeats = Heartbeats(url, HEARTBEAT_INTERVAL, GRACE_PERIOD) if enabled else None
 
     # counting ---------------------------------------------------------------------
     def finished(self) -> int:
         return sum(1 for t in self.study.get_trials(deepcopy=False) if counts_towards_target(t))
+
+    def others_running(self) -> int:
+        """RUNNING trials of other drivers (live ones, or dead ones not reclaimed yet)."""
+        return sum(1 for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.number not in self.running)
 
     def claim(self) -> AskedTrial | None:
         """A new trial if the study is short of ``target`` (counting every process's
@@ -124,7 +131,7 @@ class Ledger:
     def _ask(self) -> AskedTrial:
         trial = self.study.ask()
         storage = self.study._storage
-        storage.set_trial_system_attr(trial._trial_id, DRIVER_ATTR, self.driver)
+        _write(lambda: storage.set_trial_system_attr(trial._trial_id, DRIVER_ATTR, self.driver))
         self.heartbeat(trial)
         try:
             params = self.space(trial)
@@ -136,132 +143,163 @@ class Ledger:
         trial.set_user_attr("config", {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()})
         asked = AskedTrial(trial.number, params, trial)
         self.running[trial.number] = asked
+        if self.heartbeats is not None:
+            self.heartbeats.add(trial._trial_id)
         return asked
 
     # while running ------------------------------------------------------------------
     def heartbeat(self, trial: optuna.Trial) -> None:
-        storage = self.study._storage  # Optuna wraps the RDB storage in a cache that forwards heartbeats
+        """One heartbeat now (at ask; the :class:`Heartbeats` thread keeps it fresh)."""
+        storage = self.study._storage
         interval = getattr(storage, "get_heartbeat_interval", None)
         if interval is not None and interval():
-            retry_when_locked(lambda: storage.record_heartbeat(trial._trial_id))
+            _write(lambda: storage.record_heartbeat(trial._trial_id))
 
     def report(self, number: int, step: int, value: float) -> None:
         """Record the objective at ``step`` (once per step; NaN and inf are kept as they are)."""
         asked = self.running[number]
         if step not in asked.reported:
-            retry_when_locked(lambda: asked.trial.report(float(value), step))
-            asked.reported.add(step)
-        self.heartbeat(asked.trial)
+            asked.reported[step] = float(value)
+            _write(lambda: asked.trial.report(float(value), step))
 
     def set_attr(self, number: int, key: str, value: Any) -> None:
         """A user attr on a running trial, written only when it changes."""
         asked = self.running[number]
         if asked.attrs.get(key) != value:
-            retry_when_locked(lambda: asked.trial.set_user_attr(key, value))
             asked.attrs[key] = value
+            _write(lambda: asked.trial.set_user_attr(key, value))
+
+    def close(self) -> None:
+        """Stop the heartbeat thread (after the last trial ended)."""
+        if self.heartbeats is not None:
+            self.heartbeats.stop()
 
     # the end ------------------------------------------------------------------------
     def tell(self, number: int, state: TrialState, value: float | None = None, reason: str | None = None,
-             error: str | None = None, attrs: dict[str, Any] | None = None) -> bool:
+             error: str | None = None, attrs: dict[str, Any] | None = None) -> Told:
         """Record the trial's end: COMPLETE with ``value``, PRUNED (Optuna keeps the last
-        intermediate value) or FAIL with ``reason``/``error`` user attrs. Interrupted and
-        (within ``retries``) failed trials are enqueued to run again; returns whether."""
+        intermediate value) or FAIL with ``reason``/``error`` user attrs. Interrupted trials
+        (within ``max_attempts``) and failed ones (within ``retries``) are enqueued again.
+        A trial a reclaimer failed meanwhile keeps its result as a new trial (``kept_as``)."""
         asked = self.running.pop(number)
+        if self.heartbeats is not None:
+            self.heartbeats.discard(asked.trial._trial_id)
+        try:
+            return self._tell(asked, state, value, reason, error, attrs)
+        except Exception:
+            self.abandoned.add(number)  # a later reclaim (ours or another's) fails and re-queues it
+            raise
+
+    def _tell(self, asked: AskedTrial, state: TrialState, value: float | None, reason: str | None,
+              error: str | None, attrs: dict[str, Any] | None) -> Told:
         trial = asked.trial
-        again = state == TrialState.FAIL and (reason in NOT_COUNTED or self._attempt(trial) <= self.retries)
+        frozen = self._frozen(trial)
+        if frozen.state.is_finished():
+            return self._keep_late(asked, frozen, state, value, reason, attrs)
+        attempt = int(frozen.user_attrs.get("attempt", 1))
+        if state == TrialState.FAIL and reason in RERUN and attempt >= self.max_attempts:
+            reason = "interrupted_too_often"
+            error = f"interrupted {attempt} times (a worker or driver died each time); not run again"
+        again = state == TrialState.FAIL and (reason in RERUN or (reason != "interrupted_too_often"
+                                                                  and attempt <= self.retries))
         values = {**(attrs or {}), "reason": reason, "error": error[:4000] if error else None,
-                  "retried": True if again and reason not in NOT_COUNTED else None}
-        for key, attr in values.items():
-            if attr is not None:
-                retry_when_locked(lambda key=key, attr=attr: trial.set_user_attr(key, attr))
-        if state == TrialState.COMPLETE:
-            retry_when_locked(lambda: self.study.tell(trial, float(value), skip_if_finished=True))  # type: ignore[arg-type]
-        else:
-            retry_when_locked(lambda: self.study.tell(trial, state=state, skip_if_finished=True))
+                  "retried": True if again and reason not in RERUN else None}
+        try:
+            for key, attr in values.items():
+                if attr is not None:
+                    _write(lambda key=key, attr=attr: trial.set_user_attr(key, attr))
+            if state == TrialState.COMPLETE:
+                _write(lambda: self.study.tell(trial, float(value)))  # type: ignore[arg-type]
+            else:
+                _write(lambda: self.study.tell(trial, state=state))
+        except UpdateFinishedTrialError:
+            frozen = self._frozen(trial)
+            if frozen.state == state and frozen.user_attrs.get("reason") == reason:
+                return Told(state, reason, again=False)  # our own write, retried after a lost answer
+            return self._keep_late(asked, frozen, state, value, reason, attrs)
         if again:
             self._enqueue_again(self._frozen(trial))
-        return again
+        return Told(state, reason, again=again)
 
-    def _attempt(self, trial: optuna.Trial) -> int:
-        return int(self._frozen(trial).user_attrs.get("attempt", 1))
+    def _keep_late(self, asked: AskedTrial, frozen: FrozenTrial, state: TrialState, value: float | None,
+                   reason: str | None, attrs: dict[str, Any] | None) -> Told:
+        """The trial was failed by a reclaimer while it still ran here. A result (COMPLETE,
+        PRUNED) is kept as a new trial with the same params, and the rerun the reclaimer
+        queued is withdrawn if it has not started; a failure needs nothing (it reruns)."""
+        if state not in (TrialState.COMPLETE, TrialState.PRUNED):
+            return Told(frozen.state, frozen.user_attrs.get("reason") or "interrupted")
+        intermediate = {**frozen.intermediate_values, **asked.reported}
+        user_attrs = {**{k: v for k, v in frozen.user_attrs.items() if k not in ("reason", "error", "retried")},
+                      **(attrs or {}), "late_result_of": frozen.number,
+                      **({"reason": reason} if reason and reason != "pruned" else {})}
+        if state == TrialState.PRUNED:
+            user_attrs["reason"] = "pruned"
+        new = optuna.trial.create_trial(
+            state=state, value=float(value) if state == TrialState.COMPLETE else None, params=frozen.params,
+            distributions=frozen.distributions, intermediate_values=intermediate, user_attrs=user_attrs,
+            system_attrs={DRIVER_ATTR: self.driver},
+        )
+        with self.lock:
+            _write(lambda: self.study.add_trial(new))
+            kept = max(t.number for t in self.study.get_trials(deepcopy=False)
+                       if t.user_attrs.get("late_result_of") == frozen.number)
+            for rerun in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                if rerun.user_attrs.get("retry_of") == frozen.number:
+                    self._withdraw(rerun, kept)
+        logger.warning("hpo: trial %s had been failed as interrupted while it still ran here; its result is "
+                       "kept as trial %s", frozen.number, kept)
+        return Told(state, reason, kept_as=kept)
+
+    def _withdraw(self, trial: FrozenTrial, kept: int) -> None:
+        storage = self.study._storage
+        try:
+            _write(lambda: storage.set_trial_user_attr(trial._trial_id, "reason", "superseded"))
+            _write(lambda: storage.set_trial_user_attr(trial._trial_id, "superseded_by", kept))
+            _write(lambda: storage.set_trial_state_values(trial._trial_id, TrialState.FAIL))
+        except UpdateFinishedTrialError:
+            pass
 
     def _frozen(self, trial: optuna.Trial) -> FrozenTrial:
-        return self.study._storage.get_trial(trial._trial_id)
+        return retry_transient(lambda: self.study._storage.get_trial(trial._trial_id), what="reading the study")
 
     def _enqueue_again(self, trial: FrozenTrial) -> None:
         attempt = int(trial.user_attrs.get("attempt", 1))
-        self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "attempt": attempt + 1},
-                                 skip_if_exists=False)
+        _write(lambda: self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number,
+                                                                          "attempt": attempt + 1},
+                                                skip_if_exists=False))
 
     def reclaim(self) -> list[int]:
-        """Fail (reason ``interrupted``) and enqueue again the RUNNING trials of dead
-        drivers; returns their numbers. Safe to call from every process at any time."""
+        """Under the study lock, fail (reason ``interrupted``) the RUNNING trials of dead
+        drivers and enqueue again those this call failed; returns their numbers. Safe to
+        call from every process at any time; never fails a live driver's trial."""
         reclaimed = []
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if trial.number in self.running:
-                continue
-            driver = trial.system_attrs.get(DRIVER_ATTR)
-            if driver and driver_is_dead(driver):
+        with self.lock:
+            stale = set(self._stale_trial_ids())
+            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if trial.number in self.running:
+                    continue
+                driver = trial.system_attrs.get(DRIVER_ATTR)
+                if trial.number not in self.abandoned:
+                    if driver and known_alive(driver):
+                        continue
+                    if not ((driver and driver_is_dead(driver)) or trial._trial_id in stale):
+                        continue
+                attempt = int(trial.user_attrs.get("attempt", 1))
+                reason = "interrupted" if attempt < self.max_attempts else "interrupted_too_often"
+                storage = self.study._storage
                 try:
-                    self.study._storage.set_trial_user_attr(trial._trial_id, "reason", "interrupted")
-                    self.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    continue  # another process reclaimed it first
-                self._enqueue_again(trial)
+                    _write(lambda t=trial, r=reason, s=storage: s.set_trial_user_attr(t._trial_id, "reason", r))
+                    _write(lambda t=trial, s=storage: s.set_trial_state_values(t._trial_id, TrialState.FAIL))
+                except UpdateFinishedTrialError:
+                    continue  # it ended (or another process reclaimed it) meanwhile
+                if reason == "interrupted":
+                    self._enqueue_again(trial)
                 reclaimed.append(trial.number)
-        before = {t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(self.study)  # other hosts: stale heartbeat
-        trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
-        for number in sorted(before - set(self.running)):
-            if trials[number].state == TrialState.FAIL:
-                self._enqueue_again(trials[number])
-                reclaimed.append(number)
         return sorted(reclaimed)
 
-
-class StudyLock:
-    """A lock shared by every process using the study: a file lock beside an SQLite file,
-    an advisory lock on PostgreSQL and MySQL, none for other storages."""
-
-    def __init__(self, study: optuna.Study):
-        storage = backend(study._storage)
-        self.url: str = getattr(storage, "url", "")
-        self.engine = getattr(storage, "engine", None)
-        self.key = f"hpo:{study.study_name}"
-        self._file_lock = sqlite_file_lock(self.url) if self.url.startswith("sqlite:///") else None
-
-    def __enter__(self) -> StudyLock:
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(self._acquire())
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stack.close()
-
-    @contextlib.contextmanager
-    def _acquire(self) -> Iterator[None]:
-        if self._file_lock is not None:
-            with self._file_lock:
-                yield
-            return
-        dialect = self.engine.dialect.name if self.engine is not None else ""
-        if dialect not in ("postgresql", "mysql"):
-            yield
-            return
-        import sqlalchemy
-
-        with self.engine.connect() as connection:
-            if dialect == "postgresql":
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(hashtext(:key))"), {"key": self.key})
-                try:
-                    yield
-                finally:
-                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(hashtext(:key))"), {"key": self.key})
-                    connection.commit()
-            else:
-                connection.execute(sqlalchemy.text("SELECT GET_LOCK(:key, 600)"), {"key": self.key})
-                try:
-                    yield
-                finally:
-                    connection.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:key)"), {"key": self.key})
-                    connection.commit()
+    def _stale_trial_ids(self) -> list[int]:
+        """Trials whose heartbeat is older than the grace period (Optuna's own query)."""
+        storage = backend(self.study._storage)
+        if not getattr(storage, "get_heartbeat_interval", lambda: None)():
+            return []
+        return retry_transient(lambda: storage._get_stale_trial_ids(self.study._study_id), what="reading heartbeats")

@@ -4,6 +4,11 @@ Events arrive from the scheduler (Ray Tune, in its driver thread) as plain calls
 ``next_trial`` -> ``on_result``* -> ``on_end``. Each is written to the Optuna study
 first (the source of truth), then mirrored to MLflow, then shown. Knows neither Ray nor
 transformers.
+
+Whatever the Optuna write does, the trial's MLflow run is closed (never left RUNNING).
+Transient storage and MLflow errors are retried with a bounded back-off; when asking for
+trials still fails, the sweep stops asking (``stop_reason``) and ends short, which the
+command reports with a non-zero exit.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from typing import Any, Protocol
 
 from optuna.trial import TrialState
 
-from hpo.ledger import AskedTrial, Ledger
-from hpo.study import GRACE_PERIOD, HEARTBEAT_INTERVAL
+from hpo.ledger import AskedTrial, Ledger, Told
+from hpo.study import GRACE_PERIOD, retry_transient
 from hpo.tracking import SweepTracker
 
 logger = logging.getLogger(__name__)
@@ -30,7 +35,7 @@ class Outcome:
     kind: str
     """``complete``, ``pruned``, ``fail`` or ``interrupted``."""
     reason: str | None = None
-    """For ``fail``: error, nan, oom, crash, space. For ``complete``: early_stopped, when the
+    """For ``fail``: error, nan, oom, space. For ``complete``: early_stopped, when the
     trial's own early stopping (patience) ended it before max_steps."""
     error: str | None = None
     """The exception's class and message, for ``fail``."""
@@ -50,10 +55,14 @@ class Recorder:
 
     The ledger's ``target`` is the number of finished trials the study should hold; a
     sweep stops asking for trials once the study has them (with the trials running in any
-    process), or after ``deadline`` (running trials then finish).
+    process), or after ``deadline`` (running trials then finish). While other processes'
+    trials fill the study it waits (they may finish, or their driver may die and reclaim
+    re-queues them here) instead of ending.
     """
 
     DONE = "done"
+    POLL = 1.0
+    """Seconds between looks at the study while waiting for other processes' trials."""
     # Trial attributes the recipe reports among its metrics and the study keeps as user attrs.
     ATTRS = ("micro_batch_size", "grad_accum")
     # Curves kept on the Optuna trial (user attr "curves") for `hpo diagnose` and reports.
@@ -71,19 +80,61 @@ class Recorder:
         self.last: dict[int, dict[str, float]] = {}
         self.curves: dict[int, dict[str, list[list[float]]]] = {}
         self._steps: dict[int, int] = {}
-        self._last_heartbeat = self._last_reclaim = time.monotonic()
+        self._last_reclaim = time.monotonic()
+        self._last_claim = 0.0
+        self._waiting_since: float | None = None
+        self.done = False
+        """The recorder said DONE: the study is full, or --timeout passed (``timed_out``)."""
+        self.timed_out = False
+        self.stop_reason: str | None = None
+        """Why the sweep stopped asking for trials, when it was an error (see :meth:`stop`)."""
+        self.kept: dict[int, int] = {}
+        """Trials failed by another process while they ran here -> the trial keeping their result."""
 
     def next_trial(self) -> AskedTrial | str | None:
-        """The next trial to run, ``None`` (wait for running trials), or ``DONE``."""
-        out_of_time = self.deadline is not None and time.time() >= self.deadline
-        asked = None if out_of_time else self.ledger.claim()
+        """The next trial to run, ``None`` (wait: trials run here or in another live
+        process while the study is short), or ``DONE``. Transient storage and MLflow errors
+        are retried with a bounded back-off; what still fails is raised."""
+        if self.stop_reason is not None:
+            return self.DONE
+        if self.deadline is not None and time.time() >= self.deadline:
+            if self.ledger.running:
+                return None
+            self.done = self.timed_out = True
+            return self.DONE
+        now = time.monotonic()
+        if self._waiting_since is not None and now - self._last_claim < self.POLL:
+            return None  # waiting for other drivers' trials: poll the study, don't hammer it
+        self._last_claim = now
+        asked = retry_transient(self.ledger.claim, what="asking for the next trial")
         if asked is None:
-            return None if self.ledger.running else self.DONE
+            if self.ledger.running:
+                return None
+            if retry_transient(self.ledger.finished) >= self.ledger.target:
+                self.done = True
+                return self.DONE
+            if retry_transient(self.ledger.others_running):
+                # Another process's trials fill the study: they may finish (then the study
+                # is done) or their driver may die (reclaim re-queues them, and we run them).
+                self._waiting_since = self._waiting_since or now
+                return None
+            self.done = True
+            return self.DONE
+        self._waiting_since = None
         self.started += 1
         params = {**asked.trial.params, **{k: v for k, v in asked.params.items() if k not in asked.trial.params}}
-        self.tracker.start_trial(asked.number, params)
+        try:
+            retry_transient(lambda: self.tracker.start_trial(asked.number, params), what="starting the MLflow run")
+        except Exception as error:
+            self.on_end(asked.number, Outcome("interrupted", error=f"MLflow: {type(error).__name__}"))
+            raise
         self.display.trial_started(asked.number, asked.params)
         return asked
+
+    def stop(self, reason: str) -> None:
+        """Ask for no more trials (running ones finish): ``reason`` is why the study ends short."""
+        logger.warning("hpo: %s; no new trials start", reason)
+        self.stop_reason = reason
 
     def on_result(self, number: int, step: int, metrics: dict[str, float]) -> None:
         """One evaluation of a running trial (deduplicated by step)."""
@@ -105,7 +156,11 @@ class Recorder:
         self.display.trial_result(number, step, value)
 
     def on_end(self, number: int, outcome: Outcome) -> None:
-        """Tell Optuna the truthful end, close the MLflow run, update the display."""
+        """Tell Optuna the truthful end, close the MLflow run, update the display.
+
+        The MLflow run is closed whatever happens to the Optuna write; a result that arrives
+        for a trial another process failed meanwhile is kept as a new trial and reported
+        loudly (see :meth:`Ledger.tell`)."""
         if number not in self.ledger.running:
             return
         value = self.last.get(number, {}).get(self.metric)
@@ -114,8 +169,6 @@ class Recorder:
             kind, reason = "fail", ("nan" if value is not None else "no_metric")
             error = f"the trial ended with {self.metric}={value}" if value is not None else \
                 f"the trial ended without reporting {self.metric!r}"
-        if kind == "pruned":
-            reason = f"stopped early by the pruner at step {outcome.step}"
         steps = self._steps.get(number)
         attrs: dict[str, Any] = {"last_step": steps} if steps else {}
         if number in self.curves:
@@ -123,32 +176,68 @@ class Recorder:
         if kind == "complete":
             if reason == "early_stopped":
                 attrs["stopped_early_at"] = outcome.step
-            self.ledger.tell(number, TrialState.COMPLETE, value=value, reason=reason, attrs=attrs)
-            state = "COMPLETE"
+            call: dict[str, Any] = {"state": TrialState.COMPLETE, "value": value, "reason": reason}
         elif kind == "pruned":
-            self.ledger.tell(number, TrialState.PRUNED, reason="pruned", attrs={**attrs, "pruned_at": outcome.step})
-            state = "PRUNED"
+            call = {"state": TrialState.PRUNED, "reason": "pruned"}
+            attrs["pruned_at"] = outcome.step
+            reason = f"stopped early by the pruner at step {outcome.step}"
         elif kind == "interrupted":
-            self.ledger.tell(number, TrialState.FAIL, reason="interrupted", attrs=attrs)
-            state, reason = "FAIL", "interrupted"
-            self.interrupted.append(number)
+            call = {"state": TrialState.FAIL, "reason": "interrupted", "error": error}
         else:
-            self.ledger.tell(number, TrialState.FAIL, reason=reason or "error", error=error, attrs=attrs)
-            state = "FAIL"
-        self.tracker.end_trial(number, state, reason=error or reason, value=value if kind == "complete" else None)
-        self.display.trial_ended(number, state, value, error or reason)
+            call = {"state": TrialState.FAIL, "reason": reason or "error", "error": error}
+        told: Told | None = None
+        try:
+            told = self.ledger.tell(number, attrs=attrs, **call)
+        finally:
+            self._close_run(number, told, value, reason, error)
+
+    def _close_run(self, number: int, told: Told | None, value: float | None, reason: str | None,
+                   error: str | None) -> None:
+        """Mirror what Optuna now holds to MLflow and the display."""
+        if told is None:  # the Optuna write failed: a reclaim fails and re-queues the trial
+            state, shown = "FAIL", "interrupted"
+        else:
+            state = told.state.name
+            if told.reason in ("interrupted", "interrupted_too_often"):
+                shown = told.reason
+                if told.reason == "interrupted":
+                    self.interrupted.append(number)
+            elif state == "FAIL":
+                shown = error or told.reason
+            else:
+                shown = reason
+        run_id = self.tracker.trial_runs.get(number)
+        if told is not None and told.kept_as is not None:
+            self.kept[number] = told.kept_as
+            message = (f"trial {number} had been failed as interrupted by another process while it still ran "
+                       f"here; its result is kept as trial {told.kept_as}")
+            console = getattr(self.display, "console", None)
+            if console is not None:
+                console.print(f"[bold yellow]warning:[/] {message}", highlight=False)
+            if run_id:
+                try:
+                    retry_transient(lambda: self.tracker.client.set_tag(run_id, "hpo.kept_as_trial", str(told.kept_as)))
+                except Exception:  # noqa: BLE001 - the tag is a bonus; the run is closed below
+                    logger.warning("hpo: tagging the MLflow run of trial %s failed", number, exc_info=True)
+
+        def close() -> None:
+            if run_id:  # end_trial forgets the run first: a retry must find it again
+                self.tracker.trial_runs[number] = run_id
+            self.tracker.end_trial(number, state, reason=shown, value=value if state == "COMPLETE" else None)
+
+        try:
+            retry_transient(close, what="closing the MLflow run")
+        except Exception:  # noqa: BLE001 - the next start's close_orphans closes it
+            logger.warning("hpo: closing the MLflow run of trial %s failed", number, exc_info=True)
+        self.display.trial_ended(number, state, value if state == "COMPLETE" else None, shown)
 
     def tick(self) -> None:
-        """Called often by the scheduler's loop: heartbeats and the display's clock."""
+        """Called often by the scheduler's loop: reclaims dead drivers' trials (every grace
+        period; every few seconds while waiting on other processes) and the display's clock.
+        Heartbeats are not sent from here but from their own thread (:mod:`hpo.liveness`)."""
         now = time.monotonic()
-        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL / 2:
-            self._last_heartbeat = now
-            for asked in list(self.ledger.running.values()):
-                try:
-                    self.ledger.heartbeat(asked.trial)
-                except Exception as error:  # noqa: BLE001 - a missed heartbeat is retried next tick
-                    logger.warning("hpo: recording a heartbeat failed (%s); trying again shortly", error)
-        if now - self._last_reclaim >= GRACE_PERIOD:
+        every = self.POLL * 5 if self._waiting_since is not None else GRACE_PERIOD
+        if now - self._last_reclaim >= every:
             self._last_reclaim = now
             try:
                 self.ledger.reclaim()  # trials of other drivers that died meanwhile
@@ -160,5 +249,9 @@ class Recorder:
         """After the scheduler returns: any trial still open ends as interrupted."""
         left = sorted(self.ledger.running)
         for number in left:
-            self.on_end(number, Outcome("interrupted"))
+            try:
+                self.on_end(number, Outcome("interrupted"))
+            except Exception:  # noqa: BLE001 - the next start reclaims it
+                logger.warning("hpo: recording trial %s as interrupted failed", number, exc_info=True)
+        self.ledger.close()
         return left

@@ -12,7 +12,8 @@ How a trial flows (Tune calls all of this in one driver thread):
    when that is an early stop), then to ``OptunaBridge.on_trial_result``, except the
    result on which the scheduler stops: ``on_trial_complete`` reports that one.
 4. ``on_trial_complete`` decides the truthful end -- COMPLETE, PRUNED (stopped early by
-   ASHA), FAIL (error/nan/worker died) or interrupted -- and hands it to the recorder.
+   ASHA), FAIL (error/nan/oom) or interrupted (worker died, Ctrl-C) -- and hands it to the
+   recorder.
 
 A searcher exception is only logged by Tune and would leave the trial RUNNING, so every
 hook here is defensive; the driver also closes whatever is left when ``fit`` returns.
@@ -164,8 +165,10 @@ class OptunaBridge(Searcher):
     def suggest(self, trial_id: str) -> dict | str | None:
         try:
             asked = self.recorder.next_trial()
-        except Exception:  # noqa: BLE001 - logged; the sweep ends rather than spin
-            logger.exception("hpo: asking for the next trial failed")
+        except Exception as error:  # noqa: BLE001 - retried already (transient errors); the sweep ends short
+            logger.debug("hpo: asking for the next trial failed", exc_info=True)
+            self.recorder.stop(f"asking for the next trial failed ({type(error).__name__}: "
+                               f"{str(error).splitlines()[0][:200] if str(error) else ''})")
             return Searcher.FINISHED
         if asked is None:
             return None
@@ -192,12 +195,18 @@ class OptunaBridge(Searcher):
         except Exception as problem:  # noqa: BLE001 - never leave a trial RUNNING
             logger.exception("hpo: deciding the end of trial %s failed", number)
             outcome = Outcome("fail", reason="error", error=f"hpo internal error: {problem}")
-        self.recorder.on_end(number, outcome)
+        try:
+            self.recorder.on_end(number, outcome)
+        except Exception:  # noqa: BLE001 - Tune only logs it; the trial is reclaimed and re-queued
+            logger.exception("hpo: recording the end of trial %s failed; it runs again", number)
 
     def _outcome(self, trial_id: str, number: int, result: dict | None, error: bool) -> Outcome:
         stopped_at = self.scheduler.stopped_early.pop(trial_id, None)
         if error:
-            return Outcome("fail", reason="crash", error="the trial's worker process died (see the Ray logs)")
+            # A trial's own exception arrives as an ERROR_KEY result; error=True means its
+            # worker process died (killed, out of host memory): the trial runs again, a
+            # bounded number of times (Ledger.max_attempts).
+            return Outcome("interrupted", error="the trial's worker process died (see the Ray logs)")
         if result is None:
             return Outcome("interrupted")
         if ERROR_KEY in result:
@@ -214,7 +223,8 @@ class OptunaBridge(Searcher):
 
 
 class _Heartbeat(tune.Callback):
-    """Keeps running trials' heartbeats fresh between results (long evaluation gaps)."""
+    """The recorder's clock on each step of Tune's loop: reclaims dead drivers' trials and
+    redraws the display. (Heartbeats themselves come from their own thread.)"""
 
     def __init__(self, recorder: Recorder):
         self.recorder = recorder

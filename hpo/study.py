@@ -22,8 +22,9 @@ from hpo.errors import redact_url as redact
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 # The driver records a heartbeat for every trial it runs; a trial whose heartbeat is older
 # than GRACE_PERIOD belongs to a dead driver and is failed when a sweep (re)starts.
-HEARTBEAT_INTERVAL = 20
-GRACE_PERIOD = 60
+# Tests shrink both (HPO_HEARTBEAT_INTERVAL, HPO_GRACE_PERIOD) to stall a driver past the grace period quickly.
+HEARTBEAT_INTERVAL = int(os.environ.get("HPO_HEARTBEAT_INTERVAL", "20"))
+GRACE_PERIOD = int(os.environ.get("HPO_GRACE_PERIOD", "60"))
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -47,6 +48,48 @@ def retry_when_locked(call: Any, attempts: int = 8) -> Any:
             if "database is locked" not in str(error) or attempt == attempts - 1:
                 raise
             time.sleep(min(5.0, 0.05 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+TRANSIENT_WORDS = ("database is locked", "could not connect", "connection refused", "server closed the connection",
+                   "lost connection", "gone away", "connection reset", "connection was killed", "terminating connection",
+                   "timed out", "timeout", "temporarily unavailable", "too many connections", "deadlock",
+                   "broken pipe", "502", "503", "504", "bad gateway", "service unavailable")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` is worth retrying: a dropped or refused database connection
+    (SQLAlchemy ``OperationalError``/``InterfaceError``, a connection the pool invalidated),
+    a lock wait, or an MLflow server's connection error or 5xx answer."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    names = {cls.__name__ for cls in type(error).__mro__}
+    if getattr(error, "connection_invalidated", False):
+        return True
+    text = str(error).lower()
+    if names & {"OperationalError", "InterfaceError", "DisconnectionError"}:
+        return True
+    if names & {"MlflowException", "RestException", "RequestException", "ConnectionError", "HTTPError"}:
+        return any(word in text for word in TRANSIENT_WORDS) or " 5" in text[:60]
+    return "database is locked" in text
+
+
+def retry_transient(call: Any, *, attempts: int = 6, first_wait: float = 0.5, what: str = "a storage call") -> Any:
+    """Run ``call()``, retrying transient storage/MLflow errors (:func:`is_transient`) with
+    a bounded exponential back-off (0.5, 1, 2, 4, 8 s: about 15 s in all); anything else, or
+    the last failure, is raised. Only for calls that are safe to repeat."""
+    import logging
+
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as error:  # noqa: BLE001 - classified just below
+            if attempt == attempts - 1 or not is_transient(error):
+                raise
+            wait = min(8.0, first_wait * 2**attempt)
+            logging.getLogger(__name__).warning("hpo: %s failed (%s: %s); retrying in %.1f s", what,
+                                                type(error).__name__, str(error).splitlines()[0][:160] if str(error) else "", wait)
+            time.sleep(wait)
     raise AssertionError("unreachable")
 
 
@@ -104,15 +147,25 @@ def _is_creation_race(error: Exception) -> bool:
     return any(word in text for word in ("IntegrityError", "UniqueViolation", "already exists", "duplicate key"))
 
 
-def sqlite_file_lock(url: str) -> Any:
-    """A lock file beside an SQLite database (``<file>.lock``); a no-op for other URLs."""
+def sqlite_path(url: str) -> str | None:
+    """The resolved file of an SQLite URL (``sqlite:///hpo.db`` and ``sqlite:////abs/hpo.db``
+    name the same file when run in /abs), or None for other URLs and in-memory databases."""
+    if not url.startswith("sqlite:///") or url.endswith(":memory:"):
+        return None
+    path = url.removeprefix("sqlite:///").split("?", 1)[0]
+    return os.path.realpath(os.path.abspath(os.path.expanduser(path))) if path else None
+
+
+def sqlite_file_lock(url: str, timeout: float = 600) -> Any:
+    """A lock file beside an SQLite database (``<resolved file>.lock``); a no-op for other URLs."""
     import contextlib
 
-    if not url.startswith("sqlite:///") or url.endswith(":memory:"):
+    path = sqlite_path(url)
+    if path is None:
         return contextlib.nullcontext()
     from filelock import FileLock
 
-    return FileLock(url.removeprefix("sqlite:///") + ".lock", timeout=600)
+    return FileLock(path + ".lock", timeout=timeout)
 
 
 def _storage_error(url: str, error: Exception) -> HpoError:

@@ -55,6 +55,12 @@ class SearchResult:
     """Trials this run stopped unfinished (Ctrl-C): they run again on the next run."""
     report: Path | None = None
     """The study report's HTML page (also logged to the parent MLflow run)."""
+    ended: str = "done"
+    """done (the study holds its target), timeout, interrupted (Ctrl-C) or short (see ``short_reason``)."""
+    short_reason: str | None = None
+    """Why the study ended short of --trials for a reason other than --timeout or Ctrl-C."""
+    finished: int = 0
+    target: int = 0
 
 
 def prepare(options: SearchOptions, console: Console | None = None) -> spaces.SearchSpace:
@@ -181,9 +187,11 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         raise
     finally:
         recorder.close_leftovers()
-        result.interrupted = list(recorder.interrupted)
-        if result.interrupted:
+        _ending(result, recorder, ledger.finished(), sweep.trials)
+        if result.ended == "interrupted":
             status = "KILLED"
+        elif result.ended == "short":
+            status = "FAILED"
         result.counts, result.best, result.ran = studies.state_counts(study), studies.best_summary(study), recorder.started
         result.fail_reasons = studies.fail_reasons(study)
         result.report = _report(study, tracker, Path(options.workdir), console)
@@ -191,6 +199,21 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
                                            **({"best_value": result.best["value"], "best_trial": result.best["number"]}
                                               if result.best else {})})
     return result
+
+
+def _ending(result: SearchResult, recorder: Any, finished: int, target: int) -> None:
+    """How the sweep ended: the study full, --timeout, Ctrl-C, or short for another reason."""
+    result.finished, result.target = finished, target
+    if finished >= target:
+        result.ended, result.interrupted = "done", []
+    elif recorder.stop_reason:
+        result.ended, result.short_reason = "short", recorder.stop_reason
+    elif recorder.timed_out:
+        result.ended = "timeout"
+    elif not recorder.done:
+        result.ended, result.interrupted = "interrupted", list(recorder.interrupted)
+    else:
+        result.ended, result.short_reason = "short", "no trial could be started"
 
 
 def _report(study: Any, tracker: Any, workdir: Path, console: Console) -> Path | None:
