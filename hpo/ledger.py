@@ -160,14 +160,20 @@ class Ledger:
         asked = self.running[number]
         if step not in asked.reported:
             asked.reported[step] = float(value)
-            _write(lambda: asked.trial.report(float(value), step))
+            try:
+                _write(lambda: asked.trial.report(float(value), step))
+            except UpdateFinishedTrialError:
+                pass  # failed by a reclaimer meanwhile: the value is kept here for tell (see _keep_late)
 
     def set_attr(self, number: int, key: str, value: Any) -> None:
         """A user attr on a running trial, written only when it changes."""
         asked = self.running[number]
         if asked.attrs.get(key) != value:
             asked.attrs[key] = value
-            _write(lambda: asked.trial.set_user_attr(key, value))
+            try:
+                _write(lambda: asked.trial.set_user_attr(key, value))
+            except UpdateFinishedTrialError:
+                pass  # failed by a reclaimer meanwhile: tell keeps the attrs with the result
 
     def close(self) -> None:
         """Stop the heartbeat thread (after the last trial ended)."""

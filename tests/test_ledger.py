@@ -1,62 +1,231 @@
-"""The ledger's coordination through the storage itself: the study lock excludes other
-processes (SQLite file lock, PostgreSQL advisory lock) and heartbeats reach the database."""
+"""The ledger and the study lock, one behavioural suite run against every storage hpo
+supports: SQLite, PostgreSQL (127.0.0.1:5432) and MariaDB (127.0.0.1:3306). Like Optuna's
+``StorageTestCase``: the behaviour is written once, the storage is the parameter."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import optuna
 import pytest
 import sqlalchemy
+from optuna.trial import TrialState
 
-from hpo.ledger import Ledger, StudyLock
+from hpo.ledger import DRIVER_ATTR, Ledger, StudyLock, counts_towards_target
+from hpo.liveness import driver_id, driver_is_dead, known_alive
+from hpo.locks import StudyLockTimeout
 from hpo.study import open_storage
+from tests.conftest import hpo_env
 
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres),
+                        pytest.param("mariadb", marks=pytest.mark.mariadb)])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'hpo.db'}"
+    return request.getfixturevalue("postgres_url" if request.param == "postgresql" else "mariadb_url")
+
+
+def space(trial: optuna.Trial) -> dict:
+    return {"x": trial.suggest_float("x", 0.0, 1.0)}
+
+
+def new_ledger(url: str, target: int = 10, create: bool = False) -> Ledger:
+    """A ledger on its own storage object, as another process would have it."""
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="s", storage=storage, load_if_exists=True) if create else \
+        optuna.load_study(study_name="s", storage=storage)
+    return Ledger(study, space, target=target)
+
+
+def set_driver(ledger: Ledger, number: int, driver: str) -> None:
+    trial = ledger.study.get_trials(deepcopy=False)[number]
+    ledger.study._storage.set_trial_system_attr(trial._trial_id, DRIVER_ATTR, driver)
+
+
+def age_heartbeat(url: str, trial_id: int) -> None:
+    """Make the trial's heartbeat a day old (a driver silent far past the grace period)."""
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text("UPDATE trial_heartbeats SET heartbeat = :old WHERE trial_id = :id"),
+                           {"old": "2000-01-01 00:00:00", "id": trial_id})
+    engine.dispose()
+
+
+def dead_driver() -> str:
+    """The identity of a process of this machine that has exited."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    time.sleep(0.2)
+    identity = driver_id(process.pid)
+    process.kill()
+    process.wait()
+    return identity
+
+
+FOREIGN = "elsewhere:0a1b2c3d-0000-0000-0000-000000000000:4026531836:4242:1700000000.000"
 TRY_LOCK = """
 import sys, optuna
 from hpo.ledger import StudyLock
-from filelock import Timeout
-lock = StudyLock(optuna.load_study(study_name="s", storage=sys.argv[1]))
-lock._file_lock.timeout = 1
-try:
-    with lock:
-        print("ACQUIRED")
-except Timeout:
-    print("BLOCKED")
+from hpo.locks import StudyLockTimeout
+lock = StudyLock(optuna.load_study(study_name="s", storage=sys.argv[1]), timeout=0.5)
+for _ in range(2):
+    try:
+        with lock:
+            print("ACQUIRED", flush=True)
+    except StudyLockTimeout as error:
+        print("BLOCKED", "'s'" in str(error), flush=True)
+    sys.stdin.readline()
 """
 
 
-def test_sqlite_lock_excludes_another_process(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    study = optuna.create_study(study_name="s", storage=open_storage(url))
-    with StudyLock(study):
-        held = subprocess.run([sys.executable, "-c", TRY_LOCK, url], capture_output=True, text=True, timeout=60)
-    assert held.stdout.strip() == "BLOCKED", held.stderr
-    free = subprocess.run([sys.executable, "-c", TRY_LOCK, url], capture_output=True, text=True, timeout=60)
-    assert free.stdout.strip() == "ACQUIRED", free.stderr
+class TestLedgerOnEveryStorage:
+    def test_lock_excludes_another_process_and_times_out_clearly(self, storage_url: str) -> None:
+        ledger = new_ledger(storage_url, create=True)
+        other = subprocess.Popen([sys.executable, "-c", TRY_LOCK, storage_url], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=hpo_env())
+        try:
+            with ledger.lock, ledger.lock:  # reentrant within one process
+                held = other.stdout.readline().strip()
+            other.stdin.write("\n")
+            other.stdin.flush()
+            free = other.stdout.readline().strip()
+            other.stdin.write("\n")
+            other.stdin.flush()
+            assert other.wait(timeout=60) == 0, other.stderr.read()
+        finally:
+            other.kill()
+        assert held == "BLOCKED True", "another process waits, then gets a one-line error naming the study"
+        assert free == "ACQUIRED"
+
+    def test_claims_stop_at_the_target_across_processes(self, storage_url: str) -> None:
+        first = new_ledger(storage_url, target=3, create=True)
+        second = new_ledger(storage_url, target=3)
+        claimed = [first.claim(), second.claim(), first.claim(), second.claim(), first.claim()]
+        assert [c is not None for c in claimed] == [True, True, True, False, False]
+        first.tell(claimed[0].number, TrialState.COMPLETE, value=1.0)
+        assert second.claim() is None, "running trials of every process count"
+        assert first.finished() == 1 and first.others_running() == 1 and second.others_running() == 1
+
+    def test_heartbeats_come_from_their_own_thread_while_the_loop_waits(self, storage_url: str) -> None:
+        ledger = new_ledger(storage_url, create=True)
+        ledger.heartbeats.interval = 0.5
+        asked = ledger.claim()
+        engine = sqlalchemy.create_engine(storage_url)
+        query = sqlalchemy.text("SELECT heartbeat FROM trial_heartbeats WHERE trial_id = :id")
+        with engine.connect() as connection:
+            first = connection.execute(query, {"id": asked.trial._trial_id}).scalar()
+        with ledger.lock:  # the driver's loop is stuck waiting (here: holding) the study lock
+            time.sleep(2.5)  # MySQL/MariaDB keep whole seconds
+            with engine.connect() as connection:
+                later = connection.execute(query, {"id": asked.trial._trial_id}).scalar()
+        engine.dispose()
+        ledger.close()
+        assert later > first and ledger.heartbeats.beats >= 2
+
+    def test_reclaim_requeues_a_dead_drivers_trial_exactly_once(self, storage_url: str) -> None:
+        owner = new_ledger(storage_url, create=True)
+        asked = owner.claim()
+        owner.running.clear()  # the driver is gone; the record stays RUNNING
+        set_driver(owner, asked.number, dead_driver())
+        reclaimers = [new_ledger(storage_url) for _ in range(3)]
+        results: list[list[int]] = []
+        threads = [threading.Thread(target=lambda r=r: results.append(r.reclaim())) for r in reclaimers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert sorted(results) == [[], [], [asked.number]], "one reclaimer fails it, the others find it done"
+        trials = reclaimers[0].study.get_trials()
+        assert trials[asked.number].state == TrialState.FAIL
+        assert trials[asked.number].user_attrs["reason"] == "interrupted"
+        reruns = [t for t in trials if t.user_attrs.get("retry_of") == asked.number]
+        assert len(reruns) == 1 and reruns[0].state == TrialState.WAITING and reruns[0].user_attrs["attempt"] == 2
+        again = reclaimers[1].claim()
+        assert again.number == reruns[0].number and again.params == asked.params
+
+    def test_reclaim_never_fails_a_live_drivers_trial_and_judges_others_by_heartbeat(self, storage_url: str) -> None:
+        owner = new_ledger(storage_url, create=True)
+        mine, foreign_stale, foreign_fresh = owner.claim(), owner.claim(), owner.claim()
+        for asked in (mine, foreign_stale):
+            age_heartbeat(storage_url, asked.trial._trial_id)
+        owner.running.pop(foreign_stale.number)
+        owner.running.pop(foreign_fresh.number)
+        set_driver(owner, foreign_stale.number, FOREIGN)
+        set_driver(owner, foreign_fresh.number, FOREIGN)
+        other = new_ledger(storage_url)
+        assert other.reclaim() == [foreign_stale.number], "stale heartbeat of a live driver here: not failed"
+        assert owner.reclaim() == []
+        states = {t.number: t.state for t in other.study.get_trials()}
+        assert states[mine.number] == TrialState.RUNNING and states[foreign_fresh.number] == TrialState.RUNNING
+
+    def test_a_result_for_a_trial_failed_meanwhile_is_kept(self, storage_url: str) -> None:
+        owner = new_ledger(storage_url, create=True)
+        asked = owner.claim()
+        owner.report(asked.number, 1, 0.25)
+        set_driver(owner, asked.number, FOREIGN)  # looks like another host's silent driver
+        age_heartbeat(storage_url, asked.trial._trial_id)
+        assert new_ledger(storage_url).reclaim() == [asked.number]
+        owner.report(asked.number, 2, 0.5)  # the driver goes on: its writes fail, its result must not
+        told = owner.tell(asked.number, TrialState.COMPLETE, value=0.5, attrs={"last_step": 2})
+        assert told.kept_as is not None and told.state == TrialState.COMPLETE
+        trials = {t.number: t for t in owner.study.get_trials()}
+        kept = trials[told.kept_as]
+        assert kept.state == TrialState.COMPLETE and kept.value == 0.5 and kept.params == asked.params
+        assert kept.user_attrs["late_result_of"] == asked.number and kept.intermediate_values == {1: 0.25, 2: 0.5}
+        rerun = next(t for t in trials.values() if t.user_attrs.get("retry_of") == asked.number)
+        assert rerun.state == TrialState.FAIL and rerun.user_attrs["reason"] == "superseded"
+        assert sum(counts_towards_target(t) for t in trials.values()) == 1, "the config counts once"
+
+    def test_interrupted_reruns_are_bounded(self, storage_url: str) -> None:
+        ledger = new_ledger(storage_url, target=1, create=True)
+        told = []
+        for _ in range(3):
+            asked = ledger.claim()
+            told.append(ledger.tell(asked.number, TrialState.FAIL, reason="interrupted"))
+        assert [t.again for t in told] == [True, True, False]
+        assert told[-1].reason == "interrupted_too_often"
+        assert ledger.finished() == 1 and ledger.claim() is None
+        assert len({tuple(t.params.items()) for t in ledger.study.get_trials()}) == 1
 
 
-def test_heartbeats_reach_the_database(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    study = optuna.create_study(study_name="s", storage=open_storage(url))
-    ledger = Ledger(study, lambda trial: {"x": trial.suggest_float("x", 0, 1)}, target=3)
-    asked = ledger.claim()
-    assert asked is not None
-    engine = sqlalchemy.create_engine(url)
-    with engine.connect() as connection:
-        rows = connection.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats")).fetchall()
-    assert [r[0] for r in rows] == [asked.trial._trial_id]
+def test_sqlite_urls_naming_one_file_share_one_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    optuna.create_study(study_name="s", storage=open_storage("sqlite:///hpo.db"))
+    relative = StudyLock(optuna.load_study(study_name="s", storage="sqlite:///hpo.db"), timeout=0.3)
+    absolute = StudyLock(optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'hpo.db'}"), timeout=0.3)
+    assert relative.path == absolute.path == os.path.realpath(tmp_path / "hpo.db")
+    with relative:
+        blocked = []
+        thread = threading.Thread(target=lambda: blocked.append(_times_out(absolute)))
+        thread.start()
+        thread.join()
+    assert blocked == [True]
 
 
-@pytest.mark.postgres
-def test_postgres_lock_is_an_advisory_lock(postgres_url: str) -> None:
-    study = optuna.create_study(study_name="s", storage=open_storage(postgres_url))
-    other = sqlalchemy.create_engine(postgres_url)
-    probe = sqlalchemy.text("SELECT pg_try_advisory_lock(hashtext('hpo:s'))")
-    with StudyLock(study), other.connect() as connection:
-        assert connection.execute(probe).scalar() is False
-    with other.connect() as connection:
-        assert connection.execute(probe).scalar() is True
-        connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(hashtext('hpo:s'))"))
+def _times_out(lock: StudyLock) -> bool:
+    try:
+        with lock:
+            return False
+    except StudyLockTimeout:
+        return True
+
+
+def test_driver_identity_is_judged_safely() -> None:
+    me = driver_id()
+    host, boot, namespace, pid, start = me.split(":")
+    assert int(pid) == os.getpid() and known_alive(me) and not driver_is_dead(me)
+    assert driver_is_dead(dead_driver())
+    moved = f"{host}:{boot}:{namespace}:{pid}:{float(start) + 0.4:.3f}"
+    assert known_alive(moved), "start times are compared with a tolerance"
+    reused = f"{host}:{boot}:{namespace}:{pid}:{float(start) - 3600:.3f}"
+    assert driver_is_dead(reused), "the pid now belongs to a younger process"
+    assert not driver_is_dead(f"{host}:another-boot:{namespace}:{pid}:{float(start) - 3600:.3f}")
+    assert not driver_is_dead(f"{host}:{boot}:1:{pid}:{float(start) - 3600:.3f}"), "another PID namespace"
+    assert not driver_is_dead(FOREIGN) and not driver_is_dead("garbage")
+    assert driver_is_dead(f"{host}:{pid}:{float(start) - 3600:.2f}"), "the old host:pid:start form still reads"
+    assert not driver_is_dead(f"{host}:{pid}:gone")
