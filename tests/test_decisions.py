@@ -1,0 +1,234 @@
+"""The decision tables, in process: Tune's events (result, error, stop, interrupt) driven
+through OptunaBridge and the Recorder into a real Optuna SQLite study and a real MLflow
+SQLite store; each row checks the state and reason told to Optuna and to MLflow."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from hpo.ledger import DRIVER_ATTR, Ledger, counts_towards_target
+from hpo.recorder import Recorder
+from hpo.scheduling import ERROR_KEY, REASON_KEY, OptunaBridge, _NoStop
+from hpo.study import open_storage
+from hpo.tracking import SweepTracker
+
+
+class Shown:
+    """A display that remembers what it was told."""
+
+    def __init__(self) -> None:
+        self.ended: dict[int, tuple[str, Any, Any]] = {}
+
+    def trial_started(self, number: int, params: dict[str, Any]) -> None: ...
+    def trial_result(self, number: int, step: int, value: float | None) -> None: ...
+    def tick(self) -> None: ...
+
+    def trial_ended(self, number: int, state: str, value: float | None, reason: str | None) -> None:
+        self.ended[number] = (state, value, reason)
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    SweepTracker(uri, "warm-up")  # the store's migrations, once for the module
+    return uri
+
+
+class Sweep:
+    def __init__(self, folder: Path, tracking_uri: str, target: int = 5, space: Any = None):
+        self.name = f"s{uuid.uuid4().hex[:8]}"
+        self.url = f"sqlite:///{folder / 'hpo.db'}"
+        self.study = optuna.create_study(study_name=self.name, storage=open_storage(self.url), direction="maximize")
+        self.ledger = Ledger(self.study, space or (lambda t: {"x": t.suggest_float("x", 0, 1)}), target=target)
+        self.tracker = SweepTracker(tracking_uri, self.name)
+        self.tracker.start_sweep({}, {})
+        self.display = Shown()
+        self.recorder = Recorder(self.ledger, self.tracker, self.display, metric="score", deadline=None)
+        self.scheduler = _NoStop()
+        self.bridge = OptunaBridge(self.recorder, self.scheduler, "score", "max")
+
+    def start(self, trial_id: str = "t") -> int:
+        config = self.bridge.suggest(trial_id)
+        assert isinstance(config, dict), config
+        return config["number"]
+
+    def result(self, trial_id: str, step: int, **metrics: Any) -> None:
+        self.bridge.on_trial_result(trial_id, {"step": step, **metrics})
+
+    def trial(self, number: int) -> optuna.trial.FrozenTrial:
+        return self.study.get_trials()[number]
+
+    def run(self, number: int) -> Any:
+        client = MlflowClient(self.tracker.uri)
+        runs = client.search_runs([self.tracker.experiment_id], f"tags.`hpo.trial_number` = '{number}'")
+        assert len(runs) == 1
+        return runs[0]
+
+
+@pytest.fixture
+def sweep(tmp_path: Path, tracking_uri: str) -> Sweep:
+    made = Sweep(tmp_path, tracking_uri)
+    yield made
+    made.ledger.close()
+
+
+# (name, results before the end, (result, error) at the end, scheduler stop step,
+#  Optuna state, reason user attr, MLflow status, hpo.state tag, run again)
+ROWS = [
+    ("complete", [1, 2], ({"step": 2, "score": 2.5, "done": True}, False), None,
+     TrialState.COMPLETE, None, "FINISHED", "COMPLETE", False),
+    ("early_stopped", [1], ({"step": 1, "hpo_early_stopped": 1, "done": True}, False), None,
+     TrialState.COMPLETE, "early_stopped", "FINISHED", "COMPLETE", False),
+    ("pruned", [1], ({"step": 2, "score": 2.5}, False), 2,
+     TrialState.PRUNED, "pruned", "KILLED", "PRUNED", False),
+    ("error", [1], ({"step": 1, ERROR_KEY: "ValueError: boom", REASON_KEY: "error"}, False), None,
+     TrialState.FAIL, "error", "FAILED", "FAIL", False),
+    ("nan", [1], ({"step": 1, ERROR_KEY: "non-finite loss", REASON_KEY: "nan"}, False), None,
+     TrialState.FAIL, "nan", "FAILED", "FAIL", False),
+    ("oom", [], ({"step": 0, ERROR_KEY: "OutOfMemoryError: CUDA", REASON_KEY: "oom"}, False), None,
+     TrialState.FAIL, "oom", "FAILED", "FAIL", False),
+    ("worker_died", [1], (None, True), None, TrialState.FAIL, "interrupted", "KILLED", "FAIL", True),
+    ("stopped_by_ctrl_c", [1], ({"step": 1, "score": 1.5}, False), None,
+     TrialState.FAIL, "interrupted", "KILLED", "FAIL", True),
+    ("no_result", [], (None, False), None, TrialState.FAIL, "interrupted", "KILLED", "FAIL", True),
+    ("no_metric", [], ({"step": 3, "done": True}, False), None, TrialState.FAIL, "no_metric", "FAILED", "FAIL", False),
+    ("nan_metric", [1], ({"step": 2, "score": math.nan, "done": True}, False), None,
+     TrialState.FAIL, "nan", "FAILED", "FAIL", False),
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row[0] for row in ROWS])
+def test_each_end_is_told_truthfully_to_optuna_and_mlflow(sweep: Sweep, row: tuple) -> None:
+    _, steps, (result, error), stop_at, state, reason, status, tag_state, again = row
+    number = sweep.start("t")
+    for step in steps:
+        sweep.result("t", step, score=step + 0.5)
+    if stop_at is not None:
+        sweep.scheduler.stopped_early["t"] = stop_at
+    sweep.bridge.on_trial_complete("t", result=result, error=error)
+
+    trial = sweep.trial(number)
+    assert trial.state == state
+    assert trial.user_attrs.get("reason") == reason
+    if state == TrialState.COMPLETE:
+        assert trial.value == (2.5 if reason is None else 1.5)
+    if state == TrialState.PRUNED:
+        assert trial.intermediate_values == {1: 1.5, 2: 2.5} and trial.user_attrs["pruned_at"] == 2
+    reruns = [t for t in sweep.study.get_trials() if t.user_attrs.get("retry_of") == number]
+    assert bool(reruns) == again and counts_towards_target(trial) == (not again)
+    if again:
+        assert reruns[0].state == TrialState.WAITING and reruns[0].system_attrs["fixed_params"] == trial.params
+    run = sweep.run(number)
+    assert run.info.status == status and run.data.tags["hpo.state"] == tag_state
+    assert sweep.display.ended[number][0] == state.name
+    if reason in ("interrupted", "error", "nan", "oom", "no_metric"):
+        assert run.data.tags["hpo.reason"]
+    assert (number in sweep.recorder.interrupted) == again
+
+
+def test_a_config_interrupted_three_times_fails_and_counts(sweep: Sweep) -> None:
+    for attempt in (1, 2, 3):
+        number = sweep.start(f"t{attempt}")
+        sweep.bridge.on_trial_complete(f"t{attempt}", result=None, error=True)
+    trial = sweep.trial(number)
+    assert trial.user_attrs["attempt"] == 3 and trial.user_attrs["reason"] == "interrupted_too_often"
+    assert counts_towards_target(trial) and sweep.run(number).info.status == "FAILED"
+    assert not [t for t in sweep.study.get_trials() if t.state == TrialState.WAITING]
+
+
+def test_a_result_for_a_trial_failed_meanwhile_is_kept_and_said(sweep: Sweep) -> None:
+    from rich.console import Console
+
+    sweep.display.console = Console(record=True, width=200)
+    number = sweep.start("t")
+    sweep.result("t", 1, score=0.75)
+    trial_id = sweep.trial(number)._trial_id
+    storage = sweep.study._storage  # another process fails it (as a stale driver's) and queues a rerun
+    storage.set_trial_user_attr(trial_id, "reason", "interrupted")
+    storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    sweep.study.enqueue_trial(sweep.trial(number).params, user_attrs={"retry_of": number, "attempt": 2})
+    sweep.result("t", 2, score=0.9)
+    sweep.bridge.on_trial_complete("t", result={"step": 2, "score": 0.9, "done": True})
+
+    kept = sweep.recorder.kept[number]
+    trials = sweep.study.get_trials()
+    assert trials[kept].state == TrialState.COMPLETE and trials[kept].value == 0.9
+    assert trials[kept].params == trials[number].params and trials[kept].user_attrs["late_result_of"] == number
+    assert sum(counts_towards_target(t) for t in trials) == 1
+    run = sweep.run(number)
+    assert run.info.status == "FINISHED" and run.data.tags["hpo.kept_as_trial"] == str(kept)
+    assert f"its result is kept as trial {kept}" in sweep.display.console.export_text()
+
+
+def test_waits_for_another_live_process_then_finishes(tmp_path: Path, tracking_uri: str) -> None:
+    sweep = Sweep(tmp_path, tracking_uri, target=2)
+    sweep.recorder.POLL = 0.0
+    other = Ledger(optuna.load_study(study_name=sweep.name, storage=open_storage(sweep.url)),
+                   lambda t: {"x": t.suggest_float("x", 0, 1)}, target=2)
+    theirs = [other.claim(), other.claim()]
+    assert sweep.bridge.suggest("a") is None, "short, with another live process's trials running: wait"
+    other.tell(theirs[0].number, TrialState.COMPLETE, value=1.0)
+    other.tell(theirs[1].number, TrialState.FAIL, reason="interrupted")  # its rerun is ours to run
+    number = sweep.start("a")
+    assert number == 2 and sweep.trial(number).user_attrs["retry_of"] == theirs[1].number
+    sweep.result("a", 1, score=1.0)
+    sweep.bridge.on_trial_complete("a", result={"step": 1, "score": 1.0, "done": True})
+    assert sweep.bridge.suggest("b") == "FINISHED" and sweep.recorder.done
+    other.close()
+    sweep.ledger.close()
+
+
+def test_takes_over_a_dead_drivers_trials(tmp_path: Path, tracking_uri: str) -> None:
+    sweep = Sweep(tmp_path, tracking_uri, target=1)
+    sweep.recorder.POLL = 0.0
+    other = Ledger(optuna.load_study(study_name=sweep.name, storage=open_storage(sweep.url)),
+                   lambda t: {"x": t.suggest_float("x", 0, 1)}, target=1)
+    theirs = other.claim()
+    assert sweep.bridge.suggest("a") is None
+    other.running.clear()  # its driver dies
+    sweep.study._storage.set_trial_system_attr(theirs.trial._trial_id, DRIVER_ATTR, _dead_identity())
+    sweep.recorder._last_reclaim = 0.0  # the next tick of Tune's loop reclaims
+    sweep.recorder.tick()
+    number = sweep.start("a")
+    assert sweep.trial(number).user_attrs["retry_of"] == theirs.number
+    other.close()
+    sweep.ledger.close()
+
+
+def _dead_identity() -> str:
+    import subprocess
+    import sys
+
+    from hpo.liveness import driver_id
+
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    identity = driver_id(process.pid)
+    process.kill()
+    process.wait()
+    return identity
+
+
+def test_a_failing_ask_stops_the_sweep_with_a_reason(tmp_path: Path, tracking_uri: str) -> None:
+    def broken(trial: optuna.Trial) -> dict:
+        raise RuntimeError("space is broken")
+
+    sweep = Sweep(tmp_path, tracking_uri, space=broken)
+    assert sweep.bridge.suggest("a") == "FINISHED"
+    assert "RuntimeError: space is broken" in sweep.recorder.stop_reason
+    assert sweep.study.get_trials()[0].user_attrs["reason"] == "space"
+    sweep.ledger.close()
+
+
+def test_close_leftovers_interrupts_what_still_runs(sweep: Sweep) -> None:
+    number = sweep.start("t")
+    assert sweep.recorder.close_leftovers() == [number]
+    assert sweep.trial(number).user_attrs["reason"] == "interrupted"
+    assert sweep.run(number).info.status == "KILLED" and sweep.recorder.interrupted == [number]
