@@ -49,7 +49,7 @@ def search(
     timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds after which no new trial starts.")] = None,
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster address (ray://host:10001 or auto); default: a local Ray, or RAY_ADDRESS.")] = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", help="Most trials running at once.")] = None,
-    retries: Annotated[int, typer.Option("--retries", min=0, help="Run a failed trial (error, oom, crash) again up to N times.")] = 0,
+    retries: Annotated[int, typer.Option("--retries", min=0, help="Run a failed trial (error, oom) again up to N times.")] = 0,
     skip_data_check: Annotated[bool, typer.Option("--skip-data-check", help="Start even if `hpo check-data` finds errors.")] = False,
     worker_logs: Annotated[bool, typer.Option("--worker-logs", help="Show what trials print (otherwise it stays in Ray's log files).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the study (the default when it exists; kept for scripts).")] = False,

@@ -267,7 +267,9 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # On Ctrl-C Tune stops the trials gracefully (they end as interrupted and run again on
     # resume) and then suggests Tuner.restore: the study, not Tune's state, is what resumes.
-    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
+    logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
+    # A trial whose worker died is recorded (interrupted, run again); Tune's traceback for it is noise.
+    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     if not ray.is_initialized():
         # Ray enables token auth for a local cluster and says so on every start; keep it, quietly.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)

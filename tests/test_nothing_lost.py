@@ -1,0 +1,247 @@
+"""Faults produced for real: a driver stalled past the grace period while its trial runs,
+kill -9 of the Ray workers only, Ctrl-C to the process group, 8 sweep processes on one
+PostgreSQL / MariaDB study, and the chaos soak (bench/chaos.py) on a short schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from hpo.study import open_storage
+from tests.conftest import REPO, hpo_env
+
+pytestmark = pytest.mark.slow
+sys.path.insert(0, str(REPO / "bench"))
+import chaos  # noqa: E402
+
+MODULE = '''
+import time
+import hpo
+
+sweep = hpo.Sweep(metric="score", direction="maximize", trials=TRIALS, max_steps=STEPS, eval_every=1,
+                  pruner="none", sampler="random", seed=0, concurrency=CONCURRENCY)
+
+
+def space(trial):
+    return {"x": trial.suggest_float("x", 0.0, 1.0)}
+
+
+def train(params, report):
+    for step in range(1, STEPS + 1):
+        time.sleep(SECONDS)
+        report(step, {"score": params["x"] + step})
+'''
+
+
+def write(folder: Path, trials: int, seconds: float, steps: int = 3, concurrency: int = 2) -> Path:
+    path = folder / "lost.py"
+    path.write_text(MODULE.replace("TRIALS", str(trials)).replace("STEPS", str(steps))
+                    .replace("SECONDS", repr(seconds)).replace("CONCURRENCY", str(concurrency)))
+    return path
+
+
+def start(module: Path, folder: Path, env: dict | None = None, storage: str | None = None) -> subprocess.Popen:
+    args = [sys.executable, "-m", "hpo", "search", str(module), "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}"]
+    if storage:
+        args += ["--storage", storage]
+    return subprocess.Popen(args, cwd=folder, env=hpo_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def study_of(folder: Path, storage: str | None = None, name: str = "lost") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(storage or f"sqlite:///{folder / 'hpo.db'}"))
+
+
+def wait_for(check, process: subprocess.Popen, seconds: float = 300) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0][-4000:]
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - the study is not there yet
+            pass
+        time.sleep(0.2)
+    chaos.kill_all(chaos.family(process.pid))
+    raise AssertionError("timed out: " + process.communicate()[0][-4000:])
+
+
+def running(folder: Path) -> list:
+    return study_of(folder).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+
+def trial_runs(folder: Path) -> dict[int, object]:
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lost").experiment_id], max_results=1000)
+    return {int(r.data.tags["hpo.trial_number"]): r for r in runs if r.data.tags["hpo.role"] == "trial"}
+
+
+STALL = """
+import sys, time, optuna
+from hpo.ledger import Ledger
+from hpo.study import open_storage
+study = optuna.load_study(study_name="lost", storage=open_storage(sys.argv[1]))
+ledger = Ledger(study, lambda t: {}, target=1)
+with ledger.lock:                       # the driver's loop now waits for this lock (claim, reclaim)
+    time.sleep(float(sys.argv[2]))      # ... longer than the grace period
+    print("STALE", ledger._stale_trial_ids(), flush=True)
+    print("RECLAIMED", ledger.reclaim(), flush=True)
+"""
+
+
+def test_a_driver_stalled_past_the_grace_period_keeps_its_trial(tmp_path: Path) -> None:
+    env = {"HPO_HEARTBEAT_INTERVAL": "1", "HPO_GRACE_PERIOD": "3"}
+    module = write(tmp_path, trials=1, seconds=4.0, concurrency=1)
+    process = start(module, tmp_path, env)
+    wait_for(lambda: running(tmp_path), process)
+    stall = subprocess.run([sys.executable, "-c", STALL, f"sqlite:///{tmp_path / 'hpo.db'}", "6"],
+                           capture_output=True, text=True, env=hpo_env(env), timeout=120)
+    assert stall.stdout.splitlines() == ["STALE []", "RECLAIMED []"], stall.stdout + stall.stderr
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    trials = study_of(tmp_path).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE], out
+    assert trials[0].value == trials[0].params["x"] + 3, "the result is kept"
+    assert trial_runs(tmp_path)[0].info.status == "FINISHED"
+
+
+def test_killed_workers_rerun_then_ctrl_c_exits_130_and_resumes(tmp_path: Path) -> None:
+    module = write(tmp_path, trials=4, seconds=3.0)
+    process = start(module, tmp_path)
+    wait_for(lambda: running(tmp_path) and chaos.trial_workers(process.pid), process)
+    chaos.kill_all(chaos.trial_workers(process.pid))  # kill -9 the Ray workers only
+
+    def failed() -> set[int]:
+        return {t.number for t in study_of(tmp_path).get_trials() if t.state == TrialState.FAIL}
+
+    wait_for(failed, process)
+    victims = failed()
+    wait_for(lambda: {t.number for t in running(tmp_path)} - victims, process)  # the sweep goes on
+    interrupted = {t.number for t in running(tmp_path)}
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole process group
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 130, out
+    assert "interrupted: trials" in out
+
+    trials = {t.number: t for t in study_of(tmp_path).get_trials()}
+    for number in victims | interrupted:
+        assert trials[number].state == TrialState.FAIL and trials[number].user_attrs["reason"] == "interrupted"
+    runs = trial_runs(tmp_path)
+    assert {runs[n].info.status for n in victims | interrupted} == {"KILLED"}
+
+    again = start(module, tmp_path)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    trials = study_of(tmp_path).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4 and not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    by_number = {t.number: t for t in trials}
+    finished_configs = {t.params["x"] for t in complete}
+    for number in victims | interrupted:  # each stopped trial ran again, with the same params, to its end
+        assert by_number[number].params["x"] in finished_configs
+        assert [t for t in trials if t.user_attrs.get("retry_of") == number]
+    assert not [r for r in trial_runs(tmp_path).values() if r.info.status == "RUNNING"]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One Ray head on 127.0.0.1 that several sweep processes join (instead of one each)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    temp = tmp_path_factory.mktemp("ray")
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--num-cpus=8", "--include-dashboard=false", "--disable-usage-stats",
+         f"--temp-dir={temp}"],
+        env=hpo_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            check = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={address!r}); "
+                                    "print(ray.cluster_resources().get('CPU'))"],
+                                   capture_output=True, text=True, env=hpo_env(), timeout=120)
+            if check.stdout.strip() == "8.0":
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError("the Ray head did not start")
+        yield address
+    finally:
+        family = chaos.family(head.pid)
+        for process in family:
+            try:
+                process.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(family, timeout=20)
+        chaos.kill_all(chaos.family(head.pid) + [p for p in family if p.is_running()])
+
+
+NOOP = '''
+import hpo
+
+sweep = hpo.Sweep(metric="score", direction="maximize", trials=200, max_steps=1, eval_every=1,
+                  pruner="none", sampler="random", seed=0, concurrency=1)
+
+
+def space(trial):
+    return {"x": trial.suggest_float("x", 0.0, 1.0)}
+
+
+def train(params, report):
+    report(1, {"score": params["x"]})
+'''
+
+
+def eight_processes(folder: Path, storage: str, address: str) -> None:
+    module = folder / "lost.py"
+    module.write_text(NOOP)
+    processes = [start(module, folder, {"RAY_ADDRESS": address}, storage) for _ in range(8)]
+    outputs = []
+    for process in processes:
+        out, _ = process.communicate(timeout=600)
+        outputs.append(out)
+        assert process.returncode == 0, out[-4000:]
+    assert "Traceback" not in "".join(outputs)
+    trials = study_of(folder, storage).get_trials()
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 200, "exactly 200 finished, nothing RUNNING"
+    assert len({t.system_attrs["hpo:driver"] for t in trials}) >= 2, "the processes shared the work"
+    runs = trial_runs(folder)
+    assert len(runs) == 200 and not [r for r in runs.values() if r.info.status == "RUNNING"]
+
+
+@pytest.mark.postgres
+def test_eight_processes_on_one_postgresql_study(tmp_path: Path, postgres_url: str, ray_head: str) -> None:
+    eight_processes(tmp_path, postgres_url, ray_head)
+
+
+@pytest.mark.mariadb
+def test_eight_processes_on_one_mariadb_study(tmp_path: Path, mariadb_url: str, ray_head: str) -> None:
+    eight_processes(tmp_path, mariadb_url, ray_head)
+
+
+def test_chaos_short_schedule_loses_nothing(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "chaos.py"), "--trials", "8", "--kills", "2",
+                          "--seed", "1", "--seconds", "0.1", "--max-delay", "2", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, env=hpo_env(), timeout=600)
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["losses"] == 0, report
+    assert report["kills"] == 2 and report["driver_kills"] == 1 and report["worker_kills"] == 1 and report["resumes"] >= 1
+    assert report["trials"] == 8 and report["running"] == 0 and report["mlflow_running"] == 0, report
+    assert run.returncode == 0, run.stdout + run.stderr
