@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import optuna
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -156,39 +155,30 @@ def test_killed_workers_rerun_then_ctrl_c_exits_130_and_resumes(tmp_path: Path) 
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One Ray head on 127.0.0.1 that several sweep processes join (instead of one each)."""
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One Ray head on 127.0.0.1 (token auth with a token of its own) that several sweep
+    processes join instead of starting one Ray each; the environment that joins it."""
+    import secrets
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     temp = tmp_path_factory.mktemp("ray")
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    log = temp / "head.log"
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--num-cpus=8", "--include-dashboard=false", "--disable-usage-stats",
          f"--temp-dir={temp}"],
-        env=hpo_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"127.0.0.1:{port}"
+        env=hpo_env(env), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            check = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={address!r}); "
-                                    "print(ray.cluster_resources().get('CPU'))"],
-                                   capture_output=True, text=True, env=hpo_env(), timeout=120)
-            if check.stdout.strip() == "8.0":
-                break
-            time.sleep(1)
-        else:
-            raise AssertionError("the Ray head did not start")
-        yield address
+        deadline = time.monotonic() + 240
+        while "Ray runtime started" not in log.read_text():
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     finally:
-        family = chaos.family(head.pid)
-        for process in family:
-            try:
-                process.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(family, timeout=20)
-        chaos.kill_all(chaos.family(head.pid) + [p for p in family if p.is_running()])
+        chaos.kill_all(chaos.family(head.pid))
 
 
 NOOP = '''
@@ -207,10 +197,10 @@ def train(params, report):
 '''
 
 
-def eight_processes(folder: Path, storage: str, address: str) -> None:
+def eight_processes(folder: Path, storage: str, ray_env: dict[str, str]) -> None:
     module = folder / "lost.py"
     module.write_text(NOOP)
-    processes = [start(module, folder, {"RAY_ADDRESS": address}, storage) for _ in range(8)]
+    processes = [start(module, folder, ray_env, storage) for _ in range(8)]
     outputs = []
     for process in processes:
         out, _ = process.communicate(timeout=600)
@@ -227,12 +217,12 @@ def eight_processes(folder: Path, storage: str, address: str) -> None:
 
 
 @pytest.mark.postgres
-def test_eight_processes_on_one_postgresql_study(tmp_path: Path, postgres_url: str, ray_head: str) -> None:
+def test_eight_processes_on_one_postgresql_study(tmp_path: Path, postgres_url: str, ray_head: dict) -> None:
     eight_processes(tmp_path, postgres_url, ray_head)
 
 
 @pytest.mark.mariadb
-def test_eight_processes_on_one_mariadb_study(tmp_path: Path, mariadb_url: str, ray_head: str) -> None:
+def test_eight_processes_on_one_mariadb_study(tmp_path: Path, mariadb_url: str, ray_head: dict) -> None:
     eight_processes(tmp_path, mariadb_url, ray_head)
 
 
