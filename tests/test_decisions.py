@@ -232,3 +232,26 @@ def test_close_leftovers_interrupts_what_still_runs(sweep: Sweep) -> None:
     assert sweep.recorder.close_leftovers() == [number]
     assert sweep.trial(number).user_attrs["reason"] == "interrupted"
     assert sweep.run(number).info.status == "KILLED" and sweep.recorder.interrupted == [number]
+
+
+@pytest.mark.parametrize("done, timed_out, stop_reason, finished, interrupted, ended", [
+    (True, False, None, 5, [], "done"),
+    (False, False, None, 5, [3], "done"),  # interrupted trials ran again and the study is full
+    (True, True, None, 2, [], "timeout"),
+    (False, False, None, 2, [3], "interrupted"),  # Ctrl-C: exit 130
+    (False, False, "asking for the next trial failed (OperationalError: gone)", 2, [], "short"),
+    (True, False, None, 2, [], "short"),
+])
+def test_how_a_sweep_ended(done: bool, timed_out: bool, stop_reason: str | None, finished: int,
+                           interrupted: list, ended: str) -> None:
+    from types import SimpleNamespace
+
+    from hpo.sweep import SearchResult, _ending
+
+    result = SearchResult("s", "", "", {}, None, 0)
+    recorder = SimpleNamespace(done=done, timed_out=timed_out, stop_reason=stop_reason, interrupted=interrupted)
+    _ending(result, recorder, finished, 5)
+    assert result.ended == ended
+    assert (result.short_reason is not None) == (ended == "short")
+    if stop_reason:
+        assert result.short_reason == stop_reason
