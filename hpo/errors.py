@@ -38,6 +38,8 @@ def redact_url(url: str) -> str:
     try:
         from sqlalchemy.engine import make_url
 
+        if url.split("://", 1)[1].split("?", 1)[0].count("@") > 1:
+            raise ValueError("ambiguous user info")  # an unencoded '@' in the password
         parsed = make_url(url)
         query = {k: HIDDEN if _is_secret_key(k) else v for k, v in parsed.query.items()}
         shown = parsed.set(query=query).render_as_string(hide_password=True)
@@ -51,6 +53,24 @@ def redact_url(url: str) -> str:
         return f"{scheme}://{rest}"
 
 
+def check_url(url: str, flag: str) -> None:
+    """Refuse a URL whose user info is ambiguous (an unencoded ``@`` in the password) or
+    that SQLAlchemy cannot parse, before anything connects: a driver's error would quote a
+    piece of the password. The message shows ``***`` and says how to encode it."""
+    if "://" not in url:
+        return
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(url)
+        parsed = url.split("://", 1)[1].split("?", 1)[0].count("@") <= 1
+    except Exception:  # noqa: BLE001
+        parsed = False
+    if not parsed:
+        raise HpoError(f"{flag} {redact_url(url)}: not a valid URL; percent-encode special characters in the "
+                       "user name and password ('@' as %40, ':' as %3A, '/' as %2F, '%' as %25)")
+
+
 def url_secrets(url: str | None) -> list[str]:
     """The secret parts of ``url`` (password as written and decoded, secret query values,
     or the whole user info and query of a URL that does not parse), longest first."""
@@ -59,9 +79,12 @@ def url_secrets(url: str | None) -> list[str]:
     from urllib.parse import unquote
 
     found: set[str] = set()
+    rest = url.split("://", 1)[1]
     try:
         from sqlalchemy.engine import make_url
 
+        if rest.split("?", 1)[0].count("@") > 1:
+            raise ValueError("ambiguous user info")  # SQLAlchemy would take a piece of it as the password
         parsed = make_url(url)
         if parsed.password:
             found.add(str(parsed.password))
@@ -70,7 +93,6 @@ def url_secrets(url: str | None) -> list[str]:
                 found.update([value] if isinstance(value, str) else value)
     except Exception:  # noqa: BLE001
         pass
-    rest = url.split("://", 1)[1]
     if "@" in rest:  # the user info as written (also when SQLAlchemy cannot parse it)
         userinfo = rest.rsplit("@", 1)[0]
         if ":" in userinfo:

@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.errors import HpoError, scrub
+from hpo.errors import HpoError, check_url, scrub
 from hpo.errors import redact_url as redact
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
@@ -56,6 +56,7 @@ def check_storage(url: str | None) -> None:
     Raises HpoError (password hidden) naming the URL and what to check.
     """
     url = url or DEFAULT_STORAGE
+    check_url(url, "--storage")
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         folder = os.path.dirname(path)

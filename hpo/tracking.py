@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from hpo.errors import HpoError, scrub
+from hpo.errors import HpoError, check_url, scrub
 from hpo.errors import redact_url as redact
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -41,16 +41,17 @@ def use_credentials(uri: str) -> str:
     """
     from urllib.parse import unquote, urlsplit, urlunsplit
 
-    if not uri.startswith(("http://", "https://")) or "@" not in uri.split("://", 1)[1].split("/", 1)[0]:
+    scheme, _, rest = uri.partition("://")
+    before_query = rest.split("?", 1)[0]
+    if not uri.startswith(("http://", "https://")) or "@" not in before_query:
         return uri
-    scheme, rest = uri.split("://", 1)
-    netloc, slash, path = rest.partition("/")
-    userinfo, host = netloc.rsplit("@", 1)
+    at = before_query.rindex("@")  # the user info ends at the last '@' (a password may hold an unencoded '/')
+    userinfo, host_and_path = rest[:at], rest[at + 1 :]
     user, _, password = userinfo.partition(":")
     os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
     if password:
         os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
-    stripped = f"{scheme}://{host}{slash}{path}"
+    stripped = f"{scheme}://{host_and_path}"
     try:
         return urlunsplit(urlsplit(stripped))  # normal form, as MLflow will see it
     except ValueError as error:
@@ -74,6 +75,7 @@ def check_tracking(uri: str | None) -> None:
     Errors show the URI redacted and never quote its secrets (:func:`hpo.errors.scrub`).
     """
     original = uri = uri or DEFAULT_TRACKING_URI
+    check_url(uri, "--tracking-uri")
     if uri.startswith("sqlite:"):
         folder = os.path.dirname(uri.split("///", 1)[-1])
         if folder and not os.path.isdir(folder):
