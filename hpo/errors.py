@@ -46,11 +46,10 @@ def redact_url(url: str) -> str:
         return shown.replace("%2A%2A%2A", HIDDEN)
     except Exception:  # noqa: BLE001 - anything unparseable: hide all that could be a secret
         scheme, rest = url.split("://", 1)
-        if "@" in rest:
-            rest = f"{HIDDEN}@{rest.rsplit('@', 1)[1]}"
-        if "?" in rest:
-            rest = f"{rest.split('?', 1)[0]}?{HIDDEN}"
-        return f"{scheme}://{rest}"
+        address, query = rest.split("?", 1) if "?" in rest else (rest, None)
+        if "@" in address:
+            address = f"{HIDDEN}@{address.rsplit('@', 1)[1]}"
+        return f"{scheme}://{address}" + (f"?{HIDDEN}" if query is not None else "")
 
 
 def check_url(url: str, flag: str) -> None:
@@ -93,8 +92,9 @@ def url_secrets(url: str | None) -> list[str]:
                 found.update([value] if isinstance(value, str) else value)
     except Exception:  # noqa: BLE001
         pass
-    if "@" in rest:  # the user info as written (also when SQLAlchemy cannot parse it)
-        userinfo = rest.rsplit("@", 1)[0]
+    address = rest.split("?", 1)[0]
+    if "@" in address:  # the user info as written (also when SQLAlchemy cannot parse it)
+        userinfo = address.rsplit("@", 1)[0]
         if ":" in userinfo:
             found.add(userinfo.split(":", 1)[1])
     if "?" in rest:

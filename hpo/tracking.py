@@ -60,9 +60,13 @@ def use_credentials(uri: str) -> str:
 
 @contextlib.contextmanager
 def without_credentials() -> Iterator[None]:
-    """The MLflow credentials out of this process's environment for the block: processes it
-    starts (a local Ray and its workers) do not inherit them; only the driver writes MLflow."""
-    saved = {name: os.environ.pop(name) for name in CREDENTIAL_VARS if name in os.environ}
+    """The MLflow credentials (and a storage URL or tracking URI with a password) out of this
+    process's environment for the block: processes it starts (a local Ray and its workers) do
+    not inherit them; only the driver writes Optuna and MLflow."""
+    from hpo.errors import url_secrets
+
+    names = [*CREDENTIAL_VARS, *(n for n in ("HPO_STORAGE", "MLFLOW_TRACKING_URI") if url_secrets(os.environ.get(n)))]
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
     try:
         yield
     finally:

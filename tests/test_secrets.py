@@ -39,8 +39,11 @@ def space(trial):
 
 
 def train(params, report):
+    import os
+
     print("trial output goes to Ray's logs")
-    report(1, {"score": params["x"]})
+    exposed = sum(("Secret-" in v or "Slash-91" in v) for v in os.environ.values())
+    report(1, {"score": params["x"], "env_secrets": exposed})  # what a worker's environment holds
 '''
 
 
@@ -125,7 +128,7 @@ def start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Pop
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_for_http(url: str, process: subprocess.Popen, seconds: float = 90) -> None:
+def wait_for_http(url: str, process: subprocess.Popen, seconds: float = 300) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read() if process.stdout else ""
@@ -204,6 +207,7 @@ def test_each_password_shape_never_leaks(tmp_path: Path, postgres_url: str) -> N
         assert len(runs) == 3, "the sweep's run and its 2 trials were logged through the server"
         assert runs[0].data.tags.get("hpo.storage", "").startswith("postgresql://postgres:***@") or any(
             r.data.tags.get("hpo.storage", "").startswith("postgresql://postgres:***@") for r in runs)
+        assert [r.data.metrics["env_secrets"] for r in runs if r.data.tags["hpo.role"] == "trial"] == [0, 0]
         texts["mlflow"] = json.dumps([[r.data.params, r.data.tags] for r in runs] + [experiment.tags])
     import optuna
 
