@@ -27,7 +27,13 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 
-Study = Annotated[str | None, typer.Option("--study", help="Study name (default: the module's file name; for other commands, the only study in the storage).")]
+def _checked_study(name: str | None) -> str | None:
+    from hpo.names import check_study_name
+
+    return None if name is None else check_study_name(name)
+
+
+Study = Annotated[str | None, typer.Option("--study", callback=_checked_study, help="Study name (default: the module's file name; for other commands, the only study in the storage).")]
 Storage = Annotated[str | None, typer.Option("--storage", envvar="HPO_STORAGE", help="Optuna storage, an SQLAlchemy URL (default: sqlite:///hpo.db in this folder).")]
 Tracking = Annotated[str | None, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite:///mlflow.db in this folder).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -287,11 +293,12 @@ def report(
     from pathlib import Path
 
     from hpo import study as studies
+    from hpo.names import folder_for
     from hpo.report import write_report
 
     loaded = studies.load(storage, study)
-    folder = Path(output or Path(".hpo") / "reports" / loaded.study_name).resolve()
-    write_report(loaded, folder)
+    folder = Path(output).resolve() if output else folder_for(Path(".hpo") / "reports", loaded.study_name).resolve()
+    written = write_report(loaded, folder)
     console.print(f"report: {folder / 'report.html'}")
     uri = tracking_uri or (loaded.user_attrs.get("hpo") or {}).get("tracking_uri")
     if uri and "***" not in uri:
@@ -301,7 +308,7 @@ def report(
         tracker = SweepTracker(uri, loaded.study_name)
         run_id = tracker.find_sweep_run()
         if run_id:
-            tracker.log_report(folder, run_id)
+            tracker.log_report(written, run_id)  # only the files written, whatever else --output holds
             console.print(f"logged to MLflow run {run_id} under report/")
 
 
@@ -336,23 +343,64 @@ def ui(
         return
     console.print(f"MLflow UI on {redact(uri)}: http://{host}:{port}  (Ctrl-C stops it)")
     sys.stdout.flush()
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-               "--host", host, "--port", str(port), "--workers", "1"]
-    os.execv(sys.executable, command)
+    # The store URI (password included) goes through the environment, which only this user
+    # can read, never on the command line, which `ps` shows to everyone. exec replaces this
+    # process, so a URI given as --tracking-uri leaves the command line too.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_BACKEND_STORE_URI"] = uri
+    command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
+    os.execve(sys.executable, command, env)
 
 
 def _params_text(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
+# Options whose URL may hold a password, and the environment variable each also reads.
+_SECRET_OPTIONS = {"--storage": "HPO_STORAGE", "--tracking-uri": "MLFLOW_TRACKING_URI"}
+
+
+def _secrets_off_the_command_line() -> None:
+    """Run again (same pid, via exec) with any password-bearing ``--storage`` or
+    ``--tracking-uri`` moved into its environment variable: a sweep's command line is
+    visible to every user in ``ps`` and is recorded by Ray as the job's entry point."""
+    from hpo.errors import url_secrets
+
+    args, moved, index = sys.argv[1:], {}, 0
+    kept: list[str] = []
+    while index < len(args):
+        flag, _, inline = args[index].partition("=")
+        value = inline if inline else (args[index + 1] if index + 1 < len(args) else "")
+        if flag in _SECRET_OPTIONS and url_secrets(value):
+            moved[_SECRET_OPTIONS[flag]] = value
+            index += 1 if inline else 2
+            continue
+        kept.append(args[index])
+        index += 1
+    if moved:
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "hpo", *kept], {**os.environ, **moved})
+
+
+def _scrub_known_secrets(text: str) -> str:
+    """``text`` without the secrets of the storage URL and tracking URI this process uses."""
+    from hpo.errors import scrub
+
+    urls = [os.environ.get(name) for name in _SECRET_OPTIONS.values()] + [a for a in sys.argv if "://" in a]
+    text = scrub(text, *urls)
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    return text.replace(password, "***") if password else text
+
+
 def main() -> None:
     """Console-script entry point: one-line errors, exit 2 for bad input."""
+    _secrets_off_the_command_line()
     try:
         app()
     except HpoError as error:
         if _state["debug"]:
             raise
-        err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"error: {_scrub_known_secrets(str(error))}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -360,7 +408,8 @@ def main() -> None:
     except Exception as error:  # noqa: BLE001 - a bug or an environment problem: say which, briefly
         if _state["debug"]:
             raise
-        err_console.print(f"error: unexpected {type(error).__name__}: {error} (run `hpo --debug ...` for the traceback)",
+        err_console.print(f"error: unexpected {type(error).__name__}: {_scrub_known_secrets(str(error))} "
+                          "(run `hpo --debug ...` for the traceback)",
                           markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
 

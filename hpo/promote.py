@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import secrets
 import shutil
-import tempfile
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +35,12 @@ from rich.console import Console
 from hpo import study as studies
 from hpo.config import Sweep, parse_overrides, resolve_paths
 from hpo.errors import HpoError
+from hpo.names import folder_for
 
 DEFAULT_PATIENCE = 5
 BUDGET_FACTOR = 3
+STAGING_MARK = ".{name}.promote-"
+"""Staging folders beside the output: ``.<output name>.promote-<host>-<pid>-<random>``."""
 
 
 @dataclass
@@ -83,11 +88,13 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
         job, train_limit=None, restore_best=True,
         patience=DEFAULT_PATIENCE if sweep.patience is None else sweep.patience,
     )
-    output = Path(options.output or f"promoted/{study.study_name}-trial{trial.number}").resolve()
-    if output.exists() and any(output.iterdir()):
+    output = (Path(options.output) if options.output
+              else folder_for(Path("promoted"), study.study_name, f"-trial{trial.number}")).resolve()
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise HpoError(f"--output {output}: the folder exists and is not empty; choose another or remove it")
     if not output.parent.is_dir():
         output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(output)
     tracking_uri = options.tracking_uri or recorded.get("tracking_uri")
     if tracking_uri and "***" in tracking_uri:
         raise HpoError("the study's MLflow URI has a hidden password: give it again with --tracking-uri")
@@ -106,17 +113,16 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
     console.print(f"[bold]hpo promote[/] study {study.study_name} trial {trial.number} "
                   f"({recorded['sweep']['metric']}={trial.value}): {job.max_steps} steps, early stopping "
                   f"after {job.patience} evaluations without a lower eval_loss; MLflow run {run_id}")
+    staging = _staging_folder(output)
     try:
-        metrics, staging = _train_and_save(job, sweep, params, options, study, trial, output, tracker, console)
-        if output.exists():  # an empty folder the user named
-            _move_into(staging, output)
-        else:
-            staging.rename(output)
+        metrics = _train_and_save(job, sweep, params, options, study, trial, staging, tracker, console)
+        _publish(staging, output)
         tracker.log_folder(output)
         version = tracker.register(model_name, trial.number)
         tracker.finish(metrics, "FINISHED")
-    except BaseException:
-        tracker.finish({}, "FAILED")
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        _finish_failed(tracker, error, console)
         raise
     return PromoteResult(output, run_id, model_name, version, metrics, trial.number,
                          _load_code(output, sweep.task, options.merge, metrics.get("num_labels")))
@@ -153,13 +159,57 @@ def _final_sweep(recorded: dict[str, Any], overrides: list[str]) -> Sweep:
     return resolve_paths(sweep, Path.cwd())
 
 
+def _staging_folder(output: Path) -> Path:
+    """A new folder beside ``output`` to build the model in, named after this host and pid
+    (so a later promote can tell a dead run's leftovers), with the umask's mode (not 0700)."""
+    staging = output.parent / f"{STAGING_MARK.format(name=output.name)}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    return staging
+
+
+def _remove_stale_staging(output: Path) -> list[Path]:
+    """Remove the staging folders for ``output`` left by a killed promote on this host
+    (their pid is not running); another live promote's folder is left alone."""
+    import psutil
+
+    host, removed = socket.gethostname(), []
+    for folder in output.parent.glob(f"{STAGING_MARK.format(name=output.name)}*"):
+        rest = folder.name.removeprefix(STAGING_MARK.format(name=output.name))
+        owner_host, _, tail = rest.rpartition("-")[0].rpartition("-")
+        pid = tail
+        if folder.is_dir() and owner_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _publish(staging: Path, output: Path) -> None:
+    """Put the finished ``staging`` folder in place as ``output`` in one step: rename(2)
+    replaces a missing or *empty* directory atomically, so ``output`` is whole or untouched."""
+    try:
+        os.replace(staging, output)
+    except OSError as error:
+        raise HpoError(f"--output {output}: cannot move the finished model there ({error.strerror}); "
+                       "it must be missing or an empty folder on the same file system") from None
+
+
+def _finish_failed(tracker: Any, error: BaseException, console: Console) -> None:
+    """Close the MLflow run as FAILED; if MLflow fails too, say so and let the original error
+    (the one the caller re-raises) be the one reported."""
+    try:
+        tracker.finish({}, "FAILED")
+    except Exception as finish_error:  # noqa: BLE001 - never hide ``error``
+        error.add_note(f"(also: the MLflow run could not be closed: {type(finish_error).__name__}: {finish_error})")
+        console.print(f"[yellow]warning:[/] the MLflow run could not be closed as FAILED "
+                      f"({type(finish_error).__name__}); the error that stopped hpo promote follows", highlight=False)
+
+
 def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOptions, study: Any, trial: Any,
-                    output: Path, tracker: Any, console: Console) -> tuple[dict[str, float], Path]:
+                    staging: Path, tracker: Any, console: Console) -> dict[str, float]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from hpo import training
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     saved: dict[str, Any] = {}
     started = time.perf_counter()
 
@@ -192,16 +242,10 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
         if saved.get("num_labels"):
             metrics["num_labels"] = saved["num_labels"]
         _write_records(staging, job, sweep, params, options, study, trial, metrics)
-        return metrics, staging
+        return metrics
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def _move_into(staging: Path, output: Path) -> None:
-    for item in staging.iterdir():
-        item.rename(output / item.name)
-    staging.rmdir()
 
 
 def _write_records(folder: Path, job: Any, sweep: Sweep, params: dict, options: PromoteOptions, study: Any,

@@ -273,14 +273,17 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
     if not ray.is_initialized():
         # Ray enables token auth for a local cluster and says so on every start; keep it, quietly.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=worker_logs,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                                      "TRANSFORMERS_VERBOSITY": "error"}},
-        )
+        from hpo.tracking import without_credentials
+
+        with without_credentials():  # a local Ray's processes never inherit the MLflow password
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=worker_logs,
+                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                                          "TRANSFORMERS_VERBOSITY": "error"}},
+            )
     resources = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
     concurrency = sweep.concurrency or _fit_count(ray.cluster_resources(), resources)
 

@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.errors import HpoError
+from hpo.errors import HpoError, check_url, scrub
 from hpo.errors import redact_url as redact
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
@@ -99,6 +99,7 @@ def check_storage(url: str | None) -> None:
     Raises HpoError (password hidden) naming the URL and what to check.
     """
     url = url or DEFAULT_STORAGE
+    check_url(url, "--storage")
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         folder = os.path.dirname(path)
@@ -170,23 +171,10 @@ def sqlite_file_lock(url: str, timeout: float = 600) -> Any:
 
 def _storage_error(url: str, error: Exception) -> HpoError:
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    reason = reason.replace(url, redact(url))
-    password = _password(url)
-    if password:
-        reason = reason.replace(password, "***")
     return HpoError(
-        f"--storage {redact(url)}: cannot open the study storage ({type(error).__name__}: {reason[:300]}); "
+        f"--storage {redact(url)}: cannot open the study storage ({type(error).__name__}: {scrub(reason, url)[:300]}); "
         "check the URL, that the server runs, and the credentials"
     )
-
-
-def _password(url: str) -> str | None:
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).password
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:

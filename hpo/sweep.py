@@ -117,11 +117,12 @@ def _check_data(search_space: spaces.SearchSpace, options: SearchOptions, consol
 def search(options: SearchOptions, console: Console) -> SearchResult:
     """Run one sweep to its target number of finished trials (or its timeout)."""
     from hpo.ledger import Ledger
-    from hpo.tracking import SweepTracker, check_tracking, redact
+    from hpo.names import check_study_name
+    from hpo.tracking import SweepTracker, check_tracking
 
     search_space = prepare(options, console)
     sweep = search_space.sweep
-    name = options.study or search_space.default_study_name
+    name = check_study_name(options.study or search_space.default_study_name)
     studies.check_storage(options.storage)  # both stores reachable before either is written
     check_tracking(options.tracking_uri)
     storage = studies.open_storage(options.storage)
@@ -141,7 +142,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         console.print(f"[yellow]cleaned up after an interrupted sweep:[/] trials {reclaimed or '-'} failed as "
                       f"interrupted (they run again), MLflow runs of trials {closed or '-'} closed")
     already = ledger.finished()
-    result = SearchResult(name, studies.redact(storage.url), redact(tracker.uri), {}, None, 0)
+    result = SearchResult(name, studies.redact(storage.url), tracker.shown_uri, {}, None, 0)
     if already >= sweep.trials:
         console.print(f"study {name!r} already has {already} finished trials (target {sweep.trials}); "
                       f"raise --trials to run more")
@@ -219,11 +220,11 @@ def _ending(result: SearchResult, recorder: Any, finished: int, target: int) -> 
 def _report(study: Any, tracker: Any, workdir: Path, console: Console) -> Path | None:
     """Write the study report and log it to the sweep's parent run; a failure here only warns."""
     try:
+        from hpo.names import folder_for
         from hpo.report import write_report
 
-        folder = (workdir / "reports" / study.study_name).resolve()
-        write_report(study, folder)
-        tracker.log_report(folder)
+        folder = folder_for(workdir / "reports", study.study_name).resolve()
+        tracker.log_report(write_report(study, folder))
         return folder / "report.html"
     except Exception as error:  # noqa: BLE001 - the trials are recorded; the pictures are a bonus
         console.print(f"[yellow]warning:[/] the study report could not be written ({type(error).__name__}: {error}); "

@@ -8,10 +8,13 @@ A resumed sweep reopens its study's parent run, so nested runs stay under one pa
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from hpo.errors import HpoError
+from hpo.errors import HpoError, check_url, scrub
 from hpo.errors import redact_url as redact
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -25,26 +28,81 @@ TAG_REASON = "hpo.reason"
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
-def check_tracking(uri: str | None) -> None:
-    """Make sure the MLflow store can be used, writing nothing (not even an SQLite file)."""
-    import os
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
-    uri = uri or DEFAULT_TRACKING_URI
+
+def use_credentials(uri: str) -> str:
+    """An HTTP(S) tracking URI without its user info, which becomes this process's
+    ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (the way MLflow documents
+    basic auth). Call it before any HTTP request: urllib and MLflow quote a URI with user
+    info in their errors (``https://bob:pw@host`` without a port: "nonnumeric port: 'pw@host'").
+    The credentials never go into MLflow params or tags; Ray workers do not get them
+    (:func:`without_credentials`). Other URIs come back unchanged.
+    """
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    scheme, _, rest = uri.partition("://")
+    before_query = rest.split("?", 1)[0]
+    if not uri.startswith(("http://", "https://")) or "@" not in before_query:
+        return uri
+    at = before_query.rindex("@")  # the user info ends at the last '@' (a password may hold an unencoded '/')
+    userinfo, host_and_path = rest[:at], rest[at + 1 :]
+    user, _, password = userinfo.partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    if password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    stripped = f"{scheme}://{host_and_path}"
+    try:
+        return urlunsplit(urlsplit(stripped))  # normal form, as MLflow will see it
+    except ValueError as error:
+        raise HpoError(f"--tracking-uri {redact(uri)}: not a valid URL ({scrub(str(error), uri)})") from None
+
+
+@contextlib.contextmanager
+def without_credentials() -> Iterator[None]:
+    """The MLflow credentials (and a storage URL or tracking URI with a password) out of this
+    process's environment for the block: processes it starts (a local Ray and its workers) do
+    not inherit them; only the driver writes Optuna and MLflow."""
+    from hpo.errors import url_secrets
+
+    names = [*CREDENTIAL_VARS, *(n for n in ("HPO_STORAGE", "MLFLOW_TRACKING_URI") if url_secrets(os.environ.get(n)))]
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def check_tracking(uri: str | None) -> None:
+    """Make sure the MLflow store can be used, writing nothing (not even an SQLite file).
+
+    Errors show the URI redacted and never quote its secrets (:func:`hpo.errors.scrub`).
+    """
+    original = uri = uri or DEFAULT_TRACKING_URI
+    check_url(uri, "--tracking-uri")
     if uri.startswith("sqlite:"):
         folder = os.path.dirname(uri.split("///", 1)[-1])
         if folder and not os.path.isdir(folder):
             raise HpoError(f"--tracking-uri {redact(uri)}: the folder {folder} does not exist")
         return
     if uri.startswith(("http://", "https://")):
+        import base64
         import urllib.request
 
+        uri = use_credentials(uri)
+        request = urllib.request.Request(uri.rstrip("/") + "/health")
+        user, password = os.environ.get(CREDENTIAL_VARS[0]), os.environ.get(CREDENTIAL_VARS[1])
+        if user and password:
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+            with urllib.request.urlopen(request, timeout=10):
                 return
         except Exception as error:  # noqa: BLE001 - URLError, HTTPError, timeouts
+            reason = _scrub(str(error), original)
             raise HpoError(
-                f"--tracking-uri {redact(uri)}: the MLflow server does not answer ({type(error).__name__}: "
-                f"{redact(str(error))[:200]}); start it (hpo ui, or docker/compose.yaml) or fix the URI"
+                f"--tracking-uri {redact(original)}: the MLflow server does not answer ({type(error).__name__}: "
+                f"{reason[:200]}); start it (hpo ui, or docker/compose.yaml) or fix the URI"
             ) from None
     if "://" in uri and not uri.startswith(("file:", "databricks")):
         try:
@@ -61,6 +119,13 @@ def check_tracking(uri: str | None) -> None:
             ) from None
 
 
+def _scrub(text: str, uri: str) -> str:
+    """Error text without the URI's secrets nor the MLflow password of this process."""
+    text = scrub(text, uri)
+    password = os.environ.get(CREDENTIAL_VARS[1])
+    return text.replace(password, "***") if password else text
+
+
 class _Tracker:
     """An MLflow client on the study's experiment (created on first use), its calls retried
     when a shared SQLite store says 'locked'."""
@@ -73,7 +138,8 @@ class _Tracker:
         from hpo.study import sqlite_file_lock
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
-        self.uri = tracking_uri or DEFAULT_TRACKING_URI
+        self.shown_uri = redact(tracking_uri or DEFAULT_TRACKING_URI)
+        self.uri = use_credentials(tracking_uri or DEFAULT_TRACKING_URI)
         self.study_name = study_name
         with sqlite_file_lock(self.uri):  # concurrent sweeps: one creates the store and experiment
             self.client = _RetryWhenLocked(MlflowClient(tracking_uri=self.uri))
@@ -164,11 +230,13 @@ class SweepTracker(_Tracker):
                 self.client.set_tag(self.parent_run_id, f"hpo.{key}", str(value))
         self.client.set_terminated(self.parent_run_id, status=status)
 
-    def log_report(self, folder: Any, run_id: str | None = None) -> None:
-        """Log the study report's files under ``report/`` of the parent run (or ``run_id``)."""
+    def log_report(self, files: list[Any], run_id: str | None = None) -> None:
+        """Log the study report's ``files`` (the paths :func:`hpo.report.write_report` wrote,
+        nothing else of their folder) under ``report/`` of the parent run (or ``run_id``)."""
         target = run_id or self.parent_run_id
         if target:
-            self.client.log_artifacts(target, str(folder), artifact_path="report")
+            for path in files:
+                self.client.log_artifact(target, str(path), artifact_path="report")
 
     def find_sweep_run(self) -> str | None:
         found = self.client.search_runs(
@@ -217,7 +285,7 @@ def _experiment_id(client: Any, uri: str, study_name: str) -> str:
         message = str(error).splitlines()[0] if str(error) else ""
         raise HpoError(
             f"--tracking-uri {redact(uri)}: cannot use the MLflow store "
-            f"({type(error).__name__}: {redact(message)[:300]}); check the URI and that the server runs"
+            f"({type(error).__name__}: {_scrub(message, uri)[:300]}); check the URI and that the server runs"
         ) from None
 
 

@@ -4,6 +4,13 @@ gives the reported metrics, and a registered model version in MLflow linked to t
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -12,7 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from hpo import data
-from tests.conftest import SEARCH_SPACES, run_hpo
+from tests.conftest import SEARCH_SPACES, hpo_env, run_hpo
 
 pytestmark = pytest.mark.slow
 REVIEWS = SEARCH_SPACES / "data" / "reviews"
@@ -47,16 +54,41 @@ def accuracy_of_reloaded(folder: Path) -> tuple[float, float]:
     return correct / len(examples.texts), loss_sum / len(examples.texts)
 
 
+def killed_promote_leaves_staging(cwd: Path, output: str) -> list[Path]:
+    """Start a promote, kill -9 it once its staging folder exists; returns what it left."""
+    process = subprocess.Popen([sys.executable, "-m", "hpo", "promote", "--output", output], cwd=cwd, env=hpo_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(cwd.glob(f".{output}.promote-*")) and time.monotonic() < deadline:
+        assert process.poll() is None, "the promote ended before its staging folder appeared"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    return list(cwd.glob(f".{output}.promote-*"))
+
+
 def test_promote_the_best_trial_reload_and_find_it_registered(lora_study: Path) -> None:
-    result = run_hpo(["promote", "--output", "final", "--set", "max_steps=40"], cwd=lora_study)
-    assert result.returncode == 0, result.stdout + result.stderr
     folder = lora_study / "final"
+    folder.mkdir()  # an existing empty --output: the finished model replaces it in one rename
+    left = killed_promote_leaves_staging(lora_study, "final")
+    assert len(left) == 1 and list(folder.iterdir()) == [], "the kill left staging beside an untouched output"
+    live = lora_study / f".final.promote-{socket.gethostname()}-{os.getpid()}-beef"  # a live promote's
+    live.mkdir()
+    umask = os.umask(0o027)
+    try:
+        result = run_hpo(["promote", "--output", "final", "--set", "max_steps=40"], cwd=lora_study)
+    finally:
+        os.umask(umask)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(lora_study.glob(".final.promote-*")) == [live], "the dead promote's staging was removed"
+    live.rmdir()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750, "the folder's mode follows the umask"
     assert "AutoPeftModelForSequenceClassification.from_pretrained" in result.stdout
     assert str(folder) in result.stdout
     names = {p.name for p in folder.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "hpo_promote.json", "README.md"} <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pkl"))], "safetensors only"
-    assert not [p for p in lora_study.iterdir() if p.name.startswith(".final-")], "no staging folder left"
+    assert not [p for p in lora_study.iterdir() if p.name.startswith(".final")], "no staging folder left"
 
     record = json.loads((folder / "hpo_promote.json").read_text())
     study = optuna.load_study(study_name="lora", storage=f"sqlite:///{lora_study / 'hpo.db'}")
@@ -81,6 +113,32 @@ def test_promote_the_best_trial_reload_and_find_it_registered(lora_study: Path) 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert "model/adapter_model.safetensors" in artifacts
     assert run.data.metrics["final_eval_accuracy"] == pytest.approx(record["metrics"]["eval_accuracy"])
+
+
+def test_a_failing_mlflow_finish_never_hides_the_error(lora_study: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training fails, then closing the MLflow run fails too (mocked: a fault not made here):
+    the training error is the one raised, with MLflow's noted; nothing is left on disk."""
+    from mlflow.exceptions import MlflowException
+    from rich.console import Console
+
+    from hpo import promote
+    from hpo.tracking import PromoteTracker
+
+    def fail_training(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk full while saving the adapter")
+
+    def fail_finish(self: object, metrics: dict, status: str) -> None:
+        raise MlflowException("tracking server went away")
+
+    monkeypatch.chdir(lora_study)
+    monkeypatch.setattr(promote, "_train_and_save", fail_training)
+    monkeypatch.setattr(PromoteTracker, "finish", fail_finish)
+    console = Console(record=True, width=200)
+    with pytest.raises(RuntimeError, match="disk full while saving the adapter") as raised:
+        promote.promote(promote.PromoteOptions(output="never"), console)
+    assert any("tracking server went away" in note for note in raised.value.__notes__)
+    assert "the MLflow run could not be closed as FAILED (MlflowException)" in console.export_text()
+    assert not (lora_study / "never").exists() and not list(lora_study.glob(".never*"))
 
 
 def test_promote_refuses_clearly(lora_study: Path) -> None:
