@@ -222,6 +222,12 @@ def _experiment_id(client: Any, uri: str, study_name: str) -> str:
         return client.create_experiment(study_name, tags={TAG_STUDY: study_name, TAG_EXPERIMENT_KIND: MODEL_TRAINING})
     except Exception as error:  # noqa: BLE001 - MLflow raises many types for a bad store
         message = str(error).splitlines()[0] if str(error) else ""
+        if any(code in message for code in ("401", "403", "PERMISSION_DENIED", "UNAUTHENTICATED")):
+            raise HpoError(
+                f"--tracking-uri {redact(uri)}: the MLflow server refused the credentials or the permission "
+                f"({redact(message)[:200]}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user "
+                f"allowed to edit experiment {study_name!r}"
+            ) from None
         raise HpoError(
             f"--tracking-uri {redact(uri)}: cannot use the MLflow store "
             f"({type(error).__name__}: {redact(message)[:300]}); check the URI and that the server runs"
