@@ -59,6 +59,9 @@ def search(
     skip_data_check: Annotated[bool, typer.Option("--skip-data-check", help="Start even if `hpo check-data` finds errors.")] = False,
     worker_logs: Annotated[bool, typer.Option("--worker-logs", help="Show what trials print (otherwise it stays in Ray's log files).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the study (the default when it exists; kept for scripts).")] = False,
+    more: Annotated[int | None, typer.Option("--more", min=1, help="Run K more finished trials than the study holds now (nightly runs; instead of --trials).")] = None,
+    warm_start: Annotated[str | None, typer.Option("--warm-start", help="STUDY[@STORAGE]: first enqueue that earlier study's best configs (those that fit this space), once per study.")] = None,
+    warm_start_top: Annotated[int, typer.Option("--warm-start-top", min=1, help="How many of the earlier study's best configs --warm-start enqueues.")] = 5,
 ) -> None:
     """Run a sweep: sample trials, train them on Ray, stop weak ones early, record everything."""
     from hpo.sweep import SearchOptions
@@ -67,7 +70,7 @@ def search(
     options = SearchOptions(module=module, overrides=set_ or [], study=study, storage=storage,
                             tracking_uri=tracking_uri, trials=trials, timeout=timeout, address=address,
                             concurrency=concurrency, retries=retries, skip_data_check=skip_data_check,
-                            worker_logs=worker_logs)
+                            worker_logs=worker_logs, more=more, warm_start=warm_start, warm_start_top=warm_start_top)
     result = run_search(options, console)
     counts = result.counts
     console.print(
@@ -335,13 +338,19 @@ def ui(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 5000,
 ) -> None:
     """Serve the MLflow UI on the tracking store (one worker)."""
-    from hpo.tracking import DEFAULT_TRACKING_URI, redact
+    from hpo.tracking import DEFAULT_TRACKING_URI, redact, sweep_links, ui_link
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
-    if uri.startswith(("http://", "https://")):
-        console.print(f"{redact(uri)} is an MLflow server already: open it in a browser")
+    served = uri.startswith(("http://", "https://"))
+    base = redact(uri) if served else f"http://{host}:{port}"
+    if served:
+        console.print(f"{redact(uri)} is an MLflow server already: open {ui_link(base)}")
+    else:
+        console.print(f"MLflow UI on {redact(uri)}: {ui_link(base)}  (Ctrl-C stops it)")
+    for study, link in sweep_links(uri, base):  # the runs table, not MLflow 3's GenAI overview
+        console.print(f"  sweep {study}: {link}", highlight=False)
+    if served:
         return
-    console.print(f"MLflow UI on {redact(uri)}: http://{host}:{port}  (Ctrl-C stops it)")
     sys.stdout.flush()
     # The store URI (password included) goes through the environment, which only this user
     # can read, never on the command line, which `ps` shows to everyone. exec replaces this

@@ -117,16 +117,19 @@ def check_storage(url: str | None) -> None:
         raise _storage_error(url, error) from None
 
 
-def open_storage(url: str | None) -> optuna.storages.RDBStorage:
+def open_storage(url: str | None, concurrency: int | None = None) -> optuna.storages.RDBStorage:
     """Connect to an SQLAlchemy URL (SQLite file by default, PostgreSQL, MySQL).
 
     SQLite gets a long busy timeout so several writers wait instead of failing with
-    'database is locked'. Raises HpoError (password hidden) if the database is unreachable.
+    'database is locked'. A server database gets a connection pool sized for the sweep's
+    ``concurrency`` (see :func:`pool_size`). Raises HpoError (password hidden) if the
+    database is unreachable.
     """
     url = url or DEFAULT_STORAGE
     check_storage(url)
     engine_kwargs: dict[str, Any] = (
-        {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+        {"connect_args": {"timeout": 120}} if url.startswith("sqlite")
+        else {"pool_pre_ping": True, **pool_size(concurrency)}
     )
     # Several sweeps starting at once on a new database race to create its tables: take
     # turns on SQLite (a file lock beside it), retry elsewhere (the loser finds them made).
@@ -141,6 +144,19 @@ def open_storage(url: str | None) -> optuna.storages.RDBStorage:
                 raise _storage_error(url, error) from None
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def pool_size(concurrency: int | None) -> dict[str, int]:
+    """SQLAlchemy pool settings for a driver running ``concurrency`` trials at once.
+
+    The driver's writes are short, but a study-lock connection (held while claiming), the
+    heartbeat writes of every running trial and each tell may overlap; SQLAlchemy's default
+    (5 + 10 overflow) makes a wide sweep wait for connections. Keep one per running trial
+    plus two, with as many again in overflow; recycle connections hourly so a nightly
+    sweep does not reuse ones the server or a proxy closed while idle.
+    """
+    running = max(1, concurrency or 1)
+    return {"pool_size": max(5, running + 2), "max_overflow": max(10, running), "pool_recycle": 3600}
 
 
 def _is_creation_race(error: Exception) -> bool:
@@ -196,18 +212,24 @@ def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampl
 
 
 def create_or_resume(storage: optuna.storages.BaseStorage, name: str, direction: str,
-                     sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-    """The study ``name``, created if new. An existing study must have the same direction."""
+                     sampler: optuna.samplers.BaseSampler, metric: str | None = None) -> optuna.Study:
+    """The study ``name``, created if new. An existing study must have the same direction.
+
+    ``metric`` names the objective (Optuna's metric names), so optuna-dashboard shows
+    ``eval_accuracy`` rather than "Objective 0"; set on create and on resume.
+    """
     try:
         existing = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
-        return optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction=direction,
-                                   load_if_exists=True)
+        existing = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction=direction,
+                                       load_if_exists=True)
     if existing.direction.name.lower() != direction:
         raise HpoError(
             f"study {name!r} exists and {existing.direction.name.lower()}s its objective, but this sweep "
             f"{direction}s; use another --study name"
         )
+    if metric and existing.metric_names != [metric]:
+        retry_when_locked(lambda: existing.set_metric_names([metric]))
     return existing
 
 

@@ -40,6 +40,11 @@ class SearchOptions:
     skip_data_check: bool = False
     worker_logs: bool = False
     workdir: str = ".hpo"
+    warm_start: str | None = None
+    """``STUDY[@STORAGE]``: enqueue that study's best configs first (see :mod:`hpo.warmstart`)."""
+    warm_start_top: int = 5
+    more: int | None = None
+    """Run this many more finished trials than the study holds now (instead of ``trials``)."""
 
 
 @dataclass
@@ -66,6 +71,9 @@ class SearchResult:
 def prepare(options: SearchOptions, console: Console | None = None) -> spaces.SearchSpace:
     """Load and check the module, its overrides, one sample of its space, data and model."""
     extra = list(options.overrides)
+    if options.more is not None and options.trials is not None:
+        raise HpoError(f"--trials {options.trials} and --more {options.more}: give one (--trials: the study's total "
+                       "finished trials; --more: that many more than it holds now)")
     if options.trials is not None:
         extra.append(f"trials={options.trials}")
     if options.timeout is not None:
@@ -125,8 +133,10 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     name = check_study_name(options.study or search_space.default_study_name)
     studies.check_storage(options.storage)  # both stores reachable before either is written
     check_tracking(options.tracking_uri)
-    storage = studies.open_storage(options.storage)
-    study = studies.create_or_resume(storage, name, sweep.direction, studies.make_sampler(sweep.sampler, sweep.seed, sweep.trials))
+    warm_source = _open_warm_source(options, name)
+    storage = studies.open_storage(options.storage, concurrency=sweep.concurrency or os.cpu_count())
+    study = studies.create_or_resume(storage, name, sweep.direction,
+                                     studies.make_sampler(sweep.sampler, sweep.seed, sweep.trials), metric=sweep.metric)
     tracker = SweepTracker(options.tracking_uri, name)
     ledger = Ledger(study, lambda trial: spaces.call_space(search_space, trial), target=sweep.trials,
                     retries=options.retries)
@@ -142,6 +152,17 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         console.print(f"[yellow]cleaned up after an interrupted sweep:[/] trials {reclaimed or '-'} failed as "
                       f"interrupted (they run again), MLflow runs of trials {closed or '-'} closed")
     already = ledger.finished()
+    if options.more is not None:  # a nightly run: K more finished trials than the study holds now
+        sweep = dataclasses.replace(sweep, trials=already + options.more)
+        ledger.target = sweep.trials
+    if warm_source is not None and already < sweep.trials:
+        from hpo.warmstart import warm_start
+
+        with ledger.lock:
+            warmed = warm_start(study, warm_source[0], warm_source[1], options.warm_start_top,
+                                lambda trial: spaces.call_space(search_space, trial), room=sweep.trials - already)
+        for line in warmed.lines():
+            console.print(f"[cyan]{line}[/]" if not line.startswith("  ") else line, highlight=False)
     result = SearchResult(name, studies.redact(storage.url), tracker.shown_uri, {}, None, 0)
     if already >= sweep.trials:
         console.print(f"study {name!r} already has {already} finished trials (target {sweep.trials}); "
@@ -215,6 +236,27 @@ def _ending(result: SearchResult, recorder: Any, finished: int, target: int) -> 
         result.ended, result.interrupted = "interrupted", list(recorder.interrupted)
     else:
         result.ended, result.short_reason = "short", "no trial could be started"
+
+
+def _open_warm_source(options: SearchOptions, name: str) -> tuple[Any, str] | None:
+    """The earlier study of ``--warm-start STUDY[@STORAGE]`` and how to name it in output
+    (password hidden); checked before this sweep's study is created."""
+    if not options.warm_start:
+        return None
+    from hpo.warmstart import parse_source
+
+    source_name, source_storage = parse_source(options.warm_start, options.storage)
+    label = f"{source_name}@{studies.redact(source_storage or studies.DEFAULT_STORAGE)}"
+    sqlite_file = (source_storage or studies.DEFAULT_STORAGE).removeprefix("sqlite:///")
+    if sqlite_file != (source_storage or studies.DEFAULT_STORAGE) and not Path(sqlite_file).is_file():
+        raise HpoError(f"--warm-start {label}: the file {sqlite_file} does not exist; give STUDY@sqlite:///PATH")
+    if source_storage == options.storage and source_name == name:
+        raise HpoError(f"--warm-start {label}: that is this sweep's own study; name an earlier one")
+    try:
+        source = studies.load(source_storage, source_name)
+    except HpoError as error:
+        raise HpoError(f"--warm-start {label}: {error}") from None
+    return source, label
 
 
 def _report(study: Any, tracker: Any, workdir: Path, console: Console) -> Path | None:

@@ -23,6 +23,11 @@ TAG_ROLE = "hpo.role"
 TAG_TRIAL = "hpo.trial_number"
 TAG_STATE = "hpo.state"
 TAG_REASON = "hpo.reason"
+# MLflow 3 marks an experiment's kind with this tag; "custom_model_development" is model
+# training (runs table), not the GenAI overview. The UI's workflow switch also follows the
+# ``workflowType=machine_learning`` query parameter of experiment links (see :func:`ui_link`).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 # Optuna state -> MLflow run status. A pruned trial was stopped early by the sweep: KILLED,
 # with hpo.state=PRUNED telling it apart from an interrupted one.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
@@ -279,14 +284,45 @@ def _experiment_id(client: Any, uri: str, study_name: str) -> str:
         if experiment is not None:
             if experiment.lifecycle_stage == "deleted":
                 client.restore_experiment(experiment.experiment_id)
+            if experiment.tags.get(TAG_EXPERIMENT_KIND) != MODEL_TRAINING:  # made before hpo set it
+                client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, MODEL_TRAINING)
             return experiment.experiment_id
-        return client.create_experiment(study_name, tags={TAG_STUDY: study_name})
+        return client.create_experiment(study_name, tags={TAG_STUDY: study_name, TAG_EXPERIMENT_KIND: MODEL_TRAINING})
     except Exception as error:  # noqa: BLE001 - MLflow raises many types for a bad store
         message = str(error).splitlines()[0] if str(error) else ""
+        if any(code in message for code in ("401", "403", "PERMISSION_DENIED", "UNAUTHENTICATED")):
+            raise HpoError(
+                f"--tracking-uri {redact(uri)}: the MLflow server refused the credentials or the permission "
+                f"({redact(message)[:200]}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user "
+                f"allowed to edit experiment {study_name!r}"
+            ) from None
         raise HpoError(
             f"--tracking-uri {redact(uri)}: cannot use the MLflow store "
             f"({type(error).__name__}: {_scrub(message, uri)[:300]}); check the URI and that the server runs"
         ) from None
+
+
+def ui_link(base_url: str, experiment_id: str | None = None) -> str:
+    """A link into the MLflow UI that opens on model training: the experiment's runs
+    table (or the experiments list), not the GenAI overview MLflow 3 shows by default."""
+    page = f"experiments/{experiment_id}" if experiment_id else "experiments"
+    return f"{base_url.rstrip('/')}/#/{page}?workflowType=machine_learning"
+
+
+def sweep_links(tracking_uri: str, base_url: str) -> list[tuple[str, str]]:
+    """(study, UI link) for each hpo experiment in the store, newest first; empty when the
+    store cannot be read (the UI still serves the experiments list)."""
+    try:
+        import logging
+
+        from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        experiments = MlflowClient(tracking_uri=tracking_uri).search_experiments(
+            filter_string=f"tags.`{TAG_STUDY}` != ''", order_by=["creation_time DESC"], max_results=20)
+    except Exception:  # noqa: BLE001 - a missing or unreachable store: no links, not an error
+        return []
+    return [(e.name, ui_link(base_url, e.experiment_id)) for e in experiments]
 
 
 class PromoteTracker(_Tracker):
