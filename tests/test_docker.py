@@ -86,23 +86,39 @@ def test_compose_file_is_valid_and_each_service_gets_only_its_secrets(tmp_path: 
     assert any(str(DOCKER / "postgres-init.sh") in str(v) for v in services["postgres"]["volumes"])
 
 
+def build_context(root: Path) -> set[str]:
+    """The files docker-compose sends to build from ``root`` (docker-py's exclude_paths,
+    what docker-compose v1 builds with), after the root's .dockerignore."""
+    script = ("import sys; from docker.utils.build import exclude_paths\n"
+              "lines = [l.strip() for l in open(sys.argv[1] + '/.dockerignore').read().splitlines()]\n"
+              "print('\\n'.join(sorted(exclude_paths(sys.argv[1], [l for l in lines if l and not l.startswith('#')]))))")
+    python = shutil.which("python3", path="/usr/bin") or "python3"  # the Python docker-compose runs on
+    result = subprocess.run([python, "-c", script, str(root)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split())
+
+
 def test_dockerignore_keeps_env_files_out_of_the_build_context(tmp_path: Path) -> None:
-    """The build context docker-compose sends, computed by docker-py (what docker-compose v1 builds with)."""
     for path in ["docker/.env", ".env", "sub/.env", "docker/.env.local", "hpo.db", ".venv/lib/x.py",
                  "hpo/cli.py", "docker/Dockerfile", "docker/.env.example", "deploy/nightly_sweep.py"]:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("x")
     shutil.copy(REPO / ".dockerignore", tmp_path / ".dockerignore")
-    script = ("import sys; from docker.utils.build import exclude_paths\n"
-              "lines = [l.strip() for l in open(sys.argv[1] + '/.dockerignore').read().splitlines()]\n"
-              "print('\\n'.join(sorted(exclude_paths(sys.argv[1], [l for l in lines if l and not l.startswith('#')]))))")
-    python = shutil.which("python3", path="/usr/bin") or "python3"  # the Python docker-compose runs on
-    result = subprocess.run([python, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    sent = set(result.stdout.split())
+    sent = build_context(tmp_path)
     assert not sent & {"docker/.env", ".env", "sub/.env", "docker/.env.local", "hpo.db", ".venv/lib/x.py"}
     assert {"hpo/cli.py", "docker/Dockerfile", "deploy/nightly_sweep.py"} <= sent
-    assert "check-secrets.sh" in (DOCKER / "Dockerfile").read_text().split("ENTRYPOINT", 1)[1]
+
+    # and every file the two images COPY is in the repository's own build context
+    sent = build_context(REPO)
+    for dockerfile in ("Dockerfile", "mlflow.Dockerfile"):
+        lines = (DOCKER / dockerfile).read_text().splitlines()
+        sources = [src for line in lines if line.startswith("COPY ") for src in line.split()[1:-1]]
+        assert sources and all(src in sent for src in sources), (dockerfile, [s for s in sources if s not in sent])
+        assert all((REPO / src).is_dir() or os.access(REPO / src, os.X_OK) or not src.endswith((".sh", ".py"))
+                   for src in sources), "scripts keep their executable bit in the image"
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=python:3.11-slim" in dockerfile and "download.pytorch.org/whl/cpu" in dockerfile
+    assert '"check-secrets.sh"' in dockerfile.split("ENTRYPOINT", 1)[1], "every command starts through the refusal"
 
 
 def run_script(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
