@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import stat
 import sys
 from pathlib import Path
+
+SECRET_VARIABLES = ("HPO_STORAGE", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN")
 
 
 class NightlyError(Exception):
@@ -109,10 +110,13 @@ def command(argv: list[str]) -> list[str]:
     options, rest = parse(argv)
     if options.env_file:
         os.environ.update(load_env_file(options.env_file))
+    placeholders = sorted(name for name in SECRET_VARIABLES if "change-me" in os.environ.get(name, ""))
+    if placeholders:
+        raise NightlyError(f"{', '.join(placeholders)}: still the example's 'change-me' placeholder "
+                           "(deploy/k8s/secrets.example.yaml, docker/.env.example); set the real secrets")
     study = options.study or Path(options.module).stem
-    hpo = shutil.which("hpo")
-    base = [hpo, "search"] if hpo else [sys.executable, "-m", "hpo", "search"]
-    base += [options.module, "--study", study, "--timeout", f"{options.timeout:g}"]
+    # the hpo of this interpreter: the one whose options were just read
+    base = [sys.executable, "-m", "hpo", "search", options.module, "--study", study, "--timeout", f"{options.timeout:g}"]
     if has_more_option():
         print(f"hpo-nightly: study {study!r}: {options.more} more finished trials tonight, "
               f"no new trial after {options.timeout:g} s", flush=True)

@@ -211,6 +211,19 @@ def test_nightly_refuses_bad_input_in_one_line(argv: list[str], message: str, ca
     assert error.startswith(f"error: {message}") and error.count("\n") == 1 and "pw@" not in error
 
 
+def test_nightly_refuses_the_examples_placeholder_secrets(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    (secret,) = [d for d in documents("secrets.example.yaml") if d["metadata"]["name"] == "hpo-nightly"]
+    monkeypatch.setenv("HPO_STORAGE", secret["stringData"]["storage-url"])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret["stringData"]["mlflow-password"])
+    with pytest.raises(SystemExit) as exit_info:
+        load_nightly().main(["m.py", "--more", "4", "--timeout", "60"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1
+    assert error.startswith("error: HPO_STORAGE, MLFLOW_TRACKING_PASSWORD: still the example's 'change-me' placeholder")
+    assert "postgresql" not in error
+
+
 def test_nightly_reads_an_owner_only_env_file_and_hands_over_to_hpo_search(tmp_path: Path) -> None:
     make_study(tmp_path / "night.db", "nightly-lora")
     env_file = tmp_path / "nightly.env"
