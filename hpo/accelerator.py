@@ -80,9 +80,17 @@ def bitsandbytes_installed() -> bool:
 def resolved(device: str, precision: str) -> dict[str, str]:
     """What a trial on this worker trains with: ``{"device": "cuda:0", "precision": "bf16"}``."""
     chosen = resolve_device(device)
-    if chosen.type == "cuda" and chosen.index is None and torch.cuda.is_available():
-        chosen = torch.device("cuda", torch.cuda.current_device())
-    return {"device": str(chosen), "precision": resolve_precision(precision, chosen)}
+    return {"device": describe(chosen)["device"], "precision": resolve_precision(precision, chosen)}
+
+
+def describe(device: torch.device) -> dict[str, str]:
+    """What to record about a trial's device: on a GPU its name and the GPUs Ray made
+    visible (trials sharing a GPU with fractional ``gpus_per_trial`` show the same one)."""
+    if device.type != "cuda":
+        return {"device": str(device)}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"device": f"cuda:{index}", "device_name": torch.cuda.get_device_name(index),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
 
 
 def problems(device: str, precision: str, quantization: str) -> list[str]:

@@ -108,7 +108,7 @@ class _Run:
 
 def _settings(job: TrainJob, model: Any, run: _Run, trainable: int) -> dict[str, Any]:
     config = model.peft_config["default"]
-    return {"device": str(run.device), "precision": run.precision, "quantization": job.quantization,
+    return {**accelerator.describe(run.device), "precision": run.precision, "quantization": job.quantization,
             "gradient_checkpointing": job.gradient_checkpointing, "attn_implementation": job.attn_implementation,
             "target_modules": ",".join(sorted(config.target_modules or ())), "trainable_params": trainable}
 

@@ -48,6 +48,9 @@ def test_device_auto_takes_the_gpu_ray_made_visible(monkeypatch) -> None:
     fake_gpu(monkeypatch, bf16=True)
     assert accelerator.resolve_device("auto") == torch.device("cuda")
     assert accelerator.resolved("auto", "auto") == {"device": "cuda:0", "precision": "bf16"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # Ray's choice for this trial
+    assert accelerator.describe(torch.device("cuda")) == {"device": "cuda:0", "device_name": "NVIDIA H100",
+                                                          "cuda_visible_devices": "3"}
     assert accelerator.resolved("cpu", "auto") == {"device": "cpu", "precision": "fp32"}
     fake_gpu(monkeypatch, bf16=False)
     assert accelerator.resolved("auto", "auto") == {"device": "cuda:0", "precision": "fp32"}
