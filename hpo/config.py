@@ -22,6 +22,8 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TASKS = ("classification", "causal_lm")
 PRUNERS = ("asha", "none")
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+QUANTIZATIONS = ("none", "4bit", "8bit")
 # Metrics whose better direction is known; any other metric needs `direction`.
 KNOWN_DIRECTIONS = {
     "eval_accuracy": "maximize",
@@ -93,6 +95,18 @@ class Sweep:
     """Most trials running at once; ``None`` lets the free resources decide."""
     eval_batch_size: int = 64
     """Batch size for evaluation (it does not change results, only speed and memory)."""
+    device: str = "auto"
+    """Where trials train: ``auto`` (the GPU Ray gives the trial, else Apple MPS, else the CPU),
+    ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Mixed precision: ``auto`` (bf16 on a GPU that has it, else fp32), ``bf16``, ``fp16`` (loss-scaled), ``fp32``."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """Quantized frozen base (bitsandbytes, CUDA only): ``4bit`` is QLoRA (nf4, double quantization,
+    bf16 compute), ``8bit`` LLM.int8(); ``none`` keeps it in the training precision."""
+    attn_implementation: str = "sdpa"
+    """The attention kernel transformers uses: ``sdpa``, ``eager``, ``flash_attention_2``, ..."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form settings for a module's own ``train`` function (not used by the recipe)."""
 
@@ -145,6 +159,30 @@ class Sweep:
             yield _bad("gpus_per_trial", self.gpus_per_trial, "above 1 must be a whole number")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             yield _bad("seed", self.seed, "must be a whole number")
+        yield from self._accelerator_problems()
+
+    def _accelerator_problems(self) -> typing.Iterator[str]:
+        """The device/precision/memory fields; what depends on the worker's hardware is
+        checked later, on a worker (``hpo.accelerator.problems``)."""
+        import re
+
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            yield _bad("device", self.device, "must be auto, cpu, cuda, cuda:N or mps")
+        elif self.device.startswith("cuda") and self.gpus_per_trial == 0:
+            yield _bad("device", self.device, "needs a GPU reserved for each trial: --set gpus_per_trial=1 "
+                       "(or 0.5 to share one), or --set device=auto")
+        elif self.device in ("cpu", "mps") and self.quantization not in ("none", None):
+            yield _bad("quantization", self.quantization, f"needs a CUDA GPU (bitsandbytes), not device={self.device}; "
+                       "use --set quantization=none")
+        if self.precision not in PRECISIONS:
+            yield _bad("precision", self.precision, f"must be one of {', '.join(PRECISIONS)}")
+        if self.quantization not in QUANTIZATIONS:
+            yield _bad("quantization", self.quantization, f"must be one of {', '.join(QUANTIZATIONS)}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            yield _bad("gradient_checkpointing", self.gradient_checkpointing, "must be true or false")
+        if not isinstance(self.attn_implementation, str) or not self.attn_implementation:
+            yield _bad("attn_implementation", self.attn_implementation, "must name an attention kernel (sdpa, eager, "
+                       "flash_attention_2, ...)")
 
     @property
     def mode(self) -> str:
@@ -203,6 +241,12 @@ def _coerce(key: str, raw: str, hint: Any) -> Any:
             if raw in choices:
                 return raw
             raise HpoError(f"--set {key}={raw}: must be one of {', '.join(choices)}")
+        if kind is bool:
+            if raw.lower() in ("true", "1", "yes", "on"):
+                return True
+            if raw.lower() in ("false", "0", "no", "off"):
+                return False
+            raise HpoError(f"--set {key}={raw}: must be true or false (also 1/0, yes/no)")
         if kind is int:
             try:
                 return int(raw)

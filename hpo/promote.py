@@ -106,7 +106,7 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
     tracker = PromoteTracker(tracking_uri, study.study_name)
     run_id = tracker.start(
         trial_number=trial.number, parent_run_id=recorded.get("mlflow_parent_run_id"),
-        params={**params, "seed": job.seed, "max_steps": job.max_steps, "eval_every": job.eval_every,
+        params={**job.describe(), **params, "seed": job.seed, "max_steps": job.max_steps, "eval_every": job.eval_every,
                 "patience": job.patience, "model": job.model, "train_data": job.train_data,
                 "eval_data": job.eval_data or "", "merge": options.merge, "source_trial": trial.number},
     )
@@ -209,6 +209,7 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from hpo import training
+    from hpo.reporter import Report
 
     saved: dict[str, Any] = {}
     started = time.perf_counter()
@@ -229,12 +230,14 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
                       console=console, transient=False) as progress:
             task = progress.add_task("train", total=job.max_steps, shown="")
 
-            def report(step: int, metrics: dict[str, float]) -> None:
+            def show(step: int, metrics: dict[str, float]) -> None:
                 tracker.log_metrics(step, metrics)
-                shown = f"{sweep.metric}={metrics.get(sweep.metric, float('nan')):.4f} eval_loss={metrics['eval_loss']:.4f}"
+                shown = f"{sweep.metric}={metrics[sweep.metric]:.4f} eval_loss={metrics['eval_loss']:.4f}"
                 progress.update(task, completed=step, shown=shown)
 
-            final = training.fine_tune(job, report, on_trained=save)
+            final = training.fine_tune(job, Report(sweep.metric, show), on_trained=save,
+                                       on_start=lambda settings: tracker.log_params(
+                                           {k: settings[k] for k in ("device", "precision")}))
             progress.update(task, completed=job.max_steps)
         metrics = {k: v for k, v in final.items() if isinstance(v, (int, float))}
         metrics["train_minutes"] = (time.perf_counter() - started) / 60

@@ -118,6 +118,25 @@ class TrainJob:
     """End with the weights of the evaluation with the lowest eval_loss."""
     synonyms: str | None = None
     """Synonym table for ``augment_synonym`` (see :mod:`hpo.augment`)."""
+    device: str = "auto"
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (resolved on the worker: :mod:`hpo.accelerator`)."""
+    precision: str = "auto"
+    """``auto``, ``bf16``, ``fp16`` or ``fp32``."""
+    gradient_checkpointing: bool = False
+    quantization: str = "none"
+    """``none``, ``4bit`` (QLoRA) or ``8bit``."""
+    attn_implementation: str = "sdpa"
+
+    def describe(self) -> dict[str, Any]:
+        """The job as flat, loggable values, defaults filled in: what the MLflow trial run
+        records when the trial starts. ``device``, ``precision`` and (when not chosen)
+        ``target_modules`` are left out: the worker reports what they resolved to."""
+        flat: dict[str, Any] = dataclasses.asdict(self.params)
+        flat["target_modules"] = ",".join(self.params.target_modules or ()) or None
+        for item in dataclasses.fields(self):
+            if item.name != "params":
+                flat[item.name] = getattr(self, item.name)
+        return {k: v for k, v in flat.items() if v is not None and k not in ("device", "precision")}
 
     @classmethod
     def from_sweep(cls, sweep: Sweep, params: dict[str, Any]) -> TrainJob:
@@ -143,4 +162,9 @@ class TrainJob:
             train_limit=sweep.train_limit,
             patience=sweep.patience,
             synonyms=sweep.synonyms,
+            device=sweep.device,
+            precision=sweep.precision,
+            gradient_checkpointing=sweep.gradient_checkpointing,
+            quantization=sweep.quantization,
+            attn_implementation=sweep.attn_implementation,
         )

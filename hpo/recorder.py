@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -64,12 +65,14 @@ class Recorder:
     POLL = 1.0
     """Seconds between looks at the study while waiting for other processes' trials."""
     # Trial attributes the recipe reports among its metrics and the study keeps as user attrs.
-    ATTRS = ("micro_batch_size", "grad_accum")
+    ATTRS = ("micro_batch_size", "grad_accum", "peak_memory_mb", "resident_memory_mb")
     # Curves kept on the Optuna trial (user attr "curves") for `hpo diagnose` and reports.
     CURVES = ("train_loss", "eval_loss", "learning_rate")
 
     def __init__(self, ledger: Ledger, tracker: SweepTracker, display: Display, *, metric: str,
-                 deadline: float | None):
+                 deadline: float | None, job_params: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+        self.job_params = job_params
+        """params -> the full job a worker trains with (defaults filled in), for the MLflow run."""
         self.ledger = ledger
         self.tracker = tracker
         self.display = display
@@ -90,6 +93,7 @@ class Recorder:
         """Why the sweep stopped asking for trials, when it was an error (see :meth:`stop`)."""
         self.kept: dict[int, int] = {}
         """Trials failed by another process while they ran here -> the trial keeping their result."""
+        self._logged: dict[int, set[str]] = {}  # MLflow params of each running trial's run (they never change)
 
     def next_trial(self) -> AskedTrial | str | None:
         """The next trial to run, ``None`` (wait: trials run here or in another live
@@ -123,11 +127,14 @@ class Recorder:
         self._waiting_since = None
         self.started += 1
         params = {**asked.trial.params, **{k: v for k, v in asked.params.items() if k not in asked.trial.params}}
+        if self.job_params is not None:
+            params = {**self.job_params(asked.params), **params}
         try:
             retry_transient(lambda: self.tracker.start_trial(asked.number, params), what="starting the MLflow run")
         except Exception as error:
             self.on_end(asked.number, Outcome("interrupted", error=f"MLflow: {type(error).__name__}"))
             raise
+        self._logged[asked.number] = set(params)
         self.display.trial_started(asked.number, asked.params)
         return asked
 
@@ -155,6 +162,17 @@ class Recorder:
         self.tracker.log_metrics(number, step, metrics)
         self.display.trial_result(number, step, value)
 
+    def on_info(self, number: int, info: dict[str, Any]) -> None:
+        """What the trial's worker resolved (device, precision, ...): Optuna user attrs and
+        MLflow params of the trial's run."""
+        if number not in self.ledger.running:
+            return
+        for key, value in info.items():
+            self.ledger.set_attr(number, key, value)
+        logged = self._logged.setdefault(number, set())
+        self.tracker.log_trial_params(number, {k: v for k, v in info.items() if k not in logged})
+        logged.update(info)
+
     def on_end(self, number: int, outcome: Outcome) -> None:
         """Tell Optuna the truthful end, close the MLflow run, update the display.
 
@@ -169,6 +187,7 @@ class Recorder:
             kind, reason = "fail", ("nan" if value is not None else "no_metric")
             error = f"the trial ended with {self.metric}={value}" if value is not None else \
                 f"the trial ended without reporting {self.metric!r}"
+        self._logged.pop(number, None)
         steps = self._steps.get(number)
         attrs: dict[str, Any] = {"last_step": steps} if steps else {}
         if number in self.curves:

@@ -6,8 +6,13 @@ How a trial flows (Tune calls all of this in one driver thread):
 1. ``OptunaBridge.suggest`` asks the recorder for the next trial (Optuna ``ask`` +
    ``space(trial)``), or says to wait, or that the sweep is done.
 2. A worker runs :func:`run_trial`: the module's ``train`` or the built-in recipe, whose
-   ``report(step, metrics)`` becomes ``tune.report``. Exceptions become an error result,
-   so the reason reaches the driver; a non-finite objective ends the trial (``nan``).
+   checked ``report(step, metrics)`` (:class:`hpo.Report`) becomes ``tune.report``.
+   Exceptions become an error result, so the reason reaches the driver; a non-finite
+   objective ends the trial (``nan``). The recipe's first result also carries what the
+   worker resolved (device, precision, target_modules, ...) as ``hpo_info/<name>`` entries
+   (strings and numbers; Tune flattens a nested dict that way anyway), which the bridge
+   hands to ``Recorder.on_info`` (Optuna user attrs, MLflow params): the one path by which
+   worker-side facts reach the driver's records.
 3. Tune gives each result to the scheduler first (``_ASHA`` may answer STOP and notes
    when that is an early stop), then to ``OptunaBridge.on_trial_result``, except the
    result on which the scheduler stops: ``on_trial_complete`` reports that one.
@@ -17,12 +22,17 @@ How a trial flows (Tune calls all of this in one driver thread):
 
 A searcher exception is only logged by Tune and would leave the trial RUNNING, so every
 hook here is defensive; the driver also closes whatever is left when ``fit`` returns.
+
+Before any trial, :func:`preflight` starts Ray and refuses, in one line, a sweep no node
+can run (``gpus_per_trial``/``cpus_per_trial`` above the largest node's) or whose device,
+precision or quantization the trial's worker cannot run (a Ray task with the trial's
+resources asks :func:`hpo.accelerator.problems`).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-import math
 import os
 import time
 import warnings
@@ -33,15 +43,18 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from hpo.errors import is_out_of_memory
+from hpo.errors import HpoError, is_out_of_memory
 from hpo.recipe import TrainJob
 from hpo.recorder import Outcome, Recorder
+from hpo.reporter import NonFiniteMetric, Report
 from hpo.space import TrainFn
 
 logger = logging.getLogger(__name__)
 ERROR_KEY = "hpo_error"
 REASON_KEY = "hpo_reason"
 EARLY_STOP_KEY = "hpo_early_stopped"
+INFO_PREFIX = "hpo_info/"
+PROBE_TIMEOUT = 180.0
 
 
 @dataclass(frozen=True)
@@ -52,63 +65,62 @@ class TrialSpec:
     train: TrainFn | None
 
 
-class _NonFinite(Exception):
-    """The objective or training loss became NaN/inf: the trial cannot recover."""
-
-
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """Ray Tune function trainable for one trial (runs on a worker)."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*(Some weights|newly initialized).*")
-    metric = spec.sweep.metric
     params = config["params"]
-    last = {"step": 0}
+    info: dict[str, Any] = {}
 
-    def report(step: int, metrics: dict[str, float]) -> None:
-        """Record one evaluation; Ray may end the trial here (early stop)."""
-        if not isinstance(step, int) or isinstance(step, bool) or step <= last["step"]:
-            raise ValueError(f"report(step={step!r}): step must be an int greater than the last ({last['step']})")
-        if not isinstance(metrics, dict) or metric not in metrics:
-            raise ValueError(f"report() got no {metric!r} (the sweep's metric); got {sorted(metrics or {})}")
-        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        last["step"] = step
-        bad = [k for k in (metric, "train_loss", "eval_loss") if k in values and not math.isfinite(values[k])]
-        if bad:
-            tune.report({"step": step, **values})
-            raise _NonFinite(f"{bad[0]} is {values[bad[0]]} at step {step}")
-        tune.report({"step": step, **values})
+    def send(result: dict[str, Any]) -> None:
+        if info:  # the worker's resolved settings ride on the first result after they are known
+            result.update({INFO_PREFIX + k: v for k, v in info.items()})
+            info.clear()
+        tune.report(result)
 
+    report = Report(spec.sweep.metric, lambda step, values: send({"step": step, **values}))
     try:
         if spec.train is not None:
-            spec.train(params, report)
+            call_train(spec.train, params, report, spec.sweep)
         else:
             from hpo import training
 
-            final = training.fine_tune(TrainJob.from_sweep(spec.sweep, params), report)
+            final = training.fine_tune(TrainJob.from_sweep(spec.sweep, params), report, on_start=info.update)
             if final.get("stopped_early_at"):  # patience ended it: tell the driver why
-                tune.report({"step": last["step"], EARLY_STOP_KEY: int(final["stopped_early_at"])})
-    except _NonFinite as error:
-        tune.report({"step": last["step"], ERROR_KEY: f"non-finite loss: {error}", REASON_KEY: "nan"})
+                send({"step": report.last_step, EARLY_STOP_KEY: int(final["stopped_early_at"])})
+    except NonFiniteMetric as error:
+        send({"step": report.last_step, ERROR_KEY: f"non-finite loss: {error}", REASON_KEY: "nan"})
     except Exception as error:  # noqa: BLE001 - any trial error becomes FAIL with its reason
         reason = "oom" if is_out_of_memory(error) else "error"
         message = f"{type(error).__name__}: {error}"
-        tune.report({"step": last["step"], ERROR_KEY: message[:4000], REASON_KEY: reason})
+        send({"step": report.last_step, ERROR_KEY: message[:4000], REASON_KEY: reason})
     finally:
         if spec.train is None:
             _release_memory()
 
 
-def _release_memory() -> None:
-    import gc
-
-    gc.collect()
+def call_train(train: TrainFn, params: dict[str, Any], report: Report, sweep: Any) -> Any:
+    """A module's own ``train``: ``train(params, report, sweep)`` when it takes a third (or a
+    ``sweep``) parameter -- the effective sweep, after ``--set`` -- else ``train(params, report)``."""
     try:
-        import torch
+        signature = inspect.signature(train)
+    except (TypeError, ValueError):  # a builtin or C callable: the two-argument form
+        return train(params, report)
+    kinds = [p.kind for p in signature.parameters.values()]
+    positional = [p for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if "sweep" in signature.parameters and signature.parameters["sweep"].kind == inspect.Parameter.KEYWORD_ONLY:
+        return train(params, report, sweep=sweep)
+    if len(positional) >= 3 or inspect.Parameter.VAR_POSITIONAL in kinds:
+        return train(params, report, sweep)
+    return train(params, report)
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
+
+def _release_memory() -> None:
+    """After a recipe trial (its exception, if any, handled): back to the resident baseline."""
+    from hpo import accelerator
+
+    accelerator.release_memory()
 
 
 class _ASHA(ASHAScheduler):
@@ -179,6 +191,8 @@ class OptunaBridge(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         number = self.numbers.get(trial_id)
+        if number is not None:
+            self._info(number, result)
         if number is None or ERROR_KEY in result or "step" not in result:
             return
         try:
@@ -186,10 +200,20 @@ class OptunaBridge(Searcher):
         except Exception:  # noqa: BLE001
             logger.exception("hpo: recording a result of trial %s failed", number)
 
+    def _info(self, number: int, result: dict) -> None:
+        info = {k.removeprefix(INFO_PREFIX): v for k, v in result.items() if k.startswith(INFO_PREFIX)}
+        if info:
+            try:
+                self.recorder.on_info(number, info)
+            except Exception:  # noqa: BLE001
+                logger.exception("hpo: recording the settings of trial %s failed", number)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         number = self.numbers.pop(trial_id, None)
         if number is None:
             return
+        if result:
+            self._info(number, result)  # Tune skips on_trial_result for the result it stops on
         try:
             outcome = self._outcome(trial_id, number, result, error)
         except Exception as problem:  # noqa: BLE001 - never leave a trial RUNNING
@@ -255,7 +279,6 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
     readable, and Ray's own shutdown noise from idle reused workers is not shown. A trial's
     exception reaches the study either way (its ``error`` attr).
     """
-    import ray
     import ray.cloudpickle
 
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -270,20 +293,7 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
     logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
     # A trial whose worker died is recorded (interrupted, run again); Tune's traceback for it is noise.
     logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
-    if not ray.is_initialized():
-        # Ray enables token auth for a local cluster and says so on every start; keep it, quietly.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        from hpo.tracking import without_credentials
-
-        with without_credentials():  # a local Ray's processes never inherit the MLflow password
-            ray.init(
-                address=address,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                log_to_driver=worker_logs,
-                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                                          "TRANSFORMERS_VERBOSITY": "error"}},
-            )
+    ray = _start_ray(address, worker_logs)
     resources = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
     concurrency = sweep.concurrency or _fit_count(ray.cluster_resources(), resources)
 
@@ -311,6 +321,71 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
         ),
     )
     tuner.fit()
+
+
+def _start_ray(address: str | None, worker_logs: bool) -> Any:
+    import ray
+
+    if not ray.is_initialized():
+        # Ray enables token auth for a local cluster and says so on every start; keep it, quietly.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        from hpo.tracking import without_credentials
+
+        with without_credentials():  # a local Ray's processes never inherit the MLflow password
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=worker_logs,
+                # Each trial runs in a new thread of a reused worker: glibc would give each its own
+                # malloc arena (up to 8 per core), and freed memory stays resident in all of them.
+                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                                          "TRANSFORMERS_VERBOSITY": "error", "MALLOC_ARENA_MAX": "2"}},
+            )
+    return ray
+
+
+def preflight(sweep: Any, *, address: str | None, recipe: bool, worker_logs: bool = False) -> None:
+    """Start (or join) Ray and refuse a sweep it cannot run, before anything is written.
+
+    Raises HpoError, one line: a ``gpus_per_trial``/``cpus_per_trial`` above every node's
+    (the largest node's numbers are given), or -- for the built-in recipe, when the sweep asks
+    for a device, precision or quantization a worker may lack -- what a probe task holding
+    one trial's resources found (:func:`hpo.accelerator.problems`).
+    """
+    ray = _start_ray(address, worker_logs)
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for key, field in (("GPU", "gpus_per_trial"), ("CPU", "cpus_per_trial")):
+        wanted = getattr(sweep, field)
+        if wanted > 0 and not any(node.get(key, 0.0) >= wanted for node in nodes):
+            largest = max(nodes, key=lambda node: node.get(key, 0.0), default={})
+            raise HpoError(
+                f"sweep field {field}={wanted:g}: no node of the Ray cluster has that many "
+                f"({'the largest has' if len(nodes) > 1 else 'it has'} {largest.get('GPU', 0.0):g} GPU, "
+                f"{largest.get('CPU', 0.0):g} CPU); lower it with --set {field}=... or add such a node")
+    if recipe and (sweep.device != "auto" or sweep.precision in ("bf16", "fp16") or sweep.quantization != "none"):
+        found = _probe(ray, sweep)
+        if found:
+            raise HpoError(found[0])
+
+
+def _probe(ray: Any, sweep: Any) -> list[str]:
+    """:func:`hpo.accelerator.problems` in a Ray task with one trial's resources (so with
+    the GPUs Ray would give a trial); a cluster too busy to answer in time is not an error."""
+
+    def probe(device: str, precision: str, quantization: str) -> list[str]:
+        from hpo import accelerator
+
+        return accelerator.problems(device, precision, quantization)
+
+    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(probe)
+    ref = task.remote(sweep.device, sweep.precision, sweep.quantization)
+    try:
+        return ray.get(ref, timeout=PROBE_TIMEOUT)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        logger.warning("hpo: no worker answered the device check within %.0f s; trials will report it", PROBE_TIMEOUT)
+        return []
 
 
 def _fit_count(available: dict[str, float], per_trial: dict[str, float]) -> int:

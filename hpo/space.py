@@ -5,8 +5,10 @@ The contract (also in README.md and ``search_spaces/lora.py``):
 * ``space(trial) -> dict``: define-by-run, samples with ``trial.suggest_*``; the dict is
   what one trial trains with (for the built-in recipe: learning_rate, batch_size, ...).
 * ``sweep = hpo.Sweep(...)``: the sweep's defaults, overridable with ``--set``.
-* optional ``train(params, report)``: replaces the built-in fine-tuning recipe;
-  ``report(step, metrics)`` records one evaluation and may end the trial early.
+* optional ``train(params, report)`` or ``train(params, report, sweep)``: replaces the
+  built-in fine-tuning recipe; ``report`` is an :class:`hpo.Report` (``report(step,
+  metrics)`` records one evaluation and may end the trial early); ``sweep`` is the
+  effective sweep, after ``--set``.
 
 Everything here runs before any storage is touched, so a bad module writes nothing.
 """

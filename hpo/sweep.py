@@ -131,6 +131,11 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     search_space = prepare(options, console)
     sweep = search_space.sweep
     name = check_study_name(options.study or search_space.default_study_name)
+    from hpo import scheduling
+
+    # Ray's resources and the trial's device before either store is written
+    scheduling.preflight(sweep, address=options.address or os.environ.get("RAY_ADDRESS"),
+                         recipe=search_space.train is None, worker_logs=options.worker_logs)
     studies.check_storage(options.storage)  # both stores reachable before either is written
     check_tracking(options.tracking_uri)
     warm_source = _open_warm_source(options, name)
@@ -186,6 +191,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
                   f"({sweep.max_steps} steps, evaluate every {sweep.eval_every}, pruner {sweep.pruner})")
 
     from hpo.progress import SweepDisplay
+    from hpo.recipe import TrainJob
     from hpo.recorder import Recorder
 
     deadline = time.time() + sweep.timeout if sweep.timeout else None
@@ -193,12 +199,11 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     display = SweepDisplay(console, study=name, metric=sweep.metric, direction=sweep.direction, target=sweep.trials,
                            max_steps=sweep.max_steps, already=already,
                            best=(best["number"], best["value"]) if best else None)
-    recorder = Recorder(ledger, tracker, display, metric=sweep.metric, deadline=deadline)
+    recorder = Recorder(ledger, tracker, display, metric=sweep.metric, deadline=deadline,
+                        job_params=None if search_space.train else lambda p: TrainJob.from_sweep(sweep, p).describe())
     status = "FINISHED"
     try:
         with display:
-            from hpo import scheduling
-
             scheduling.run(
                 recorder, sweep, search_space.train, address=options.address or os.environ.get("RAY_ADDRESS"),
                 module=search_space.module, storage_path=str(Path(options.workdir).resolve() / "ray_results"),

@@ -214,6 +214,11 @@ class SweepTracker(_Tracker):
     def log_metrics(self, number: int, step: int, metrics: dict[str, float]) -> None:
         self._log_metrics(self.trial_runs[number], step, metrics)
 
+    def log_trial_params(self, number: int, params: dict[str, Any]) -> None:
+        """More params on a running trial's run (what its worker resolved: device, precision, ...)."""
+        if number in self.trial_runs:
+            self._log_params(self.trial_runs[number], params)
+
     def end_trial(self, number: int, state: str, reason: str | None = None, value: float | None = None) -> None:
         """Close the trial's run with the status matching the Optuna ``state``."""
         run_id = self.trial_runs.pop(number, None)
@@ -348,6 +353,9 @@ class PromoteTracker(_Tracker):
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self._log_metrics(self.run_id, step, metrics)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._log_params(self.run_id, params)
 
     def log_folder(self, folder: Any) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path="model")

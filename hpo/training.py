@@ -11,22 +11,31 @@ It knows nothing of Optuna, Ray or MLflow: it runs the same under Ray, in a plai
 process, or in a test. ``report`` may raise to end the run early (Ray's stop does).
 
 Load once per worker: the frozen base model and the tokenized data are cached in this
-process, keyed by model, task and data; each run seeds torch, re-initialises the task head,
-wraps the base in a new adapter and removes the adapter in ``finally``, so a run on a warm
-worker gives exactly the results of a fresh load with the same seed.
+process, keyed by model, task and data (the base also by device, precision, quantization and
+attention kernel: it stays on its device across trials); each run seeds torch, re-initialises
+the task head, wraps the base in a new adapter and removes the adapter in ``finally``, so a
+run on a warm worker gives exactly the results of a fresh load with the same seed.
+
+Device and precision (:mod:`hpo.accelerator`): batches move to the device the worker
+resolved; with bf16/fp16 the frozen base is stored in that dtype, the trainable weights
+(adapter, head) in fp32, and every forward pass runs under ``torch.autocast`` (fp16 with a
+``GradScaler``). Every report carries ``peak_memory_mb`` (the trial's high-water mark: GPU
+memory, else the process's peak RSS) and ``resident_memory_mb`` (the worker's memory when
+the trial started, after the cached base model: flat across trials when nothing leaks).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from hpo import data, models
+from hpo import accelerator, data, models
 from hpo.errors import is_out_of_memory
 from hpo.recipe import TrainJob
 
@@ -39,7 +48,8 @@ _TOKENIZERS: dict[str, Any] = {}
 _DATASETS: dict[tuple, tuple[Any, Any, int]] = {}
 
 
-def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], None] | None = None) -> dict[str, float]:
+def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], None] | None = None,
+              on_start: Callable[[dict[str, Any]], None] | None = None) -> dict[str, float]:
     """Train one LoRA adapter as ``job`` says; return the final model's metrics.
 
     With ``job.patience``, training stops once ``eval_loss`` has not improved for that many
@@ -47,27 +57,86 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
     ``eval_loss`` are restored at the end (and evaluated again). The returned metrics then
     also hold ``best_step`` and ``stopped_early_at`` (0 when it ran to ``max_steps``).
     ``on_trained(peft_model, tokenizer)`` is called at the end, before the adapter is removed
-    from the cached base model (to save it, for example).
+    from the cached base model (to save it, for example). ``on_start(settings)`` is called
+    once the adapter is in place, with what the run resolved: device, precision,
+    target_modules, trainable_params, ...
     """
     from peft import get_peft_model
 
+    device = accelerator.resolve_device(job.device)
+    precision = accelerator.resolve_precision(job.precision, device)
     tokenizer = _tokenizer(job.model)
     train_set, eval_set, num_labels = _datasets(job, tokenizer)
-    base = _base_model(job, num_labels, tokenizer)
+    base = _base_model(job, num_labels, tokenizer, device, precision)
+    run = _Run(device, precision, accelerator.grad_scaler(device, precision), accelerator.MemoryMeter(device),
+               accelerator.current_memory(device))
+    run.meter.start()
 
     torch.manual_seed(job.seed)
     _reset_head(base, job.task)
+    _set_gradient_checkpointing(base, job.gradient_checkpointing)
     model = get_peft_model(base, _lora_config(job, base.config.model_type))
     try:
-        metrics = _train(job, model, tokenizer, train_set, eval_set, report)
+        trainable = _upcast_trainable(model)
+        if on_start is not None:
+            on_start(_settings(job, model, run, trainable))
+        metrics = _train(job, model, tokenizer, train_set, eval_set, report, run)
         if on_trained is not None:
             on_trained(model, tokenizer)
         return metrics
+    except BaseException as error:  # Ray's early stop (SystemExit) included
+        # The exception's traceback keeps _train's frame -- optimizer state, gradients, the
+        # adapter -- alive as long as someone holds it; drop those locals now.
+        traceback.clear_frames(error.__traceback__)
+        raise
     finally:
         model.unload()  # the cached base is clean again for the next run on this worker
+        del model  # the caller frees what is left (hpo.accelerator.release_memory)
 
 
-def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, report: Reporter) -> dict[str, float]:
+class _Run:
+    """Where and how one run computes, and its memory meter."""
+
+    def __init__(self, device: torch.device, precision: str, scaler: Any, meter: accelerator.MemoryMeter,
+                 resident: int):
+        self.device, self.precision, self.scaler, self.meter, self.resident = device, precision, scaler, meter, resident
+
+    def memory(self) -> dict[str, float]:
+        mib = 1024 * 1024
+        return {"peak_memory_mb": round(self.meter.peak() / mib), "resident_memory_mb": round(self.resident / mib)}
+
+
+def _settings(job: TrainJob, model: Any, run: _Run, trainable: int) -> dict[str, Any]:
+    config = model.peft_config["default"]
+    return {**accelerator.describe(run.device), "precision": run.precision, "quantization": job.quantization,
+            "gradient_checkpointing": job.gradient_checkpointing, "attn_implementation": job.attn_implementation,
+            "target_modules": ",".join(sorted(config.target_modules or ())), "trainable_params": trainable}
+
+
+def _upcast_trainable(model: Any) -> int:
+    """Trainable weights (adapter, task head) in fp32 whatever the base's dtype: the optimizer
+    and the grad scaler work on fp32 master weights. Returns their number."""
+    count = 0
+    for weight in model.parameters():
+        if weight.requires_grad:
+            if weight.dtype != torch.float32:
+                weight.data = weight.data.float()
+            count += weight.numel()
+    return count
+
+
+def _set_gradient_checkpointing(base: Any, enabled: bool) -> None:
+    """On or off for this run (the cached base keeps whatever the last run set)."""
+    if enabled:
+        # non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+    elif base.is_activation_checkpointing:
+        base.activation_checkpointing_disable()
+
+
+def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, report: Reporter,
+           run: _Run) -> dict[str, float]:
     p = job.params
     trainable = [w for w in model.parameters() if w.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.weight_decay)
@@ -91,7 +160,7 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
         batch = next(batches)
         while True:
             try:
-                loss = _accumulate(model, batch, micro)
+                loss = _accumulate(model, batch, micro, run)
                 break
             except Exception as error:
                 if not is_out_of_memory(error) or micro == 1:
@@ -99,9 +168,15 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
                 optimizer.zero_grad(set_to_none=True)
                 _free_memory()
                 micro = max(1, micro // 2)
+        if run.scaler is not None:
+            run.scaler.unscale_(optimizer)  # clip and step on the true gradients
         if p.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, p.max_grad_norm)
-        optimizer.step()
+        if run.scaler is not None:
+            run.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            run.scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss)
@@ -112,6 +187,7 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
             metrics["grad_accum"] = math.ceil(p.batch_size / micro)
             metrics["learning_rate"] = scheduler.get_last_lr()[0]
             metrics["train_seconds"] = time.perf_counter() - started
+            metrics.update(run.memory())
             losses.clear()
             report(step, metrics)
             if watch.should_stop(step, metrics["eval_loss"], model):
@@ -161,18 +237,27 @@ class _BestWatch:
         return final
 
 
-def _accumulate(model: Any, batch: dict[str, Any], micro: int) -> float:
+def _accumulate(model: Any, batch: dict[str, Any], micro: int, run: _Run) -> float:
     """Forward and backward ``batch`` in pieces of ``micro`` examples; each piece's mean
     loss is weighted by its share, so the gradient is the whole batch's. Returns the loss."""
     size = batch["labels"].shape[0]
     total = 0.0
     for start in range(0, size, micro):
-        piece = {k: v[start : start + micro] for k, v in batch.items()}
+        piece = _to_device({k: v[start : start + micro] for k, v in batch.items()}, run.device)
         share = piece["labels"].shape[0] / size
-        loss = _forward(model, piece).loss * share
-        loss.backward()
+        with accelerator.autocast(run.device, run.precision):
+            loss = _forward(model, piece).loss * share
+        (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
         total += loss.item()
     return total
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _forward(model: Any, batch: dict[str, Any]) -> Any:
@@ -205,10 +290,14 @@ def evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any) -> dict[s
 @torch.no_grad()
 def _evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any, size: int) -> dict[str, float]:
     model.eval()
+    device = _device_of(model)
+    precision = accelerator.resolve_precision(job.precision, device)
     total_loss, total_count, correct = 0.0, 0, 0
     for start in range(0, len(eval_set), size):
-        batch = _collate(eval_set, range(start, min(start + size, len(eval_set))), tokenizer, job.task)
-        out = model(**batch)
+        batch = _to_device(_collate(eval_set, range(start, min(start + size, len(eval_set))), tokenizer, job.task),
+                           device)
+        with accelerator.autocast(device, precision):
+            out = model(**batch)
         count = batch["labels"].shape[0]
         total_loss += out.loss.item() * count
         total_count += count
@@ -323,22 +412,51 @@ def _tokenizer(model_name: str) -> Any:
     return _TOKENIZERS[model_name]
 
 
-def _base_model(job: TrainJob, num_labels: int, tokenizer: Any) -> Any:
-    key = (job.model, job.task, num_labels)
+def _base_model(job: TrainJob, num_labels: int, tokenizer: Any, device: torch.device | None = None,
+                precision: str = "fp32") -> Any:
+    """The frozen base, loaded once per worker onto ``device``: stored in the training
+    precision's dtype (bf16/fp16, else fp32), or quantized by bitsandbytes (4bit: QLoRA's
+    nf4 with double quantization, computing in bf16; 8bit) and prepared by peft for k-bit
+    training."""
+    device = device or torch.device("cpu")
+    key = (job.model, job.task, num_labels, str(device), precision, job.quantization, job.attn_implementation)
     if key not in _BASE_MODELS:
         import transformers
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         path = models.resolve(job.model)
+        dtype = accelerator.DTYPES[precision]
+        options: dict[str, Any] = {"dtype": dtype, "attn_implementation": job.attn_implementation}
+        if job.quantization != "none":
+            options["dtype"] = torch.float16 if precision == "fp16" else torch.bfloat16
+            options["quantization_config"] = _quantization_config(job.quantization, options["dtype"])
+            options["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
         if job.task == "classification":
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                                   **options)
         else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path)
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, **options)
+        if job.quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            # freezes the base, casts its norms and the rest to fp32; checkpointing is set per run
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        else:
+            model.to(device)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         _BASE_MODELS[key] = model
     return _BASE_MODELS[key]
+
+
+def _quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def _reset_head(model: Any, task: str) -> None:

@@ -18,7 +18,7 @@ def run(job: TrainJob) -> list[tuple[int, dict]]:
     """The reports of one run, without the wall-clock timing (which never repeats)."""
     reports: list[tuple[int, dict]] = []
     training.fine_tune(job, lambda step, metrics: reports.append(
-        (step, {k: v for k, v in metrics.items() if k != "train_seconds"})))
+        (step, {k: v for k, v in metrics.items() if k != "train_seconds" and not k.endswith("_memory_mb")})))
     return reports
 
 
