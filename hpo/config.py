@@ -19,7 +19,7 @@ from typing import Any, Literal
 from hpo.errors import HpoError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-TASKS = ("classification", "causal_lm")
+TASKS = ("classification", "causal_lm", "sft")
 PRUNERS = ("asha", "none")
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
 # Metrics whose better direction is known; any other metric needs `direction`.
@@ -27,6 +27,8 @@ KNOWN_DIRECTIONS = {
     "eval_accuracy": "maximize",
     "eval_loss": "minimize",
     "eval_perplexity": "minimize",
+    "eval_exact_match": "maximize",
+    "eval_score": "maximize",
     "train_loss": "minimize",
 }
 DATA_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
@@ -42,8 +44,9 @@ class Sweep:
 
     model: str = DEFAULT_MODEL
     """Base model: a Hugging Face id or a local folder (``--set model=...``)."""
-    task: Literal["classification", "causal_lm"] = "classification"
-    """``classification`` (sequence labels) or ``causal_lm`` (next-token prediction)."""
+    task: Literal["classification", "causal_lm", "sft"] = "classification"
+    """``classification`` (sequence labels), ``causal_lm`` (next-token prediction on plain text) or
+    ``sft`` (instruction tuning on prompt/completion or chat ``messages`` data; see :mod:`hpo.sft`)."""
     train_data: str = ""
     """Training data: a TSV/CSV/JSONL/TXT file, or a Hugging Face dataset id (``imdb:train``)."""
     eval_data: str | None = None
@@ -93,6 +96,14 @@ class Sweep:
     """Most trials running at once; ``None`` lets the free resources decide."""
     eval_batch_size: int = 64
     """Batch size for evaluation (it does not change results, only speed and memory)."""
+    packing: bool = False
+    """sft: pack whole examples into blocks of max_length tokens (attention stays within an example)."""
+    generation_examples: int = 32
+    """sft: eval examples answered by greedy generation at each evaluation (eval_exact_match); 0: none."""
+    max_new_tokens: int = 32
+    """sft: most tokens generated per answer for the generation score."""
+    chat_template: str | None = None
+    """sft: a Jinja chat template file, or a model whose template to borrow; None: the model's own."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form settings for a module's own ``train`` function (not used by the recipe)."""
 
@@ -125,6 +136,10 @@ class Sweep:
         if isinstance(self.eval_every, int) and isinstance(self.max_steps, int):
             if self.eval_every > self.max_steps:
                 yield _bad("eval_every", self.eval_every, f"must not exceed max_steps={self.max_steps}")
+        if not isinstance(self.generation_examples, int) or self.generation_examples < 0:
+            yield _bad("generation_examples", self.generation_examples, "must be a whole number of at least 0")
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            yield _bad("max_new_tokens", self.max_new_tokens, "must be a whole number of at least 1")
         for name in ("train_limit", "patience"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
@@ -203,6 +218,12 @@ def _coerce(key: str, raw: str, hint: Any) -> Any:
             if raw in choices:
                 return raw
             raise HpoError(f"--set {key}={raw}: must be one of {', '.join(choices)}")
+        if kind is bool:
+            if raw.lower() in ("true", "1", "yes", "on"):
+                return True
+            if raw.lower() in ("false", "0", "no", "off"):
+                return False
+            raise HpoError(f"--set {key}={raw}: must be true or false")
         if kind is int:
             try:
                 return int(raw)
@@ -233,11 +254,11 @@ def resolve_paths(sweep: Sweep, base: Path) -> Sweep:
     Hub ids (``imdb:train``, ``org/model``) are left alone unless such a path exists.
     """
     changes: dict[str, str] = {}
-    for name in ("train_data", "eval_data", "test_data", "synonyms", "model"):
+    for name in ("train_data", "eval_data", "test_data", "synonyms", "model", "chat_template"):
         value = getattr(sweep, name)
         if not value:
             continue
         candidate = (base / Path(value).expanduser()).resolve()
-        if candidate.exists() or (name != "model" and looks_like_local_path(value)):
+        if candidate.exists() or (name not in ("model", "chat_template") and looks_like_local_path(value)):
             changes[name] = str(candidate)
     return dataclasses.replace(sweep, **changes) if changes else sweep

@@ -118,6 +118,14 @@ class TrainJob:
     """End with the weights of the evaluation with the lowest eval_loss."""
     synonyms: str | None = None
     """Synonym table for ``augment_synonym`` (see :mod:`hpo.augment`)."""
+    packing: bool = False
+    """sft: pack examples into max_length blocks (see :mod:`hpo.sft`)."""
+    generation_examples: int = 32
+    """sft: eval examples scored by greedy generation."""
+    max_new_tokens: int = 32
+    """sft: most tokens generated per answer."""
+    chat_template: str | None = None
+    """sft: a Jinja file or a model to borrow the chat template from; None: the model's own."""
 
     @classmethod
     def from_sweep(cls, sweep: Sweep, params: dict[str, Any]) -> TrainJob:
@@ -143,4 +151,8 @@ class TrainJob:
             train_limit=sweep.train_limit,
             patience=sweep.patience,
             synonyms=sweep.synonyms,
+            packing=sweep.packing,
+            generation_examples=sweep.generation_examples,
+            max_new_tokens=sweep.max_new_tokens,
+            chat_template=sweep.chat_template,
         )
