@@ -69,7 +69,7 @@ def main() -> None:
 
     def trainer(steps: int) -> tuple[int, float]:
         from peft import get_peft_model
-        from transformers import Trainer, TrainingArguments
+        from transformers import PrinterCallback, Trainer, TrainingArguments
 
         train_set = training._datasets(job(steps), training._tokenizer(args.model))[0]
         base = training._base_model(job(steps), 0, training._tokenizer(args.model))
@@ -86,6 +86,7 @@ def main() -> None:
         rows = [{"index": i} for i in range(len(train_set))]
         run = Trainer(model=model, args=settings, train_dataset=rows,
                       data_collator=lambda features: sft.collate(train_set, [f["index"] for f in features]))
+        run.remove_callback(PrinterCallback)  # it prints the final metrics: one JSON line is ours
         counted["tokens"] = 0
         started = time.perf_counter()
         try:
