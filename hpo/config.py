@@ -19,7 +19,7 @@ from typing import Any, Literal
 from hpo.errors import HpoError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-TASKS = ("classification", "causal_lm")
+TASKS = ("classification", "causal_lm", "sft")
 PRUNERS = ("asha", "none")
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -29,6 +29,8 @@ KNOWN_DIRECTIONS = {
     "eval_accuracy": "maximize",
     "eval_loss": "minimize",
     "eval_perplexity": "minimize",
+    "eval_exact_match": "maximize",
+    "eval_score": "maximize",
     "train_loss": "minimize",
 }
 DATA_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
@@ -44,8 +46,9 @@ class Sweep:
 
     model: str = DEFAULT_MODEL
     """Base model: a Hugging Face id or a local folder (``--set model=...``)."""
-    task: Literal["classification", "causal_lm"] = "classification"
-    """``classification`` (sequence labels) or ``causal_lm`` (next-token prediction)."""
+    task: Literal["classification", "causal_lm", "sft"] = "classification"
+    """``classification`` (sequence labels), ``causal_lm`` (next-token prediction on plain text) or
+    ``sft`` (instruction tuning on prompt/completion or chat ``messages`` data; see :mod:`hpo.sft`)."""
     train_data: str = ""
     """Training data: a TSV/CSV/JSONL/TXT file, or a Hugging Face dataset id (``imdb:train``)."""
     eval_data: str | None = None
@@ -107,6 +110,14 @@ class Sweep:
     bf16 compute), ``8bit`` LLM.int8(); ``none`` keeps it in the training precision."""
     attn_implementation: str = "sdpa"
     """The attention kernel transformers uses: ``sdpa``, ``eager``, ``flash_attention_2``, ..."""
+    packing: bool = False
+    """sft: pack whole examples into blocks of max_length tokens (attention stays within an example)."""
+    generation_examples: int = 32
+    """sft: eval examples answered by greedy generation at each evaluation (eval_exact_match); 0: none."""
+    max_new_tokens: int = 32
+    """sft: most tokens generated per answer for the generation score."""
+    chat_template: str | None = None
+    """sft: a Jinja chat template file, or a model whose template to borrow; None: the model's own."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form settings for a module's own ``train`` function (not used by the recipe)."""
 
@@ -139,6 +150,10 @@ class Sweep:
         if isinstance(self.eval_every, int) and isinstance(self.max_steps, int):
             if self.eval_every > self.max_steps:
                 yield _bad("eval_every", self.eval_every, f"must not exceed max_steps={self.max_steps}")
+        if not isinstance(self.generation_examples, int) or self.generation_examples < 0:
+            yield _bad("generation_examples", self.generation_examples, "must be a whole number of at least 0")
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            yield _bad("max_new_tokens", self.max_new_tokens, "must be a whole number of at least 1")
         for name in ("train_limit", "patience"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
@@ -277,11 +292,11 @@ def resolve_paths(sweep: Sweep, base: Path) -> Sweep:
     Hub ids (``imdb:train``, ``org/model``) are left alone unless such a path exists.
     """
     changes: dict[str, str] = {}
-    for name in ("train_data", "eval_data", "test_data", "synonyms", "model"):
+    for name in ("train_data", "eval_data", "test_data", "synonyms", "model", "chat_template"):
         value = getattr(sweep, name)
         if not value:
             continue
         candidate = (base / Path(value).expanduser()).resolve()
-        if candidate.exists() or (name != "model" and looks_like_local_path(value)):
+        if candidate.exists() or (name not in ("model", "chat_template") and looks_like_local_path(value)):
             changes[name] = str(candidate)
     return dataclasses.replace(sweep, **changes) if changes else sweep

@@ -135,6 +135,11 @@ def sample(examples: Examples, limit: int) -> Examples:
     return Examples(examples.source, [examples.texts[i] for i in chosen], [examples.labels[i] for i in chosen])
 
 
+def read_rows(source: str) -> tuple[list[dict], list[str]]:
+    """The rows of a TSV/CSV/JSONL file, a ``save_to_disk`` folder or a hub split, and its columns."""
+    return _read_rows(source)
+
+
 def _read_rows(source: str) -> tuple[list[dict], list[str]]:
     path = Path(source)
     suffix = path.suffix.lower()

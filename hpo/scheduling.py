@@ -63,6 +63,8 @@ class TrialSpec:
 
     sweep: Any  # hpo.Sweep
     train: TrainFn | None
+    score: Any = None
+    """The module's own ``score(prediction, reference)`` for task sft, or None (exact match)."""
 
 
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
@@ -85,7 +87,8 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         else:
             from hpo import training
 
-            final = training.fine_tune(TrainJob.from_sweep(spec.sweep, params), report, on_start=info.update)
+            final = training.fine_tune(TrainJob.from_sweep(spec.sweep, params), report, on_start=info.update,
+                                       score=spec.score)
             if final.get("stopped_early_at"):  # patience ended it: tell the driver why
                 send({"step": report.last_step, EARLY_STOP_KEY: int(final["stopped_early_at"])})
     except NonFiniteMetric as error:
@@ -272,7 +275,7 @@ def _metrics(result: dict) -> dict[str, float]:
 
 
 def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str | None, module: Any,
-        storage_path: str, name: str, worker_logs: bool = False) -> None:
+        storage_path: str, name: str, worker_logs: bool = False, score: Any = None) -> None:
     """Start (or join) Ray and run trials until the recorder says the sweep is done.
 
     Workers' output stays in Ray's log files unless ``worker_logs``: the live view stays
@@ -284,7 +287,7 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if train is not None:
+    if train is not None or score is not None:
         # The module was loaded from a path workers may not import by name: ship it by value.
         ray.cloudpickle.register_pickle_by_value(module)
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -305,7 +308,7 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
     else:
         scheduler = _NoStop()
     searcher = OptunaBridge(recorder, scheduler, sweep.metric, sweep.mode)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=TrialSpec(sweep, train)), resources)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=TrialSpec(sweep, train, score)), resources)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -340,7 +343,10 @@ def _start_ray(address: str | None, worker_logs: bool) -> Any:
                 # Each trial runs in a new thread of a reused worker: glibc would give each its own
                 # malloc arena (up to 8 per core), and freed memory stays resident in all of them.
                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                                          "TRANSFORMERS_VERBOSITY": "error", "MALLOC_ARENA_MAX": "2"}},
+                                          "TRANSFORMERS_VERBOSITY": "error", "MALLOC_ARENA_MAX": "2",
+                                          # a trial's cleanup may take over Tune's 2 s on a busy CPU; past
+                                          # that the warm worker (base model loaded) is thrown away
+                                          "TUNE_FUNCTION_THREAD_TIMEOUT_S": "30"}},
             )
     return ray
 

@@ -9,6 +9,8 @@ The contract (also in README.md and ``search_spaces/lora.py``):
   built-in fine-tuning recipe; ``report`` is an :class:`hpo.Report` (``report(step,
   metrics)`` records one evaluation and may end the trial early); ``sweep`` is the
   effective sweep, after ``--set``.
+* optional ``score(prediction, reference) -> float`` (task sft): scores each generated
+  answer against the reference; the recipe records the mean as ``eval_score``.
 
 Everything here runs before any storage is touched, so a bad module writes nothing.
 """
@@ -42,6 +44,7 @@ class SearchSpace:
     space: Space
     sweep: Sweep
     train: TrainFn | None
+    score: Callable[[str, str], float] | None = None
 
     @property
     def default_study_name(self) -> str:
@@ -73,6 +76,9 @@ def load(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
     train = getattr(module, "train", None)
     if train is not None and not callable(train):
         raise HpoError(f"{path}: `train` must be a function train(params, report)")
+    score = getattr(module, "score", None)
+    if score is not None and not callable(score):
+        raise HpoError(f"{path}: `score` must be a function score(prediction, reference) -> float")
 
     sweep = resolve_paths(sweep, path.parent)
     values = parse_overrides(overrides or [])
@@ -82,7 +88,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
         except HpoError as error:
             raise HpoError(f"{path}: {error}") from None
         sweep = resolve_paths(sweep, Path.cwd())
-    return SearchSpace(path=path, module=module, space=space, sweep=sweep, train=train)
+    return SearchSpace(path=path, module=module, space=space, sweep=sweep, train=train, score=score)
 
 
 def _import(path: Path) -> ModuleType:

@@ -88,7 +88,12 @@ def prepare(options: SearchOptions, console: Console | None = None) -> spaces.Se
             raise HpoError(f"{search_space.path}: sweep field train_data is empty; the built-in recipe needs "
                            "training data (set it in the module or with --set train_data=...)")
         models.check_available(sweep.model)
-        _check_data(search_space, options, console)
+        if sweep.task == "sft":
+            from hpo import sft
+
+            sft.check(sweep)
+        else:
+            _check_data(search_space, options, console)
     return search_space
 
 
@@ -207,7 +212,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
             scheduling.run(
                 recorder, sweep, search_space.train, address=options.address or os.environ.get("RAY_ADDRESS"),
                 module=search_space.module, storage_path=str(Path(options.workdir).resolve() / "ray_results"),
-                name=name, worker_logs=options.worker_logs,
+                name=name, worker_logs=options.worker_logs, score=search_space.score,
             )
     except KeyboardInterrupt:
         status = "KILLED"

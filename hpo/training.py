@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from hpo import accelerator, data, models
+from hpo import accelerator, data, models, sft
 from hpo.errors import is_out_of_memory
 from hpo.recipe import TrainJob
 
@@ -49,7 +49,8 @@ _DATASETS: dict[tuple, tuple[Any, Any, int]] = {}
 
 
 def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], None] | None = None,
-              on_start: Callable[[dict[str, Any]], None] | None = None) -> dict[str, float]:
+              on_start: Callable[[dict[str, Any]], None] | None = None,
+              score: Callable[[str, str], float] | None = None) -> dict[str, float]:
     """Train one LoRA adapter as ``job`` says; return the final model's metrics.
 
     With ``job.patience``, training stops once ``eval_loss`` has not improved for that many
@@ -60,6 +61,8 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
     from the cached base model (to save it, for example). ``on_start(settings)`` is called
     once the adapter is in place, with what the run resolved: device, precision,
     target_modules, trainable_params, ...
+    ``score(prediction, reference)`` (task sft, from the search-space module) scores
+    generated answers as ``eval_score``.
     """
     from peft import get_peft_model
 
@@ -68,6 +71,9 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
     tokenizer = _tokenizer(job.model)
     train_set, eval_set, num_labels = _datasets(job, tokenizer)
     base = _base_model(job, num_labels, tokenizer, device, precision)
+    if job.task == "sft":
+        eval_set = sft.with_score(eval_set, score)
+        base.config.use_cache = False  # a KV cache in training turns off packed sequences' own attention
     run = _Run(device, precision, accelerator.grad_scaler(device, precision), accelerator.MemoryMeter(device),
                accelerator.current_memory(device))
     run.meter.start()
@@ -289,6 +295,8 @@ def evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any) -> dict[s
 
 @torch.no_grad()
 def _evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any, size: int) -> dict[str, float]:
+    if job.task == "sft":
+        return sft.evaluate(job, model, tokenizer, eval_set, size)
     model.eval()
     device = _device_of(model)
     precision = accelerator.resolve_precision(job.precision, device)
@@ -322,6 +330,8 @@ def _batches(train_set: Any, batch_size: int, seed: int, tokenizer: Any, task: s
 def _collate(dataset: Any, indices: Any, tokenizer: Any, task: str,
              augment: Callable[[str], str] | None = None, max_length: int = 0) -> dict[str, Any]:
     indices = list(indices)
+    if task == "sft":
+        return sft.collate(dataset, indices)
     if task == "causal_lm":
         blocks = dataset[indices]
         return {"input_ids": blocks, "labels": blocks}
@@ -344,6 +354,12 @@ class _Classification(tuple):
 
 
 def _datasets(job: TrainJob, tokenizer: Any) -> tuple[Any, Any, int]:
+    if job.task == "sft":
+        key = ("sft", job.model, job.train_data, job.eval_data, job.max_length, job.eval_fraction, job.train_limit,
+               job.packing, job.chat_template, job.generation_examples)
+        if key not in _DATASETS:
+            _DATASETS[key] = (*sft.datasets(job, tokenizer), 0)
+        return _DATASETS[key]
     key = (job.model, job.task, job.train_data, job.eval_data, job.text_column, job.label_column,
            job.max_length, job.eval_fraction, job.train_limit)
     if key not in _DATASETS:
@@ -368,6 +384,8 @@ def _datasets(job: TrainJob, tokenizer: Any) -> tuple[Any, Any, int]:
 
 def evaluate_source(job: TrainJob, model: Any, tokenizer: Any, source: str) -> dict[str, float]:
     """Evaluate ``model`` on another data source (a test set), the way validation is done."""
+    if job.task == "sft":
+        return evaluate(job, model, tokenizer, sft.eval_set(job, tokenizer, sft.read(source), source=source))
     examples = data.read(source, job.task, job.text_column, job.label_column)
     if job.task == "causal_lm":
         dataset = _blocks(examples, tokenizer, job.max_length)

