@@ -259,12 +259,18 @@ def exact_match(prediction: str, reference: str) -> float:
 @torch.no_grad()
 def evaluate(job: Any, model: Any, tokenizer: Any, dataset: SftSet, batch_size: int) -> dict[str, float]:
     """eval_loss (mean over answer tokens), eval_perplexity and the generation scores."""
+    from hpo import accelerator
+
     model.eval()
+    device = next(model.parameters()).device
+    precision = accelerator.resolve_precision(job.precision, device)
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(dataset), batch_size):
         batch = collate(dataset, range(start, min(start + batch_size, len(dataset))))
         tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
-        total_loss += model(**batch).loss.item() * tokens
+        with accelerator.autocast(device, precision):
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        total_loss += loss.item() * tokens
         total_tokens += tokens
     eval_loss = total_loss / max(1, total_tokens)
     metrics = {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
