@@ -148,6 +148,12 @@ class TestLedgerOnEveryStorage:
         again = reclaimers[1].claim()
         assert again.number == reruns[0].number and again.params == asked.params
 
+    def test_reclaim_takes_a_trial_whose_claimer_died_mid_claim(self, storage_url: str) -> None:
+        ledger = new_ledger(storage_url, create=True)
+        half = optuna.load_study(study_name="s", storage=open_storage(storage_url)).ask()  # no driver, no heartbeat
+        assert ledger.reclaim() == [half.number]
+        assert ledger.study.get_trials()[half.number].user_attrs["reason"] == "interrupted"
+
     def test_reclaim_never_fails_a_live_drivers_trial_and_judges_others_by_heartbeat(self, storage_url: str) -> None:
         owner = new_ledger(storage_url, create=True)
         mine, foreign_stale, foreign_fresh = owner.claim(), owner.claim(), owner.claim()
