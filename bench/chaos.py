@@ -15,8 +15,8 @@ after a driver kill the same command is started again (a resume). At the end:
 * the study holds exactly ``--trials`` finished trials.
 
 Prints ONE JSON line: kills, driver_kills, worker_kills, resumes, trials, losses (must be
-0: finished trials lost, changed or missing), duplicates, running, mlflow_running,
-seconds. Exit status 0 when everything holds, else 1.
+0: finished trials lost, changed or missing), duplicates, interrupted, gave_up (configs
+interrupted 3 times, FAIL ``interrupted_too_often``), running, mlflow_running, seconds. Exit status 0 when everything holds, else 1.
 """
 
 from __future__ import annotations
@@ -213,6 +213,8 @@ class Chaos:
             "losses": lost + wrong + max(0, self.args.trials - counted),
             "duplicates": len(keys) - len(set(keys)),
             "interrupted": sum(1 for t in trials if t.user_attrs.get("reason") == "interrupted"),
+            # configs interrupted MAX_ATTEMPTS times: FAIL interrupted_too_often (counted, not lost)
+            "gave_up": sum(1 for t in trials if t.user_attrs.get("reason") == "interrupted_too_often"),
             "running": sum(1 for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)),
             "mlflow_running": sum(1 for r in runs if r.info.status == "RUNNING"),
             "mlflow_trial_runs": sum(1 for r in runs if r.data.tags.get("hpo.role") == "trial"),

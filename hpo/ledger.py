@@ -281,11 +281,14 @@ class Ledger:
         reclaimed = []
         with self.lock:
             stale = set(self._stale_trial_ids())
-            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if trial.number in self.running:
-                    continue
+            running = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                       if t.number not in self.running]
+            # Claims record the driver and a first heartbeat under this lock: a RUNNING trial
+            # without a heartbeat now is one whose claimer died in the middle of claiming it.
+            orphans = {t._trial_id for t in running} - self._with_heartbeat([t._trial_id for t in running])
+            for trial in running:
                 driver = trial.system_attrs.get(DRIVER_ATTR)
-                if trial.number not in self.abandoned:
+                if trial.number not in self.abandoned and trial._trial_id not in orphans:
                     if driver and known_alive(driver):
                         continue
                     if not ((driver and driver_is_dead(driver)) or trial._trial_id in stale):
@@ -302,6 +305,22 @@ class Ledger:
                     self._enqueue_again(trial)
                 reclaimed.append(trial.number)
         return sorted(reclaimed)
+
+    def _with_heartbeat(self, trial_ids: list[int]) -> set[int]:
+        """Those of ``trial_ids`` that have a heartbeat row (all of them when heartbeats are off)."""
+        storage = backend(self.study._storage)
+        if not trial_ids or not getattr(storage, "get_heartbeat_interval", lambda: None)():
+            return set(trial_ids)
+        import sqlalchemy
+
+        query = sqlalchemy.text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids").bindparams(
+            sqlalchemy.bindparam("ids", expanding=True))
+
+        def read() -> set[int]:
+            with storage.engine.connect() as connection:
+                return {row[0] for row in connection.execute(query, {"ids": trial_ids})}
+
+        return retry_transient(read, what="reading heartbeats")
 
     def _stale_trial_ids(self) -> list[int]:
         """Trials whose heartbeat is older than the grace period (Optuna's own query)."""

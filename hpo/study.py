@@ -54,7 +54,9 @@ def retry_when_locked(call: Any, attempts: int = 8) -> Any:
 TRANSIENT_WORDS = ("database is locked", "could not connect", "connection refused", "server closed the connection",
                    "lost connection", "gone away", "connection reset", "connection was killed", "terminating connection",
                    "timed out", "timeout", "temporarily unavailable", "too many connections", "deadlock",
-                   "broken pipe", "502", "503", "504", "bad gateway", "service unavailable")
+                   "broken pipe", "max retries exceeded", "connection aborted", "connectionerror",
+                   "error code 500", "error code 502", "error code 503", "error code 504", "bad gateway",
+                   "service unavailable", "internal server error")
 
 
 def is_transient(error: BaseException) -> bool:
@@ -70,7 +72,7 @@ def is_transient(error: BaseException) -> bool:
     if names & {"OperationalError", "InterfaceError", "DisconnectionError"}:
         return True
     if names & {"MlflowException", "RestException", "RequestException", "ConnectionError", "HTTPError"}:
-        return any(word in text for word in TRANSIENT_WORDS) or " 5" in text[:60]
+        return any(word in text for word in TRANSIENT_WORDS)
     return "database is locked" in text
 
 

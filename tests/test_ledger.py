@@ -148,6 +148,12 @@ class TestLedgerOnEveryStorage:
         again = reclaimers[1].claim()
         assert again.number == reruns[0].number and again.params == asked.params
 
+    def test_reclaim_takes_a_trial_whose_claimer_died_mid_claim(self, storage_url: str) -> None:
+        ledger = new_ledger(storage_url, create=True)
+        half = optuna.load_study(study_name="s", storage=open_storage(storage_url)).ask()  # no driver, no heartbeat
+        assert ledger.reclaim() == [half.number]
+        assert ledger.study.get_trials()[half.number].user_attrs["reason"] == "interrupted"
+
     def test_reclaim_never_fails_a_live_drivers_trial_and_judges_others_by_heartbeat(self, storage_url: str) -> None:
         owner = new_ledger(storage_url, create=True)
         mine, foreign_stale, foreign_fresh = owner.claim(), owner.claim(), owner.claim()
@@ -229,3 +235,35 @@ def test_driver_identity_is_judged_safely() -> None:
     assert not driver_is_dead(FOREIGN) and not driver_is_dead("garbage")
     assert driver_is_dead(f"{host}:{pid}:{float(start) - 3600:.2f}"), "the old host:pid:start form still reads"
     assert not driver_is_dead(f"{host}:{pid}:gone")
+
+
+def test_transient_errors_are_retried_a_bounded_number_of_times() -> None:
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import OperationalError
+
+    from hpo.study import is_transient, retry_transient
+
+    assert is_transient(OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly")))
+    assert is_transient(MlflowException("API request to endpoint /api/2.0/mlflow/runs/create failed with error "
+                                        "code 503 != 200"))
+    assert is_transient(ConnectionRefusedError())
+    assert not is_transient(MlflowException("RESOURCE_DOES_NOT_EXIST: run 'x' not found"))
+    assert not is_transient(ValueError("bad input"))
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("reset by peer")
+        return "ok"
+
+    assert retry_transient(flaky, first_wait=0.01) == "ok" and len(calls) == 3
+    calls.clear()
+
+    def down() -> None:
+        calls.append(1)
+        raise ConnectionResetError("reset by peer")
+
+    with pytest.raises(ConnectionResetError):
+        retry_transient(down, attempts=4, first_wait=0.01)
+    assert len(calls) == 4, "gives up after the last attempt"
