@@ -58,7 +58,7 @@ def killed_promote_leaves_staging(cwd: Path, output: str) -> list[Path]:
     """Start a promote, kill -9 it once its staging folder exists; returns what it left."""
     process = subprocess.Popen([sys.executable, "-m", "hpo", "promote", "--output", output], cwd=cwd, env=hpo_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while not list(cwd.glob(f".{output}.promote-*")) and time.monotonic() < deadline:
         assert process.poll() is None, "the promote ended before its staging folder appeared"
         time.sleep(0.2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -214,9 +215,12 @@ def test_each_password_shape_never_leaks(tmp_path: Path, postgres_url: str) -> N
     study = optuna.load_study(study_name="tiny", storage=postgres_url)
     texts["study attrs"] = json.dumps([study.user_attrs, study._storage.get_study_system_attrs(study._study_id)]
                                       + [[t.user_attrs, t.system_attrs] for t in study.trials], default=str)
-    ray_logs = [p for p in ray_tmp.rglob("*") if p.is_file() and p.stat().st_size < 20_000_000]
-    assert any(p.parent.name == "logs" for p in ray_logs), "the sweep's Ray session logs are there"
-    texts["ray logs"] = "\n".join(p.read_text(errors="replace") for p in ray_logs)
+    try:
+        ray_logs = [p for p in ray_tmp.rglob("*") if p.is_file() and p.stat().st_size < 20_000_000]
+        assert any(p.parent.name == "logs" for p in ray_logs), "the sweep's Ray session logs are there"
+        texts["ray logs"] = "\n".join(p.read_text(errors="replace") for p in ray_logs)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     texts["hpo folder"] = "\n".join(p.read_text(errors="replace") for p in (tmp_path / ".hpo").rglob("*")
                                     if p.is_file() and p.stat().st_size < 20_000_000)
     leaks = {place: [s for s in secrets if s in text] for place, text in texts.items()}
