@@ -144,10 +144,12 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     studies.check_storage(options.storage)  # both stores reachable before either is written
     check_tracking(options.tracking_uri)
     warm_source = _open_warm_source(options, name)
+    # MLflow first: a tracking server that refuses the credentials must stop the sweep
+    # before the study is created (the storage itself was checked above).
+    tracker = SweepTracker(options.tracking_uri, name)
     storage = studies.open_storage(options.storage, concurrency=sweep.concurrency or os.cpu_count())
     study = studies.create_or_resume(storage, name, sweep.direction,
                                      studies.make_sampler(sweep.sampler, sweep.seed, sweep.trials), metric=sweep.metric)
-    tracker = SweepTracker(options.tracking_uri, name)
     ledger = Ledger(study, lambda trial: spaces.call_space(search_space, trial), target=sweep.trials,
                     retries=options.retries)
     with ledger.lock:

@@ -154,5 +154,7 @@ def test_a_wrong_password_is_one_clear_line(tracking_server: dict, tmp_path: Pat
                      env={"MLFLOW_TRACKING_USERNAME": "hpo", "MLFLOW_TRACKING_PASSWORD": "not-the-password"})
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
+    print(f"\n{lines[-1]}")
     assert len(lines) == 1 and lines[0].startswith("error: --tracking-uri http://127.0.0.1:"), result.stderr
     assert "MLFLOW_TRACKING_USERNAME" in lines[0] and "not-the-password" not in result.stdout + result.stderr
+    assert not (tmp_path / "hpo.db").exists(), "refused before the study was created"
