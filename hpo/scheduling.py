@@ -270,9 +270,10 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
             log_to_driver=worker_logs,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                                       "TRANSFORMERS_VERBOSITY": "error",
-                                      # a trial's cleanup may take over Tune's 2 s on a busy CPU; past
-                                      # that the warm worker (base model loaded) is thrown away
-                                      "TUNE_FUNCTION_THREAD_TIMEOUT_S": "30"}},
+                                      # a trial's cleanup (adapter unload, gc) may take over Tune's 2 s
+                                      # on a busy CPU; past that Tune errors the next trial meant for the
+                                      # warm worker, and (Ray 2.60, seen here) the sweep then stalls
+                                      "TUNE_FUNCTION_THREAD_TIMEOUT_S": "120"}},
         )
     resources = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
     concurrency = sweep.concurrency or _fit_count(ray.cluster_resources(), resources)
