@@ -152,6 +152,8 @@ class Sweep:
                 yield _bad("eval_every", self.eval_every, f"must not exceed max_steps={self.max_steps}")
         if not isinstance(self.generation_examples, int) or self.generation_examples < 0:
             yield _bad("generation_examples", self.generation_examples, "must be a whole number of at least 0")
+        if self.metric in ("eval_exact_match", "eval_score") and self.generation_examples == 0:
+            yield _bad("generation_examples", 0, f"leaves nothing to compute metric={self.metric} from; set it above 0")
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
             yield _bad("max_new_tokens", self.max_new_tokens, "must be a whole number of at least 1")
         for name in ("train_limit", "patience"):

@@ -344,9 +344,10 @@ def _start_ray(address: str | None, worker_logs: bool) -> Any:
                 # malloc arena (up to 8 per core), and freed memory stays resident in all of them.
                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                                           "TRANSFORMERS_VERBOSITY": "error", "MALLOC_ARENA_MAX": "2",
-                                          # a trial's cleanup may take over Tune's 2 s on a busy CPU; past
-                                          # that the warm worker (base model loaded) is thrown away
-                                          "TUNE_FUNCTION_THREAD_TIMEOUT_S": "30"}},
+                                          # a trial's cleanup (adapter unload, gc) may take over Tune's 2 s
+                                          # on a busy CPU; past that Tune errors the next trial meant for the
+                                          # warm worker, and (Ray 2.60, seen here) the sweep then stalls
+                                          "TUNE_FUNCTION_THREAD_TIMEOUT_S": "120"}},
             )
     return ray
 

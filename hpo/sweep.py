@@ -91,6 +91,9 @@ def prepare(options: SearchOptions, console: Console | None = None) -> spaces.Se
         if sweep.task == "sft":
             from hpo import sft
 
+            if sweep.metric == "eval_score" and search_space.score is None:
+                raise HpoError(f"{search_space.path}: metric eval_score needs a function score(prediction, reference) "
+                               "-> float in the module; define one, or use --set metric=eval_exact_match")
             sft.check(sweep)
         else:
             _check_data(search_space, options, console)

@@ -174,3 +174,15 @@ def test_bad_sft_input_is_refused_before_any_trial(tiny_llama: Path, tmp_path: P
     sft.check(fixed.sweep)  # the --set the message names is the fix
     with pytest.raises(HpoError, match="no such file"):
         sft.chat_template("m", None, str(tmp_path / "missing.jinja"))
+
+
+def test_a_generation_metric_needs_generation_and_eval_score_a_score(tiny_llama: Path, tmp_path: Path) -> None:
+    from hpo.sweep import SearchOptions, prepare
+
+    with pytest.raises(HpoError, match="generation_examples=0 leaves nothing"):
+        space.load(SEARCH_SPACES / "sft_lora.py", ["generation_examples=0"])
+    module = write_module(tmp_path, tiny_llama, DATES / "train.jsonl", extra='direction="maximize"')
+    with pytest.raises(HpoError, match="metric eval_score needs a function score"):
+        prepare(SearchOptions(str(module), overrides=["metric=eval_score"]))
+    with_score = write_module(tmp_path, tiny_llama, DATES / "train.jsonl", score=True)
+    assert prepare(SearchOptions(str(with_score), overrides=["metric=eval_score"])).score("a", "b") == 0.25
