@@ -27,12 +27,19 @@ from tests.conftest import hpo_env
                         pytest.param("mariadb", marks=pytest.mark.mariadb)])
 def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'hpo.db'}"
-    return request.getfixturevalue("postgres_url" if request.param == "postgresql" else "mariadb_url")
+        yield f"sqlite:///{tmp_path / 'hpo.db'}"
+    else:
+        yield request.getfixturevalue("postgres_url" if request.param == "postgresql" else "mariadb_url")
+    while LEDGERS:  # heartbeat threads stop before the database is dropped
+        LEDGERS.pop().close()
 
 
 def space(trial: optuna.Trial) -> dict:
     return {"x": trial.suggest_float("x", 0.0, 1.0)}
+
+
+LEDGERS: list[Ledger] = []
+"""The ledgers a test made (their heartbeat threads are stopped after it)."""
 
 
 def new_ledger(url: str, target: int = 10, create: bool = False) -> Ledger:
@@ -40,7 +47,8 @@ def new_ledger(url: str, target: int = 10, create: bool = False) -> Ledger:
     storage = open_storage(url)
     study = optuna.create_study(study_name="s", storage=storage, load_if_exists=True) if create else \
         optuna.load_study(study_name="s", storage=storage)
-    return Ledger(study, space, target=target)
+    LEDGERS.append(Ledger(study, space, target=target))
+    return LEDGERS[-1]
 
 
 def set_driver(ledger: Ledger, number: int, driver: str) -> None:
