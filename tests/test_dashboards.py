@@ -67,7 +67,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(args: list[str], cwd: Path, url: str, timeout: float = 120) -> subprocess.Popen:
+def start_server(args: list[str], cwd: Path, url: str, timeout: float = 300) -> subprocess.Popen:
     """Start an `hpo` server command in its own process group; wait until ``url`` answers."""
     log = cwd / f"{args[0]}-{time.monotonic_ns()}.log"
     with log.open("w") as output:  # a file, not a pipe: a chatty server never blocks on it
@@ -201,6 +201,7 @@ def test_mlflow_ui_shows_the_sweep_with_nested_trials(servers: dict, nightly_swe
     experiment = client.get_experiment_by_name("custom")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     link = f"http://127.0.0.1:{servers['ui_port']}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+    assert f"sweep custom: {link}" in servers["ui"].log.read_text(), "hpo ui prints the link a person opens"
     with Browser() as browser:
         browser.open(link)
         text = browser.wait_for(lambda t: "ago" in t and "matching runs" in t, what="the runs table")
