@@ -20,6 +20,7 @@ hook here is defensive; the driver also closes whatever is left when ``fit`` ret
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from hpo.cluster import HELD_KEY, TIME_KEY, held_resources
 from hpo.errors import is_out_of_memory
 from hpo.recipe import TrainJob
 from hpo.recorder import Outcome, Recorder
@@ -62,6 +64,11 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     metric = spec.sweep.metric
     params = config["params"]
     last = {"step": 0}
+    held = json.dumps([held_resources()])
+
+    def send(values: dict[str, Any]) -> None:
+        """``tune.report`` with what this trial holds (see :func:`hpo.cluster.held_resources`)."""
+        tune.report({**values, HELD_KEY: held, TIME_KEY: time.time()})
 
     def report(step: int, metrics: dict[str, float]) -> None:
         """Record one evaluation; Ray may end the trial here (early stop)."""
@@ -73,9 +80,9 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         last["step"] = step
         bad = [k for k in (metric, "train_loss", "eval_loss") if k in values and not math.isfinite(values[k])]
         if bad:
-            tune.report({"step": step, **values})
+            send({"step": step, **values})
             raise _NonFinite(f"{bad[0]} is {values[bad[0]]} at step {step}")
-        tune.report({"step": step, **values})
+        send({"step": step, **values})
 
     try:
         if spec.train is not None:
@@ -85,13 +92,13 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
 
             final = training.fine_tune(TrainJob.from_sweep(spec.sweep, params), report)
             if final.get("stopped_early_at"):  # patience ended it: tell the driver why
-                tune.report({"step": last["step"], EARLY_STOP_KEY: int(final["stopped_early_at"])})
+                send({"step": last["step"], EARLY_STOP_KEY: int(final["stopped_early_at"])})
     except _NonFinite as error:
-        tune.report({"step": last["step"], ERROR_KEY: f"non-finite loss: {error}", REASON_KEY: "nan"})
+        send({"step": last["step"], ERROR_KEY: f"non-finite loss: {error}", REASON_KEY: "nan"})
     except Exception as error:  # noqa: BLE001 - any trial error becomes FAIL with its reason
         reason = "oom" if is_out_of_memory(error) else "error"
         message = f"{type(error).__name__}: {error}"
-        tune.report({"step": last["step"], ERROR_KEY: message[:4000], REASON_KEY: reason})
+        send({"step": last["step"], ERROR_KEY: message[:4000], REASON_KEY: reason})
     finally:
         if spec.train is None:
             _release_memory()
@@ -144,6 +151,7 @@ class OptunaBridge(Searcher):
         self.recorder = recorder
         self.scheduler = scheduler
         self.numbers: dict[str, int] = {}
+        self.held: dict[str, dict[str, Any]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles searchers (tuner.pkl); the study is the state that matters, and the
@@ -175,6 +183,7 @@ class OptunaBridge(Searcher):
         return {"number": asked.number, "params": asked.params}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        _note_held(self.held, trial_id, result)
         number = self.numbers.get(trial_id)
         if number is None or ERROR_KEY in result or "step" not in result:
             return
@@ -187,6 +196,12 @@ class OptunaBridge(Searcher):
         number = self.numbers.pop(trial_id, None)
         if number is None:
             return
+        try:
+            _note_held(self.held, trial_id, result or {})
+            if trial_id in self.held:
+                self.recorder.ledger.set_attr(number, "resources", self.held.pop(trial_id))
+        except Exception:  # noqa: BLE001 - a missing record of resources must not block the end
+            logger.exception("hpo: recording the resources of trial %s failed", number)
         try:
             outcome = self._outcome(trial_id, number, result, error)
         except Exception as problem:  # noqa: BLE001 - never leave a trial RUNNING
@@ -227,6 +242,17 @@ class _Heartbeat(tune.Callback):
             self.recorder.tick()
 
 
+def _note_held(held: dict[str, dict[str, Any]], trial_id: str, result: dict) -> None:
+    """Keep what a trial's workers hold: ranks, node, assigned resources, GPU ids, and the
+    time from the trial's start on its worker to its last report."""
+    if HELD_KEY not in result:
+        return
+    if trial_id not in held:
+        workers = json.loads(result[HELD_KEY])
+        held[trial_id] = {"workers": workers, "start": min(worker["start"] for worker in workers)}
+    held[trial_id]["end"] = float(result.get(TIME_KEY, time.time()))
+
+
 _RESULT_KEYS = {"step", "done", "trial_id", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
                 "time_since_restore", "iterations_since_restore", "pid", "hostname", "node_ip", "date",
                 "experiment_tag", "checkpoint_dir_name", "should_checkpoint"}
@@ -248,6 +274,8 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
     import ray
     import ray.cloudpickle
 
+    from hpo import cluster
+
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -258,19 +286,8 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
     # On Ctrl-C Tune stops the trials gracefully (they end as interrupted and run again on
     # resume) and then suggests Tuner.restore: the study, not Tune's state, is what resumes.
     logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
-    if not ray.is_initialized():
-        # Ray enables token auth for a local cluster and says so on every start; keep it, quietly.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=worker_logs,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                                      "TRANSFORMERS_VERBOSITY": "error"}},
-        )
-    resources = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
-    concurrency = sweep.concurrency or _fit_count(ray.cluster_resources(), resources)
+    cluster.connect(address, worker_logs=worker_logs)
+    concurrency = sweep.concurrency or _fit_count(ray.cluster_resources(), sweep.trial_resources)
 
     if sweep.pruner == "asha":
         scheduler: _ASHA | _NoStop = _ASHA(
@@ -280,12 +297,19 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
     else:
         scheduler = _NoStop()
     searcher = OptunaBridge(recorder, scheduler, sweep.metric, sweep.mode)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=TrialSpec(sweep, train)), resources)
+    spec = TrialSpec(sweep, train)
+    if sweep.workers_per_trial == 1:
+        trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), sweep.trial_resources)
+    else:  # a light driver per trial; its Ray Train workers reserve the resources (hpo.distributed)
+        from hpo import distributed
+
+        trainable = tune.with_resources(tune.with_parameters(distributed.run_distributed_trial, spec=spec),
+                                        {"CPU": 0.01})
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler, num_samples=-1,
-            max_concurrent_trials=concurrency, reuse_actors=True,
+            max_concurrent_trials=concurrency, reuse_actors=sweep.workers_per_trial == 1,
         ),
         run_config=tune.RunConfig(
             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -118,6 +118,9 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     name = options.study or search_space.default_study_name
     studies.check_storage(options.storage)  # both stores reachable before either is written
     check_tracking(options.tracking_uri)
+    from hpo import cluster
+
+    cluster.connect(options.address, worker_logs=options.worker_logs)  # join (or start) Ray before writing
     storage = studies.open_storage(options.storage)
     study = studies.create_or_resume(storage, name, sweep.direction, studies.make_sampler(sweep.sampler, sweep.seed, sweep.trials))
     tracker = SweepTracker(options.tracking_uri, name)

@@ -1,0 +1,135 @@
+"""Trials that span several workers: one trial is one Ray Train (V2) data-parallel job.
+
+With ``workers_per_trial > 1`` the Tune trial runs :func:`run_distributed_trial`, a light
+driver that starts a ``TorchTrainer`` with that many workers, each reserving the sweep's
+``worker_resources``. Ray Train initialises ``torch.distributed`` (gloo on CPUs, NCCL on
+GPUs) and every rank runs the built-in recipe (or the module's ``train``): the recipe sees
+the process group, wraps the adapter in DistributedDataParallel and trains on its shard of
+every batch, so the ranks together train on exactly the batches one worker would.
+
+How a result travels: every rank calls ``ray.train.report`` at each evaluation (a barrier
+in Ray Train); ``TuneReportCallback`` forwards rank 0's metrics into the Tune trial, and from
+there on it is an ordinary trial result: ASHA, :class:`~hpo.scheduling.OptunaBridge`, the
+study and MLflow treat it exactly as a one-worker trial's.
+
+How it ends:
+
+* pruned: ASHA stops the Tune trial and Tune ends the trial's actor (these trials do not
+  reuse actors); the Train controller and its workers are owned by that actor, so Ray ends
+  them with it -- every rank stops;
+* a non-finite loss: the metrics are the same on every rank (the training loss is
+  all-reduced, each rank evaluates the same weights), so all ranks report it and return;
+* an exception on any rank fails the worker group; the driver reports the lowest rank's
+  error (reason ``oom`` or ``error``), as a one-worker trial would.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from typing import Any
+
+from ray import train, tune
+
+from hpo.cluster import HELD_KEY, TIME_KEY, held_resources
+from hpo.errors import is_out_of_memory
+from hpo.scheduling import EARLY_STOP_KEY, ERROR_KEY, REASON_KEY
+
+
+class _NonFinite(Exception):
+    """The objective or training loss became NaN/inf on every rank."""
+
+
+def run_distributed_trial(config: dict[str, Any], spec: Any) -> None:
+    """Tune function trainable (the trial's driver): one Ray Train run, rank 0 reporting."""
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    sweep = spec.sweep
+    per_worker = sweep.worker_resources
+    context = tune.get_context()
+    trainer = TorchTrainer(
+        functools.partial(_rank_loop, spec=spec),
+        train_loop_config={"params": config["params"]},
+        torch_config=TorchConfig(backend="nccl" if per_worker["GPU"] else "gloo"),
+        scaling_config=train.ScalingConfig(
+            num_workers=sweep.workers_per_trial, use_gpu=per_worker["GPU"] > 0,
+            resources_per_worker={k: v for k, v in per_worker.items() if v}),
+        run_config=train.RunConfig(
+            name=f"trial-{config.get('number', 0)}-{context.get_trial_id()}",
+            storage_path=context.get_experiment_name() and _storage_path(context),
+            callbacks=[TuneReportCallback()],
+            failure_config=train.FailureConfig(max_failures=0),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as error:  # noqa: BLE001 - a rank's error fails the trial with its reason
+        failures = getattr(error, "worker_failures", None) or {}
+        first = _cause(failures[min(failures)]) if failures else error
+        reason = "oom" if is_out_of_memory(first) else "error"
+        tune.report({ERROR_KEY: f"{type(first).__name__}: {first}"[:4000], REASON_KEY: reason})
+
+
+def _storage_path(context: Any) -> str:
+    """Train runs live beside the Tune experiment (``.hpo/ray_results/<experiment>/``)."""
+    from pathlib import Path
+
+    return str(Path(context.get_trial_dir()).parent)
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The user's exception inside Ray's wrapper, when Ray kept it."""
+    return getattr(error, "cause", None) or error
+
+
+def _rank_loop(config: dict[str, Any], spec: Any) -> None:
+    """On every rank: the recipe (or the module's train) with a report that reaches Tune."""
+    import warnings
+
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*(Some weights|newly initialized).*")
+    held: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(held, held_resources())
+    report = _RankReport(spec.sweep.metric, json.dumps(held))
+    try:
+        if spec.train is not None:
+            spec.train(config["params"], report)
+        else:
+            from hpo import training
+            from hpo.recipe import TrainJob
+
+            final = training.fine_tune(TrainJob.from_sweep(spec.sweep, config["params"]), report)
+            if final.get("stopped_early_at"):  # patience ended it (on every rank alike)
+                report.send({EARLY_STOP_KEY: int(final["stopped_early_at"])})
+    except _NonFinite as error:
+        report.send({ERROR_KEY: f"non-finite loss: {error}", REASON_KEY: "nan"})
+
+
+class _RankReport:
+    """``report(step, metrics)`` on one rank: the checks of a one-worker trial's report, then
+    ``ray.train.report`` (every rank calls it; rank 0's metrics go on to Tune)."""
+
+    def __init__(self, metric: str, held: str):
+        self.metric = metric
+        self.held = held
+        self.step = 0
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        if not isinstance(step, int) or isinstance(step, bool) or step <= self.step:
+            raise ValueError(f"report(step={step!r}): step must be an int greater than the last ({self.step})")
+        if not isinstance(metrics, dict) or self.metric not in metrics:
+            raise ValueError(f"report() got no {self.metric!r} (the sweep's metric); got {sorted(metrics or {})}")
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.step = step
+        self.send(values)
+        bad = [k for k in (self.metric, "train_loss", "eval_loss") if k in values and not math.isfinite(values[k])]
+        if bad:
+            raise _NonFinite(f"{bad[0]} is {values[bad[0]]} at step {step}")
+
+    def send(self, values: dict[str, Any]) -> None:
+        train.report({"step": self.step, **values, HELD_KEY: self.held, TIME_KEY: time.time()})
