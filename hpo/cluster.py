@@ -170,6 +170,9 @@ def held_resources() -> dict[str, Any]:
     import ray
 
     context = ray.get_runtime_context()
+    group = ray.util.get_current_placement_group()
     assigned = {name: amount for name, amount in context.get_assigned_resources().items() if amount}
-    return {"node": ray.util.get_node_ip_address(), "assigned": assigned,
-            "gpu_ids": [str(i) for i in context.get_accelerator_ids().get("GPU", [])], "start": time.time()}
+    return {"node": ray.util.get_node_ip_address(), "node_id": context.get_node_id(), "pid": os.getpid(),
+            "assigned": assigned,
+            "gpu_ids": [str(i) for i in context.get_accelerator_ids().get("GPU", [])], "start": time.time(),
+            "placement_group": group.id.hex() if group is not None else None}

@@ -21,6 +21,11 @@ How it ends:
   all-reduced, each rank evaluates the same weights), so all ranks report it and return;
 * an exception on any rank fails the worker group; the driver reports the lowest rank's
   error (reason ``oom`` or ``error``), as a one-worker trial would.
+
+Known limit: Ray Train frees a killed run's placement group through a helper that finds the
+cluster by Ray's address autodetection, which fails on a host running several Ray clusters
+("Found multiple active Ray instances"); there a pruned trial's reservation is only freed when
+the sweep ends. One cluster per host (the normal case) is not affected.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ def run_distributed_trial(config: dict[str, Any], spec: Any) -> None:
             resources_per_worker={k: v for k, v in per_worker.items() if v}),
         run_config=train.RunConfig(
             name=f"trial-{config.get('number', 0)}-{context.get_trial_id()}",
-            storage_path=context.get_experiment_name() and _storage_path(context),
+            storage_path=_storage_path(context),
             callbacks=[TuneReportCallback()],
             failure_config=train.FailureConfig(max_failures=0),
         ),
@@ -71,6 +76,41 @@ def run_distributed_trial(config: dict[str, Any], spec: Any) -> None:
         first = _cause(failures[min(failures)]) if failures else error
         reason = "oom" if is_out_of_memory(first) else "error"
         tune.report({ERROR_KEY: f"{type(first).__name__}: {first}"[:4000], REASON_KEY: reason})
+
+
+class ReleaseWorkerGroups(tune.Callback):
+    """In the driver: when a multi-worker trial ends, free its workers' placement group.
+
+    Ray Train removes it itself when a run ends normally, but a trial that Tune stops (pruned,
+    or ASHA's stop at ``max_steps``) ends by losing its actor, and with it the Train controller;
+    Ray Train's own cleaner for that case finds the cluster through the dashboard's state API,
+    which a local Ray without dashboard (hpo's default) or a host with several clusters lacks.
+    The ranks report their group's id (``hpo_held``); removing it twice is harmless.
+    """
+
+    def __init__(self) -> None:
+        self.groups: dict[str, set[str]] = {}
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if HELD_KEY in result:
+            self.groups.setdefault(trial.trial_id, set()).update(
+                worker["placement_group"] for worker in json.loads(result[HELD_KEY]) if worker.get("placement_group"))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._release(trial.trial_id)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._release(trial.trial_id)
+
+    def _release(self, trial_id: str) -> None:
+        import ray
+        from ray.util.placement_group import PlacementGroup
+
+        for group in self.groups.pop(trial_id, ()):
+            try:
+                ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))
+            except Exception:  # noqa: BLE001 - already gone
+                pass
 
 
 def _storage_path(context: Any) -> str:

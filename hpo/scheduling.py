@@ -298,6 +298,7 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
         scheduler = _NoStop()
     searcher = OptunaBridge(recorder, scheduler, sweep.metric, sweep.mode)
     spec = TrialSpec(sweep, train)
+    callbacks: list[tune.Callback] = [_Heartbeat(recorder)]
     if sweep.workers_per_trial == 1:
         trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), sweep.trial_resources)
     else:  # a light driver per trial; its Ray Train workers reserve the resources (hpo.distributed)
@@ -305,6 +306,7 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
 
         trainable = tune.with_resources(tune.with_parameters(distributed.run_distributed_trial, spec=spec),
                                         {"CPU": 0.01})
+        callbacks.append(distributed.ReleaseWorkerGroups())
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -315,7 +317,7 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage_path,
             verbose=0,
-            callbacks=[_Heartbeat(recorder)],
+            callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def ray_cluster():
         yield f"127.0.0.1:{port}", env, token.read_text()
     finally:
         stop_processes_under(folder)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_joining_without_the_token_is_one_clear_line(ray_cluster, tmp_path: Path) -> None:
