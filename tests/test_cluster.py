@@ -121,6 +121,7 @@ def test_joining_without_the_token_is_one_clear_line(ray_cluster, tmp_path: Path
     assert token not in result.stderr + result.stdout + wrong.stderr + wrong.stdout
 
 
+@pytest.mark.postgres
 def test_two_sweeps_share_the_cluster_without_oversubscribing_gpus(ray_cluster, tmp_path: Path,
                                                                    postgres_url: str) -> None:
     address, env, token = ray_cluster
