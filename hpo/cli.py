@@ -53,7 +53,7 @@ def search(
     tracking_uri: Tracking = None,
     trials: Annotated[int | None, typer.Option("--trials", help="Finished trials the study should hold at the end.")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds after which no new trial starts.")] = None,
-    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address (ray://host:10001 or auto); default: a local Ray, or RAY_ADDRESS.")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="Join a running Ray cluster: HEAD:PORT or auto (token: RAY_AUTH_MODE=token + RAY_AUTH_TOKEN_PATH); default: RAY_ADDRESS, else a local Ray.")] = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", help="Most trials running at once.")] = None,
     retries: Annotated[int, typer.Option("--retries", min=0, help="Run a failed trial (error, oom) again up to N times.")] = 0,
     skip_data_check: Annotated[bool, typer.Option("--skip-data-check", help="Start even if `hpo check-data` finds errors.")] = False,

@@ -94,6 +94,13 @@ class Sweep:
     """CPUs Ray reserves for each trial (torch uses that many threads)."""
     gpus_per_trial: float = 0.0
     """GPUs Ray reserves for each trial; fractions (0.5) share one GPU between trials."""
+    workers_per_trial: int = 1
+    """Ray Train workers of one trial; above 1 a trial is a data-parallel (DDP) job whose ranks
+    each take a shard of every batch, so the effective batch stays ``batch_size``."""
+    cpus_per_worker: float | None = None
+    """CPUs of each worker of a multi-worker trial; ``None``: ``cpus_per_trial / workers_per_trial``."""
+    gpus_per_worker: float | None = None
+    """GPUs of each worker of a multi-worker trial; ``None``: ``gpus_per_trial / workers_per_trial``."""
     concurrency: int | None = None
     """Most trials running at once; ``None`` lets the free resources decide."""
     eval_batch_size: int = 64
@@ -177,6 +184,7 @@ class Sweep:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             yield _bad("seed", self.seed, "must be a whole number")
         yield from self._accelerator_problems()
+        yield from _worker_problems(self)
 
     def _accelerator_problems(self) -> typing.Iterator[str]:
         """The device/precision/memory fields; what depends on the worker's hardware is
@@ -202,12 +210,59 @@ class Sweep:
                        "flash_attention_2, ...)")
 
     @property
+    def worker_resources(self) -> dict[str, float]:
+        """What each worker of a trial reserves: ``{"CPU": ..., "GPU": ...}`` (a one-worker
+        trial: ``cpus_per_trial`` and ``gpus_per_trial``)."""
+        workers = self.workers_per_trial
+        cpus = self.cpus_per_trial / workers if self.cpus_per_worker is None else self.cpus_per_worker
+        gpus = self.gpus_per_trial / workers if self.gpus_per_worker is None else self.gpus_per_worker
+        return {"CPU": cpus, "GPU": gpus}
+
+    @property
+    def trial_resources(self) -> dict[str, float]:
+        """What one trial reserves in all: its workers' resources together."""
+        return {name: amount * self.workers_per_trial for name, amount in self.worker_resources.items()}
+
+    @property
     def mode(self) -> str:
         """``max`` or ``min``, as Ray Tune names the direction."""
         return "max" if self.direction == "maximize" else "min"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _worker_problems(sweep: Sweep) -> typing.Iterator[str]:
+    """workers_per_trial and the per-worker resources, and how they fit the per-trial ones.
+
+    A per-worker amount, when given, defines the trial's total (workers x amount); the
+    per-trial field must then be left at its default or agree with that total.
+    """
+    workers = sweep.workers_per_trial
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        yield _bad("workers_per_trial", workers, "must be a whole number of at least 1")
+        return
+    defaults = {"cpus_per_trial": 1.0, "gpus_per_trial": 0.0}
+    for kind in ("cpus", "gpus"):
+        per_worker, per_trial = getattr(sweep, f"{kind}_per_worker"), getattr(sweep, f"{kind}_per_trial")
+        if per_worker is None:
+            continue
+        if not (_is_number(per_worker) and (per_worker > 0 if kind == "cpus" else per_worker >= 0)):
+            yield _bad(f"{kind}_per_worker", per_worker, "must be a positive number, or none" if kind == "cpus"
+                       else "must be 0 or a positive number, or none")
+        elif kind == "gpus" and per_worker > 1 and per_worker != int(per_worker):
+            yield _bad("gpus_per_worker", per_worker, "above 1 must be a whole number")
+        elif _is_number(per_trial) and per_trial != defaults[f"{kind}_per_trial"] \
+                and not math.isclose(per_trial, per_worker * workers):
+            yield _bad(f"{kind}_per_trial", per_trial,
+                       f"disagrees with {kind}_per_worker={per_worker} x workers_per_trial={workers}; "
+                       f"set only one of {kind}_per_trial (the trial's total) and {kind}_per_worker")
+    if workers > 1 and sweep.gpus_per_worker is None and _is_number(sweep.gpus_per_trial):
+        share = sweep.gpus_per_trial / workers
+        if share > 1 and share != int(share):
+            yield _bad("gpus_per_trial", sweep.gpus_per_trial,
+                       f"split over workers_per_trial={workers} gives {share:g} GPUs per worker; "
+                       "above 1 that must be a whole number (or set gpus_per_worker)")
 
 
 def _is_number(value: Any) -> bool:

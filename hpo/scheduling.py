@@ -32,6 +32,7 @@ resources asks :func:`hpo.accelerator.problems`).
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import time
@@ -43,6 +44,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from hpo.cluster import HELD_KEY, TIME_KEY, held_resources
 from hpo.errors import HpoError, is_out_of_memory
 from hpo.recipe import TrainJob
 from hpo.recorder import Outcome, Recorder
@@ -73,12 +75,15 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     warnings.filterwarnings("ignore", message=".*(Some weights|newly initialized).*")
     params = config["params"]
     info: dict[str, Any] = {}
+    held = json.dumps([held_resources()])
 
     def send(result: dict[str, Any]) -> None:
-        if info:  # the worker's resolved settings ride on the first result after they are known
+        """``tune.report`` with what this trial holds (see :func:`hpo.cluster.held_resources`) and,
+        on the first result after they are known, the worker's resolved settings."""
+        if info:
             result.update({INFO_PREFIX + k: v for k, v in info.items()})
             info.clear()
-        tune.report(result)
+        tune.report({**result, HELD_KEY: held, TIME_KEY: time.time()})
 
     report = Report(spec.sweep.metric, lambda step, values: send({"step": step, **values}))
     try:
@@ -160,6 +165,7 @@ class OptunaBridge(Searcher):
         self.recorder = recorder
         self.scheduler = scheduler
         self.numbers: dict[str, int] = {}
+        self.held: dict[str, dict[str, Any]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles searchers (tuner.pkl); the study is the state that matters, and the
@@ -193,6 +199,7 @@ class OptunaBridge(Searcher):
         return {"number": asked.number, "params": asked.params}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        _note_held(self.held, trial_id, result)
         number = self.numbers.get(trial_id)
         if number is not None:
             self._info(number, result)
@@ -217,6 +224,12 @@ class OptunaBridge(Searcher):
             return
         if result:
             self._info(number, result)  # Tune skips on_trial_result for the result it stops on
+        try:
+            _note_held(self.held, trial_id, result or {})
+            if trial_id in self.held:
+                self.recorder.ledger.set_attr(number, "resources", self.held.pop(trial_id))
+        except Exception:  # noqa: BLE001 - a missing record of resources must not block the end
+            logger.exception("hpo: recording the resources of trial %s failed", number)
         try:
             outcome = self._outcome(trial_id, number, result, error)
         except Exception as problem:  # noqa: BLE001 - never leave a trial RUNNING
@@ -264,6 +277,17 @@ class _Heartbeat(tune.Callback):
             self.recorder.tick()
 
 
+def _note_held(held: dict[str, dict[str, Any]], trial_id: str, result: dict) -> None:
+    """Keep what a trial's workers hold: ranks, node, assigned resources, GPU ids, and the
+    time from the trial's start on its worker to its last report."""
+    if HELD_KEY not in result:
+        return
+    if trial_id not in held:
+        workers = json.loads(result[HELD_KEY])
+        held[trial_id] = {"workers": workers, "start": min(worker["start"] for worker in workers)}
+    held[trial_id]["end"] = float(result.get(TIME_KEY, time.time()))
+
+
 _RESULT_KEYS = {"step", "done", "trial_id", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
                 "time_since_restore", "iterations_since_restore", "pid", "hostname", "node_ip", "date",
                 "experiment_tag", "checkpoint_dir_name", "should_checkpoint"}
@@ -297,8 +321,7 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
     # A trial whose worker died is recorded (interrupted, run again); Tune's traceback for it is noise.
     logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     ray = _start_ray(address, worker_logs)
-    resources = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
-    concurrency = sweep.concurrency or _fit_count(ray.cluster_resources(), resources)
+    concurrency = sweep.concurrency or _fit_count(ray.cluster_resources(), sweep.trial_resources)
 
     if sweep.pruner == "asha":
         scheduler: _ASHA | _NoStop = _ASHA(
@@ -308,18 +331,27 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
     else:
         scheduler = _NoStop()
     searcher = OptunaBridge(recorder, scheduler, sweep.metric, sweep.mode)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=TrialSpec(sweep, train, score)), resources)
+    spec = TrialSpec(sweep, train, score)
+    callbacks: list[tune.Callback] = [_Heartbeat(recorder)]
+    if sweep.workers_per_trial == 1:
+        trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), sweep.trial_resources)
+    else:  # a light driver per trial; its Ray Train workers reserve the resources (hpo.distributed)
+        from hpo import distributed
+
+        trainable = tune.with_resources(tune.with_parameters(distributed.run_distributed_trial, spec=spec),
+                                        {"CPU": 0.01})
+        callbacks.append(distributed.ReleaseWorkerGroups())
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler, num_samples=-1,
-            max_concurrent_trials=concurrency, reuse_actors=True,
+            max_concurrent_trials=concurrency, reuse_actors=sweep.workers_per_trial == 1,
         ),
         run_config=tune.RunConfig(
             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage_path,
             verbose=0,
-            callbacks=[_Heartbeat(recorder)],
+            callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
@@ -327,28 +359,12 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
 
 
 def _start_ray(address: str | None, worker_logs: bool) -> Any:
+    """Start or join Ray once (:func:`hpo.cluster.connect`); returns the ``ray`` module."""
     import ray
 
-    if not ray.is_initialized():
-        # Ray enables token auth for a local cluster and says so on every start; keep it, quietly.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        from hpo.tracking import without_credentials
+    from hpo import cluster
 
-        with without_credentials():  # a local Ray's processes never inherit the MLflow password
-            ray.init(
-                address=address,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                log_to_driver=worker_logs,
-                # Each trial runs in a new thread of a reused worker: glibc would give each its own
-                # malloc arena (up to 8 per core), and freed memory stays resident in all of them.
-                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                                          "TRANSFORMERS_VERBOSITY": "error", "MALLOC_ARENA_MAX": "2",
-                                          # a trial's cleanup (adapter unload, gc) may take over Tune's 2 s
-                                          # on a busy CPU; past that Tune errors the next trial meant for the
-                                          # warm worker, and (Ray 2.60, seen here) the sweep then stalls
-                                          "TUNE_FUNCTION_THREAD_TIMEOUT_S": "120"}},
-            )
+    cluster.connect(address, worker_logs=worker_logs)
     return ray
 
 
@@ -362,8 +378,9 @@ def preflight(sweep: Any, *, address: str | None, recipe: bool, worker_logs: boo
     """
     ray = _start_ray(address, worker_logs)
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    per_worker = sweep.worker_resources  # one trial's share of one node (all of it for a one-worker trial)
     for key, field in (("GPU", "gpus_per_trial"), ("CPU", "cpus_per_trial")):
-        wanted = getattr(sweep, field)
+        wanted = per_worker[key]
         if wanted > 0 and not any(node.get(key, 0.0) >= wanted for node in nodes):
             largest = max(nodes, key=lambda node: node.get(key, 0.0), default={})
             raise HpoError(

@@ -160,16 +160,17 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
     metrics: dict[str, float] = {}
     watch = _BestWatch(job.patience, job.restore_best)
     micro = p.batch_size
+    runner, rank, world = _data_parallel(model)
     started = time.perf_counter()
     model.train()
     for step in range(1, job.max_steps + 1):
         batch = next(batches)
         while True:
             try:
-                loss = _accumulate(model, batch, micro, run)
+                loss = _accumulate(runner, _shard(batch, rank, world), micro, run, whole=len(batch["labels"]) / world)
                 break
             except Exception as error:
-                if not is_out_of_memory(error) or micro == 1:
+                if not is_out_of_memory(error) or micro == 1 or world > 1:  # ranks must stay in step
                     raise
                 optimizer.zero_grad(set_to_none=True)
                 _free_memory()
@@ -188,7 +189,7 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
         losses.append(loss)
         if step % job.eval_every == 0 or step == job.max_steps:
             metrics = evaluate(job, model, tokenizer, eval_set)
-            metrics["train_loss"] = sum(losses) / len(losses)
+            metrics["train_loss"] = _mean_over_ranks(losses, world)
             metrics["micro_batch_size"] = micro
             metrics["grad_accum"] = math.ceil(p.batch_size / micro)
             metrics["learning_rate"] = scheduler.get_last_lr()[0]
@@ -243,14 +244,15 @@ class _BestWatch:
         return final
 
 
-def _accumulate(model: Any, batch: dict[str, Any], micro: int, run: _Run) -> float:
+def _accumulate(model: Any, batch: dict[str, Any], micro: int, run: _Run, whole: float | None = None) -> float:
     """Forward and backward ``batch`` in pieces of ``micro`` examples; each piece's mean
-    loss is weighted by its share, so the gradient is the whole batch's. Returns the loss."""
+    loss is weighted by its share of ``whole`` (default: this batch's size), so the gradient
+    is the whole batch's. Returns the loss."""
     size = batch["labels"].shape[0]
     total = 0.0
     for start in range(0, size, micro):
         piece = _to_device({k: v[start : start + micro] for k, v in batch.items()}, run.device)
-        share = piece["labels"].shape[0] / size
+        share = piece["labels"].shape[0] / (whole or size)
         with accelerator.autocast(run.device, run.precision):
             loss = _forward(model, piece).loss * share
         (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
@@ -264,6 +266,45 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def _device_of(model: Any) -> torch.device:
     return next(model.parameters()).device
+
+
+def _data_parallel(model: Any) -> tuple[Any, int, int]:
+    """``(runner, rank, world_size)``: when torch.distributed is initialised (a trial that spans
+    several workers) the runner is ``model`` in DistributedDataParallel, which averages the
+    gradients of the ranks; otherwise the model itself, rank 0 of 1."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return model, 0, 1
+    device = next(model.parameters()).device
+    runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return runner, dist.get_rank(), dist.get_world_size()
+
+
+def _shard(batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """This rank's contiguous part of a batch every rank drew alike (same seed), so that the
+    ranks together see exactly the batch one worker would; sizes differ by at most one."""
+    if world == 1:
+        return batch
+    size = batch["labels"].shape[0]
+    if size < world:
+        raise ValueError(f"batch_size={size} is smaller than the {world} workers of the trial; sample batch "
+                         "sizes of at least workers_per_trial")
+    start, stop = rank * size // world, (rank + 1) * size // world
+    return {key: value[start:stop] for key, value in batch.items()}
+
+
+def _mean_over_ranks(losses: list[float], world: int) -> float:
+    """The mean training loss of the whole batches since the last evaluation: each rank's loss
+    is its shard's share of the batch loss, so their sum over ranks is the batch's loss."""
+    if world == 1:
+        return sum(losses) / len(losses)
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    total = torch.tensor([sum(losses)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.item() / (world * len(losses))
 
 
 def _forward(model: Any, batch: dict[str, Any]) -> Any:

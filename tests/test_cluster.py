@@ -1,0 +1,169 @@
+"""Joining an existing Ray cluster: a real ``ray start --head`` (4 simulated GPUs) plus a
+second node, token authentication, and two ``hpo search`` processes sharing one PostgreSQL
+study through it without ever holding more GPUs than the cluster has.
+
+The cluster lives in its own ``--temp-dir`` and is stopped by killing exactly the processes
+started from it (``ray stop`` would stop every Ray on this machine)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import hpo_env, run_hpo
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).with_name("ray"))
+GPUS = 4
+
+MODULE = '''
+import time
+
+import hpo
+
+sweep = hpo.Sweep(metric="score", direction="maximize", trials=12, max_steps=3, eval_every=1, pruner="none",
+                  sampler="random", seed=0, cpus_per_trial=0.25, gpus_per_trial=0.5)
+
+
+def space(trial):
+    return {"x": trial.suggest_float("x", 0.0, 1.0)}
+
+
+def train(params, report):
+    for step in (1, 2, 3):
+        time.sleep(0.4)
+        report(step, {"score": params["x"] * step})
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_processes_under(folder: Path) -> None:
+    """SIGKILL every process started for this cluster: those naming ``folder`` on their command
+    line (gcs_server, raylet, agents) and all their descendants (workers rename themselves)."""
+    own = [p for p in psutil.process_iter(["pid", "cmdline"])
+           if p.pid != os.getpid() and any(str(folder) in part for part in (p.info["cmdline"] or []))]
+    family = set(own)
+    for process in own:
+        try:
+            family.update(process.children(recursive=True))
+        except psutil.Error:
+            pass
+    for process in family:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(list(family), timeout=20)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """(address, env with the token): a head with 4 simulated GPUs and a CPU-only second node."""
+    folder = Path(tempfile.mkdtemp(prefix="hpo-ray-", dir="/tmp"))  # short: Ray's socket paths must fit
+    token = folder / "token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = hpo_env({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"})
+    port = free_port()
+    common = ["--temp-dir", str(folder / "ray"), "--disable-usage-stats", "--dashboard-agent-listen-port",
+              str(free_port()), "--metrics-export-port", str(free_port())]
+    try:
+        head = subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                               "--num-gpus", str(GPUS), "--num-cpus", "2", "--include-dashboard", "false",
+                               "--dashboard-port", str(free_port()),
+                               *common], env=env, capture_output=True, text=True, timeout=180)
+        assert head.returncode == 0, head.stdout + head.stderr
+        node = subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "2", "--num-gpus", "0",
+                               *common], env=env, capture_output=True, text=True, timeout=180)
+        assert node.returncode == 0, node.stdout + node.stderr
+        yield f"127.0.0.1:{port}", env, token.read_text()
+    finally:
+        stop_processes_under(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_joining_without_the_token_is_one_clear_line(ray_cluster, tmp_path: Path) -> None:
+    address, env, token = ray_cluster
+    module = tmp_path / "joined.py"
+    module.write_text(MODULE)
+    no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    result = subprocess.run([sys.executable, "-m", "hpo", "search", str(module), "--address", address], cwd=tmp_path,
+                            env=no_token, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: the Ray cluster at {address} requires token authentication and hpo sent no "
+                               "token"), lines[0]
+    assert "RAY_AUTH_MODE=token" in lines[0] and "RAY_AUTH_TOKEN_PATH" in lines[0] and "ray get-auth-token" in lines[0]
+    assert not (tmp_path / "hpo.db").exists() and not (tmp_path / "mlflow.db").exists(), "nothing written"
+
+    wrong = run_hpo(["search", str(module), "--address", address], cwd=tmp_path,
+                    env={**{k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}, "RAY_AUTH_TOKEN": "not-it"})
+    assert wrong.returncode == 2, wrong.stdout + wrong.stderr
+    assert wrong.stderr.startswith(f"error: the Ray cluster at {address} refused the token from RAY_AUTH_TOKEN "
+                                   "(environment): it is not this cluster's token"), wrong.stderr
+    assert token not in result.stderr + result.stdout + wrong.stderr + wrong.stdout
+
+
+@pytest.mark.postgres
+def test_two_sweeps_share_the_cluster_without_oversubscribing_gpus(ray_cluster, tmp_path: Path,
+                                                                   postgres_url: str) -> None:
+    address, env, token = ray_cluster
+    module = tmp_path / "joined.py"
+    module.write_text(MODULE)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # One asks half a GPU per trial, the other a whole one: together they ask for more than 4.
+    flags = [["--set", "gpus_per_trial=0.5", "--concurrency", "4"], ["--set", "gpus_per_trial=1", "--concurrency", "3"]]
+    processes = [subprocess.Popen([sys.executable, "-m", "hpo", "search", str(module), "--storage", postgres_url,
+                                   "--tracking-uri", tracking, *extra], cwd=tmp_path,
+                                  env={**env, "RAY_ADDRESS": address}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+                 for extra in flags]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    for process, out in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, out
+        assert token not in out
+
+    trials = optuna.load_study(study_name="joined", storage=postgres_url).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 12
+    assert len({t.system_attrs["hpo:driver"] for t in trials}) == 2, "both processes ran trials"
+    events: dict[str, list[tuple[float, float]]] = {"all": []}
+    for trial in trials:
+        held = trial.user_attrs["resources"]
+        (worker,) = held["workers"]
+        gpus = worker["assigned"]["GPU"]
+        assert gpus in (0.5, 1.0) and worker["assigned"]["CPU"] == 0.25, worker
+        assert len(worker["gpu_ids"]) == 1 and 0 <= int(worker["gpu_ids"][0]) < GPUS, worker
+        assert held["start"] < held["end"]
+        for key in ("all", worker["gpu_ids"][0]):
+            events.setdefault(key, []).extend([(held["start"], gpus), (held["end"], -gpus)])
+    most = {key: most_at_once(changes) for key, changes in events.items()}
+    peak = most.pop("all")
+    assert peak <= GPUS + 1e-9, f"{peak} GPUs in use at once, on a cluster of {GPUS}"
+    assert peak > 1.0, "trials ran side by side"
+    assert all(share <= 1.0 + 1e-9 for share in most.values()), f"a GPU shared beyond its whole: {most}"
+
+
+def most_at_once(changes: list[tuple[float, float]]) -> float:
+    """The largest sum of amounts held at one moment (a release at the same instant comes first)."""
+    in_use = most = 0.0
+    for _, change in sorted(changes):
+        in_use += change
+        most = max(most, in_use)
+    return most
