@@ -489,7 +489,7 @@ def _base_model(job: TrainJob, num_labels: int, tokenizer: Any, device: torch.de
         options: dict[str, Any] = {"dtype": dtype, "attn_implementation": job.attn_implementation}
         if job.quantization != "none":
             options["dtype"] = torch.float16 if precision == "fp16" else torch.bfloat16
-            options["quantization_config"] = _quantization_config(job.quantization, options["dtype"])
+            options["quantization_config"] = _quantization_config(job.quantization, options["dtype"], job.task)
             options["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
         if job.task == "classification":
             model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
@@ -509,13 +509,15 @@ def _base_model(job: TrainJob, num_labels: int, tokenizer: Any, device: torch.de
     return _BASE_MODELS[key]
 
 
-def _quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:
+def _quantization_config(quantization: str, compute_dtype: torch.dtype, task: str) -> Any:
     from transformers import BitsAndBytesConfig
 
+    # a classification head is new and trained: it stays a plain Linear
+    skip = ["classifier", "score"] if task == "classification" else None
     if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip)
 
 
 def _reset_head(model: Any, task: str) -> None:
