@@ -132,3 +132,16 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def stop_group(process: subprocess.Popen, timeout: float = 20) -> None:
+    """End a server started with ``start_new_session=True`` and everything it started:
+    SIGTERM to its process group, SIGKILL after ``timeout`` seconds."""
+    import signal
+
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

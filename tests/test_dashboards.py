@@ -9,7 +9,6 @@ pytest's tmp dir; the path is printed.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from tests.browser import Browser
-from tests.conftest import hpo_env, run_hpo
+from tests.conftest import hpo_env, run_hpo, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -90,12 +89,7 @@ def start_server(args: list[str], cwd: Path, url: str, timeout: float = 300) -> 
 def stop_server(process: subprocess.Popen) -> str:
     """Stop the server and what it started (its own process group); return its output."""
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)
     return process.log.read_text()  # type: ignore[attr-defined]
 
 

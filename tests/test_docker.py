@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import REPO, hpo_env
+from tests.conftest import REPO, hpo_env, stop_group
 
 DOCKER = REPO / "docker"
 SECRETS = ["POSTGRES_PASSWORD", "OPTUNA_DB_PASSWORD", "MLFLOW_DB_PASSWORD", "MLFLOW_ADMIN_PASSWORD",
@@ -289,9 +288,4 @@ def test_mlflow_entrypoint_serves_with_basic_auth(init_roles: dict[str, str], tm
         assert not [name for name, value in secrets.items() if value in command_lines], "secrets on a command line"
         assert not [name for name, value in secrets.items() if value in log.read_text()], "secrets in the log"
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_group(server)

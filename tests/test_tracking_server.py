@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import SEARCH_SPACES, hpo_env, run_hpo
+from tests.conftest import SEARCH_SPACES, hpo_env, run_hpo, stop_group
 
 pytestmark = pytest.mark.slow
 ADMIN_PASSWORD = "admin-Pw-7731"
@@ -86,12 +85,7 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory):
              "permission": "EDIT"}, "admin", ADMIN_PASSWORD)
         yield {"uri": base, "root": root}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_group(server, timeout=30)
         log.close()
 
 
