@@ -15,7 +15,7 @@ SEARCH_SPACES = REPO / "search_spaces"
 
 
 def _shared_data() -> Path | None:
-    candidates = [os.environ.get("HPO_SHARED_DATA"), REPO.parent / "shared" / "data", Path("/work/shared/data")]
+    candidates = [os.environ.get("HPO_SHARED_DATA"), REPO.parent / "shared" / "data"]
     for candidate in candidates:
         if candidate and (Path(candidate) / "sst2" / "train.tsv").is_file():
             return Path(candidate)
