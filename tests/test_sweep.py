@@ -69,7 +69,11 @@ def test_mlflow_mirrors_the_trials_one_to_one(lora_sweep: Path) -> None:
         assert run.data.tags["hpo.study"] == "lora"
         assert run.data.tags["hpo.state"] == trial.state.name
         assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[trial.state.name]
-        assert run.data.params == {k: str(v) for k, v in trial.params.items()}
+        sampled = {k: str(v) for k, v in trial.params.items()}
+        assert {k: run.data.params.get(k) for k in sampled} == sampled  # the sampled values, as Optuna holds them
+        # ... plus the full job the worker trained with, defaults filled in
+        assert run.data.params["warmup_ratio"] == "0.0" and run.data.params["max_grad_norm"] == "1.0"
+        assert run.data.params["precision"] == "fp32" and run.data.params["device"] == "cpu"
         history = client.get_metric_history(run.info.run_id, "eval_accuracy")
         assert {m.step: m.value for m in history} == trial.intermediate_values
         assert {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")} == set(trial.intermediate_values)
