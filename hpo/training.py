@@ -173,7 +173,7 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
                 if not is_out_of_memory(error) or micro == 1 or world > 1:  # ranks must stay in step
                     raise
                 optimizer.zero_grad(set_to_none=True)
-                _free_memory()
+                accelerator.release_memory()
                 micro = max(1, micro // 2)
         if run.scaler is not None:
             run.scaler.unscale_(optimizer)  # clip and step on the true gradients
@@ -312,14 +312,6 @@ def _forward(model: Any, batch: dict[str, Any]) -> Any:
     return model(**batch)
 
 
-def _free_memory() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any) -> dict[str, float]:
     """Mean loss over the validation set; accuracy (classification) or perplexity (causal LM).
     Batches of ``eval_batch_size``, halved on an out-of-memory error."""
@@ -330,7 +322,7 @@ def evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any) -> dict[s
         except Exception as error:
             if not is_out_of_memory(error) or size == 1:
                 raise
-            _free_memory()
+            accelerator.release_memory()
             size = max(1, size // 2)
 
 
