@@ -43,10 +43,19 @@ WORKER_ENV = {
     # Each trial runs in a new thread of a reused worker: glibc would give each its own
     # malloc arena (up to 8 per core), and freed memory stays resident in all of them.
     "MALLOC_ARENA_MAX": "2",
-    # A trial's cleanup (adapter unload, gc) may take over Tune's 2 s on a busy CPU; past that
-    # Tune errors the next trial meant for the warm worker, and (Ray 2.60, seen here) the sweep stalls.
-    "TUNE_FUNCTION_THREAD_TIMEOUT_S": "120",
+    # A reused worker takes its next trial once the last trial's thread has ended: after its
+    # final report a trial may still evaluate, generate and free memory (minutes for an LLM on
+    # a busy CPU). Past this timeout (Tune's default: 2 s) Ray 2.60 errors the next trial
+    # without telling the searcher, and the whole sweep stalls (seen with SmolLM2 under load;
+    # tests/test_faults.py::test_slow_trial_cleanup_does_not_stall_the_sweep). So wait: a
+    # thread that never ends would hold its trial forever anyway.
+    "TUNE_FUNCTION_THREAD_TIMEOUT_S": "86400",
 }
+
+
+def worker_env() -> dict[str, str]:
+    """:data:`WORKER_ENV`, where the driver's environment does not set a name itself."""
+    return {name: os.environ.get(name, value) for name, value in WORKER_ENV.items()}
 
 
 def resolve_address(address: str | None) -> str | None:
@@ -81,7 +90,7 @@ def connect(address: str | None, *, worker_logs: bool = False) -> None:
     try:
         with without_credentials():  # a local Ray's processes never inherit the MLflow password
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=worker_logs, runtime_env={"env_vars": WORKER_ENV})
+                     log_to_driver=worker_logs, runtime_env={"env_vars": worker_env()})
     except Exception as error:  # noqa: BLE001 - every way of failing to join gets the same kind of line
         if address is None:
             raise

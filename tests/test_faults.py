@@ -257,3 +257,34 @@ def test_unreachable_tracking_server_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.startswith("error: --tracking-uri http://bob:***@127.0.0.1:9/: the MLflow server does not answer")
     assert "hunter2" not in result.stderr + result.stdout and "Traceback" not in result.stderr
     assert not (tmp_path / "hpo.db").exists()
+
+
+SLOW_CLEANUP_MODULE = '''
+import time
+import hpo
+
+sweep = hpo.Sweep(metric="score", direction="maximize", trials=3, max_steps=2, eval_every=1,
+                  pruner="none", sampler="random", seed=0, concurrency=1)
+
+
+def space(trial):
+    return {"x": trial.suggest_float("x", 0.0, 1.0)}
+
+
+def train(params, report):
+    try:
+        for step in (1, 2):
+            report(step, {"score": params["x"] + step})
+    finally:
+        time.sleep(SECONDS)  # freeing a big model after the last report, on a busy CPU
+'''
+
+
+def test_slow_trial_cleanup_does_not_stall_the_sweep(tmp_path: Path) -> None:
+    """A trial still cleaning up after its last report, past Tune's 2 s thread timeout, used to
+    error the next trial on that reused worker and stall the whole sweep (Ray 2.60)."""
+    module = write_module(tmp_path, SLOW_CLEANUP_MODULE, seconds=4.0, name="cleanup")
+    result = run_hpo(["search", str(module)], cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = study_of(tmp_path, "cleanup").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
