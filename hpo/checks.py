@@ -45,6 +45,8 @@ of ``max_length`` tokens, ``MIN_TRAIN_BLOCKS``, or validation text under one blo
 ``duplicate`` (warning: repeated paragraphs) and ``leakage`` (validation paragraphs found
 in training, as above).
 
+Instruction tuning (task ``sft``: missing, empty or cut answers, ...): see :mod:`hpo.checks_sft`.
+
 Speed: one pass of plain Python per check; SST-2's 67k rows take about a second without a
 tokenizer. A fast tokenizer is called in batches of 2048 texts.
 """
@@ -139,12 +141,12 @@ class DataReport:
 
 def check_data(train_source: str, eval_source: str | None, *, task: str, text_column: str | None = None,
                label_column: str | None = None, max_length: int = 128, eval_fraction: float = 0.1,
-               tokenizer: Any = None) -> DataReport:
+               tokenizer: Any = None, chat_template: str | None = None) -> DataReport:
     """Read the sweep's data and check it (see the module docstring for every check).
 
-    ``tokenizer`` (a Hugging Face tokenizer, fast ones are quick) counts tokens exactly;
-    without it they are approximated from words. Raises HpoError only when a source
-    cannot be read (missing file or column, malformed file) or ``task`` is unknown.
+    ``tokenizer`` (a Hugging Face tokenizer, fast ones are quick; sft formats with ``chat_template``)
+    counts tokens exactly; without it they are approximated from words. Raises HpoError only when
+    a source cannot be read (missing file or column, malformed file) or ``task`` is unknown.
     """
     method = "tokenizer" if tokenizer is not None else f"approximate: {TOKENS_PER_WORD} tokens per word"
     if task == "classification":
@@ -153,8 +155,12 @@ def check_data(train_source: str, eval_source: str | None, *, task: str, text_co
     elif task == "causal_lm":
         findings, stats = _check_text(train_source, eval_source, text_column, max_length, eval_fraction, tokenizer,
                                       method)
+    elif task == "sft":
+        from hpo.checks_sft import check_sft
+
+        findings, stats = check_sft(train_source, eval_source, max_length, eval_fraction, tokenizer, chat_template)
     else:
-        raise HpoError(f"task {task!r}: must be classification or causal_lm (--set task=...)")
+        raise HpoError(f"task {task!r}: must be classification, causal_lm or sft (--set task=...)")
     stats = {"task": task, "max_length": max_length, "token_counts": method,
              "validation": eval_source or f"held out {eval_fraction:.0%} of {train_source}", **stats}
     findings.sort(key=lambda f: SEVERITIES.index(f.severity))
@@ -473,6 +479,10 @@ def _length_stats(counts: list[int], max_length: int) -> dict:
 
 
 def _describe(split: dict, stats: dict) -> str:
+    if "answer_tokens" in split:
+        from hpo.checks_sft import describe
+
+        return describe(split, stats)
     if "blocks" in split:
         return (f"{split['paragraphs']} paragraphs, about {split['tokens']} tokens = {split['blocks']} blocks of "
                 f"{stats['max_length']} ({split['source']})")

@@ -117,7 +117,7 @@ def check_data(
     as_json: AsJson = False,
     tokenizer: Annotated[bool, typer.Option("--tokenizer/--no-tokenizer", help="Count tokens with the model's tokenizer (exact) or estimate from words (fast).")] = True,
 ) -> None:
-    """Check the data before a sweep: empty texts, duplicates, leakage, labels, imbalance, lengths."""
+    """Check the data before a sweep: empty texts, duplicates, leakage, labels, imbalance, lengths; sft: answers."""
     import dataclasses
     from pathlib import Path
 

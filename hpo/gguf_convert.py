@@ -14,13 +14,18 @@ quantized, so it refuses ``save_pretrained``. So, once per machine:
 
 When: on the first :func:`hpo.models.resolve` of a GGUF-backed name on a machine; every
 later call (any process) finds the folder and returns at once. Workers that race wait on a
-file lock, and the rename makes a half-written folder impossible to see.
+file lock, and the rename makes a half-written folder impossible to see. The conversion says
+so in one line on stderr; transformers' progress bars stay off (in a log, or before
+``hpo check-data``'s report, each redraw would be a line).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -53,6 +58,7 @@ def converted(gguf_path: Path, target: Path) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():  # another process converted it while we waited
             return target
+        print(f"converting {gguf_path.name} into {target} (once; about 30 s)", file=sys.stderr, flush=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
         try:
             _convert(gguf_path, staging)
@@ -76,20 +82,22 @@ def _convert(gguf_path: Path, folder: Path) -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                      dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        # The GGUF reader draws its tqdm bar on sys.stderr whatever transformers' setting says.
+        with contextlib.redirect_stderr(io.StringIO()):
+            loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                          dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        settings = {k: v for k, v in loaded.config.to_dict().items()
+                    if k not in ("quantization_config", "_name_or_path", "transformers_version", "architectures")}
+        config = type(loaded.config)(**settings)
+        config.dtype = torch.float32
+        model = type(loaded)(config)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(folder)  # safetensors by default
+        tokenizer.save_pretrained(folder)
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
-    settings = {k: v for k, v in loaded.config.to_dict().items()
-                if k not in ("quantization_config", "_name_or_path", "transformers_version", "architectures")}
-    config = type(loaded.config)(**settings)
-    config.dtype = torch.float32
-    model = type(loaded)(config)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(folder)  # safetensors by default
-    tokenizer.save_pretrained(folder)
     if not tokenizer.chat_template:
         raise HpoError(f"{gguf_path}: the GGUF file carries no chat template")

@@ -52,6 +52,18 @@ IGNORE = -100
 
 def read(source: str) -> list[Messages]:
     """The conversations in ``source``, one per row; HpoError for a row or file that is not one."""
+    conversations = read_raw(source)
+    for index, messages in enumerate(conversations):
+        if not has_answer(messages):
+            raise HpoError(f"{source}: row {index + 1}: no assistant message after the first one, so nothing to "
+                           "learn; each conversation needs an answer (role 'assistant')")
+    return conversations
+
+
+def read_raw(source: str) -> list[Messages]:
+    """The conversations as :func:`read` reads them, but those without an answer left in, so a
+    checker (:mod:`hpo.checks_sft`) can count them all where :func:`read` stops at the first.
+    A missing or malformed file or row (not a list of ``{role, content}``) still raises."""
     rows, columns = data.read_rows(source)
     if not rows:
         raise HpoError(f"{source}: the file has no data rows; give a file with examples")
@@ -61,6 +73,11 @@ def read(source: str) -> list[Messages]:
         return [_pair(source, i, row.get("prompt"), row.get("completion")) for i, row in enumerate(rows)]
     raise HpoError(f"{source}: sft data needs `prompt` and `completion` columns or a `messages` column "
                    f"(a list of {{role, content}}); found columns: {', '.join(columns) or 'none'}")
+
+
+def has_answer(messages: Messages) -> bool:
+    """Whether an assistant turn follows the first message: something to learn and to score."""
+    return any(m["role"] == "assistant" for m in messages[1:])
 
 
 def _messages(source: str, index: int, value: Any) -> Messages:
@@ -76,10 +93,6 @@ def _messages(source: str, index: int, value: Any) -> Messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                 or not isinstance(message.get("content"), str):
             raise HpoError(f"{where}: every message needs a string `role` and a string `content`; got {message!r:.80}")
-    roles = [m["role"] for m in value]
-    if "assistant" not in roles[1:]:
-        raise HpoError(f"{where}: no assistant message after the first one, so nothing to learn; "
-                       "each conversation needs an answer (role 'assistant')")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -314,12 +327,14 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def check(sweep: Any) -> None:
-    """Before any trial: the sft data reads as conversations and the tokenizer can format them."""
-    from transformers import AutoTokenizer
-
+def check(sweep: Any, tokenizer: Any = None) -> None:
+    """Before any trial: the sft data reads as conversations and the tokenizer (loaded for
+    ``sweep.model`` unless given) can format them."""
     for source in (sweep.train_data, sweep.eval_data, sweep.test_data):
         if source:
             read(source)
-    tokenizer = AutoTokenizer.from_pretrained(models.resolve(sweep.model))
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(models.resolve(sweep.model))
     chat_template(sweep.model, tokenizer, sweep.chat_template)

@@ -89,33 +89,52 @@ def prepare(options: SearchOptions, console: Console | None = None) -> spaces.Se
                            "training data (set it in the module or with --set train_data=...)")
         models.check_available(sweep.model)
         if sweep.task == "sft":
-            from hpo import sft
-
-            if sweep.metric == "eval_score" and search_space.score is None:
-                raise HpoError(f"{search_space.path}: metric eval_score needs a function score(prediction, reference) "
-                               "-> float in the module; define one, or use --set metric=eval_exact_match")
-            sft.check(sweep)
+            _check_sft(search_space, options, console)
         else:
             _check_data(search_space, options, console)
     return search_space
 
 
+def _check_sft(search_space: spaces.SearchSpace, options: SearchOptions, console: Console | None) -> None:
+    """Task sft: a metric the module can produce, the data check (tokens counted with the
+    model's tokenizer and chat template), then :func:`hpo.sft.check` (the test data too)."""
+    from transformers import AutoTokenizer
+
+    from hpo import sft
+
+    sweep = search_space.sweep
+    if sweep.metric == "eval_score" and search_space.score is None:
+        raise HpoError(f"{search_space.path}: metric eval_score needs a function score(prediction, reference) "
+                       "-> float in the module; define one, or use --set metric=eval_exact_match")
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(sweep.model))
+    _check_data(search_space, options, console, tokenizer)
+    sft.check(sweep, tokenizer)
+
+
 def check_data(sweep: Any, tokenizer: Any = None) -> Any:
-    """The data-quality report for the sweep's data (see :mod:`hpo.checks`)."""
+    """The data-quality report for the sweep's data (see :mod:`hpo.checks`); for task sft,
+    formatted with the sweep's chat template when ``tokenizer`` is given."""
     from hpo.checks import check_data as run_checks
 
+    template = None
+    if sweep.task == "sft" and tokenizer is not None:
+        from hpo import sft
+
+        template = sft.chat_template(sweep.model, tokenizer, sweep.chat_template)
     return run_checks(sweep.train_data, sweep.eval_data, task=sweep.task, text_column=sweep.text_column,
                       label_column=sweep.label_column, max_length=sweep.max_length,
-                      eval_fraction=sweep.eval_fraction, tokenizer=tokenizer)
+                      eval_fraction=sweep.eval_fraction, tokenizer=tokenizer, chat_template=template)
 
 
-def _check_data(search_space: spaces.SearchSpace, options: SearchOptions, console: Console | None) -> None:
+def _check_data(search_space: spaces.SearchSpace, options: SearchOptions, console: Console | None,
+                tokenizer: Any = None) -> None:
     """Abort on data errors (before anything is written); show warnings and go on."""
     sweep = search_space.sweep
     if options.skip_data_check:
-        data.read(sweep.train_data, sweep.task, sweep.text_column, sweep.label_column)
+        if sweep.task != "sft":  # sft.check reads sft data
+            data.read(sweep.train_data, sweep.task, sweep.text_column, sweep.label_column)
     else:
-        report = check_data(sweep)
+        report = check_data(sweep, tokenizer)
         if report.errors:
             shown = " | ".join(f"{f.source}: {f.message}" + (f" (rows {', '.join(map(str, f.rows))})" if f.rows else "")
                                for f in report.errors[:3])
