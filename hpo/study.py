@@ -33,8 +33,9 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
-def retry_when_locked(call: Any, attempts: int = 8) -> Any:
-    """Run ``call()``; if SQLite answers 'database is locked', wait and run it again.
+def retry_when_locked(call: Any, attempts: int = 8, words: tuple[str, ...] = ("database is locked",)) -> Any:
+    """Run ``call()``; if SQLite answers 'database is locked' (or another of ``words``), wait
+    and run it again.
 
     SQLite's busy timeout does not help when two processes' deferred transactions both try
     to upgrade from reading to writing: one of them gets 'database is locked' at once
@@ -45,7 +46,7 @@ def retry_when_locked(call: Any, attempts: int = 8) -> Any:
         try:
             return call()
         except Exception as error:  # noqa: BLE001 - sqlalchemy/optuna wrap sqlite3.OperationalError
-            if "database is locked" not in str(error) or attempt == attempts - 1:
+            if not any(word in str(error) for word in words) or attempt == attempts - 1:
                 raise
             time.sleep(min(5.0, 0.05 * 2**attempt))
     raise AssertionError("unreachable")

@@ -388,8 +388,13 @@ class PromoteTracker(_Tracker):
         self.client.set_terminated(self.run_id, status=status)
 
 
+RETRY_WORDS = ("database is locked", "UNIQUE constraint failed")
+
+
 class _RetryWhenLocked:
-    """The MLflow client, each call retried when a shared SQLite store says 'locked'."""
+    """The MLflow client, each call retried when a shared SQLite store says 'locked', or when
+    another sweep process won the race to insert the same tag or param (MLflow's SQL store
+    reads, then inserts: two drivers ending one sweep both set the parent run's tags)."""
 
     def __init__(self, client: Any):
         self._client = client
@@ -400,7 +405,7 @@ class _RetryWhenLocked:
         attribute = getattr(self._client, name)
         if not callable(attribute):
             return attribute
-        return lambda *args, **kwargs: retry_when_locked(lambda: attribute(*args, **kwargs))
+        return lambda *args, **kwargs: retry_when_locked(lambda: attribute(*args, **kwargs), words=RETRY_WORDS)
 
 
 def _is_number(value: Any) -> bool:

@@ -35,10 +35,32 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+# Seconds each file took in a serial run on the 2-core machine (pytest --durations=0). The
+# suite runs on pytest-xdist (pyproject: one worker per core, at most 4, whole files per
+# worker so that module fixtures are built once); the longest files start first, so that
+# no long file is left for last on one worker.
+FILE_SECONDS = {
+    "test_nothing_lost.py": 300, "test_faults.py": 260, "test_promote.py": 180, "test_sweep.py": 130,
+    "test_more_sweeps.py": 110, "test_sft_sweep.py": 95, "test_tracking_server.py": 85, "test_distributed.py": 56,
+    "test_dashboards.py": 55, "test_secrets.py": 51, "test_training.py": 49, "test_troubleshoot.py": 47,
+    "test_trial_memory.py": 44, "test_custom_train.py": 42, "test_docker.py": 39, "test_ledger.py": 30,
+    "test_cluster.py": 29, "test_accelerator.py": 18, "test_sft.py": 15, "test_cli_errors.py": 13,
+}
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest files first (stable: tests keep their order within a file)."""
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Tests never touch the user's caches, Ray cluster or MLflow server."""
+    """Tests never touch the user's caches, Ray cluster or MLflow server. Each pytest-xdist
+    worker has its own Ray temp dir: a local ``ray.init()`` joins whatever cluster ``ray start``
+    last recorded there, and another worker's test may have one running."""
     os.environ["HPO_CACHE"] = str(tmp_path_factory.mktemp("hpo-cache"))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    os.environ["RAY_TMPDIR"] = f"/tmp/hpo-test-ray-{worker}"  # short: Ray's socket paths are limited
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("HPO_STORAGE", None)

@@ -176,62 +176,6 @@ def test_timeout_lets_running_trials_finish_and_leaves_nothing_running(tmp_path:
     assert not [r for r in mlflow_runs(tmp_path) if r.info.status == "RUNNING"]
 
 
-FAST_MODULE = '''
-import hpo
-
-sweep = hpo.Sweep(metric="score", direction="maximize", trials=100, max_steps=2, eval_every=1,
-                  pruner="none", sampler="tpe", seed=0, concurrency=2)
-
-
-def space(trial):
-    return {"x": trial.suggest_float("x", 0.0, 1.0), "y": trial.suggest_int("y", 0, 10)}
-
-
-def train(params, report):
-    report(1, {"score": params["x"]})
-    report(2, {"score": params["x"] + params["y"]})
-'''
-
-
-def four_processes(tmp_path: Path, storage: str) -> optuna.Study:
-    module = tmp_path / "shared.py"
-    module.write_text(FAST_MODULE)
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    processes = [start(["search", str(module), "--storage", storage, "--tracking-uri", tracking], tmp_path)
-                 for _ in range(4)]
-    outputs = []
-    for process in processes:
-        out, _ = process.communicate(timeout=600)
-        outputs.append(out)
-        assert process.returncode == 0, out
-    joined = "\n".join(outputs)
-    for word in ("database is locked", "Traceback"):
-        at = joined.find(word)
-        assert at < 0, joined[max(0, at - 3000) : at + 1500]
-    study = optuna.load_study(study_name="shared", storage=storage)
-    trials = study.get_trials()
-    numbers = [t.number for t in trials]
-    assert len(numbers) == len(set(numbers))
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 100, "exactly the 100 asked for, all finished"
-    drivers = {t.system_attrs["hpo:driver"] for t in trials}
-    assert len(drivers) >= 2, "the processes shared the work"
-    client = MlflowClient(tracking)
-    runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id], max_results=1000)
-    assert sum(1 for r in runs if r.data.tags["hpo.role"] == "trial") == 100
-    assert sum(1 for r in runs if r.data.tags["hpo.role"] == "sweep") == 1
-    assert not [r for r in runs if r.info.status == "RUNNING"]
-    return study
-
-
-def test_four_processes_share_one_sqlite_study(tmp_path: Path) -> None:
-    four_processes(tmp_path, f"sqlite:///{tmp_path / 'hpo.db'}")
-
-
-@pytest.mark.postgres
-def test_four_processes_share_one_postgresql_study(tmp_path: Path, postgres_url: str) -> None:
-    four_processes(tmp_path, postgres_url)
-
-
 @pytest.mark.postgres
 def test_passwords_never_reach_output_or_records(tmp_path: Path, postgres_url: str) -> None:
     module = write_module(tmp_path, SLOW_MODULE.replace("trials=6", "trials=2"), seconds=0.0)
@@ -263,7 +207,7 @@ SLOW_CLEANUP_MODULE = '''
 import time
 import hpo
 
-sweep = hpo.Sweep(metric="score", direction="maximize", trials=3, max_steps=2, eval_every=1,
+sweep = hpo.Sweep(metric="score", direction="maximize", trials=2, max_steps=2, eval_every=1,
                   pruner="none", sampler="random", seed=0, concurrency=1)
 
 
@@ -287,4 +231,4 @@ def test_slow_trial_cleanup_does_not_stall_the_sweep(tmp_path: Path) -> None:
     result = run_hpo(["search", str(module)], cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     trials = study_of(tmp_path, "cleanup").get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2

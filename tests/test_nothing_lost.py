@@ -1,6 +1,6 @@
 """Faults produced for real: a driver stalled past the grace period while its trial runs,
-kill -9 of the Ray workers only, Ctrl-C to the process group, 8 sweep processes on one
-PostgreSQL / MariaDB study, and the chaos soak (bench/chaos.py) on a short schedule."""
+kill -9 of the Ray workers only, Ctrl-C to the process group, several sweep processes on one
+SQLite / PostgreSQL / MariaDB study, and the chaos soak (bench/chaos.py) on a short schedule."""
 
 from __future__ import annotations
 
@@ -197,33 +197,45 @@ def train(params, report):
 '''
 
 
-def eight_processes(folder: Path, storage: str, ray_env: dict[str, str]) -> None:
+def processes_share_one_study(folder: Path, storage: str, ray_env: dict[str, str], processes: int = 8,
+                              trials: int = 200) -> None:
+    """``processes`` sweep processes, all joining one Ray head, run one study of ``trials``."""
     module = folder / "lost.py"
-    module.write_text(NOOP)
-    processes = [start(module, folder, ray_env, storage) for _ in range(8)]
+    module.write_text(NOOP.replace("trials=200", f"trials={trials}"))
+    started = [start(module, folder, ray_env, storage) for _ in range(processes)]
     outputs = []
-    for process in processes:
+    for process in started:
         out, _ = process.communicate(timeout=600)
         outputs.append(out)
         assert process.returncode == 0, out[-4000:]
-    assert "Traceback" not in "".join(outputs)
-    trials = study_of(folder, storage).get_trials()
-    numbers = [t.number for t in trials]
+    joined = "\n".join(outputs)
+    for word in ("database is locked", "Traceback"):
+        at = joined.find(word)
+        assert at < 0, joined[max(0, at - 3000) : at + 1500]
+    found = study_of(folder, storage).get_trials()
+    numbers = [t.number for t in found]
     assert len(numbers) == len(set(numbers))
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 200, "exactly 200 finished, nothing RUNNING"
-    assert len({t.system_attrs["hpo:driver"] for t in trials}) >= 2, "the processes shared the work"
+    assert [t.state for t in found] == [TrialState.COMPLETE] * trials, f"exactly {trials} finished, nothing RUNNING"
+    assert len({t.system_attrs["hpo:driver"] for t in found}) >= 2, "the processes shared the work"
     runs = trial_runs(folder)
-    assert len(runs) == 200 and not [r for r in runs.values() if r.info.status == "RUNNING"]
+    assert len(runs) == trials and not [r for r in runs.values() if r.info.status == "RUNNING"]
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    everything = client.search_runs([client.get_experiment_by_name("lost").experiment_id], max_results=1000)
+    assert sum(1 for r in everything if r.data.tags["hpo.role"] == "sweep") == 1, "one sweep run, shared"
+
+
+def test_four_processes_on_one_sqlite_study(tmp_path: Path, ray_head: dict) -> None:
+    processes_share_one_study(tmp_path, f"sqlite:///{tmp_path / 'hpo.db'}", ray_head, processes=4, trials=100)
 
 
 @pytest.mark.postgres
 def test_eight_processes_on_one_postgresql_study(tmp_path: Path, postgres_url: str, ray_head: dict) -> None:
-    eight_processes(tmp_path, postgres_url, ray_head)
+    processes_share_one_study(tmp_path, postgres_url, ray_head)
 
 
 @pytest.mark.mariadb
 def test_eight_processes_on_one_mariadb_study(tmp_path: Path, mariadb_url: str, ray_head: dict) -> None:
-    eight_processes(tmp_path, mariadb_url, ray_head)
+    processes_share_one_study(tmp_path, mariadb_url, ray_head)
 
 
 def test_chaos_short_schedule_loses_nothing(tmp_path: Path) -> None:
