@@ -58,6 +58,14 @@ class TrainParams:
 
 
 PARAM_NAMES = tuple(f.name for f in dataclasses.fields(TrainParams))
+# What the recipe reports at every evaluation (hpo.training, hpo.sft), by task.
+REPORTED = {
+    "classification": ("eval_accuracy", "eval_loss"),
+    "causal_lm": ("eval_loss", "eval_perplexity"),
+    "sft": ("eval_loss", "eval_perplexity", "eval_exact_match", "eval_score", "generation_seconds"),
+}
+REPORTED_BY_ALL = ("train_loss", "learning_rate", "train_seconds", "micro_batch_size", "grad_accum",
+                   "peak_memory_mb", "resident_memory_mb")
 # Besides the hyperparameters, a space may choose the base model (transfer learning) and seed.
 JOB_KEYS = ("model", "seed")
 
@@ -90,6 +98,19 @@ def check_params(params: dict[str, Any], task: str = "classification") -> str | 
     if task != "classification" and any(params.get(k) for k in ("augment_word_dropout", "augment_word_swap",
                                                                    "augment_synonym")):
         return "returned a text augmentation, which applies to classification only"
+    return None
+
+
+def check_metrics(sweep: Sweep) -> str | None:
+    """Why the recipe cannot report the sweep's ``metric`` or ``prune_metric``, or None.
+    (sft's ``eval_score`` needs the module's ``score``; that is checked where the module is known.)"""
+    reported = REPORTED.get(sweep.task, ()) + REPORTED_BY_ALL
+    fields = [("metric", sweep.metric)] + ([("prune_metric", sweep.prune_metric)] if sweep.prune_metric else [])
+    for name, metric in fields:
+        if metric not in reported:
+            return (f"sweep field {name}={metric!r} is not something the built-in recipe reports for task "
+                    f"{sweep.task}; use one of {', '.join(reported)} (--set {name}=...), or define "
+                    "train(params, report) in the module")
     return None
 
 

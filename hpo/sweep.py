@@ -87,6 +87,11 @@ def prepare(options: SearchOptions, console: Console | None = None) -> spaces.Se
         if not sweep.train_data:
             raise HpoError(f"{search_space.path}: sweep field train_data is empty; the built-in recipe needs "
                            "training data (set it in the module or with --set train_data=...)")
+        from hpo.recipe import check_metrics
+
+        problem = check_metrics(sweep)
+        if problem:
+            raise HpoError(f"{search_space.path}: {problem}")
         models.check_available(sweep.model)
         if sweep.task == "sft":
             from hpo import sft
@@ -198,7 +203,9 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         })
     console.print(f"[bold]hpo search[/] {search_space.path.name}: study [bold]{name}[/] in {result.storage}, "
                   f"MLflow {result.tracking_uri}; {sweep.trials - already} trials to go "
-                  f"({sweep.max_steps} steps, evaluate every {sweep.eval_every}, pruner {sweep.pruner})")
+                  f"({sweep.max_steps} steps, evaluate every {sweep.eval_every}, pruner {sweep.pruner}"
+                  f"{f' on {sweep.pruned_on}' if sweep.pruner == 'asha' and sweep.pruned_on != sweep.metric else ''}"
+                  f"{', a trial is worth its best evaluation' if sweep.objective == 'best' else ''})")
 
     from hpo.progress import SweepDisplay
     from hpo.recipe import TrainJob
@@ -210,7 +217,8 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
                            max_steps=sweep.max_steps, already=already,
                            best=(best["number"], best["value"]) if best else None)
     recorder = Recorder(ledger, tracker, display, metric=sweep.metric, deadline=deadline,
-                        job_params=None if search_space.train else lambda p: TrainJob.from_sweep(sweep, p).describe())
+                        job_params=None if search_space.train else lambda p: TrainJob.from_sweep(sweep, p).describe(),
+                        objective=sweep.objective, direction=sweep.direction)
     status = "FINISHED"
     try:
         with display:
