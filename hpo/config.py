@@ -90,8 +90,8 @@ class Sweep:
     eval_every: int = 20
     """Steps between evaluations; each one is reported and may stop the trial early."""
     patience: int | None = None
-    """Early stopping: end a run after this many evaluations without a lower eval_loss
-    (None: trials never do; ``hpo promote`` uses 5 unless set; 0: never)."""
+    """Early stopping: end a trial after this many evaluations without a lower eval_loss (None or 0:
+    never). ``hpo promote`` scales its own to the final run unless ``--set patience=N`` is given there."""
     pruner: Literal["asha", "none"] = "asha"
     """Early stop of weak trials: ``asha`` (asynchronous successive halving) or ``none``."""
     reduction_factor: float = 3.0

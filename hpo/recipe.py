@@ -134,9 +134,16 @@ class TrainJob:
     train_limit: int | None = None
     """Use at most this many training examples (a seeded sample); None: all."""
     patience: int | None = None
-    """Stop after this many evaluations without a lower eval_loss; None/0: never."""
+    """Stop after this many evaluations without a better one (by ``watch``); None/0: never."""
     restore_best: bool = False
-    """End with the weights of the evaluation with the lowest eval_loss."""
+    """End with the weights of the best evaluation (by ``watch``)."""
+    watch: str = "eval_loss"
+    """What early stopping and ``restore_best`` judge an evaluation by (``watch_mode`` says which way is
+    better; equal values go to the lower eval_loss): eval_loss in trials, the sweep's metric in promote."""
+    watch_mode: str = "min"
+    """``min`` or ``max``: the better direction of ``watch``."""
+    min_steps: int = 0
+    """Early stopping never ends the run before this step."""
     synonyms: str | None = None
     """Synonym table for ``augment_synonym`` (see :mod:`hpo.augment`)."""
     device: str = "auto"

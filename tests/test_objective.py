@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from hpo import HpoError, Sweep
 from hpo.config import parse_overrides
 from hpo.ledger import Ledger
+from hpo.promote import FinalSchedule, final_schedule
 from hpo.recipe import check_metrics
 from hpo.recorder import Recorder
 from hpo.reporter import Report, ReportError
@@ -189,3 +190,46 @@ def test_asha_ranks_on_the_prune_metric_and_a_trial_keeps_its_best(tmp_path: Pat
     assert json.loads(best.stdout)["best_step"] == 2 and json.loads(best.stdout)["number"] == 0
     shown = run_hpo(["best", "--study", "curves"], cwd=tmp_path)
     assert "eval_accuracy = 0.8 (its best evaluation, at step 2 of 3)" in shown.stdout
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ((600, 20), (30, 5, 180)),  # the SST-2 case: a 60-step sweep at eval_every=20, a 600-step final run
+    ((360, 20), (20, 5, 108)),  # never more often than the sweep evaluated
+    ((40, 10), (10, 1, 12)),
+    ((10, 20), (10, 1, 3)),  # a final run shorter than the sweep's cadence: one evaluation, at the end
+    ((600, 20, {"patience": 0}), (30, 0, 180)),  # --set patience=0: no early stopping
+    ((600, 20, {"eval_every": 50, "patience": 2}), (50, 2, 180)),  # --set values are kept
+])
+def test_promote_scales_cadence_and_patience_to_the_final_run(args: tuple, expected: tuple) -> None:
+    steps, sweep_every, *given = args
+    assert final_schedule(steps, sweep_every, **(given[0] if given else {})) == FinalSchedule(*expected)
+
+
+def test_early_stopping_watches_the_chosen_metric_ties_going_to_the_lower_loss() -> None:
+    import torch
+
+    from hpo.training import _BestWatch
+
+    model = torch.nn.Linear(2, 1)
+    watch = _BestWatch(patience=2, restore_best=True, watch="eval_accuracy", mode="max", min_steps=50)
+    evaluations = [(10, 0.55, 0.69), (20, 0.70, 0.60), (30, 0.70, 0.55), (40, 0.80, 0.75),  # loss up, accuracy up
+                   (50, 0.78, 0.80), (60, 0.79, 0.90), (70, 0.90, 1.0)]
+    stopped = []
+    for step, accuracy, loss in evaluations:
+        with torch.no_grad():
+            model.weight.fill_(step)
+        if watch.should_stop(step, {"eval_accuracy": accuracy, "eval_loss": loss}, model):
+            stopped.append(step)
+            break
+    assert stopped == [60] and watch.best_step == 40, "the loss rose at 40; accuracy, the metric, was best"
+    assert watch.best_state is not None and float(watch.best_state["weight"][0, 0]) == 40
+    ties = _BestWatch(patience=1, restore_best=False, watch="eval_accuracy", mode="max")
+    for step, loss in ((10, 0.6), (20, 0.5)):
+        assert not ties.should_stop(step, {"eval_accuracy": 0.7, "eval_loss": loss}, model)
+    assert ties.best_step == 20 and ties.should_stop(30, {"eval_accuracy": 0.7, "eval_loss": 0.55}, model)
+    early = _BestWatch(patience=1, restore_best=False, watch="eval_accuracy", mode="max", min_steps=50)
+    worse = {"eval_accuracy": 0.5, "eval_loss": 0.9}
+    assert not early.should_stop(10, {"eval_accuracy": 0.6, "eval_loss": 0.7}, model)
+    assert [early.should_stop(step, worse, model) for step in (20, 30, 40, 50)] == [False, False, False, True]
+    on_loss = _BestWatch(patience=1, restore_best=False)  # trials: eval_loss, as before
+    assert not on_loss.should_stop(10, {"eval_loss": 0.5}, model) and on_loss.should_stop(20, {"eval_loss": 0.5}, model)
