@@ -197,9 +197,9 @@ def _final_sweep(recorded: dict[str, Any], overrides: list[str]) -> tuple[Sweep,
     chosen = parse_overrides(overrides)
     if "max_steps" not in chosen:
         values["max_steps"] = values["max_steps"] * BUDGET_FACTOR
-    max_steps = chosen.get("max_steps", values["max_steps"])
+    max_steps, every = chosen.get("max_steps", values["max_steps"]), chosen.get("eval_every", 1)
     schedule = FinalSchedule(values["eval_every"], 0, 0)
-    if isinstance(max_steps, int) and max_steps >= 1:  # else Sweep refuses it, below
+    if all(isinstance(n, int) and n >= 1 for n in (max_steps, every)):  # else Sweep refuses them, below
         schedule = final_schedule(max_steps, values["eval_every"], eval_every=chosen.get("eval_every"),
                                   patience=chosen.get("patience"))
         values.update(max_steps=max_steps, eval_every=schedule.eval_every, patience=None)
