@@ -172,6 +172,11 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         console.print(f"[yellow]cleaned up after an interrupted sweep:[/] trials {reclaimed or '-'} failed as "
                       f"interrupted (they run again), MLflow runs of trials {closed or '-'} closed")
     already = ledger.finished()
+    earlier = (study.user_attrs.get("hpo") or {}).get("sweep", {}).get("objective", "last")
+    if already and earlier != sweep.objective:
+        raise HpoError(f"study {name!r} holds trials valued by objective={earlier}, but this sweep has "
+                       f"objective={sweep.objective}: their values would mean different things; "
+                       f"use --set objective={earlier} or another --study name")
     if options.more is not None:  # a nightly run: K more finished trials than the study holds now
         sweep = dataclasses.replace(sweep, trials=already + options.more)
         ledger.target = sweep.trials

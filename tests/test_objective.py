@@ -191,6 +191,11 @@ def test_asha_ranks_on_the_prune_metric_and_a_trial_keeps_its_best(tmp_path: Pat
     shown = run_hpo(["best", "--study", "curves"], cwd=tmp_path)
     assert "eval_accuracy = 0.8 (its best evaluation, at step 2 of 3)" in shown.stdout
 
+    resumed = run_hpo(["search", str(module), "--trials", "6", "--set", "objective=last"], cwd=tmp_path)
+    assert resumed.returncode == 2 and "holds trials valued by objective=best, but this sweep has objective=last" \
+        in resumed.stderr
+    assert len(optuna.load_study(study_name="curves", storage=f"sqlite:///{tmp_path / 'hpo.db'}").trials) == 5
+
 
 @pytest.mark.parametrize(("args", "expected"), [
     ((600, 20), (30, 5, 180)),  # the SST-2 case: a 60-step sweep at eval_every=20, a 600-step final run
