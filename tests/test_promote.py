@@ -116,6 +116,10 @@ def test_promote_the_best_trial_reload_and_find_it_registered(lora_study: Path) 
     assert trial_run.data.tags["hpo.trial_number"] == str(study.best_trial.number)
     history = client.get_metric_history(run.info.run_id, "eval_accuracy")
     assert history and all(m.step % 10 == 0 for m in history)
+    losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval_loss")}
+    best = max(history, key=lambda m: (m.value, -losses[m.step], -m.step))  # the metric, ties to the lower loss
+    assert record["metrics"]["best_step"] == best.step, "the kept weights are those of the best eval_accuracy"
+    assert record["metrics"]["eval_accuracy"] == pytest.approx(best.value, abs=1e-6)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert "model/adapter_model.safetensors" in artifacts
     assert run.data.metrics["final_eval_accuracy"] == pytest.approx(record["metrics"]["eval_accuracy"])
