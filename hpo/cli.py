@@ -79,7 +79,9 @@ def search(
     )
     if result.best:
         best = result.best
-        console.print(f"best: trial {best['number']} {best['metric']}={best['value']:.4g}  {_params_text(best['config'])}")
+        at = f" (step {best['best_step']})" if "best_step" in best else ""
+        console.print(f"best: trial {best['number']} {best['metric']}={best['value']:.4g}{at}  "
+                      f"{_params_text(best['config'])}")
     if result.report:
         console.print(f"report: {result.report} (also in MLflow, parent run, report/)")
     storage_flag = f" --storage '{result.storage}'" if storage else ""
@@ -218,7 +220,8 @@ def best(study: Study = None, storage: Storage = None, as_json: AsJson = False) 
     if as_json:
         print(json.dumps(summary, default=str))
         return
-    console.print(f"best trial {summary['number']} of {summary['study']}: {summary['metric']} = {summary['value']:.6g}")
+    at = f" (its best evaluation, at step {summary['best_step']} of {summary['steps']})" if "best_step" in summary else ""
+    console.print(f"best trial {summary['number']} of {summary['study']}: {summary['metric']} = {summary['value']:.6g}{at}")
     for key, value in summary["config"].items():
         console.print(f"  {key} = {value}")
 

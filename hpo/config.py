@@ -21,6 +21,7 @@ from hpo.errors import HpoError
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TASKS = ("classification", "causal_lm", "sft")
 PRUNERS = ("asha", "none")
+OBJECTIVES = ("last", "best")
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 QUANTIZATIONS = ("none", "4bit", "8bit")
@@ -71,6 +72,15 @@ class Sweep:
     """The objective, a key of what ``report`` records; default by task (eval_accuracy / eval_loss)."""
     direction: Literal["maximize", "minimize"] | None = None
     """Whether a larger or a smaller ``metric`` is better; known metrics need none."""
+    objective: Literal["last", "best"] = "last"
+    """A trial's value: its ``last`` evaluation of ``metric``, or its ``best`` one (whose step is kept
+    as the ``best_step`` user attr). Pruned trials stay PRUNED either way."""
+    prune_metric: str | None = None
+    """What ASHA ranks trials on at each rung, a key of what ``report`` records: ``eval_loss`` is a
+    smoother signal than an early ``eval_accuracy``, which ties at the majority-class share.
+    ``None``: ``metric``. The study optimizes ``metric`` whatever this is."""
+    prune_direction: Literal["maximize", "minimize"] | None = None
+    """Whether a larger or a smaller ``prune_metric`` is better; known metrics need none."""
     trials: int = 12
     """How many finished trials the study should hold when the sweep ends (``--trials``)."""
     timeout: float | None = None
@@ -80,8 +90,8 @@ class Sweep:
     eval_every: int = 20
     """Steps between evaluations; each one is reported and may stop the trial early."""
     patience: int | None = None
-    """Early stopping: end a run after this many evaluations without a lower eval_loss
-    (None: trials never do; ``hpo promote`` uses 5 unless set; 0: never)."""
+    """Early stopping: end a trial after this many evaluations without a lower eval_loss (None or 0:
+    never). ``hpo promote`` scales its own to the final run unless ``--set patience=N`` is given there."""
     pruner: Literal["asha", "none"] = "asha"
     """Early stop of weak trials: ``asha`` (asynchronous successive halving) or ``none``."""
     reduction_factor: float = 3.0
@@ -146,6 +156,9 @@ class Sweep:
             )
         if not self.model:
             yield _bad("model", self.model, "must name a Hugging Face model id or a local folder")
+        if self.objective not in OBJECTIVES:
+            yield _bad("objective", self.objective, f"must be one of {', '.join(OBJECTIVES)}")
+        yield from self._prune_problems()
         if self.pruner not in PRUNERS:
             yield _bad("pruner", self.pruner, f"must be one of {', '.join(PRUNERS)}")
         if self.sampler not in SAMPLERS:
@@ -185,6 +198,17 @@ class Sweep:
             yield _bad("seed", self.seed, "must be a whole number")
         yield from self._accelerator_problems()
         yield from _worker_problems(self)
+
+    def _prune_problems(self) -> typing.Iterator[str]:
+        if self.prune_metric is not None and (not isinstance(self.prune_metric, str) or not self.prune_metric):
+            yield _bad("prune_metric", self.prune_metric, "must name a metric that report records (e.g. eval_loss), "
+                       "or none for the sweep's metric")
+        elif self.prune_direction not in (None, "maximize", "minimize"):
+            yield _bad("prune_direction", self.prune_direction, "must be maximize or minimize, or none")
+        elif self.prune_metric not in (None, self.metric) and self.prune_direction is None \
+                and self.prune_metric not in KNOWN_DIRECTIONS:
+            yield _bad("prune_direction", None, f"must be maximize or minimize (needed for the prune_metric "
+                       f"{self.prune_metric!r}, whose better direction is not known)")
 
     def _accelerator_problems(self) -> typing.Iterator[str]:
         """The device/precision/memory fields; what depends on the worker's hardware is
@@ -227,6 +251,20 @@ class Sweep:
     def mode(self) -> str:
         """``max`` or ``min``, as Ray Tune names the direction."""
         return "max" if self.direction == "maximize" else "min"
+
+    @property
+    def pruned_on(self) -> str:
+        """The metric ASHA ranks trials on: ``prune_metric``, else ``metric``."""
+        return self.prune_metric or typing.cast(str, self.metric)
+
+    @property
+    def prune_mode(self) -> str:
+        """``max`` or ``min`` for :attr:`pruned_on`: ``prune_direction``, else the known direction
+        of the metric, else (the sweep's own metric) ``mode``."""
+        if self.pruned_on == self.metric and self.prune_direction is None:
+            return self.mode
+        direction = self.prune_direction or KNOWN_DIRECTIONS[self.pruned_on]
+        return "max" if direction == "maximize" else "min"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

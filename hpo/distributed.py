@@ -137,7 +137,8 @@ def _rank_loop(config: dict[str, Any], spec: Any) -> None:
         """``ray.train.report`` on every rank (rank 0's metrics go on to Tune), with what the ranks hold."""
         train.report({"step": step, **values, HELD_KEY: held_text, TIME_KEY: time.time()})
 
-    report = Report(spec.sweep.metric, send)  # the same checked contract as a one-worker trial
+    report = Report(spec.sweep.metric, send,  # the same checked contract as a one-worker trial
+                    prune_metric=spec.sweep.pruned_on if spec.sweep.pruner == "asha" else None)
     try:
         if spec.train is not None:
             call_train(spec.train, config["params"], report, spec.sweep)

@@ -3,8 +3,13 @@
 The run re-applies the trial's parameters exactly (the ``config`` the sweep trained it
 with, the sweep's recorded settings and seed), on all the training data (no
 ``train_limit``), for the full budget (3x the sweep's ``max_steps`` unless
-``--set max_steps=N``), with early stopping on the validation loss (``patience``, 5
-evaluations by default) and the best weights restored. Then:
+``--set max_steps=N``). Its evaluation cadence and early stopping are scaled to that
+budget (:func:`final_schedule`), and judge evaluations by the study's own ``metric`` in its
+direction (ties to the lower eval_loss), not by eval_loss: a classifier's loss rises from
+overconfidence while its accuracy still climbs. The weights of the best evaluation are
+restored -- which is also how a sweep with ``objective="best"`` is honoured: the final run
+trains on more data for longer than the trial, so the trial's ``best_step`` is recorded for
+reference rather than trained to. Then:
 
 1. the output folder is written whole or not at all (built in a temporary folder beside
    it, then renamed): the LoRA adapter in safetensors (or, with ``--merge``, the merged
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import secrets
@@ -37,8 +43,13 @@ from hpo.config import Sweep, parse_overrides, resolve_paths
 from hpo.errors import HpoError
 from hpo.names import folder_for
 
-DEFAULT_PATIENCE = 5
 BUDGET_FACTOR = 3
+EVALUATIONS = 20
+"""About this many evaluations over a final run (never more often than the sweep evaluated)."""
+PATIENCE_SHARE = 0.25
+"""Early stopping ends a final run after this share of its steps without a better evaluation..."""
+MIN_SHARE = 0.3
+"""... but never before this share of its steps."""
 STAGING_MARK = ".{name}.promote-"
 """Staging folders beside the output: ``.<output name>.promote-<host>-<pid>-<random>``."""
 
@@ -53,6 +64,35 @@ class PromoteOptions:
     overrides: list[str] = field(default_factory=list)
     merge: bool = False
     register: str | None = None
+
+
+@dataclass(frozen=True)
+class FinalSchedule:
+    """How often a final run evaluates and when it may stop early."""
+
+    eval_every: int
+    patience: int
+    """Evaluations without a better one before the run stops (0: never)."""
+    min_steps: int
+    """No early stop before this step."""
+
+
+def final_schedule(max_steps: int, sweep_eval_every: int, *, eval_every: int | None = None,
+                   patience: int | None = None) -> FinalSchedule:
+    """Cadence and patience for a final run of ``max_steps``, whatever the sweep's length.
+
+    Evaluate about :data:`EVALUATIONS` times, but never more often than the sweep did
+    (``sweep_eval_every``) nor less than once; stop after :data:`PATIENCE_SHARE` of the steps
+    without a better evaluation, never before :data:`MIN_SHARE` of them. ``eval_every`` and
+    ``patience`` (in evaluations; 0 turns early stopping off), when the user gives them with
+    ``--set``, are kept as they are. For example, a sweep at ``eval_every=20`` and a 600-step
+    final run: every 30 steps, patience 5 evaluations (150 steps), not before step 180.
+    """
+    if eval_every is None:
+        eval_every = min(max_steps, max(sweep_eval_every, math.ceil(max_steps / EVALUATIONS)))
+    if patience is None:
+        patience = max(1, math.ceil(PATIENCE_SHARE * max_steps / eval_every))
+    return FinalSchedule(eval_every, patience, math.ceil(MIN_SHARE * max_steps))
 
 
 @dataclass
@@ -72,7 +112,7 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
     if not recorded:
         raise HpoError(f"study {study.study_name!r} was not made by `hpo search`; nothing records how to train it")
     trial = _pick_trial(study, options.trial)
-    sweep = _final_sweep(recorded, options.overrides)
+    sweep, schedule = _final_sweep(recorded, options.overrides)
     if recorded.get("custom_train"):
         raise HpoError(
             f"study {study.study_name!r} trained with the module's own train(params, report) "
@@ -85,8 +125,8 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
     params = trial.user_attrs.get("config") or trial.params
     job = TrainJob.from_sweep(sweep, params)
     job = dataclasses.replace(
-        job, train_limit=None, restore_best=True,
-        patience=DEFAULT_PATIENCE if sweep.patience is None else sweep.patience,
+        job, train_limit=None, restore_best=True, eval_every=schedule.eval_every, patience=schedule.patience,
+        min_steps=schedule.min_steps, watch=sweep.metric, watch_mode=sweep.mode,
     )
     output = (Path(options.output) if options.output
               else folder_for(Path("promoted"), study.study_name, f"-trial{trial.number}")).resolve()
@@ -107,12 +147,15 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
     run_id = tracker.start(
         trial_number=trial.number, parent_run_id=recorded.get("mlflow_parent_run_id"),
         params={**job.describe(), **params, "seed": job.seed, "max_steps": job.max_steps, "eval_every": job.eval_every,
-                "patience": job.patience, "model": job.model, "train_data": job.train_data,
+                "patience": job.patience, "min_steps": job.min_steps, "watch": job.watch, "model": job.model, "train_data": job.train_data,
                 "eval_data": job.eval_data or "", "merge": options.merge, "source_trial": trial.number},
     )
+    at = f" at step {trial.user_attrs['best_step']}" if "best_step" in trial.user_attrs else ""
+    stopping = (f"early stopping after {job.patience} evaluations without a better {job.watch} (not before step "
+                f"{job.min_steps})" if job.patience else "no early stopping")
     console.print(f"[bold]hpo promote[/] study {study.study_name} trial {trial.number} "
-                  f"({recorded['sweep']['metric']}={trial.value}): {job.max_steps} steps, early stopping "
-                  f"after {job.patience} evaluations without a lower eval_loss; MLflow run {run_id}")
+                  f"({recorded['sweep']['metric']}={trial.value}{at}): {job.max_steps} steps, evaluating every "
+                  f"{job.eval_every}, {stopping}, the best {job.watch}'s weights kept; MLflow run {run_id}")
     staging = _staging_folder(output)
     try:
         metrics = _train_and_save(job, sweep, params, options, study, trial, staging, tracker, console)
@@ -146,17 +189,25 @@ def _pick_trial(study: Any, number: int | None) -> Any:
     return trial
 
 
-def _final_sweep(recorded: dict[str, Any], overrides: list[str]) -> Sweep:
-    """The sweep as it ran, then ``--set`` on top; the budget grows unless max_steps is set."""
+def _final_sweep(recorded: dict[str, Any], overrides: list[str]) -> tuple[Sweep, FinalSchedule]:
+    """The sweep as it ran, then ``--set`` on top; the budget grows unless max_steps is set,
+    and the evaluation cadence and patience follow the budget (:func:`final_schedule`)
+    unless eval_every or patience is set. The sweep's own ``patience`` was for its trials."""
     values = dict(recorded["sweep"])
     chosen = parse_overrides(overrides)
     if "max_steps" not in chosen:
         values["max_steps"] = values["max_steps"] * BUDGET_FACTOR
+    max_steps, every = chosen.get("max_steps", values["max_steps"]), chosen.get("eval_every", 1)
+    schedule = FinalSchedule(values["eval_every"], 0, 0)
+    if all(isinstance(n, int) and n >= 1 for n in (max_steps, every)):  # else Sweep refuses them, below
+        schedule = final_schedule(max_steps, values["eval_every"], eval_every=chosen.get("eval_every"),
+                                  patience=chosen.get("patience"))
+        values.update(max_steps=max_steps, eval_every=schedule.eval_every, patience=None)
     try:
         sweep = dataclasses.replace(Sweep(**values), **chosen)
     except HpoError as error:
         raise HpoError(f"hpo promote: {error}") from None
-    return resolve_paths(sweep, Path.cwd())
+    return resolve_paths(sweep, Path.cwd()), schedule
 
 
 def _staging_folder(output: Path) -> Path:
@@ -282,7 +333,12 @@ def _write_records(folder: Path, job: Any, sweep: Sweep, params: dict, options: 
         "params": params,
         "seed": job.seed,
         "max_steps": job.max_steps,
+        "eval_every": job.eval_every,
         "patience": job.patience,
+        "min_steps": job.min_steps,
+        "watch": job.watch,
+        "objective": sweep.objective,
+        "trial_best_step": trial.user_attrs.get("best_step"),
         "train_data": sweep.train_data,
         "eval_data": sweep.eval_data,
         "test_data": sweep.test_data,
@@ -302,9 +358,10 @@ tags: [hpo, {"lora" if not options.merge else "lora-merged"}, {sweep.task}]
 
 {"A merged" if options.merge else "A LoRA adapter for"} `{sweep.model}` ({sweep.task}), trained by `hpo promote` with
 the parameters of trial {trial.number} of the Optuna study `{study.study_name}`
-({sweep.metric} = {trial.value} in the sweep), for up to {job.max_steps} steps with early stopping on
-the validation loss (patience {job.patience}); the weights are those of the evaluation with the
-lowest validation loss (step {int(metrics.get('best_step', 0))}).
+({sweep.metric} = {trial.value} in the sweep), for up to {job.max_steps} steps, evaluated every
+{job.eval_every}, with early stopping on the validation {job.watch} (patience {job.patience} evaluations, not
+before step {job.min_steps}); the weights are those of the evaluation with the best validation
+{job.watch} (step {int(metrics.get('best_step', 0))}).
 
 Training data: `{sweep.train_data}`; validation: `{sweep.eval_data or f'{sweep.eval_fraction:.0%} held out of the training data'}`.
 

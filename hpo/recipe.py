@@ -58,6 +58,14 @@ class TrainParams:
 
 
 PARAM_NAMES = tuple(f.name for f in dataclasses.fields(TrainParams))
+# What the recipe reports at every evaluation (hpo.training, hpo.sft), by task.
+REPORTED = {
+    "classification": ("eval_accuracy", "eval_loss"),
+    "causal_lm": ("eval_loss", "eval_perplexity"),
+    "sft": ("eval_loss", "eval_perplexity", "eval_exact_match", "eval_score", "generation_seconds"),
+}
+REPORTED_BY_ALL = ("train_loss", "learning_rate", "train_seconds", "micro_batch_size", "grad_accum",
+                   "peak_memory_mb", "resident_memory_mb")
 # Besides the hyperparameters, a space may choose the base model (transfer learning) and seed.
 JOB_KEYS = ("model", "seed")
 
@@ -93,6 +101,19 @@ def check_params(params: dict[str, Any], task: str = "classification") -> str | 
     return None
 
 
+def check_metrics(sweep: Sweep) -> str | None:
+    """Why the recipe cannot report the sweep's ``metric`` or ``prune_metric``, or None.
+    (sft's ``eval_score`` needs the module's ``score``; that is checked where the module is known.)"""
+    reported = REPORTED.get(sweep.task, ()) + REPORTED_BY_ALL
+    fields = [("metric", sweep.metric)] + ([("prune_metric", sweep.prune_metric)] if sweep.prune_metric else [])
+    for name, metric in fields:
+        if metric not in reported:
+            return (f"sweep field {name}={metric!r} is not something the built-in recipe reports for task "
+                    f"{sweep.task}; use one of {', '.join(reported)} (--set {name}=...), or define "
+                    "train(params, report) in the module")
+    return None
+
+
 @dataclass(frozen=True)
 class TrainJob:
     """Everything one run of the recipe needs; plain data, picklable to Ray workers."""
@@ -113,9 +134,16 @@ class TrainJob:
     train_limit: int | None = None
     """Use at most this many training examples (a seeded sample); None: all."""
     patience: int | None = None
-    """Stop after this many evaluations without a lower eval_loss; None/0: never."""
+    """Stop after this many evaluations without a better one (by ``watch``); None/0: never."""
     restore_best: bool = False
-    """End with the weights of the evaluation with the lowest eval_loss."""
+    """End with the weights of the best evaluation (by ``watch``)."""
+    watch: str = "eval_loss"
+    """What early stopping and ``restore_best`` judge an evaluation by (``watch_mode`` says which way is
+    better; equal values go to the lower eval_loss): eval_loss in trials, the sweep's metric in promote."""
+    watch_mode: str = "min"
+    """``min`` or ``max``: the better direction of ``watch``."""
+    min_steps: int = 0
+    """Early stopping never ends the run before this step."""
     synonyms: str | None = None
     """Synonym table for ``augment_synonym`` (see :mod:`hpo.augment`)."""
     device: str = "auto"

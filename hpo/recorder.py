@@ -70,13 +70,20 @@ class Recorder:
     CURVES = ("train_loss", "eval_loss", "learning_rate")
 
     def __init__(self, ledger: Ledger, tracker: SweepTracker, display: Display, *, metric: str,
-                 deadline: float | None, job_params: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+                 deadline: float | None, job_params: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 objective: str = "last", direction: str = "maximize"):
         self.job_params = job_params
         """params -> the full job a worker trains with (defaults filled in), for the MLflow run."""
         self.ledger = ledger
         self.tracker = tracker
         self.display = display
         self.metric = metric
+        self.objective = objective
+        """``last``: a COMPLETE trial's value is its last evaluation of ``metric``; ``best``: its best
+        one (by ``direction``), whose step becomes the ``best_step`` user attr and MLflow metric."""
+        self.direction = direction
+        self.best: dict[int, tuple[float, int]] = {}
+        """Each running trial's best finite ``metric`` so far and its step (the earliest on ties)."""
         self.deadline = deadline
         self.started = 0
         self.interrupted: list[int] = []
@@ -156,11 +163,18 @@ class Recorder:
         value = metrics.get(self.metric)
         if value is not None:
             self.ledger.report(number, step, value)
+            self._note_best(number, step, value)
         for key in self.ATTRS:
             if key in metrics:
                 self.ledger.set_attr(number, key, int(metrics[key]))
         self.tracker.log_metrics(number, step, metrics)
         self.display.trial_result(number, step, value)
+
+    def _note_best(self, number: int, step: int, value: float) -> None:
+        best = self.best.get(number)
+        if math.isfinite(value) and (best is None or (value > best[0] if self.direction == "maximize"
+                                                      else value < best[0])):
+            self.best[number] = (value, step)
 
     def on_info(self, number: int, info: dict[str, Any]) -> None:
         """What the trial's worker resolved (device, precision, ...): Optuna user attrs and
@@ -190,6 +204,10 @@ class Recorder:
         self._logged.pop(number, None)
         steps = self._steps.get(number)
         attrs: dict[str, Any] = {"last_step": steps} if steps else {}
+        best = self.best.pop(number, None)
+        if kind == "complete" and self.objective == "best" and best is not None:
+            value, attrs["best_step"] = best
+            self._log_best_step(number, best[1])
         if number in self.curves:
             attrs["curves"] = self.curves.pop(number)
         if kind == "complete":
@@ -209,6 +227,14 @@ class Recorder:
             told = self.ledger.tell(number, attrs=attrs, **call)
         finally:
             self._close_run(number, told, value, reason, error)
+
+    def _log_best_step(self, number: int, step: int) -> None:
+        """``best_step`` as a metric of the trial's MLflow run (the value is its ``hpo.objective`` tag)."""
+        try:
+            retry_transient(lambda: self.tracker.log_metrics(number, step, {"best_step": float(step)}),
+                            what="logging best_step")
+        except Exception:  # noqa: BLE001 - the study holds it (user attr best_step); the run is closed below
+            logger.warning("hpo: logging best_step of trial %s to MLflow failed", number, exc_info=True)
 
     def _close_run(self, number: int, told: Told | None, value: float | None, reason: str | None,
                    error: str | None) -> None:

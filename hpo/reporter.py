@@ -8,8 +8,9 @@ MLflow and the progress bar. A sink may raise to end training early (Ray's stop 
 The contract:
 
 * ``step`` is an int greater than the previous call's;
-* ``metrics`` is a dict with string keys holding the sweep's ``metric``; every value is a
-  real number (``int``/``float``, numpy scalars; not ``bool``);
+* ``metrics`` is a dict with string keys holding the sweep's ``metric`` (and, when ASHA
+  ranks trials on another one, its ``prune_metric``); every value is a real number
+  (``int``/``float``, numpy scalars; not ``bool``);
 * keys Ray Tune or hpo use for their own bookkeeping (``step``, ``done``, ``trial_id``,
   ``training_iteration``, ``time_*``, ``timestamp``, ``pid``, ``hostname``, ``node_ip``,
   ``date``, ``config/*``, ``hpo_*``, ...) are refused: they would be overwritten or
@@ -52,11 +53,13 @@ class NonFiniteMetric(Exception):
 class Report:
     """A checked ``report(step, metrics)`` for a sweep whose objective is ``metric``.
 
-    ``sink(step, values)`` receives each valid call, values as floats.
+    ``sink(step, values)`` receives each valid call, values as floats. ``prune_metric``, when
+    given, must be in every call too (ASHA ranks trials on it).
     """
 
-    def __init__(self, metric: str, sink: Sink):
+    def __init__(self, metric: str, sink: Sink, prune_metric: str | None = None):
         self.metric = metric
+        self.prune_metric = prune_metric if prune_metric != metric else None
         self.sink = sink
         self.last_step = 0
         """The step of the last valid call (0 before any)."""
@@ -81,6 +84,9 @@ class Report:
                               "Ray Tune and hpo's own bookkeeping; rename them (e.g. 'my_step')")
         if self.metric not in metrics:
             raise ReportError(f"report(step={step}) got no {self.metric!r} (the sweep's metric); got {sorted(metrics)}")
+        if self.prune_metric is not None and self.prune_metric not in metrics:
+            raise ReportError(f"report(step={step}) got no {self.prune_metric!r} (the sweep's prune_metric, which "
+                              f"the pruner ranks trials on); got {sorted(metrics)}: report it, or --set prune_metric=")
         values: dict[str, float] = {}
         for key, value in metrics.items():
             if not isinstance(key, str):

@@ -15,7 +15,9 @@ How a trial flows (Tune calls all of this in one driver thread):
    worker-side facts reach the driver's records.
 3. Tune gives each result to the scheduler first (``_ASHA`` may answer STOP and notes
    when that is an early stop), then to ``OptunaBridge.on_trial_result``, except the
-   result on which the scheduler stops: ``on_trial_complete`` reports that one.
+   result on which the scheduler stops: ``on_trial_complete`` reports that one. ASHA
+   ranks trials on the sweep's ``prune_metric`` (default ``metric``); the study, and so
+   the bridge, records ``metric``.
 4. ``on_trial_complete`` decides the truthful end -- COMPLETE, PRUNED (stopped early by
    ASHA), FAIL (error/nan/oom) or interrupted (worker died, Ctrl-C) -- and hands it to the
    recorder.
@@ -85,7 +87,8 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             info.clear()
         tune.report({**result, HELD_KEY: held, TIME_KEY: time.time()})
 
-    report = Report(spec.sweep.metric, lambda step, values: send({"step": step, **values}))
+    report = Report(spec.sweep.metric, lambda step, values: send({"step": step, **values}),
+                    prune_metric=spec.sweep.pruned_on if spec.sweep.pruner == "asha" else None)
     try:
         if spec.train is not None:
             call_train(spec.train, params, report, spec.sweep)
@@ -325,7 +328,7 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
 
     if sweep.pruner == "asha":
         scheduler: _ASHA | _NoStop = _ASHA(
-            time_attr="step", metric=sweep.metric, mode=sweep.mode, max_t=sweep.max_steps,
+            time_attr="step", metric=sweep.pruned_on, mode=sweep.prune_mode, max_t=sweep.max_steps,
             grace_period=sweep.eval_every, reduction_factor=sweep.reduction_factor,
         )
     else:

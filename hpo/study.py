@@ -265,7 +265,8 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
 
 
 def best_summary(study: optuna.Study) -> dict[str, Any] | None:
-    """The best COMPLETE trial as plain data (number, value, params, config), or None."""
+    """The best COMPLETE trial as plain data (number, value, params, config, steps and, for a
+    sweep with objective=best, the step of its best evaluation ``best_step``), or None."""
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.value is not None and math.isfinite(t.value)]
     if not complete:
@@ -280,6 +281,7 @@ def best_summary(study: optuna.Study) -> dict[str, Any] | None:
         "params": trial.params,
         "config": trial.user_attrs.get("config", trial.params),
         "steps": last_step(trial),
+        **({"best_step": trial.user_attrs["best_step"]} if "best_step" in trial.user_attrs else {}),
     }
 
 

@@ -87,6 +87,11 @@ def prepare(options: SearchOptions, console: Console | None = None) -> spaces.Se
         if not sweep.train_data:
             raise HpoError(f"{search_space.path}: sweep field train_data is empty; the built-in recipe needs "
                            "training data (set it in the module or with --set train_data=...)")
+        from hpo.recipe import check_metrics
+
+        problem = check_metrics(sweep)
+        if problem:
+            raise HpoError(f"{search_space.path}: {problem}")
         models.check_available(sweep.model)
         if sweep.task == "sft":
             _check_sft(search_space, options, console)
@@ -186,6 +191,11 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         console.print(f"[yellow]cleaned up after an interrupted sweep:[/] trials {reclaimed or '-'} failed as "
                       f"interrupted (they run again), MLflow runs of trials {closed or '-'} closed")
     already = ledger.finished()
+    earlier = (study.user_attrs.get("hpo") or {}).get("sweep", {}).get("objective", "last")
+    if already and earlier != sweep.objective:
+        raise HpoError(f"study {name!r} holds trials valued by objective={earlier}, but this sweep has "
+                       f"objective={sweep.objective}: their values would mean different things; "
+                       f"use --set objective={earlier} or another --study name")
     if options.more is not None:  # a nightly run: K more finished trials than the study holds now
         sweep = dataclasses.replace(sweep, trials=already + options.more)
         ledger.target = sweep.trials
@@ -217,7 +227,9 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         })
     console.print(f"[bold]hpo search[/] {search_space.path.name}: study [bold]{name}[/] in {result.storage}, "
                   f"MLflow {result.tracking_uri}; {sweep.trials - already} trials to go "
-                  f"({sweep.max_steps} steps, evaluate every {sweep.eval_every}, pruner {sweep.pruner})")
+                  f"({sweep.max_steps} steps, evaluate every {sweep.eval_every}, pruner {sweep.pruner}"
+                  f"{f' on {sweep.pruned_on}' if sweep.pruner == 'asha' and sweep.pruned_on != sweep.metric else ''}"
+                  f"{', a trial is worth its best evaluation' if sweep.objective == 'best' else ''})")
 
     from hpo.progress import SweepDisplay
     from hpo.recipe import TrainJob
@@ -229,7 +241,8 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
                            max_steps=sweep.max_steps, already=already,
                            best=(best["number"], best["value"]) if best else None)
     recorder = Recorder(ledger, tracker, display, metric=sweep.metric, deadline=deadline,
-                        job_params=None if search_space.train else lambda p: TrainJob.from_sweep(sweep, p).describe())
+                        job_params=None if search_space.train else lambda p: TrainJob.from_sweep(sweep, p).describe(),
+                        objective=sweep.objective, direction=sweep.direction)
     status = "FINISHED"
     try:
         with display:

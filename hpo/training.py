@@ -53,10 +53,12 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
               score: Callable[[str, str], float] | None = None) -> dict[str, float]:
     """Train one LoRA adapter as ``job`` says; return the final model's metrics.
 
-    With ``job.patience``, training stops once ``eval_loss`` has not improved for that many
-    evaluations; with ``job.restore_best`` the weights of the evaluation with the lowest
-    ``eval_loss`` are restored at the end (and evaluated again). The returned metrics then
-    also hold ``best_step`` and ``stopped_early_at`` (0 when it ran to ``max_steps``).
+    With ``job.patience``, training stops once ``job.watch`` (eval_loss unless promote says
+    otherwise; ``job.watch_mode`` is its better direction, ties go to the lower eval_loss) has
+    not improved for that many evaluations, but not before ``job.min_steps``; with
+    ``job.restore_best`` the weights of the best evaluation are restored at the end (and
+    evaluated again). The returned metrics then also hold ``best_step`` and
+    ``stopped_early_at`` (0 when it ran to ``max_steps``).
     ``on_trained(peft_model, tokenizer)`` is called at the end, before the adapter is removed
     from the cached base model (to save it, for example). ``on_start(settings)`` is called
     once the adapter is in place, with what the run resolved: device, precision,
@@ -158,7 +160,7 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
     batches = _batches(train_set, p.batch_size, job.seed, tokenizer, job.task, augment, job.max_length)
     losses: list[float] = []
     metrics: dict[str, float] = {}
-    watch = _BestWatch(job.patience, job.restore_best)
+    watch = _BestWatch(job.patience, job.restore_best, job.watch, job.watch_mode, job.min_steps)
     micro = p.batch_size
     runner, rank, world = _data_parallel(model)
     started = time.perf_counter()
@@ -197,34 +199,44 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
             metrics.update(run.memory())
             losses.clear()
             report(step, metrics)
-            if watch.should_stop(step, metrics["eval_loss"], model):
+            if watch.should_stop(step, metrics, model):
                 break
             model.train()
     return watch.finish(step, metrics, model, lambda: evaluate(job, model, tokenizer, eval_set))
 
 
 class _BestWatch:
-    """Early stopping on ``eval_loss`` with patience, and the best weights kept to restore."""
+    """Early stopping with patience, and the best weights kept to restore.
 
-    def __init__(self, patience: int | None, restore_best: bool):
+    An evaluation is better than the best so far when its ``watch`` metric is better (by
+    ``mode``), or equal with a lower ``eval_loss`` (accuracy plateaus while the loss still
+    moves). Patience never ends the run before ``min_steps``."""
+
+    def __init__(self, patience: int | None, restore_best: bool, watch: str = "eval_loss", mode: str = "min",
+                 min_steps: int = 0):
         self.patience = patience or 0
         self.restore_best = restore_best
-        self.best_loss = math.inf
+        self.watch = watch
+        self.sign = 1.0 if mode == "max" else -1.0
+        self.min_steps = min_steps
+        self.best: tuple[float, float] | None = None
+        """(sign x watch, -eval_loss) of the best evaluation: larger is better."""
         self.best_step = 0
         self.best_state: dict[str, Any] | None = None
         self.since_best = 0
         self.stopped_at = 0
 
-    def should_stop(self, step: int, eval_loss: float, model: Any) -> bool:
+    def should_stop(self, step: int, metrics: dict[str, float], model: Any) -> bool:
         if not (self.patience or self.restore_best):
             return False
-        if eval_loss < self.best_loss:
-            self.best_loss, self.best_step, self.since_best = eval_loss, step, 0
+        key = (self.sign * metrics[self.watch], -metrics["eval_loss"])
+        if self.best is None or key > self.best:
+            self.best, self.best_step, self.since_best = key, step, 0
             if self.restore_best:
                 self.best_state = {n: w.detach().clone() for n, w in model.named_parameters() if w.requires_grad}
             return False
         self.since_best += 1
-        if self.patience and self.since_best >= self.patience:
+        if self.patience and self.since_best >= self.patience and step >= self.min_steps:
             self.stopped_at = step
             return True
         return False

@@ -29,7 +29,7 @@ REVIEWS = SEARCH_SPACES / "data" / "reviews"
 def lora_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("promote")
     result = run_hpo(["search", str(SEARCH_SPACES / "lora.py"), "--trials", "3", "--set", "max_steps=20",
-                      "--set", "eval_every=10"], cwd=cwd)
+                      "--set", "eval_every=10", "--set", "objective=best"], cwd=cwd)
     assert result.returncode == 0, result.stdout + result.stderr
     return cwd
 
@@ -94,7 +94,12 @@ def test_promote_the_best_trial_reload_and_find_it_registered(lora_study: Path) 
     study = optuna.load_study(study_name="lora", storage=f"sqlite:///{lora_study / 'hpo.db'}")
     assert record["trial"] == study.best_trial.number
     assert record["params"] == study.best_trial.user_attrs["config"]
-    assert record["max_steps"] == 40 and record["patience"] == 5
+    assert record["max_steps"] == 40
+    # scaled to the final run (hpo.promote.final_schedule), judged by the study's metric
+    assert (record["eval_every"], record["patience"], record["min_steps"], record["watch"]) == \
+        (10, 1, 12, "eval_accuracy")
+    assert record["objective"] == "best" and record["trial_best_step"] == study.best_trial.user_attrs["best_step"]
+    assert not 0 < record["metrics"]["stopped_early_at"] < 12, "never before 30% of the steps"
     accuracy, loss = accuracy_of_reloaded(folder)
     assert accuracy == pytest.approx(record["metrics"]["eval_accuracy"], abs=1e-3)
     assert loss == pytest.approx(record["metrics"]["eval_loss"], abs=1e-3)
@@ -109,7 +114,12 @@ def test_promote_the_best_trial_reload_and_find_it_registered(lora_study: Path) 
     assert run.data.tags["hpo.sweep_run_id"] == study.user_attrs["hpo"]["mlflow_parent_run_id"]
     trial_run = client.get_run(run.data.tags["hpo.trial_run_id"])
     assert trial_run.data.tags["hpo.trial_number"] == str(study.best_trial.number)
-    assert client.get_metric_history(run.info.run_id, "eval_accuracy")
+    history = client.get_metric_history(run.info.run_id, "eval_accuracy")
+    assert history and all(m.step % 10 == 0 for m in history)
+    losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval_loss")}
+    best = max(history, key=lambda m: (m.value, -losses[m.step], -m.step))  # the metric, ties to the lower loss
+    assert record["metrics"]["best_step"] == best.step, "the kept weights are those of the best eval_accuracy"
+    assert record["metrics"]["eval_accuracy"] == pytest.approx(best.value, abs=1e-6)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert "model/adapter_model.safetensors" in artifacts
     assert run.data.metrics["final_eval_accuracy"] == pytest.approx(record["metrics"]["eval_accuracy"])
