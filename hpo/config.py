@@ -315,6 +315,20 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Sweep) if f.name != "extra"]
 
 
+def direction_follows_metric(sweep: Sweep, values: dict[str, Any]) -> dict[str, Any]:
+    """``--set`` values, with ``direction`` added when ``metric`` changes and ``direction`` is not
+    given: a module's ``direction`` was chosen for its own metric (``--set metric=eval_loss`` on
+    a sweep maximizing accuracy must not maximize the loss). A new metric of unknown direction
+    needs ``--set direction=...``."""
+    metric = values.get("metric")
+    if metric is None or "direction" in values or metric == sweep.metric:
+        return values
+    if metric in KNOWN_DIRECTIONS:
+        return {**values, "direction": KNOWN_DIRECTIONS[metric]}
+    raise HpoError(f"--set metric={metric}: the sweep's direction ({sweep.direction}) was chosen for "
+                   f"{sweep.metric}; say which way {metric} is better with --set direction=maximize or minimize")
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """Turn ``["max_steps=30", "eval_data=none"]`` into typed values, by the fields' types.
 

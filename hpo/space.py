@@ -28,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from hpo.config import Sweep, parse_overrides, resolve_paths
+from hpo.config import Sweep, direction_follows_metric, parse_overrides, resolve_paths
 from hpo.errors import HpoError
 
 Space = Callable[[Any], dict]
@@ -84,7 +84,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
     values = parse_overrides(overrides or [])
     if values:
         try:
-            sweep = dataclasses.replace(sweep, **values)
+            sweep = dataclasses.replace(sweep, **direction_follows_metric(sweep, values))
         except HpoError as error:
             raise HpoError(f"{path}: {error}") from None
         sweep = resolve_paths(sweep, Path.cwd())

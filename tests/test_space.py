@@ -97,3 +97,13 @@ def test_a_custom_train_function_may_use_any_parameter_names(tmp_path: Path) -> 
         "def train(params, report):\n    report(1, {'eval_accuracy': params['depth'] / 4})\n")))
     assert loaded.train is not None
     assert 1 <= spaces.sample_check(loaded)["depth"] <= 4
+
+
+def test_a_new_metric_brings_its_own_direction() -> None:
+    lora = SEARCH_SPACES / "lora.py"  # maximizes eval_accuracy
+    assert spaces.load(lora, ["metric=eval_loss"]).sweep.direction == "minimize"
+    assert spaces.load(lora, ["metric=eval_loss", "direction=maximize"]).sweep.direction == "maximize"
+    assert spaces.load(lora, ["metric=eval_accuracy"]).sweep.direction == "maximize"
+    with pytest.raises(HpoError, match="say which way my_metric is better with --set direction="):
+        spaces.load(lora, ["metric=my_metric"])
+    assert spaces.load(lora, ["metric=my_metric", "direction=minimize"]).sweep.direction == "minimize"
