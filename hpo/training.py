@@ -50,7 +50,7 @@ _DATASETS: dict[tuple, tuple[Any, Any, int]] = {}
 
 def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], None] | None = None,
               on_start: Callable[[dict[str, Any]], None] | None = None,
-              score: Callable[[str, str], float] | None = None) -> dict[str, float]:
+              score: Callable[[str, str], float] | None = None, started: float | None = None) -> dict[str, float]:
     """Train one LoRA adapter as ``job`` says; return the final model's metrics.
 
     With ``job.patience``, training stops once ``eval_loss`` has not improved for that many
@@ -63,7 +63,11 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
     target_modules, trainable_params, ...
     ``score(prediction, reference)`` (task sft, from the search-space module) scores
     generated answers as ``eval_score``.
+    The first report also holds ``trial_setup_seconds``: from ``started`` (a
+    ``time.perf_counter()`` reading; default: this call) to the end of the first optimizer
+    step -- imports, model and data loading on a cold worker, a fresh adapter on a warm one.
     """
+    started = time.perf_counter() if started is None else started
     from peft import get_peft_model
 
     device = accelerator.resolve_device(job.device)
@@ -76,6 +80,7 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
         base.config.use_cache = False  # a KV cache in training turns off packed sequences' own attention
     run = _Run(device, precision, accelerator.grad_scaler(device, precision), accelerator.MemoryMeter(device),
                accelerator.current_memory(device))
+    run.started = started
     run.meter.start()
 
     torch.manual_seed(job.seed)
@@ -106,6 +111,9 @@ class _Run:
     def __init__(self, device: torch.device, precision: str, scaler: Any, meter: accelerator.MemoryMeter,
                  resident: int):
         self.device, self.precision, self.scaler, self.meter, self.resident = device, precision, scaler, meter, resident
+        self.started = time.perf_counter()
+        self.setup_seconds: float | None = None
+        """From the start to the end of the first optimizer step; reported once, then None."""
 
     def memory(self) -> dict[str, float]:
         mib = 1024 * 1024
@@ -186,6 +194,8 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if step == 1:
+            run.setup_seconds = time.perf_counter() - run.started
         losses.append(loss)
         if step % job.eval_every == 0 or step == job.max_steps:
             metrics = evaluate(job, model, tokenizer, eval_set)
@@ -195,6 +205,8 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
             metrics["learning_rate"] = scheduler.get_last_lr()[0]
             metrics["train_seconds"] = time.perf_counter() - started
             metrics.update(run.memory())
+            if run.setup_seconds is not None:
+                metrics["trial_setup_seconds"], run.setup_seconds = run.setup_seconds, None
             losses.clear()
             report(step, metrics)
             if watch.should_stop(step, metrics["eval_loss"], model):
