@@ -147,6 +147,9 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     studies.check_storage(options.storage)  # both stores reachable before either is written
     check_tracking(options.tracking_uri)
     warm_source = _open_warm_source(options, name)
+    from hpo.sqlite import use_wal
+
+    use_wal()  # the driver's SQLite stores commit without waiting for the disk (see hpo/sqlite.py)
     # MLflow first: a tracking server that refuses the credentials must stop the sweep
     # before the study is created (the storage itself was checked above).
     tracker = SweepTracker(options.tracking_uri, name)
