@@ -66,7 +66,7 @@ class Recorder:
     """Seconds between looks at the study while waiting for other processes' trials."""
     # Trial attributes the recipe reports among its metrics and the study keeps as user attrs.
     ATTRS = ("micro_batch_size", "grad_accum", "peak_memory_mb", "resident_memory_mb")
-    # ... and those kept as seconds: from the trial's start on its worker to its first optimizer step.
+    # ... and those kept as seconds: from the trial's start on its worker to the start of its first optimizer step.
     SECONDS_ATTRS = ("trial_setup_seconds",)
     # Curves kept on the Optuna trial (user attr "curves") for `hpo diagnose` and reports.
     CURVES = ("train_loss", "eval_loss", "learning_rate")

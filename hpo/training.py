@@ -64,8 +64,9 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
     ``score(prediction, reference)`` (task sft, from the search-space module) scores
     generated answers as ``eval_score``.
     The first report also holds ``trial_setup_seconds``: from ``started`` (a
-    ``time.perf_counter()`` reading; default: this call) to the end of the first optimizer
-    step -- imports, model and data loading on a cold worker, a fresh adapter on a warm one.
+    ``time.perf_counter()`` reading; default: this call) to the start of the first optimizer
+    step, its batch drawn -- imports, model and data loading on a cold worker, a fresh
+    adapter and optimizer on a warm one; not the step's own compute, which is training.
     """
     started = time.perf_counter() if started is None else started
     from peft import get_peft_model
@@ -113,7 +114,7 @@ class _Run:
         self.device, self.precision, self.scaler, self.meter, self.resident = device, precision, scaler, meter, resident
         self.started = time.perf_counter()
         self.setup_seconds: float | None = None
-        """From the start to the end of the first optimizer step; reported once, then None."""
+        """From the start to the start of the first optimizer step; reported once, then None."""
 
     def memory(self) -> dict[str, float]:
         mib = 1024 * 1024
@@ -173,6 +174,8 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
     model.train()
     for step in range(1, job.max_steps + 1):
         batch = next(batches)
+        if step == 1:  # training starts: what came before was setup
+            run.setup_seconds = time.perf_counter() - run.started
         while True:
             try:
                 loss = _accumulate(runner, _shard(batch, rank, world), micro, run, whole=len(batch["labels"]) / world)
@@ -194,8 +197,6 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if step == 1:
-            run.setup_seconds = time.perf_counter() - run.started
         losses.append(loss)
         if step % job.eval_every == 0 or step == job.max_steps:
             metrics = evaluate(job, model, tokenizer, eval_set)

@@ -86,7 +86,7 @@ def test_each_trial_records_its_device_precision_and_full_job(memory_sweep: Path
 
 def test_trials_on_the_warm_worker_set_up_in_a_fraction_of_the_first(memory_sweep: Path) -> None:
     trials = trials_of(memory_sweep, "memory")  # one worker, reused: trial 0 loaded everything
-    setup = [t.user_attrs["trial_setup_seconds"] for t in trials]  # start on the worker -> first optimizer step
+    setup = [t.user_attrs["trial_setup_seconds"] for t in trials]  # start on the worker -> training starts
     assert all(seconds > 0 for seconds in setup), setup
     # Measured here: the first ~5-10 s (imports, model, data), later ones ~0.05 s (a fresh adapter);
     # the target is 0.05x, the test allows 0.1x for a loaded CI machine.
