@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -171,7 +172,8 @@ class SweepTracker(_Tracker):
     """Writes a sweep's runs. Called from the driver's one thread; the trial runs' writes
     (:meth:`start_trial` ... :meth:`end_trial`) go through a :class:`~hpo.writer.Writer`, in
     order, off that thread: :meth:`flush` waits for them. A write's time (metric timestamps,
-    a run's end) is taken when it is submitted, not when it runs."""
+    a run's end) is taken when it is submitted, not when it runs. A trial's params, metrics
+    and tags that wait for the writer together go in one ``log_batch``."""
 
     def __init__(self, tracking_uri: str | None, study_name: str):
         from hpo.writer import Writer
@@ -183,6 +185,9 @@ class SweepTracker(_Tracker):
         self.writer = Writer("hpo-mlflow")
         self.unwritten: set[int] = set()
         """Trials with a write that failed after its retries (see :func:`hpo.recorder.mirror_gaps`)."""
+        self._pending: dict[int, tuple[list[Any], list[Any], list[Any]]] = {}
+        """Trial number -> (metrics, params, tags) submitted to the writer, not taken by it yet."""
+        self._pending_lock = threading.Lock()
 
     def start_sweep(self, params: dict[str, Any], tags: dict[str, str]) -> str:
         """Open (or reopen, on resume) the study's parent run; returns its id."""
@@ -218,9 +223,46 @@ class SweepTracker(_Tracker):
                 run = self.client.create_run(self.experiment_id, start_time=started, run_name=f"trial-{number}",
                                              tags=tags)
                 self.trial_runs[number] = run.info.run_id
-            self._log_params(self.trial_runs[number], params)
 
         self.writer.submit(write, f"starting the MLflow run of trial {number}", lambda: self.unwritten.add(number))
+        self._add(number, params=_params(params))
+
+    def _add(self, number: int, metrics: list[Any] = (), params: list[Any] = (), tags: list[Any] = ()) -> None:
+        """Metrics, params and tags for the trial's run: joined to those still waiting for the
+        writer, else submitted as a new batch."""
+        if not (metrics or params or tags):
+            return
+        with self._pending_lock:
+            waiting = self._pending.get(number)
+            if waiting is None:
+                waiting = self._pending[number] = ([], [], [])
+            fresh = not any(waiting)
+            waiting[0].extend(metrics)
+            waiting[1].extend(params)
+            waiting[2].extend(tags)
+        if not fresh:
+            return
+        taken: tuple[list[Any], list[Any], list[Any]] | None = None
+
+        def write() -> None:
+            nonlocal taken
+            if taken is None:  # once: a retry writes what the first try took
+                with self._pending_lock:
+                    taken = self._pending.pop(number, ([], [], []))
+            run_id = self.trial_runs.get(number)
+            if run_id is not None:
+                self._log_batch(run_id, *taken)
+
+        self.writer.submit(write, f"logging to the MLflow run of trial {number}", lambda: self.unwritten.add(number))
+
+    def _log_batch(self, run_id: str, metrics: list[Any], params: list[Any], tags: list[Any]) -> None:
+        """One ``log_batch`` when MLflow's limits allow (1000 values, 100 params, 100 tags), else several."""
+        while metrics or params or tags:
+            some_params, params = params[:100], params[100:]
+            some_tags, tags = tags[:100], tags[100:]
+            room = 1000 - len(some_params) - len(some_tags)
+            some_metrics, metrics = metrics[:room], metrics[room:]
+            self.client.log_batch(run_id, metrics=some_metrics, params=some_params, tags=some_tags)
 
     def _on_run(self, number: int, what: str, write: Any) -> None:
         """Submit ``write(run_id)`` for the trial's run (skipped if the run could not be made)."""
@@ -233,39 +275,36 @@ class SweepTracker(_Tracker):
         self.writer.submit(on_run, f"{what} of trial {number} in MLflow", lambda: self.unwritten.add(number))
 
     def log_metrics(self, number: int, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
-        self._on_run(number, "logging metrics", lambda run_id: self._log_metrics(run_id, step, metrics, now))
+        self._add(number, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)])
 
     def log_trial_params(self, number: int, params: dict[str, Any]) -> None:
         """More params on a running trial's run (what its worker resolved: device, precision, ...)."""
         if params:
-            self._on_run(number, "logging params", lambda run_id: self._log_params(run_id, params))
+            self._add(number, params=_params(params))
 
     def tag_trial(self, number: int, key: str, value: str) -> None:
-        self._on_run(number, f"tag {key}", lambda run_id: self.client.set_tag(run_id, key, value))
+        from mlflow.entities import RunTag
+
+        self._add(number, tags=[RunTag(key, value)])
 
     def end_trial(self, number: int, state: str, reason: str | None = None, value: float | None = None) -> None:
-        """Close the trial's run with the status matching the Optuna ``state``: its tags in one
-        batch, then the status."""
+        """Close the trial's run with the status matching the Optuna ``state``: its tags (with
+        whatever else still waits for the writer) in one batch, then the status."""
         ended = int(time.time() * 1000)
+        self._add(number, tags=_end_tags(state, reason, value))
 
         def write(run_id: str) -> None:
-            self._close(run_id, state, reason, value, ended)
+            self.client.set_terminated(run_id, status=_end_status(state, reason), end_time=ended)
             self.trial_runs.pop(number, None)
 
         self._on_run(number, "closing the run", write)
 
     def _close(self, run_id: str, state: str, reason: str | None, value: float | None, ended: int | None) -> None:
-        from mlflow.entities import RunTag
-
-        tags = [RunTag(TAG_STATE, state)]
-        if reason:
-            tags.append(RunTag(TAG_REASON, reason[:5000]))
-        if value is not None and _is_number(value):
-            tags.append(RunTag("hpo.objective", repr(float(value))))
-        self.client.log_batch(run_id, tags=tags)
-        status = "KILLED" if reason == "interrupted" else RUN_STATUS.get(state, "FAILED")
-        self.client.set_terminated(run_id, status=status, end_time=ended)
+        self.client.log_batch(run_id, tags=_end_tags(state, reason, value))
+        self.client.set_terminated(run_id, status=_end_status(state, reason), end_time=ended)
 
     def flush(self) -> None:
         """Wait until the trial runs' writes submitted so far are written (or failed)."""
@@ -333,6 +372,27 @@ class SweepTracker(_Tracker):
         for start in range(0, len(points), 1000):
             self.client.log_batch(run_id, metrics=points[start : start + 1000])
         self._close(run_id, end.state, end.reason, end.value, end.ended)
+
+
+def _params(params: dict[str, Any]) -> list[Any]:
+    from mlflow.entities import Param
+
+    return [Param(str(k), str(v)[:6000]) for k, v in params.items() if v is not None]
+
+
+def _end_tags(state: str, reason: str | None, value: float | None) -> list[Any]:
+    from mlflow.entities import RunTag
+
+    tags = [RunTag(TAG_STATE, state)]
+    if reason:
+        tags.append(RunTag(TAG_REASON, reason[:5000]))
+    if value is not None and _is_number(value):
+        tags.append(RunTag("hpo.objective", repr(float(value))))
+    return tags
+
+
+def _end_status(state: str, reason: str | None) -> str:
+    return "KILLED" if reason == "interrupted" else RUN_STATUS.get(state, "FAILED")
 
 
 @dataclass(frozen=True)
