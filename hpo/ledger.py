@@ -75,6 +75,8 @@ class AskedTrial:
     trial: optuna.Trial
     reported: dict[int, float] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
+    attempt: int = 1
+    """Which run of its config this is (``attempt`` user attr of a rerun, read at ask)."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ class Ledger:
             self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
         trial.set_user_attr("config", {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()})
-        asked = AskedTrial(trial.number, params, trial)
+        asked = AskedTrial(trial.number, params, trial, attempt=int(trial.user_attrs.get("attempt", 1)))
         self.running[trial.number] = asked
         if self.heartbeats is not None:
             self.heartbeats.add(trial._trial_id)
@@ -199,10 +201,7 @@ class Ledger:
     def _tell(self, asked: AskedTrial, state: TrialState, value: float | None, reason: str | None,
               error: str | None, attrs: dict[str, Any] | None) -> Told:
         trial = asked.trial
-        frozen = self._frozen(trial)
-        if frozen.state.is_finished():
-            return self._keep_late(asked, frozen, state, value, reason, attrs)
-        attempt = int(frozen.user_attrs.get("attempt", 1))
+        attempt = asked.attempt  # no read first: a trial finished meanwhile refuses the first write below
         if state == TrialState.FAIL and reason in RERUN and attempt >= self.max_attempts:
             reason = "interrupted_too_often"
             error = f"interrupted {attempt} times (a worker or driver died each time); not run again"
@@ -218,8 +217,10 @@ class Ledger:
                 _write(lambda: self.study.tell(trial, float(value)))  # type: ignore[arg-type]
             else:
                 _write(lambda: self.study.tell(trial, state=state))
-        except UpdateFinishedTrialError:
+        except (UpdateFinishedTrialError, ValueError):  # Optuna's tell says "Cannot tell a FAIL trial."
             frozen = self._frozen(trial)
+            if not frozen.state.is_finished():
+                raise
             if frozen.state == state and frozen.user_attrs.get("reason") == reason:
                 return Told(state, reason, again=False)  # our own write, retried after a lost answer
             return self._keep_late(asked, frozen, state, value, reason, attrs)

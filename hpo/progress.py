@@ -33,6 +33,9 @@ class _Row:
 class SweepDisplay:
     """Implements the recorder's Display protocol."""
 
+    REDRAW = 0.25
+    """Seconds between redraws of the live view (it refreshes 4 times a second)."""
+
     def __init__(self, console: Console, *, study: str, metric: str, direction: str, target: int, max_steps: int,
                  already: int = 0, best: tuple[int, float] | None = None):
         self.console = console
@@ -46,6 +49,7 @@ class SweepDisplay:
         self.rows: dict[int, _Row] = {}
         self.started = time.monotonic()
         self._live: Live | None = None
+        self._drawn = 0.0
 
     def __enter__(self) -> SweepDisplay:
         if self.console.is_terminal:
@@ -86,7 +90,11 @@ class SweepDisplay:
         self.tick()
 
     def tick(self) -> None:
-        if self._live is not None:
+        """Redraw the live view (called on every event and every turn of Tune's loop): at most
+        as often as it refreshes, so a busy loop does not spend its time building tables."""
+        now = time.monotonic()
+        if self._live is not None and now - self._drawn >= self.REDRAW:
+            self._drawn = now
             self._live.update(self._render())
 
     # rendering ------------------------------------------------------------------

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from hpo.ledger import AskedTrial, Ledger, Told
 from hpo.study import GRACE_PERIOD, retry_transient
-from hpo.tracking import SweepTracker
+from hpo.tracking import SweepTracker, TrialEnd
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class Recorder:
     """Seconds between looks at the study while waiting for other processes' trials."""
     # Trial attributes the recipe reports among its metrics and the study keeps as user attrs.
     ATTRS = ("micro_batch_size", "grad_accum", "peak_memory_mb", "resident_memory_mb")
+    # ... and those kept as seconds: from the trial's start on its worker to the start of its first optimizer step.
+    SECONDS_ATTRS = ("trial_setup_seconds",)
     # Curves kept on the Optuna trial (user attr "curves") for `hpo diagnose` and reports.
     CURVES = ("train_loss", "eval_loss", "learning_rate")
 
@@ -136,11 +138,7 @@ class Recorder:
         params = {**asked.trial.params, **{k: v for k, v in asked.params.items() if k not in asked.trial.params}}
         if self.job_params is not None:
             params = {**self.job_params(asked.params), **params}
-        try:
-            retry_transient(lambda: self.tracker.start_trial(asked.number, params), what="starting the MLflow run")
-        except Exception as error:
-            self.on_end(asked.number, Outcome("interrupted", error=f"MLflow: {type(error).__name__}"))
-            raise
+        self.tracker.start_trial(asked.number, params)  # written off this thread, in order (hpo.writer)
         self._logged[asked.number] = set(params)
         self.display.trial_started(asked.number, asked.params)
         return asked
@@ -167,6 +165,9 @@ class Recorder:
         for key in self.ATTRS:
             if key in metrics:
                 self.ledger.set_attr(number, key, int(metrics[key]))
+        for key in self.SECONDS_ATTRS:
+            if key in metrics:
+                self.ledger.set_attr(number, key, round(float(metrics[key]), 4))
         self.tracker.log_metrics(number, step, metrics)
         self.display.trial_result(number, step, value)
 
@@ -251,7 +252,6 @@ class Recorder:
                 shown = error or told.reason
             else:
                 shown = reason
-        run_id = self.tracker.trial_runs.get(number)
         if told is not None and told.kept_as is not None:
             self.kept[number] = told.kept_as
             message = (f"trial {number} had been failed as interrupted by another process while it still ran "
@@ -259,21 +259,8 @@ class Recorder:
             console = getattr(self.display, "console", None)
             if console is not None:
                 console.print(f"[bold yellow]warning:[/] {message}", highlight=False)
-            if run_id:
-                try:
-                    retry_transient(lambda: self.tracker.client.set_tag(run_id, "hpo.kept_as_trial", str(told.kept_as)))
-                except Exception:  # noqa: BLE001 - the tag is a bonus; the run is closed below
-                    logger.warning("hpo: tagging the MLflow run of trial %s failed", number, exc_info=True)
-
-        def close() -> None:
-            if run_id:  # end_trial forgets the run first: a retry must find it again
-                self.tracker.trial_runs[number] = run_id
-            self.tracker.end_trial(number, state, reason=shown, value=value if state == "COMPLETE" else None)
-
-        try:
-            retry_transient(close, what="closing the MLflow run")
-        except Exception:  # noqa: BLE001 - the next start's close_orphans closes it
-            logger.warning("hpo: closing the MLflow run of trial %s failed", number, exc_info=True)
+            self.tracker.tag_trial(number, "hpo.kept_as_trial", str(told.kept_as))
+        self.tracker.end_trial(number, state, reason=shown, value=value if state == "COMPLETE" else None)
         self.display.trial_ended(number, state, value if state == "COMPLETE" else None, shown)
 
     def tick(self) -> None:
@@ -300,3 +287,91 @@ class Recorder:
                 logger.warning("hpo: recording trial %s as interrupted failed", number, exc_info=True)
         self.ledger.close()
         return left
+
+
+# User attrs that are hpo's bookkeeping; a trial's other scalar user attrs are what its worker
+# resolved (device, precision, ...), which its MLflow run holds as params.
+BOOKKEEPING_ATTRS = frozenset({
+    "reason", "error", "retried", "retry_of", "attempt", "warm_start", "late_result_of", "superseded_by",
+    "last_step", "pruned_at", "stopped_early_at", "config", "curves", "resources",
+    *Recorder.ATTRS, *Recorder.SECONDS_ATTRS,
+})
+
+
+def mirror_gaps(study: Any, tracker: SweepTracker, *, metric: str,
+                job_params: Callable[[dict[str, Any]], dict[str, Any]] | None = None, only: set[int] | None = None,
+                grace: float = GRACE_PERIOD) -> list[int]:
+    """Bring the study's MLflow trial runs in line with the study (the truth) after a driver
+    died with writes it had not made yet (:mod:`hpo.writer`): every finished trial gets its
+    run -- made if missing, with the params and the metric curves the study keeps -- tagged
+    and closed with its state, so no run stays RUNNING for a trial that is not running. A
+    closed run is complete (a driver's writes run in order, the close last).
+
+    Trials of a live driver are left to it, and so are those another machine's driver
+    finished less than ``grace`` seconds ago. ``only``: just these trials, whatever their
+    driver and their run's status (this process's own trials whose writes failed). Returns
+    the numbers of the trials whose runs were written."""
+    from hpo.ledger import DRIVER_ATTR
+    from hpo.liveness import driver_is_dead, known_alive
+
+    runs = tracker.trial_run_index()
+    trials = study.get_trials(deepcopy=False)
+    written = []
+    for trial in trials:
+        run = runs.get(trial.number)
+        if not trial.state.is_finished() or (only is not None and trial.number not in only):
+            continue
+        if run is None and (trial.user_attrs.get("late_result_of") is not None
+                            or trial.user_attrs.get("reason") in ("superseded", "space")):
+            continue  # never ran as itself: its result is on the run of the trial it names
+        if only is None:
+            if run is not None and run.info.status != "RUNNING":
+                continue
+            driver = trial.system_attrs.get(DRIVER_ATTR)
+            if driver and known_alive(driver):
+                continue
+            ended = trial.datetime_complete.timestamp() if trial.datetime_complete else 0.0
+            judged_dead = trial.user_attrs.get("reason") in ("interrupted", "interrupted_too_often")
+            if not (judged_dead or (driver and driver_is_dead(driver))) and time.time() - ended < grace:
+                continue  # another machine's driver may still be writing it
+        tracker.fill_trial(trial.number, run, _trial_end(trial, metric, job_params))
+        written.append(trial.number)
+    numbers = {trial.number for trial in trials}
+    for number, run in runs.items():  # a run whose trial the study does not hold
+        if only is None and number not in numbers and run.info.status == "RUNNING":
+            tracker.fill_trial(number, run, TrialEnd("FAIL", "interrupted"))
+            written.append(number)
+    return sorted(written)
+
+
+def _trial_end(trial: Any, metric: str, job_params: Callable[[dict[str, Any]], dict[str, Any]] | None) -> TrialEnd:
+    """What a finished Optuna trial's MLflow run should hold (as :meth:`Recorder.on_end` writes it)."""
+    attrs = trial.user_attrs
+    state, reason = trial.state.name, attrs.get("reason")
+    if reason in ("interrupted", "interrupted_too_often") or (state == "FAIL" and reason is None):
+        shown = reason or "interrupted"  # no reason: Optuna failed it for a stale heartbeat
+    elif state == "FAIL":
+        shown = attrs.get("error") or reason
+    elif state == "PRUNED":
+        shown = f"stopped early by the pruner at step {attrs.get('pruned_at')}"
+    else:
+        shown = reason
+    config = attrs.get("config") or dict(trial.params)
+    try:
+        job = job_params(config) if job_params is not None else {}
+    except Exception:  # noqa: BLE001 - a config this version cannot rebuild: the sampled params still go
+        job = {}
+    info = {k: v for k, v in attrs.items()
+            if k not in BOOKKEEPING_ATTRS and isinstance(v, (str, int, float, bool))}
+    params = {**info, **job, **trial.params, **{k: v for k, v in config.items() if k not in trial.params}}
+    curves: dict[str, list[tuple[int, float]]] = {k: [(int(s), v) for s, v in points]
+                                                  for k, points in (attrs.get("curves") or {}).items()}
+    if trial.intermediate_values and metric not in curves:
+        curves[metric] = sorted(trial.intermediate_values.items())
+    last = attrs.get("last_step") or (max(trial.intermediate_values) if trial.intermediate_values else 0)
+    for key in (*Recorder.ATTRS, *Recorder.SECONDS_ATTRS):
+        if key in attrs and key not in curves:
+            curves[key] = [(int(last), attrs[key])]
+    return TrialEnd(state, shown, value=trial.value if state == "COMPLETE" else None, params=params, curves=curves,
+                    started=int(trial.datetime_start.timestamp() * 1000) if trial.datetime_start else None,
+                    ended=int(trial.datetime_complete.timestamp() * 1000) if trial.datetime_complete else None)

@@ -73,6 +73,7 @@ class TrialSpec:
 
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """Ray Tune function trainable for one trial (runs on a worker)."""
+    started = time.perf_counter()  # the trial's start on its worker: trial_setup_seconds counts from here
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*(Some weights|newly initialized).*")
     params = config["params"]
@@ -96,7 +97,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             from hpo import training
 
             final = training.fine_tune(TrainJob.from_sweep(spec.sweep, params), report, on_start=info.update,
-                                       score=spec.score)
+                                       score=spec.score, started=started)
             if final.get("stopped_early_at"):  # patience ended it: tell the driver why
                 send({"step": report.last_step, EARLY_STOP_KEY: int(final["stopped_early_at"])})
     except NonFiniteMetric as error:

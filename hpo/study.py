@@ -294,12 +294,6 @@ def fail_reasons(study: optuna.Study) -> dict[str, int]:
     return reasons
 
 
-def trial_ends(study: optuna.Study) -> dict[int, tuple[str, str | None]]:
-    """Each trial's Optuna state name and reason, by number (to bring MLflow in line)."""
-    return {t.number: (t.state.name, t.user_attrs.get("reason") or ("interrupted" if t.state == TrialState.FAIL else None))
-            for t in study.get_trials(deepcopy=False)}
-
-
 def next_run_index(study: optuna.Study) -> int:
     """0 for the first sweep process on this study, then 1, 2, ... (call under the study lock)."""
     index = int(study._storage.get_study_system_attrs(study._study_id).get("hpo:runs", 0))

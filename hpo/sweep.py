@@ -171,6 +171,9 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     studies.check_storage(options.storage)  # both stores reachable before either is written
     check_tracking(options.tracking_uri)
     warm_source = _open_warm_source(options, name)
+    from hpo.sqlite import use_wal
+
+    use_wal()  # the driver's SQLite stores commit without waiting for the disk (see hpo/sqlite.py)
     # MLflow first: a tracking server that refuses the credentials must stop the sweep
     # before the study is created (the storage itself was checked above).
     tracker = SweepTracker(options.tracking_uri, name)
@@ -185,11 +188,19 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         run_index = studies.next_run_index(study)
     study.sampler = studies.make_sampler(sweep.sampler, sweep.seed + run_index, sweep.trials)
 
+    from hpo.recipe import TrainJob
+    from hpo.recorder import Recorder, mirror_gaps
+
+    def job_params(params: dict[str, Any]) -> dict[str, Any]:
+        """The full job a worker trains with (defaults filled in), for the trial's MLflow run."""
+        return TrainJob.from_sweep(sweep, params).describe()
+
+    job = None if search_space.train else job_params
     reclaimed = ledger.reclaim()
-    closed = tracker.close_orphans(studies.trial_ends(study))
+    closed = mirror_gaps(study, tracker, metric=sweep.metric, job_params=job)
     if reclaimed or closed:
         console.print(f"[yellow]cleaned up after an interrupted sweep:[/] trials {reclaimed or '-'} failed as "
-                      f"interrupted (they run again), MLflow runs of trials {closed or '-'} closed")
+                      f"interrupted (they run again), MLflow runs of trials {closed or '-'} written from the study")
     already = ledger.finished()
     earlier = (study.user_attrs.get("hpo") or {}).get("sweep", {}).get("objective", "last")
     if already and earlier != sweep.objective:
@@ -232,16 +243,13 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
                   f"{', a trial is worth its best evaluation' if sweep.objective == 'best' else ''})")
 
     from hpo.progress import SweepDisplay
-    from hpo.recipe import TrainJob
-    from hpo.recorder import Recorder
 
     deadline = time.time() + sweep.timeout if sweep.timeout else None
     best = studies.best_summary(study)
     display = SweepDisplay(console, study=name, metric=sweep.metric, direction=sweep.direction, target=sweep.trials,
                            max_steps=sweep.max_steps, already=already,
                            best=(best["number"], best["value"]) if best else None)
-    recorder = Recorder(ledger, tracker, display, metric=sweep.metric, deadline=deadline,
-                        job_params=None if search_space.train else lambda p: TrainJob.from_sweep(sweep, p).describe(),
+    recorder = Recorder(ledger, tracker, display, metric=sweep.metric, deadline=deadline, job_params=job,
                         objective=sweep.objective, direction=sweep.direction)
     status = "FINISHED"
     try:
@@ -256,6 +264,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         raise
     finally:
         recorder.close_leftovers()
+        _flush_mirror(study, tracker, sweep.metric, job, console)
         _ending(result, recorder, ledger.finished(), sweep.trials)
         if result.ended == "interrupted":
             status = "KILLED"
@@ -268,6 +277,21 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
                                            **({"best_value": result.best["value"], "best_trial": result.best["number"]}
                                               if result.best else {})})
     return result
+
+
+def _flush_mirror(study: Any, tracker: Any, metric: str, job: Any, console: Console) -> None:
+    """Wait for the MLflow writes of this run's trials; rewrite from the study the runs of
+    trials whose writes failed (a warning if that fails too: the next run tries again)."""
+    from hpo.recorder import mirror_gaps
+
+    tracker.flush()
+    if tracker.unwritten:
+        try:
+            mirror_gaps(study, tracker, metric=metric, job_params=job, only=set(tracker.unwritten))
+            tracker.unwritten.clear()
+        except Exception as error:  # noqa: BLE001 - the study holds the truth; the next run writes it
+            console.print(f"[yellow]warning:[/] the MLflow runs of trials {sorted(tracker.unwritten)} could not be "
+                          f"written ({type(error).__name__}); the next `hpo search` on this study writes them")
 
 
 def _ending(result: SearchResult, recorder: Any, finished: int, target: int) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from hpo.errors import HpoError, check_url, scrub
@@ -150,10 +152,10 @@ class _Tracker:
             self.client = _RetryWhenLocked(MlflowClient(tracking_uri=self.uri))
             self.experiment_id = _experiment_id(self.client, self.uri, study_name)
 
-    def _log_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
+    def _log_metrics(self, run_id: str, step: int, metrics: dict[str, float], now: int | None = None) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = now or int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
         if batch:
             self.client.log_batch(run_id, metrics=batch)
@@ -167,12 +169,25 @@ class _Tracker:
 
 
 class SweepTracker(_Tracker):
-    """Writes a sweep's runs; all methods are called from the driver's one thread."""
+    """Writes a sweep's runs. Called from the driver's one thread; the trial runs' writes
+    (:meth:`start_trial` ... :meth:`end_trial`) go through a :class:`~hpo.writer.Writer`, in
+    order, off that thread: :meth:`flush` waits for them. A write's time (metric timestamps,
+    a run's end) is taken when it is submitted, not when it runs. A trial's params, metrics
+    and tags that wait for the writer together go in one ``log_batch``."""
 
     def __init__(self, tracking_uri: str | None, study_name: str):
+        from hpo.writer import Writer
+
         super().__init__(tracking_uri, study_name)
         self.parent_run_id: str | None = None
         self.trial_runs: dict[int, str] = {}
+        """Trial number -> its run's id, once the writer has created the run."""
+        self.writer = Writer("hpo-mlflow")
+        self.unwritten: set[int] = set()
+        """Trials with a write that failed after its retries (see :func:`hpo.recorder.mirror_gaps`)."""
+        self._pending: dict[int, tuple[list[Any], list[Any], list[Any]]] = {}
+        """Trial number -> (metrics, params, tags) submitted to the writer, not taken by it yet."""
+        self._pending_lock = threading.Lock()
 
     def start_sweep(self, params: dict[str, Any], tags: dict[str, str]) -> str:
         """Open (or reopen, on resume) the study's parent run; returns its id."""
@@ -195,44 +210,108 @@ class SweepTracker(_Tracker):
         self.parent_run_id = run_id
         return run_id
 
-    def start_trial(self, number: int, params: dict[str, Any]) -> str:
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"trial-{number}",
-            tags={
-                "mlflow.parentRunId": self.parent_run_id or "",
-                TAG_STUDY: self.study_name,
-                TAG_TRIAL: str(number),
-                TAG_ROLE: "trial",
-                TAG_STATE: "RUNNING",
-            },
-        )
-        self.trial_runs[number] = run.info.run_id
-        self._log_params(run.info.run_id, params)
-        return run.info.run_id
+    def _trial_tags(self, number: int, state: str) -> dict[str, str]:
+        return {"mlflow.parentRunId": self.parent_run_id or "", TAG_STUDY: self.study_name, TAG_TRIAL: str(number),
+                TAG_ROLE: "trial", TAG_STATE: state}
+
+    def start_trial(self, number: int, params: dict[str, Any]) -> None:
+        """The trial's run, RUNNING, with its params (written by the writer)."""
+        tags, started = self._trial_tags(number, "RUNNING"), int(time.time() * 1000)
+
+        def write() -> None:
+            if number not in self.trial_runs:  # a retry after a lost answer must not make a second run
+                run = self.client.create_run(self.experiment_id, start_time=started, run_name=f"trial-{number}",
+                                             tags=tags)
+                self.trial_runs[number] = run.info.run_id
+
+        self.writer.submit(write, f"starting the MLflow run of trial {number}", lambda: self.unwritten.add(number))
+        self._add(number, params=_params(params))
+
+    def _add(self, number: int, metrics: list[Any] = (), params: list[Any] = (), tags: list[Any] = ()) -> None:
+        """Metrics, params and tags for the trial's run: joined to those still waiting for the
+        writer, else submitted as a new batch."""
+        if not (metrics or params or tags):
+            return
+        with self._pending_lock:
+            waiting = self._pending.get(number)
+            if waiting is None:
+                waiting = self._pending[number] = ([], [], [])
+            fresh = not any(waiting)
+            waiting[0].extend(metrics)
+            waiting[1].extend(params)
+            waiting[2].extend(tags)
+        if not fresh:
+            return
+        taken: tuple[list[Any], list[Any], list[Any]] | None = None
+
+        def write() -> None:
+            nonlocal taken
+            if taken is None:  # once: a retry writes what the first try took
+                with self._pending_lock:
+                    taken = self._pending.pop(number, ([], [], []))
+            run_id = self.trial_runs.get(number)
+            if run_id is not None:
+                self._log_batch(run_id, *taken)
+
+        self.writer.submit(write, f"logging to the MLflow run of trial {number}", lambda: self.unwritten.add(number))
+
+    def _log_batch(self, run_id: str, metrics: list[Any], params: list[Any], tags: list[Any]) -> None:
+        """One ``log_batch`` when MLflow's limits allow (1000 values, 100 params, 100 tags), else several."""
+        while metrics or params or tags:
+            some_params, params = params[:100], params[100:]
+            some_tags, tags = tags[:100], tags[100:]
+            room = 1000 - len(some_params) - len(some_tags)
+            some_metrics, metrics = metrics[:room], metrics[room:]
+            self.client.log_batch(run_id, metrics=some_metrics, params=some_params, tags=some_tags)
+
+    def _on_run(self, number: int, what: str, write: Any) -> None:
+        """Submit ``write(run_id)`` for the trial's run (skipped if the run could not be made)."""
+
+        def on_run() -> None:
+            run_id = self.trial_runs.get(number)
+            if run_id is not None:
+                write(run_id)
+
+        self.writer.submit(on_run, f"{what} of trial {number} in MLflow", lambda: self.unwritten.add(number))
 
     def log_metrics(self, number: int, step: int, metrics: dict[str, float]) -> None:
-        self._log_metrics(self.trial_runs[number], step, metrics)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._add(number, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)])
 
     def log_trial_params(self, number: int, params: dict[str, Any]) -> None:
         """More params on a running trial's run (what its worker resolved: device, precision, ...)."""
-        if number in self.trial_runs:
-            self._log_params(self.trial_runs[number], params)
+        if params:
+            self._add(number, params=_params(params))
+
+    def tag_trial(self, number: int, key: str, value: str) -> None:
+        from mlflow.entities import RunTag
+
+        self._add(number, tags=[RunTag(key, value)])
 
     def end_trial(self, number: int, state: str, reason: str | None = None, value: float | None = None) -> None:
-        """Close the trial's run with the status matching the Optuna ``state``."""
-        run_id = self.trial_runs.pop(number, None)
-        if run_id is None:
-            return
-        self.client.set_tag(run_id, TAG_STATE, state)
-        if reason:
-            self.client.set_tag(run_id, TAG_REASON, reason[:5000])
-        if value is not None and _is_number(value):
-            self.client.set_tag(run_id, "hpo.objective", repr(float(value)))
-        status = "KILLED" if reason == "interrupted" else RUN_STATUS.get(state, "FAILED")
-        self.client.set_terminated(run_id, status=status)
+        """Close the trial's run with the status matching the Optuna ``state``: its tags (with
+        whatever else still waits for the writer) in one batch, then the status."""
+        ended = int(time.time() * 1000)
+        self._add(number, tags=_end_tags(state, reason, value))
+
+        def write(run_id: str) -> None:
+            self.client.set_terminated(run_id, status=_end_status(state, reason), end_time=ended)
+            self.trial_runs.pop(number, None)
+
+        self._on_run(number, "closing the run", write)
+
+    def _close(self, run_id: str, state: str, reason: str | None, value: float | None, ended: int | None) -> None:
+        self.client.log_batch(run_id, tags=_end_tags(state, reason, value))
+        self.client.set_terminated(run_id, status=_end_status(state, reason), end_time=ended)
+
+    def flush(self) -> None:
+        """Wait until the trial runs' writes submitted so far are written (or failed)."""
+        self.writer.flush()
 
     def end_sweep(self, status: str = "FINISHED", summary: dict[str, Any] | None = None) -> None:
+        self.writer.close()
         if self.parent_run_id is None:
             return
         if summary:
@@ -256,31 +335,82 @@ class SweepTracker(_Tracker):
         )
         return found[0].info.run_id if found else None
 
-    def close_orphans(self, trials: dict[int, tuple[str, str | None]]) -> list[int]:
-        """Close this study's trial runs left RUNNING by a dead sweep, matching the Optuna
-        state of their trial (``trials``: number -> (state, reason)); runs of trials still
-        RUNNING in Optuna (another live sweep's) are left alone. Returns the trial numbers."""
+    def trial_run_index(self) -> dict[int, Any]:
+        """This study's trial runs by trial number (MLflow ``Run`` objects; the first one found
+        when a number has several)."""
         found = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{TAG_STUDY}` = '{self.study_name}' and tags.`{TAG_ROLE}` = 'trial' "
-                          "and attributes.status = 'RUNNING'",
+            filter_string=f"tags.`{TAG_STUDY}` = '{self.study_name}' and tags.`{TAG_ROLE}` = 'trial'",
             max_results=50000,
         )
-        closed = []
+        runs: dict[int, Any] = {}
         for run in found:
-            number = int(run.data.tags.get(TAG_TRIAL, -1))
-            if number in self.trial_runs:
-                continue
-            state, reason = trials.get(number, ("FAIL", "interrupted"))
-            if state == "RUNNING":
-                continue
-            self.client.set_tag(run.info.run_id, TAG_STATE, state)
-            if reason:
-                self.client.set_tag(run.info.run_id, TAG_REASON, reason)
-            status = "KILLED" if reason == "interrupted" else RUN_STATUS.get(state, "FAILED")
-            self.client.set_terminated(run.info.run_id, status=status)
-            closed.append(number)
-        return sorted(closed)
+            runs.setdefault(int(run.data.tags.get(TAG_TRIAL, -1)), run)
+        return runs
+
+    def fill_trial(self, number: int, run: Any, end: TrialEnd) -> None:
+        """Bring a trial's run in line with the study after a driver died: make it if it is
+        missing, add the params and metric points it lacks, tag and close it (synchronous)."""
+        from mlflow.entities import Metric
+
+        existed = run is not None
+        if run is None:
+            parent = self.parent_run_id or self.find_sweep_run()
+            tags = {**self._trial_tags(number, "RUNNING"), "mlflow.parentRunId": parent or ""}
+            run = self.client.create_run(self.experiment_id, start_time=end.started, run_name=f"trial-{number}",
+                                         tags=tags)
+            have_params: set[str] = set()
+        else:
+            have_params = set(run.data.params)
+        run_id = run.info.run_id
+        self._log_params(run_id, {k: v for k, v in end.params.items() if str(k) not in have_params})
+        points = []
+        for key, history in end.curves.items():
+            logged = {m.step for m in self.client.get_metric_history(run_id, key)} if existed else set()
+            points += [Metric(key, float(value), end.ended or end.started or 0, int(step))
+                       for step, value in history if int(step) not in logged and _is_number(value)]
+        for start in range(0, len(points), 1000):
+            self.client.log_batch(run_id, metrics=points[start : start + 1000])
+        self._close(run_id, end.state, end.reason, end.value, end.ended)
+
+
+def _params(params: dict[str, Any]) -> list[Any]:
+    from mlflow.entities import Param
+
+    return [Param(str(k), str(v)[:6000]) for k, v in params.items() if v is not None]
+
+
+def _end_tags(state: str, reason: str | None, value: float | None) -> list[Any]:
+    from mlflow.entities import RunTag
+
+    tags = [RunTag(TAG_STATE, state)]
+    if reason:
+        tags.append(RunTag(TAG_REASON, reason[:5000]))
+    if value is not None and _is_number(value):
+        tags.append(RunTag("hpo.objective", repr(float(value))))
+    return tags
+
+
+def _end_status(state: str, reason: str | None) -> str:
+    return "KILLED" if reason == "interrupted" else RUN_STATUS.get(state, "FAILED")
+
+
+@dataclass(frozen=True)
+class TrialEnd:
+    """What the study holds about a finished trial, for :meth:`SweepTracker.fill_trial`."""
+
+    state: str
+    """The Optuna state name: COMPLETE, PRUNED or FAIL."""
+    reason: str | None
+    """What the run's hpo.reason tag says (``interrupted`` closes it KILLED)."""
+    value: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """Metric name -> (step, value) points."""
+    started: int | None = None
+    """Milliseconds since the epoch."""
+    ended: int | None = None
+
 
 def _experiment_id(client: Any, uri: str, study_name: str) -> str:
     """The experiment named after the study (created, or restored if deleted)."""

@@ -50,7 +50,7 @@ _DATASETS: dict[tuple, tuple[Any, Any, int]] = {}
 
 def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], None] | None = None,
               on_start: Callable[[dict[str, Any]], None] | None = None,
-              score: Callable[[str, str], float] | None = None) -> dict[str, float]:
+              score: Callable[[str, str], float] | None = None, started: float | None = None) -> dict[str, float]:
     """Train one LoRA adapter as ``job`` says; return the final model's metrics.
 
     With ``job.patience``, training stops once ``job.watch`` (eval_loss unless promote says
@@ -65,7 +65,12 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
     target_modules, trainable_params, ...
     ``score(prediction, reference)`` (task sft, from the search-space module) scores
     generated answers as ``eval_score``.
+    The first report also holds ``trial_setup_seconds``: from ``started`` (a
+    ``time.perf_counter()`` reading; default: this call) to the start of the first optimizer
+    step, its batch drawn -- imports, model and data loading on a cold worker, a fresh
+    adapter and optimizer on a warm one; not the step's own compute, which is training.
     """
+    started = time.perf_counter() if started is None else started
     from peft import get_peft_model
 
     device = accelerator.resolve_device(job.device)
@@ -78,6 +83,7 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
         base.config.use_cache = False  # a KV cache in training turns off packed sequences' own attention
     run = _Run(device, precision, accelerator.grad_scaler(device, precision), accelerator.MemoryMeter(device),
                accelerator.current_memory(device))
+    run.started = started
     run.meter.start()
 
     torch.manual_seed(job.seed)
@@ -108,6 +114,9 @@ class _Run:
     def __init__(self, device: torch.device, precision: str, scaler: Any, meter: accelerator.MemoryMeter,
                  resident: int):
         self.device, self.precision, self.scaler, self.meter, self.resident = device, precision, scaler, meter, resident
+        self.started = time.perf_counter()
+        self.setup_seconds: float | None = None
+        """From the start to the start of the first optimizer step; reported once, then None."""
 
     def memory(self) -> dict[str, float]:
         mib = 1024 * 1024
@@ -167,6 +176,8 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
     model.train()
     for step in range(1, job.max_steps + 1):
         batch = next(batches)
+        if step == 1:  # training starts: what came before was setup
+            run.setup_seconds = time.perf_counter() - run.started
         while True:
             try:
                 loss = _accumulate(runner, _shard(batch, rank, world), micro, run, whole=len(batch["labels"]) / world)
@@ -197,6 +208,8 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
             metrics["learning_rate"] = scheduler.get_last_lr()[0]
             metrics["train_seconds"] = time.perf_counter() - started
             metrics.update(run.memory())
+            if run.setup_seconds is not None:
+                metrics["trial_setup_seconds"], run.setup_seconds = run.setup_seconds, None
             losses.clear()
             report(step, metrics)
             if watch.should_stop(step, metrics, model):

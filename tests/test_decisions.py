@@ -67,6 +67,7 @@ class Sweep:
         return self.study.get_trials()[number]
 
     def run(self, number: int) -> Any:
+        self.tracker.flush()  # MLflow writes run on the tracker's writer thread
         client = MlflowClient(self.tracker.uri)
         runs = client.search_runs([self.tracker.experiment_id], f"tags.`hpo.trial_number` = '{number}'")
         assert len(runs) == 1
@@ -201,6 +202,51 @@ def test_takes_over_a_dead_drivers_trials(tmp_path: Path, tracking_uri: str) -> 
     assert sweep.trial(number).user_attrs["retry_of"] == theirs.number
     other.close()
     sweep.ledger.close()
+
+
+def test_what_a_dead_driver_left_unwritten_in_mlflow_is_written_from_the_study(sweep: Sweep) -> None:
+    """MLflow trails the study (hpo.writer); a driver killed in between leaves MLflow behind.
+    The next sweep writes, from the study, what is missing -- and only that."""
+    from hpo.recorder import mirror_gaps
+
+    ledger, dead = sweep.ledger, _dead_identity()
+
+    def died(number: int) -> None:  # the trial's driver is gone by the time the next sweep starts
+        sweep.study._storage.set_trial_system_attr(sweep.trial(number)._trial_id, DRIVER_ATTR, dead)
+
+    lost = ledger.claim()  # finished in the study; its run was never made
+    died(lost.number)
+    ledger.report(lost.number, 1, 0.25)
+    ledger.report(lost.number, 2, 0.5)
+    ledger.tell(lost.number, TrialState.COMPLETE, value=0.5, attrs={
+        "last_step": 2, "curves": {"score": [[1, 0.25], [2, 0.5]], "train_loss": [[1, 0.9], [2, 0.7]]},
+        "trial_setup_seconds": 1.5, "device": "cpu"})
+    half = sweep.start("b")  # its run made, with step 1; then the driver dies after telling Optuna
+    sweep.result("b", 1, score=0.1)
+    sweep.tracker.flush()
+    died(half)
+    ledger.report(half, 2, 0.2)
+    ledger.tell(half, TrialState.PRUNED, reason="pruned", attrs={"pruned_at": 2})
+    alive = ledger.claim()  # finished by a live driver (this process): its own writer writes it
+    ledger.tell(alive.number, TrialState.COMPLETE, value=1.0)
+
+    assert mirror_gaps(sweep.study, sweep.tracker, metric="score") == [lost.number, half]
+    client = MlflowClient(sweep.tracker.uri)
+
+    def history(run: Any, key: str) -> list:
+        return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+
+    run = sweep.run(lost.number)
+    assert run.info.status == "FINISHED" and run.data.tags["hpo.state"] == "COMPLETE"
+    assert run.data.tags["hpo.objective"] == "0.5" and run.data.tags["mlflow.parentRunId"] == sweep.tracker.parent_run_id
+    assert run.data.params["x"] == str(lost.params["x"]) and run.data.params["device"] == "cpu"
+    assert history(run, "score") == [(1, 0.25), (2, 0.5)] and history(run, "train_loss") == [(1, 0.9), (2, 0.7)]
+    assert history(run, "trial_setup_seconds") == [(2, 1.5)]
+    run = sweep.run(half)
+    assert run.info.status == "KILLED" and run.data.tags["hpo.state"] == "PRUNED"
+    assert history(run, "score") == [(1, 0.1), (2, 0.2)], "the point it had is not written twice"
+    assert not client.search_runs([sweep.tracker.experiment_id], f"tags.`hpo.trial_number` = '{alive.number}'")
+    assert mirror_gaps(sweep.study, sweep.tracker, metric="score") == [], "nothing left to write"
 
 
 def _dead_identity() -> str:

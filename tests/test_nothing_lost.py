@@ -247,3 +247,58 @@ def test_chaos_short_schedule_loses_nothing(tmp_path: Path) -> None:
     assert report["kills"] == 2 and report["driver_kills"] == 1 and report["worker_kills"] == 1 and report["resumes"] >= 1
     assert report["trials"] == 8 and report["running"] == 0 and report["mlflow_running"] == 0, report
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+HOLD_LOCK = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=60)
+connection.execute("BEGIN EXCLUSIVE")   # every other writer of the MLflow store now waits
+print("locked", flush=True)
+sys.stdin.read()                        # ... until the test closes our stdin
+"""
+
+
+def test_mlflow_writes_a_killed_driver_had_not_made_are_written_on_resume(tmp_path: Path) -> None:
+    """The driver writes MLflow off its loop (hpo.writer). Hold the MLflow store locked (a real
+    lock, from another process) so those writes pile up while the study records trials,
+    kill -9 the driver, then resume: every trial has its one run, closed, with its params,
+    state and metric curve, as the study says."""
+    module = write(tmp_path, trials=4, seconds=0.2, concurrency=1)
+    process = start(module, tmp_path)
+    wait_for(lambda: running(tmp_path), process)  # the store, the sweep's parent run: made
+    lock = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "mlflow.db")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert lock.stdout.readline().strip() == "locked"
+        wait_for(lambda: sum(t.state == TrialState.COMPLETE for t in study_of(tmp_path).get_trials()) >= 3, process)
+        chaos.kill_all(chaos.family(process.pid))
+        process.wait(timeout=60)
+    finally:
+        lock.stdin.close()
+        lock.wait(timeout=60)
+    finished = [t for t in study_of(tmp_path).get_trials() if t.state.is_finished()]
+    before = trial_runs(tmp_path)
+    assert [t.number for t in finished if t.number not in before or before[t.number].info.status == "RUNNING"], \
+        "the kill left MLflow behind the study (else this test proves nothing)"
+
+    again = start(module, tmp_path)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    assert "cleaned up after an interrupted sweep" in out
+    trials = study_of(tmp_path).get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    every = [r for r in client.search_runs([client.get_experiment_by_name("lost").experiment_id], max_results=1000)
+             if r.data.tags["hpo.role"] == "trial"]
+    runs = {int(r.data.tags["hpo.trial_number"]): r for r in every}
+    assert len(every) == len(runs) == len(trials), "one run per trial, none twice"
+    status = {"COMPLETE": "FINISHED", "FAIL": "KILLED"}  # FAIL here: interrupted by the kill
+    for trial in trials:
+        run = runs[trial.number]
+        assert run.info.status == status[trial.state.name], (trial.number, run.info.status)
+        assert run.data.tags["hpo.state"] == trial.state.name
+        assert run.data.params["x"] == str(trial.params["x"])
+        history = client.get_metric_history(run.info.run_id, "score")
+        assert sorted((m.step, m.value) for m in history) == sorted(trial.intermediate_values.items()), trial.number
+        if trial.state == TrialState.COMPLETE:
+            assert float(run.data.tags["hpo.objective"]) == trial.value

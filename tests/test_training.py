@@ -18,7 +18,8 @@ def run(job: TrainJob) -> list[tuple[int, dict]]:
     """The reports of one run, without the wall-clock timing (which never repeats)."""
     reports: list[tuple[int, dict]] = []
     training.fine_tune(job, lambda step, metrics: reports.append(
-        (step, {k: v for k, v in metrics.items() if k != "train_seconds" and not k.endswith("_memory_mb")})))
+        (step, {k: v for k, v in metrics.items() if k not in ("train_seconds", "trial_setup_seconds")
+               and not k.endswith("_memory_mb")})))
     return reports
 
 
@@ -49,6 +50,21 @@ def test_a_warm_worker_gives_exactly_a_fresh_loads_results(tiny_bert: Path) -> N
     fresh = run(job)
     assert first == warm == fresh
     assert run(dataclasses.replace(job, seed=4)) != first, "the seed matters"
+
+
+def test_the_first_report_holds_the_setup_time_and_a_warm_run_sets_up_faster(tiny_bert: Path) -> None:
+    job = classification_job(tiny_bert)
+    for cache in (training._BASE_MODELS, training._DATASETS, training._TOKENIZERS):
+        cache.clear()  # a cold worker: the base model, tokenizer and data are loaded by the first run
+
+    def setup_seconds() -> list:
+        reports: list[dict] = []
+        training.fine_tune(job, lambda step, metrics: reports.append(metrics))
+        return [metrics.get("trial_setup_seconds") for metrics in reports]
+
+    cold, warm = setup_seconds(), setup_seconds()
+    assert cold[0] > 0 and cold[1:] == [None, None], "once, in the first report"
+    assert warm[0] < cold[0] / 2, (cold[0], warm[0])
 
 
 def test_causal_lm_on_the_shipped_text() -> None:

@@ -84,6 +84,20 @@ def test_each_trial_records_its_device_precision_and_full_job(memory_sweep: Path
     assert [m.step for m in history] == [2] and all(m.value > 100 for m in history)
 
 
+def test_trials_on_the_warm_worker_set_up_in_a_fraction_of_the_first(memory_sweep: Path) -> None:
+    trials = trials_of(memory_sweep, "memory")  # one worker, reused: trial 0 loaded everything
+    setup = [t.user_attrs["trial_setup_seconds"] for t in trials]  # start on the worker -> training starts
+    assert all(seconds > 0 for seconds in setup), setup
+    # Measured here: the first ~5-10 s (imports, model, data), later ones ~0.05 s (a fresh adapter);
+    # the issue's target is 0.05x, the test allows 0.1x for a loaded CI machine.
+    assert statistics.median(setup[1:]) <= 0.1 * setup[0], setup
+    client = MlflowClient(f"sqlite:///{memory_sweep / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("memory").experiment_id], max_results=100)
+    run = next(r for r in runs if r.data.tags.get("hpo.trial_number") == "5")
+    history = client.get_metric_history(run.info.run_id, "trial_setup_seconds")
+    assert [(m.step, m.value) for m in history] == [(2, pytest.approx(setup[5], abs=1e-3))]
+
+
 OWN_TRAIN = '''
 import hpo
 
