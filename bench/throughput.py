@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,8 +77,9 @@ def main() -> None:
         base.config.use_cache = False
         torch.manual_seed(0)
         model = get_peft_model(base, training._lora_config(job(steps), base.config.model_type))
+        scratch = tempfile.TemporaryDirectory(prefix="hpo-bench-trainer-")  # Trainer wants a folder; it saves nothing
         settings = TrainingArguments(
-            output_dir="/tmp/hpo-bench-trainer", max_steps=steps, per_device_train_batch_size=args.batch_size,
+            output_dir=scratch.name, max_steps=steps, per_device_train_batch_size=args.batch_size,
             learning_rate=params.learning_rate, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
             max_grad_norm=1.0, optim="adamw_torch_fused", logging_strategy="no", save_strategy="no",
             eval_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, dataloader_pin_memory=False,
@@ -93,6 +95,7 @@ def main() -> None:
             run.train()
         finally:
             model.unload()
+            scratch.cleanup()
         return counted["tokens"], time.perf_counter() - started
 
     recipe(2), trainer(2)  # warm-up: loading and tokenizing are not timed

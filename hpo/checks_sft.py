@@ -1,7 +1,7 @@
 """Data checks for instruction tuning (task ``sft``): what ``hpo check-data`` reports for it.
 
 :func:`hpo.checks.check_data` calls :func:`check_sft` for ``task="sft"``; the findings and
-the report are :mod:`hpo.checks`' own, numbered the same way ("row 1" is the first data row).
+the report are :mod:`hpo.checks_report`'s, numbered the same way ("row 1" is the first data row).
 Conversations are read as training reads them (:func:`hpo.sft.read_raw`: the rows of
 :func:`hpo.sft.read`, with those that have no answer kept so that every one is counted);
 without ``eval_source`` the validation set is the held-out ``eval_fraction`` of the training
@@ -49,12 +49,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from hpo import data, sft
-from hpo.checks import (
+from hpo.checks_report import Finding, _finding
+from hpo.checks_text import (
     EMPTY_ERROR_SHARE,
     TOKENS_PER_WORD,
-    Finding,
     _duplicate_findings,
-    _finding,
     _leakage_findings,
     _length_stats,
     _normalize,
@@ -229,7 +228,7 @@ def _spread(counts: list[int]) -> dict:
 
 
 def describe(split: dict, stats: dict) -> str:
-    """One line for a split in :meth:`hpo.checks.DataReport.lines`."""
+    """One line for a split in :meth:`hpo.checks_report.DataReport.lines`."""
     prompt, answer, tokens = split["prompt_tokens"], split["answer_tokens"], split["tokens"]
     if not tokens:
         return f"{split['rows']} conversations ({split['source']})"

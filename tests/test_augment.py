@@ -25,7 +25,11 @@ def test_augmenter_is_seeded_and_perturbs(tmp_path: Path) -> None:
     outputs = [first(text) for _ in range(5)]
     assert outputs == [again(text) for _ in range(5)], "same seed, same perturbations"
     assert all(o != text for o in outputs)
-    assert all("movie" in o for o in outputs if "film" not in o and "movie" in o)
+    # synonym=1.0 replaces every word the table knows; the rest only drop out or trade places
+    allowed = set(text.replace("good", "fine").replace("film", "movie").split()) | {"great"}
+    assert all(set(o.split()) <= allowed and len(o.split()) <= len(text.split()) for o in outputs), outputs
+    assert not [o for o in outputs if "good" in o or "film" in o], outputs
+    assert any("movie" in o for o in outputs) and any("fine" in o or "great" in o for o in outputs), outputs
     plain = Augmenter(word_dropout=0.0, word_swap=0.0, synonym=1.0, synonyms=synonyms, seed=1)("Good film.")
     assert plain.split()[1] == "movie." and plain.split()[0] in ("Fine", "Great")
 

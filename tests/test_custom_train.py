@@ -66,6 +66,7 @@ def test_failures_keep_their_reason_and_the_sweep_goes_on(tmp_path: Path) -> Non
     others = [t for i, t in enumerate(trials) if i not in (1, 3, 4)]
     assert {t.state for t in others} <= {TrialState.COMPLETE, TrialState.PRUNED}
     assert TrialState.PRUNED in {t.state for t in others}, "random x: ASHA stops the weaker ones at step 3"
+    assert trials[0].state == TrialState.COMPLETE, "the first trial has no rung to be compared with"
     for trial in others:
         if trial.state == TrialState.COMPLETE:
             assert trial.value == pytest.approx(trial.params["x"] + 0.09)

@@ -5,7 +5,6 @@ the cron line for a plain host, and deploy/nightly_sweep.py on a real study."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import subprocess
 import sys
@@ -93,7 +92,7 @@ def test_rayjob_runs_a_timed_night_with_secrets_from_kubernetes() -> None:
     assert set(spec) <= RAYJOB_SPEC and {"entrypoint", "rayClusterSpec"} <= set(spec)
     cluster = spec["rayClusterSpec"]
     assert set(cluster) <= RAY_CLUSTER_SPEC and set(cluster["headGroupSpec"]) <= HEAD_GROUP
-    assert "template" in cluster["headGroupSpec"]
+    assert "template" in cluster["headGroupSpec"] and cluster["workerGroupSpecs"], "a head and worker groups"
     for group in cluster["workerGroupSpecs"]:
         assert set(group) <= WORKER_GROUP and {"groupName", "minReplicas", "maxReplicas", "template"} <= set(group)
 
@@ -225,6 +224,7 @@ def test_nightly_refuses_the_examples_placeholder_secrets(monkeypatch: pytest.Mo
 
 
 def test_nightly_reads_an_owner_only_env_file_and_hands_over_to_hpo_search(tmp_path: Path) -> None:
+    assert "HPO_STORAGE" not in hpo_env(), "the study below can only be found through the env file"
     make_study(tmp_path / "night.db", "nightly-lora")
     env_file = tmp_path / "nightly.env"
     env_file.write_text(f"# the night's secrets\nexport HPO_STORAGE='sqlite:///{tmp_path / 'night.db'}'\n")
@@ -241,4 +241,3 @@ def test_nightly_reads_an_owner_only_env_file_and_hands_over_to_hpo_search(tmp_p
     assert "--trials 7" in said or "2 more finished trials tonight" in said, said
     # the same process is now `hpo search`, which refuses the missing module with its own error
     assert result.returncode == 2 and "missing.py" in result.stderr and "Traceback" not in said
-    assert os.environ.get("HPO_STORAGE") is None

@@ -24,7 +24,9 @@ def test_causal_lm_sweep_on_tinyshakespeare(tmp_path: Path, shared_data: Path) -
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
     trials = study.get_trials()
     assert len(trials) == 3 and {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
-    assert all(t.value > 0 for t in trials if t.state == TrialState.COMPLETE)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert complete, "ASHA lets the first trial run to the end"
+    assert all(t.value > 0 for t in complete)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -63,9 +63,10 @@ def test_an_sft_sweep_on_ray_records_the_generation_scores(sft_study: Path) -> N
     assert optuna.trial.TrialState.COMPLETE in states
     for trial in trials:
         curves = trial.user_attrs["curves"]
-        assert [step for step, _ in curves["eval_exact_match"]] == sorted(trial.intermediate_values)
+        steps = sorted(trial.intermediate_values)
+        assert steps and [step for step, _ in curves["eval_exact_match"]] == steps
         assert all(0.0 <= value <= 1.0 for _, value in curves["eval_exact_match"])
-        assert [value for _, value in curves["eval_score"]] == [0.25] * len(curves["eval_score"])  # the module's score
+        assert [(step, value) for step, value in curves["eval_score"]] == [(step, 0.25) for step in steps]  # the module's score
         assert curves["eval_perplexity"] and curves["eval_loss"]
 
 

@@ -1,0 +1,195 @@
+"""Import boundaries: which parts of ``hpo`` may import Optuna, Ray and MLflow.
+
+Reads every module of ``hpo/`` with :mod:`ast` (no imports run, so this is fast): imports at
+the top level, inside functions and under ``if TYPE_CHECKING``, ``import x``, ``from x import
+y``, relative imports resolved, and ``importlib.import_module("x")`` / ``__import__("x")``
+with a literal name. An import of another ``hpo`` module counts as everything that module
+imports, transitively (and importing ``hpo.x`` runs ``hpo/__init__.py`` too): a worker module
+that imports ``hpo.study``, which imports optuna, imports optuna. A failure names the file,
+the line and the import, and the chain of ``hpo`` modules that led to it.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+HPO = Path(__file__).resolve().parents[1] / "hpo"
+
+# The code that runs on Ray workers: the training loop and what it is built from.
+WORKER = ("hpo.training", "hpo.recipe", "hpo.data", "hpo.sft", "hpo.accelerator", "hpo.models", "hpo.reporter",
+          "hpo.augment", "hpo.gguf_convert")
+# The Optuna side: the study and its storage, the trial ledger and what it is built from.
+OPTUNA_SIDE = ("hpo.study", "hpo.ledger", "hpo.locks", "hpo.liveness", "hpo.names", "hpo.warmstart")
+DIAGNOSIS = ("hpo.diagnose", "hpo.diagnose_rules", "hpo.diagnose_curve", "hpo.diagnose_advice", "hpo.formatting")
+
+# modules -> the libraries they must not import (directly or through other hpo modules), and why.
+RULES: list[tuple[tuple[str, ...], frozenset[str], str]] = [
+    (WORKER, frozenset({"optuna", "ray", "mlflow"}),
+     "the training loop gets a config and report(); it runs the same under Ray, in a process or a test"),
+    (OPTUNA_SIDE, frozenset({"ray"}), "Optuna owns trial state; Ray only executes"),
+    (("hpo.recorder",), frozenset({"ray"}), "the driver's one writer takes plain events from the scheduler"),
+    (("hpo.tracking",), frozenset({"ray"}), "MLflow mirrors the study; Ray only executes"),
+    (("hpo.config", "hpo.space"), frozenset({"ray", "mlflow"}), "loading and checking a sweep runs nothing"),
+    (DIAGNOSIS, frozenset({"ray", "mlflow"}), "the diagnosis reads the study and writes nothing"),
+]
+
+
+@dataclass(frozen=True)
+class Import:
+    """One import statement: where it is, what it says, and the modules it names."""
+
+    path: Path
+    line: int
+    text: str
+    targets: tuple[str, ...]
+    """Dotted module names: ``from a import b`` names ``a`` and ``a.b`` (kept when ``a.b`` is a module)."""
+
+    def where(self) -> str:
+        return f"{self.path.as_posix()}:{self.line} `{self.text}`"
+
+
+def module_index(package: Path) -> dict[str, Path]:
+    """Every module of a package folder, by dotted name (``hpo.study`` -> hpo/study.py)."""
+    index = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        index[".".join(parts)] = path
+    return index
+
+
+def imports_in(source: str, module: str, path: Path) -> list[Import]:
+    """Every import in a module's source, wherever it stands, relative ones made absolute."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    lines = source.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(source, filename=str(path))):
+        if isinstance(node, ast.Import):
+            targets = tuple(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[:len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            targets = (base, *(f"{base}.{alias.name}" for alias in node.names if alias.name != "*"))
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str) and _dynamic_import(node.func)):
+            targets = (node.args[0].value,)
+        else:
+            continue
+        segment = lines[node.lineno - 1:node.end_lineno]
+        segment[-1] = segment[-1][:node.end_col_offset]
+        segment[0] = segment[0][node.col_offset:]
+        found.append(Import(path, node.lineno, " ".join(" ".join(segment).split()), targets))
+    return sorted(found, key=lambda i: i.line)
+
+
+def _dynamic_import(func: ast.expr) -> bool:
+    if isinstance(func, ast.Name):
+        return func.id in ("__import__", "import_module")
+    return isinstance(func, ast.Attribute) and func.attr == "import_module"
+
+
+def violations(index: dict[str, Path], rules: list[tuple[tuple[str, ...], frozenset[str], str]]) -> list[str]:
+    """One line per forbidden import reachable from a module a rule names, with the chain to it."""
+    top = min(index, key=len)  # the package itself; paths are shown from the folder that holds it
+    base = index[top].parent.parent
+    graph = {name: imports_in(path.read_text(encoding="utf-8"), name, path.relative_to(base))
+             for name, path in index.items()}
+    problems = []
+    for modules, forbidden, why in rules:
+        for module in modules:
+            if module not in index:
+                problems.append(f"{module}: named by a rule but not found under {base / top}: update the table")
+                continue
+            for chain, statement, library in _reachable(module, graph, index, forbidden):
+                via = "".join(f"{step.where()} -> " for step in chain)
+                problems.append(f"{via}{statement.where()}: {module} must not import {library} ({why})")
+    return problems
+
+
+def _reachable(module: str, graph: dict[str, list[Import]], index: dict[str, Path],
+               forbidden: frozenset[str]) -> list[tuple[list[Import], Import, str]]:
+    """Forbidden imports anywhere in ``module``'s import closure, each with the first chain that reaches it."""
+    found, seen = [], {module}
+    stack: list[tuple[str, list[Import]]] = [(module, [])]
+    for ancestor in _packages(module, index):  # importing hpo.x runs hpo/__init__.py first
+        stack.append((ancestor, []))
+        seen.add(ancestor)
+    while stack:
+        current, chain = stack.pop()
+        for statement in graph[current]:
+            for target in statement.targets:
+                root = target.split(".")[0]
+                if root in forbidden:
+                    found.append((chain, statement, root))
+                    break
+                for internal in (target, *_packages(target, index)):
+                    if internal in index and internal not in seen:
+                        seen.add(internal)
+                        stack.append((internal, [*chain, statement]))
+    return found
+
+
+def _packages(module: str, index: dict[str, Path]) -> list[str]:
+    parts = module.split(".")
+    return [name for i in range(1, len(parts)) if (name := ".".join(parts[:i])) in index]
+
+
+def test_hpo_modules_keep_their_import_boundaries():
+    problems = violations(module_index(HPO), RULES)
+    assert not problems, "forbidden imports:\n" + "\n".join(problems)
+
+
+def test_the_checker_reads_the_whole_package():
+    index = module_index(HPO)
+    assert {"hpo", "hpo.training", "hpo.study", "hpo.tracking", "hpo.scheduling"} <= set(index)
+
+
+def _package(tmp_path: Path, files: dict[str, str]) -> dict[str, Path]:
+    root = tmp_path / "pkg"
+    root.mkdir()
+    for name, source in {"__init__.py": "", **files}.items():
+        (root / name).write_text(source)
+    return module_index(root)
+
+
+def test_checker_catches_a_direct_import_inside_a_function(tmp_path):
+    index = _package(tmp_path, {"worker.py": "import math\n\n\ndef train():\n    import ray.tune\n    return math\n"})
+    [problem] = violations(index, [(("pkg.worker",), frozenset({"ray", "optuna"}), "runs on workers")])
+    assert "pkg/worker.py:5 `import ray.tune`" in problem
+    assert "pkg.worker must not import ray (runs on workers)" in problem
+
+
+def test_checker_follows_relative_and_transitive_imports(tmp_path):
+    index = _package(tmp_path, {
+        "worker.py": "def train():\n    from . import record\n",
+        "record.py": "from pkg.storage import open_study\n",
+        "storage.py": "import json\n\nfrom optuna.trial import TrialState\n",
+        "clean.py": "from .storage import open_study  # noqa\n",
+    })
+    rules = [(("pkg.worker",), frozenset({"optuna"}), "runs on workers"),
+             (("pkg.clean",), frozenset({"ray"}), "no Ray")]
+    [problem] = violations(index, rules)
+    assert problem.startswith("pkg/worker.py:2 `from . import record` -> pkg/record.py:1 `from pkg.storage import "
+                              "open_study` -> pkg/storage.py:3 `from optuna.trial import TrialState`: pkg.worker must "
+                              "not import optuna")
+
+
+def test_checker_counts_the_package_init_and_dynamic_imports(tmp_path):
+    index = _package(tmp_path, {"__init__.py": "import mlflow\n", "plain.py": "x = 1\n",
+                                "late.py": "import importlib\n\n\ndef f():\n    return importlib.import_module('ray')\n"})
+    problems = violations(index, [(("pkg.plain", "pkg.late"), frozenset({"mlflow", "ray"}), "why")])
+    assert any(p.startswith("pkg/__init__.py:1 `import mlflow`: pkg.plain must not import mlflow") for p in problems)
+    assert any("pkg/late.py:5 `importlib.import_module('ray')`: pkg.late must not import ray" in p for p in problems)
+
+
+def test_checker_reports_a_rule_for_a_missing_module(tmp_path):
+    index = _package(tmp_path, {"a.py": ""})
+    [problem] = violations(index, [(("pkg.gone",), frozenset({"ray"}), "why")])
+    assert problem.startswith("pkg.gone: named by a rule but not found")
+
