@@ -57,3 +57,13 @@ def test_a_space_may_sample_the_ratio() -> None:
     assert "at least 0" in check_params({"loraplus_lr_ratio": -1.0})
     job = TrainJob.from_sweep(Sweep(), {"loraplus_lr_ratio": 8.0})
     assert job.params.loraplus_lr_ratio == 8.0 and job.describe()["loraplus_lr_ratio"] == 8.0
+
+
+def test_the_recipe_trains_with_loraplus_and_reports_the_a_rate(tiny_bert) -> None:  # noqa: ANN001
+    from tests.test_training import classification_job, run
+
+    plain = run(classification_job(tiny_bert))
+    plus = run(classification_job(tiny_bert, loraplus_lr_ratio=16.0))
+    assert [step for step, _ in plus] == [5, 10, 12]
+    assert [m["learning_rate"] for _, m in plus] == [m["learning_rate"] for _, m in plain], "learning_rate is lora_A's"
+    assert plus[-1][1]["train_loss"] != plain[-1][1]["train_loss"], "the B matrices moved faster"
