@@ -22,7 +22,7 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TASKS = ("classification", "causal_lm", "sft")
 PRUNERS = ("asha", "none")
 OBJECTIVES = ("last", "best")
-SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
+SAMPLERS = ("tpe-qmc", "tpe", "random", "qmc", "gp", "cmaes")  # hpo.samplers.SAMPLERS
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 # Metrics whose better direction is known; any other metric needs `direction`.
@@ -96,8 +96,11 @@ class Sweep:
     """Early stop of weak trials: ``asha`` (asynchronous successive halving) or ``none``."""
     reduction_factor: float = 3.0
     """ASHA keeps the best 1/reduction_factor of the trials at each rung."""
-    sampler: Literal["tpe", "random", "cmaes", "gp", "qmc"] = "tpe"
-    """Optuna sampler proposing the next trial's parameters (seeded with ``seed``)."""
+    sampler: Literal["tpe-qmc", "tpe", "random", "qmc", "gp", "cmaes"] = "tpe-qmc"
+    """Optuna sampler proposing the next trial's parameters (seeded with ``seed``): ``tpe-qmc``
+    (a third of the budget, 4-10 trials, on a scrambled Sobol sequence, then multivariate TPE),
+    ``tpe`` (random start), ``random``, ``qmc``, ``gp``, ``cmaes`` (needs ``pip install cmaes``).
+    See hpo/samplers.py and bench/samplers.py."""
     seed: int = 0
     """Seed of the sampler and of every trial's training run."""
     cpus_per_trial: float = 1.0

@@ -34,6 +34,9 @@ class TrainParams:
     """Share of max_steps spent warming the learning rate up from 0."""
     max_grad_norm: float = 1.0
     """Gradient norm clip; 0 disables clipping."""
+    loraplus_lr_ratio: float = 0.0
+    """LoRA+ (Hayou et al. 2024): the lora_B matrices learn at this many times learning_rate. Its
+    authors: at least 1, larger for harder tasks, with learning_rate about half plain LoRA's. 0: off."""
     target_modules: tuple[str, ...] | None = None
     """Module names that get LoRA adapters; None uses peft's default for the model type.
     A search space may sample it as a comma-separated string ("query,value,key")."""

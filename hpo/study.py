@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import HpoError, check_url, scrub
 from hpo.errors import redact_url as redact
+from hpo.samplers import make_sampler  # noqa: F401 - the sweep builds its sampler as study.make_sampler
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 # The driver records a heartbeat for every trial it runs; a trial whose heartbeat is older
@@ -194,24 +195,6 @@ def _storage_error(url: str, error: Exception) -> HpoError:
         f"--storage {redact(url)}: cannot open the study storage ({type(error).__name__}: {scrub(reason, url)[:300]}); "
         "check the URL, that the server runs, and the credentials"
     )
-
-
-def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
-    """Sampler by name, seeded. TPE starts modeling after a third of the trials (4-10),
-    so that small sweeps are not all random; it lies about running trials
-    (``constant_liar``) so concurrent trials don't all sample the same point."""
-    if name == "tpe":
-        startup = max(4, min(10, trials // 3))
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True, multivariate=True)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    if name == "qmc":
-        return optuna.samplers.QMCSampler(seed=seed)
-    raise HpoError(f"unknown sampler {name!r}; use tpe, random, cmaes, gp or qmc")
 
 
 def create_or_resume(storage: optuna.storages.BaseStorage, name: str, direction: str,

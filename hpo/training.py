@@ -152,11 +152,24 @@ def _set_gradient_checkpointing(base: Any, enabled: bool) -> None:
         base.activation_checkpointing_disable()
 
 
+def make_optimizer(model: Any, trainable: list, p: Any) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights at ``p.learning_rate``. With ``p.loraplus_lr_ratio`` > 0,
+    LoRA+ (Hayou et al. 2024) through peft's ``create_loraplus_optimizer``: the lora_B matrices
+    (and, as peft does, 1-D trainable weights such as biases) learn at ratio x the rate, the
+    rest (lora_A, the task head's matrices) at the rate; 1-D weights get no weight decay."""
+    if not p.loraplus_lr_ratio:
+        return torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.weight_decay)
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=p.learning_rate,
+                                     loraplus_lr_ratio=p.loraplus_lr_ratio, loraplus_weight_decay=p.weight_decay)
+
+
 def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, report: Reporter,
            run: _Run) -> dict[str, float]:
     p = job.params
     trainable = [w for w in model.parameters() if w.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.weight_decay)
+    optimizer = make_optimizer(model, trainable, p)
     warmup = int(p.warmup_ratio * job.max_steps)
 
     def schedule(step: int) -> float:  # linear warmup, then linear decay to 0

@@ -1,0 +1,153 @@
+"""Optuna samplers by name, for sweeps of a few dozen trials at most.
+
+``make_sampler(name, seed, trials)`` is the one place a sweep's sampler is built. What each
+name gives (measured against each other by ``bench/samplers.py``):
+
+* ``tpe-qmc`` (the default): the first ``startup`` trials (a third of the budget, 4-10) sit
+  on a scrambled Sobol sequence (:class:`QmcStartSampler`), so a small budget's opening
+  covers every range evenly instead of by chance; then multivariate, grouped TPE with
+  ``constant_liar`` (concurrent trials don't all sample the same point).
+* ``tpe``: the same TPE with random opening trials.
+* ``random``, ``qmc`` (Optuna's scrambled Sobol ``QMCSampler`` throughout), ``gp`` (Optuna's
+  Gaussian-process sampler after a random opening of the same size: the best at 12-20 trials
+  in the bench, but with no constant liar concurrent trials may get the same point), ``cmaes``
+  (needs ``pip install cmaes``; categorical parameters are sampled at random by it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import warnings
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo.errors import HpoError
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE group, QMCSampler
+
+SAMPLERS = ("tpe-qmc", "tpe", "random", "qmc", "gp", "cmaes")
+QMC_DIMENSIONS = 64
+"""Parameters per trial placed on the Sobol sequence; any further ones are sampled at random."""
+
+
+def startup_trials(trials: int) -> int:
+    """Trials before a model-based sampler starts modelling: a third of the budget, 4-10."""
+    return max(4, min(10, trials // 3))
+
+
+def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    """The sampler ``name`` (one of :data:`SAMPLERS`), seeded, sized for a ``trials`` budget.
+    Raises HpoError for an unknown name, or for ``cmaes`` without its package."""
+    startup = startup_trials(trials)
+    if name == "tpe-qmc":
+        return QmcStartSampler(_tpe(seed, startup), startup, seed=seed)
+    if name == "tpe":
+        return _tpe(seed, startup)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    if name == "cmaes":
+        if importlib.util.find_spec("cmaes") is None:
+            raise HpoError("sampler cmaes needs the cmaes package: pip install cmaes (or --set sampler=tpe-qmc)")
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=1)
+    raise HpoError(f"unknown sampler {name!r}; use {', '.join(SAMPLERS)}")
+
+
+def _tpe(seed: int, startup: int) -> optuna.samplers.TPESampler:
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True,
+                                      constant_liar=True)
+
+
+class QmcStartSampler(optuna.samplers.BaseSampler):
+    """Scrambled Sobol points until the study holds ``startup`` finished trials, then ``sampler``.
+
+    Works with define-by-run spaces, unlike Optuna's ``QMCSampler`` (which samples its first
+    trial at random to learn the space): a trial's k-th suggested parameter takes coordinate
+    k of Sobol point ``trial.number``, mapped onto its distribution (log scale for ``log=True``,
+    a uniform pick for categorical choices). Finished means COMPLETE or PRUNED, so trials that
+    fail, or that run concurrently with the first ones, still get Sobol points and ``sampler``
+    (TPE, whose own startup is the same size) never falls back to random ones.
+    """
+
+    def __init__(self, sampler: optuna.samplers.BaseSampler, startup: int, seed: int | None = None) -> None:
+        self._sampler = sampler
+        self._startup = startup
+        self._seed = seed
+        self._points: dict[int, Any] = {}
+        self._order: dict[int, list[str]] = {}
+
+    def _in_startup(self, study: optuna.Study) -> bool:
+        finished = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED), use_cache=True)
+        return len(finished) < self._startup
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        if self._in_startup(study):
+            return {}
+        return self._sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if not search_space:
+            return {}
+        return self._sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        if trial.number not in self._points and not self._in_startup(study):
+            return self._sampler.sample_independent(study, trial, param_name, param_distribution)
+        order = self._order.setdefault(trial.number, [])
+        if param_name not in order:
+            order.append(param_name)
+        dimension = order.index(param_name)
+        if dimension >= QMC_DIMENSIONS:
+            return self._sampler.sample_independent(study, trial, param_name, param_distribution)
+        return from_unit(self.point(trial.number)[dimension], param_distribution)
+
+    def point(self, index: int) -> Any:
+        """Sobol point ``index`` (scrambled with the seed), in [0, 1)^QMC_DIMENSIONS."""
+        if index not in self._points:
+            from scipy.stats import qmc
+
+            engine = qmc.Sobol(d=QMC_DIMENSIONS, scramble=True, seed=self._seed)
+            if index:
+                engine.fast_forward(index)
+            self._points[index] = engine.random(1)[0]
+        return self._points[index]
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._sampler.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self._order.pop(trial.number, None)
+        self._points.pop(trial.number, None)
+        self._sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._sampler.reseed_rng()
+
+
+def from_unit(u: float, distribution: BaseDistribution) -> Any:
+    """The value of ``distribution`` at quantile ``u`` in [0, 1) (uniform on its own scale)."""
+    u = min(max(float(u), 0.0), math.nextafter(1.0, 0.0))
+    if isinstance(distribution, CategoricalDistribution):
+        return distribution.choices[int(u * len(distribution.choices))]
+    if isinstance(distribution, (FloatDistribution, IntDistribution)):
+        low, high, step = distribution.low, distribution.high, distribution.step
+        if distribution.log:
+            if isinstance(distribution, IntDistribution):
+                value = math.exp(math.log(low - 0.5) + u * (math.log(high + 0.5) - math.log(low - 0.5)))
+                return int(min(high, max(low, round(value))))
+            return float(min(high, math.exp(math.log(low) + u * (math.log(high) - math.log(low)))))
+        if step is not None:
+            count = int(round((high - low) / step)) + 1
+            value = low + int(u * count) * step
+            return int(value) if isinstance(distribution, IntDistribution) else float(min(high, value))
+        return float(low + u * (high - low))
+    raise HpoError(f"cannot place a {type(distribution).__name__} on the Sobol sequence")
