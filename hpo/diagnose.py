@@ -432,7 +432,7 @@ def diagnose_trial(trial: FrozenTrial, *, metric: str | None = None, direction: 
         note = f"only {points} evaluation{'s' if points != 1 else ''}{where}: at least {MIN_POINTS} are needed " \
                "to judge the curves"
     params = trial.user_attrs.get("config") if isinstance(trial.user_attrs.get("config"), dict) else None
-    return TrialDiagnosis(trial.number, trial.state.name, findings, trial.value, reason,
+    return TrialDiagnosis(trial.number, trial.state.name, findings, _value(trial), reason,
                           {**(params or {}), **trial.params}, points, note)
 
 
@@ -445,8 +445,9 @@ def diagnose_study(study: optuna.Study) -> StudyDiagnosis:
     from optuna.trial import TrialState
 
     sweep = (study.user_attrs.get("hpo") or {}).get("sweep") or {}
-    metric = sweep.get("metric")
-    direction = sweep.get("direction") or study.directions[0].name.lower()
+    # A multi-objective study ("a,b" / "maximize,minimize") is diagnosed on its first objective.
+    metric = sweep.get("metric").split(",")[0] if sweep.get("metric") else None
+    direction = (sweep.get("direction") or study.directions[0].name.lower()).split(",")[0]
     everything = study.get_trials(deepcopy=False)
     finished = [t for t in everything if is_diagnosed(t)]
     skipped: dict[str, int] = {}
@@ -456,8 +457,8 @@ def diagnose_study(study: optuna.Study) -> StudyDiagnosis:
             skipped[key] = skipped.get(key, 0) + 1
     trials = [diagnose_trial(t, metric=metric, direction=direction, max_steps=sweep.get("max_steps"))
               for t in finished]
-    complete = [t for t in finished if t.state == TrialState.COMPLETE and t.value is not None
-                and math.isfinite(t.value)]
+    complete = [t for t in finished if t.state == TrialState.COMPLETE and _value(t) is not None
+                and math.isfinite(_value(t))]
     importance, why_not = param_importance(study, complete)
     edges = range_edges(complete, direction)
     models = compare_models(trials, direction)
@@ -465,6 +466,11 @@ def diagnose_study(study: optuna.Study) -> StudyDiagnosis:
     if why_not:
         advice.append(why_not)
     return StudyDiagnosis(study.study_name, metric, direction, trials, importance, edges, advice, models, skipped)
+
+
+def _value(trial: FrozenTrial) -> float | None:
+    """The trial's value; a multi-objective trial's first (``trial.value`` raises there)."""
+    return trial.values[0] if trial.values else None
 
 
 def param_importance(study: optuna.Study, complete: list[FrozenTrial]) -> tuple[dict[str, float], str | None]:
@@ -482,7 +488,8 @@ def param_importance(study: optuna.Study, complete: list[FrozenTrial]) -> tuple[
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            shares = optuna.importance.get_param_importances(study)
+            first = {"target": lambda t: t.values[0]} if len(study.directions) > 1 else {}
+            shares = optuna.importance.get_param_importances(study, **first)
     except Exception as error:  # noqa: BLE001 - evaluators raise many types on odd studies
         return {}, f"parameter importance could not be computed ({type(error).__name__}: {error})"
     return {name: float(share) for name, share in shares.items()}, None
@@ -492,7 +499,7 @@ def range_edges(complete: list[FrozenTrial], direction: str) -> list[dict]:
     """Parameters whose best trials all sit at one bound of the searched range."""
     if len(complete) < MIN_TRIALS:
         return []
-    ranked = sorted(complete, key=lambda t: float(t.value or 0.0), reverse=direction == "maximize")
+    ranked = sorted(complete, key=lambda t: float(_value(t) or 0.0), reverse=direction == "maximize")
     best = ranked[:max(2, math.ceil(BEST_SHARE * len(ranked)))]
     edges = []
     for name in sorted(set.intersection(*(set(t.params) for t in best))):

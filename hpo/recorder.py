@@ -78,6 +78,9 @@ class Recorder:
         self.tracker = tracker
         self.display = display
         self.metric = metric
+        self.metrics = tuple(metric.split(","))
+        """The objectives: one, or several (``metric="a,b"``, a multi-objective study: Optuna takes no
+        intermediate values there, so only the curves user attr and MLflow keep them)."""
         self.objective = objective
         """``last``: a COMPLETE trial's value is its last evaluation of ``metric``; ``best``: its best
         one (by ``direction``), whose step becomes the ``best_step`` user attr and MLflow metric."""
@@ -158,10 +161,10 @@ class Recorder:
         self.last[number] = metrics
         curves = self.curves.setdefault(number, {})
         for key, metric in metrics.items():
-            if key in self.CURVES or key == self.metric or key.startswith("eval_"):
+            if key in self.CURVES or key in self.metrics or key.startswith("eval_"):
                 curves.setdefault(key, []).append([step, metric])
-        value = metrics.get(self.metric)
-        if value is not None:
+        value = metrics.get(self.metrics[0])
+        if value is not None and len(self.metrics) == 1:
             self.ledger.report(number, step, value)
             self._note_best(number, step, value)
         for key in self.ATTRS:
@@ -195,12 +198,17 @@ class Recorder:
         loudly (see :meth:`Ledger.tell`)."""
         if number not in self.ledger.running:
             return
-        value = self.last.get(number, {}).get(self.metric)
+        last = self.last.get(number, {})
         kind, reason, error = outcome.kind, outcome.reason, outcome.error
-        if kind == "complete" and (value is None or not math.isfinite(value)):
-            kind, reason = "fail", ("nan" if value is not None else "no_metric")
-            error = f"the trial ended with {self.metric}={value}" if value is not None else \
-                f"the trial ended without reporting {self.metric!r}"
+        value: Any = last.get(self.metric)
+        for metric in self.metrics:
+            one = last.get(metric)
+            if kind == "complete" and (one is None or not math.isfinite(one)):
+                kind, reason = "fail", ("nan" if one is not None else "no_metric")
+                error = f"the trial ended with {metric}={one}" if one is not None else \
+                    f"the trial ended without reporting {metric!r}"
+        if len(self.metrics) > 1:
+            value = [last.get(metric) for metric in self.metrics] if kind == "complete" else None
         self._logged.pop(number, None)
         steps = self._steps.get(number)
         attrs: dict[str, Any] = {"last_step": steps} if steps else {}
@@ -274,6 +282,8 @@ class Recorder:
             retry_transient(close, what="closing the MLflow run")
         except Exception:  # noqa: BLE001 - the next start's close_orphans closes it
             logger.warning("hpo: closing the MLflow run of trial %s failed", number, exc_info=True)
+        if isinstance(value, list):  # several objectives: the display shows the first
+            value = value[0]
         self.display.trial_ended(number, state, value if state == "COMPLETE" else None, shown)
 
     def tick(self) -> None:
