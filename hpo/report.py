@@ -49,6 +49,10 @@ def write_report(study: optuna.Study, folder: Path, diagnosis: dict[str, Any] | 
     sections, skipped = [], []
     multi = len(study.directions) > 1
     for name, title in ((PARETO, *PLOTS) if multi else PLOTS):
+        if multi and name == "intermediate_values":
+            skipped.append(f"{name}: a multi-objective study keeps no intermediate values in Optuna "
+                           "(the curves are in MLflow and `hpo diagnose`)")
+            continue
         options = _first_objective(study) if multi and name not in ("pareto_front", "intermediate_values") else {}
         figure = _plot(lambda name=name, options=options: getattr(optuna.visualization, f"plot_{name}")(study, **options),
                        name, skipped)
