@@ -271,7 +271,9 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         result.report = _report(study, tracker, Path(options.workdir), console)
         tracker.end_sweep(status, summary={"finished": ledger.finished(),
                                            **({"best_value": result.best["value"], "best_trial": result.best["number"]}
-                                              if result.best else {})})
+                                              if result.best else {}),
+                                           **({"pareto_front": ",".join(str(p["number"]) for p in result.front)}
+                                              if result.front else {})})
     return result
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import urllib.request
 from pathlib import Path
 
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
@@ -22,6 +24,7 @@ from hpo.recipe import check_metrics
 from hpo.reporter import Report, ReportError
 from hpo.study import create_or_resume, open_storage, pareto_front
 from tests.conftest import run_hpo
+from tests.test_dashboards import free_port, start_server, stop_server
 
 
 def test_several_metrics_take_their_known_directions_and_the_first_leads() -> None:
@@ -135,6 +138,21 @@ def test_a_two_objective_sweep_keeps_the_pareto_front(tmp_path: Path, monkeypatc
     assert 4 not in front, "(0.92, 600) is dominated by (0.95, 500)"
     assert sorted(t.number for t in study.best_trials) == front
     assert f"Pareto front: trials {', '.join(map(str, front))}" in result.stdout
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("pareto").experiment_id])
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert [run.data.tags.get("hpo.pareto_front") for run in parents] == [",".join(map(str, front))]
+    port = free_port()  # the real optuna-dashboard over HTTP: its API serves the front and the axes' names
+    dashboard = start_server(["dashboard", "--port", str(port)], tmp_path, f"http://127.0.0.1:{port}/dashboard")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/1", timeout=30) as answer:
+            served = json.loads(answer.read())
+    finally:
+        stop_server(dashboard)
+    assert served["directions"] == ["maximize", "minimize"]
+    assert served["objective_names"] == ["score", "memory_mb"]
+    assert sorted(t["number"] for t in served["best_trials"]) == front
 
     best = run_hpo(["best", "--json"], cwd=tmp_path)
     assert best.returncode == 0, best.stderr
