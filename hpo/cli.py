@@ -82,6 +82,9 @@ def search(
         at = f" (step {best['best_step']})" if "best_step" in best else ""
         console.print(f"best: trial {best['number']} {best['metric']}={best['value']:.4g}{at}  "
                       f"{_params_text(best['config'])}")
+    elif result.front:
+        console.print(f"Pareto front: trials {', '.join(str(t['number']) for t in result.front)} "
+                      "(`hpo best` lists them; promote one with `hpo promote --trial N`)")
     if result.report:
         console.print(f"report: {result.report} (also in MLflow, parent run, report/)")
     storage_flag = f" --storage '{result.storage}'" if storage else ""
@@ -172,7 +175,8 @@ def status(study: Study = None, storage: Storage = None, as_json: AsJson = False
         return
     from rich.table import Table
 
-    table = Table(title=f"study {loaded.study_name} ({loaded.direction.name.lower()})", header_style="bold")
+    table = Table(title=f"study {loaded.study_name} ({','.join(d.name.lower() for d in loaded.directions)})",
+                  header_style="bold")
     for column in ("trial", "state", "value", "steps", "seconds", "params", "reason"):
         table.add_column(column, justify="right" if column in ("trial", "value", "steps", "seconds") else "left")
     from rich.text import Text
@@ -181,7 +185,7 @@ def status(study: Study = None, storage: Storage = None, as_json: AsJson = False
     for row in rows:
         table.add_row(
             str(row["number"]), Text(row["state"], style=styles.get(row["state"], "")),
-            "-" if row["value"] is None else f"{row['value']:.4g}", str(row["steps"] or "-"),
+            _value_text(row["value"]), str(row["steps"] or "-"),
             "-" if row["seconds"] is None else f"{row['seconds']:.0f}", _params_text(row["params"]),
             Text(row["reason"] or ""),
         )
@@ -190,13 +194,20 @@ def status(study: Study = None, storage: Storage = None, as_json: AsJson = False
     console.print("  ".join(f"{k.lower()}: {v}" for k, v in sorted(counts.items())))
 
 
+def _value_text(value: Any) -> str:
+    """A trial's value for a table: one number, or several (a multi-objective trial's), or -."""
+    if value is None:
+        return "-"
+    return ", ".join(f"{v:.4g}" for v in value) if isinstance(value, list) else f"{value:.4g}"
+
+
 def _trial_row(trial: Any) -> dict[str, Any]:
     from hpo.study import last_step
 
     seconds = None
     if trial.datetime_start and trial.datetime_complete:
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
-    value = trial.value if trial.state.name == "COMPLETE" else None
+    value = (trial.values[0] if len(trial.values or []) == 1 else trial.values) if trial.state.name == "COMPLETE" else None
     reason = trial.user_attrs.get("reason")
     if trial.user_attrs.get("error"):
         reason = f"{reason}: {trial.user_attrs['error']}"
@@ -210,10 +221,13 @@ def _trial_row(trial: Any) -> dict[str, Any]:
 
 @app.command()
 def best(study: Study = None, storage: Storage = None, as_json: AsJson = False) -> None:
-    """The best trial's parameters and value."""
+    """The best trial's parameters and value; of a multi-objective study, the Pareto front."""
     from hpo import study as studies
 
     loaded = studies.load(storage, study)
+    if studies.is_multi_objective(loaded):
+        _front(loaded, as_json)
+        return
     summary = studies.best_summary(loaded)
     if summary is None:
         raise HpoError(f"study {loaded.study_name!r} has no COMPLETE trial yet; run more trials or see `hpo status`")
@@ -226,12 +240,30 @@ def best(study: Study = None, storage: Storage = None, as_json: AsJson = False) 
         console.print(f"  {key} = {value}")
 
 
+def _front(loaded: Any, as_json: bool) -> None:
+    """``hpo best`` of a multi-objective study: its non-dominated COMPLETE trials."""
+    from hpo import study as studies
+
+    front = studies.pareto_front(loaded)
+    if not front:
+        raise HpoError(f"study {loaded.study_name!r} has no COMPLETE trial yet; run more trials or see `hpo status`")
+    directions = dict(zip(loaded.metric_names or [], (d.name.lower() for d in loaded.directions), strict=False))
+    if as_json:
+        print(json.dumps({"study": loaded.study_name, "directions": directions, "front": front}, default=str))
+        return
+    console.print(f"Pareto front of {loaded.study_name} ({', '.join(f'{k} {v}' for k, v in directions.items())}): "
+                  f"{len(front)} trial(s); promote one with `hpo promote --trial N`")
+    for point in front:
+        values = "  ".join(f"{k}={v:.6g}" for k, v in point["values"].items())
+        console.print(f"trial {point['number']}: {values}  {_params_text(point['config'])}", highlight=False)
+
+
 @app.command()
 def promote(
     study: Study = None,
     storage: Storage = None,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: the one the sweep used).")] = None,
-    trial: Annotated[int | None, typer.Option("--trial", help="Trial number to promote (default: the best COMPLETE trial).")] = None,
+    trial: Annotated[int | None, typer.Option("--trial", help="Trial number to promote (default: the best COMPLETE trial; required for a multi-objective study: one of its Pareto front).")] = None,
     output: Annotated[str | None, typer.Option("--output", help="Folder for the model (default: promoted/STUDY-trialN).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a sweep field: KEY=VALUE (repeatable), e.g. max_steps=600.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the final run (default: the sweep's).")] = None,

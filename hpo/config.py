@@ -33,7 +33,14 @@ KNOWN_DIRECTIONS = {
     "eval_exact_match": "maximize",
     "eval_score": "maximize",
     "train_loss": "minimize",
+    # Costs, for a quality-vs-cost (multi-objective) sweep: smaller is better.
+    "peak_memory_mb": "minimize",
+    "resident_memory_mb": "minimize",
+    "trainable_params": "minimize",
+    "train_seconds": "minimize",
+    "generation_seconds": "minimize",
 }
+DIRECTIONS = ("maximize", "minimize")
 DATA_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
 
 
@@ -69,9 +76,12 @@ class Sweep:
     synonyms: str | None = None
     """A synonym table (TSV: word, then its synonyms) for the augment_synonym augmentation."""
     metric: str | None = None
-    """The objective, a key of what ``report`` records; default by task (eval_accuracy / eval_loss)."""
-    direction: Literal["maximize", "minimize"] | None = None
-    """Whether a larger or a smaller ``metric`` is better; known metrics need none."""
+    """The objective, a key of what ``report`` records; default by task (eval_accuracy / eval_loss).
+    Several, comma-separated (``eval_accuracy,peak_memory_mb``), make a multi-objective sweep: the
+    study keeps the Pareto front, ASHA ranks trials on the first (or ``prune_metric``)."""
+    direction: str | None = None
+    """``maximize`` or ``minimize``: whether a larger or a smaller ``metric`` is better; known metrics need
+    none. Several metrics: one word each, comma-separated in the same order (``maximize,minimize``)."""
     objective: Literal["last", "best"] = "last"
     """A trial's value: its ``last`` evaluation of ``metric``, or its ``best`` one (whose step is kept
     as the ``best_step`` user attr). Pruned trials stay PRUNED either way."""
@@ -143,6 +153,14 @@ class Sweep:
 
     def __post_init__(self) -> None:
         metric = self.metric or ("eval_accuracy" if self.task == "classification" else "eval_loss")
+        if isinstance(metric, str) and "," in metric:
+            metric = ",".join(name.strip() for name in metric.split(","))
+            direction = self.direction
+            if isinstance(direction, str):
+                direction = ",".join(word.strip() for word in direction.split(","))
+            elif direction is None and all(name in KNOWN_DIRECTIONS for name in metric.split(",")):
+                direction = ",".join(KNOWN_DIRECTIONS[name] for name in metric.split(","))
+            object.__setattr__(self, "direction", direction)
         object.__setattr__(self, "metric", metric)
         if self.direction is None and metric in KNOWN_DIRECTIONS:
             object.__setattr__(self, "direction", KNOWN_DIRECTIONS[metric])
@@ -152,7 +170,9 @@ class Sweep:
     def _problems(self) -> typing.Iterator[str]:
         if self.task not in TASKS:
             yield _bad("task", self.task, f"must be one of {', '.join(TASKS)}")
-        if self.direction not in ("maximize", "minimize"):
+        if self.is_multi_objective:
+            yield from self._objectives_problems()
+        elif self.direction not in DIRECTIONS:
             yield _bad(
                 "direction", self.direction,
                 f"must be maximize or minimize (needed for the metric {self.metric!r})",
@@ -175,7 +195,7 @@ class Sweep:
                 yield _bad("eval_every", self.eval_every, f"must not exceed max_steps={self.max_steps}")
         if not isinstance(self.generation_examples, int) or self.generation_examples < 0:
             yield _bad("generation_examples", self.generation_examples, "must be a whole number of at least 0")
-        if self.metric in ("eval_exact_match", "eval_score") and self.generation_examples == 0:
+        if {"eval_exact_match", "eval_score"} & set(self.metrics) and self.generation_examples == 0:
             yield _bad("generation_examples", 0, f"leaves nothing to compute metric={self.metric} from; set it above 0")
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
             yield _bad("max_new_tokens", self.max_new_tokens, "must be a whole number of at least 1")
@@ -202,13 +222,40 @@ class Sweep:
         yield from self._accelerator_problems()
         yield from _worker_problems(self)
 
+    def _objectives_problems(self) -> typing.Iterator[str]:
+        """A multi-objective sweep: names, one direction per name, what needs a single objective."""
+        names = self.metric.split(",")  # type: ignore[union-attr]
+        if not all(names) or len(set(names)) != len(names):
+            yield _bad("metric", self.metric, "must list distinct metric names separated by commas, "
+                       "e.g. eval_accuracy,peak_memory_mb")
+            return
+        if self.direction is None:
+            unknown = [name for name in names if name not in KNOWN_DIRECTIONS]
+            yield _bad("direction", None, f"must give one direction per metric, comma-separated (e.g. "
+                       f"{','.join(KNOWN_DIRECTIONS.get(n, 'maximize') for n in names)}): the better direction of "
+                       f"{', '.join(unknown)} is not known")
+            return
+        words = str(self.direction).split(",")
+        if len(words) != len(names):
+            yield _bad("direction", self.direction, f"gives {len(words)} direction(s) for the {len(names)} metrics "
+                       f"{self.metric}; give one per metric, comma-separated, in the same order")
+        elif any(word not in DIRECTIONS for word in words):
+            bad = next(word for word in words if word not in DIRECTIONS)
+            yield _bad("direction", self.direction, f"has {bad!r}; each direction must be maximize or minimize")
+        if self.objective == "best":
+            yield _bad("objective", "best", "needs a single metric: a trial's best evaluation is not defined for "
+                       f"several objectives ({self.metric}); use --set objective=last")
+        if self.sampler == "cmaes":
+            yield _bad("sampler", "cmaes", f"optimizes a single objective, not {self.metric}; use tpe, random, gp "
+                       "or qmc")
+
     def _prune_problems(self) -> typing.Iterator[str]:
         if self.prune_metric is not None and (not isinstance(self.prune_metric, str) or not self.prune_metric):
             yield _bad("prune_metric", self.prune_metric, "must name a metric that report records (e.g. eval_loss), "
                        "or none for the sweep's metric")
         elif self.prune_direction not in (None, "maximize", "minimize"):
             yield _bad("prune_direction", self.prune_direction, "must be maximize or minimize, or none")
-        elif self.prune_metric not in (None, self.metric) and self.prune_direction is None \
+        elif self.prune_metric not in (None, *self.metrics) and self.prune_direction is None \
                 and self.prune_metric not in KNOWN_DIRECTIONS:
             yield _bad("prune_direction", None, f"must be maximize or minimize (needed for the prune_metric "
                        f"{self.prune_metric!r}, whose better direction is not known)")
@@ -251,22 +298,38 @@ class Sweep:
         return {name: amount * self.workers_per_trial for name, amount in self.worker_resources.items()}
 
     @property
+    def is_multi_objective(self) -> bool:
+        """Several metrics (``metric="a,b"``): the study keeps a Pareto front."""
+        return isinstance(self.metric, str) and "," in self.metric
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The objectives' names: ``(metric,)``, or the comma-separated names of a multi-objective sweep."""
+        return tuple(typing.cast(str, self.metric).split(","))
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        """One ``maximize``/``minimize`` per name of :attr:`metrics`."""
+        return tuple(typing.cast(str, self.direction).split(","))
+
+    @property
     def mode(self) -> str:
-        """``max`` or ``min``, as Ray Tune names the direction."""
-        return "max" if self.direction == "maximize" else "min"
+        """``max`` or ``min``, as Ray Tune names the direction (of the first objective)."""
+        return "max" if self.directions[0] == "maximize" else "min"
 
     @property
     def pruned_on(self) -> str:
-        """The metric ASHA ranks trials on: ``prune_metric``, else ``metric``."""
-        return self.prune_metric or typing.cast(str, self.metric)
+        """The metric ASHA ranks trials on: ``prune_metric``, else ``metric`` (the first of several)."""
+        return self.prune_metric or self.metrics[0]
 
     @property
     def prune_mode(self) -> str:
         """``max`` or ``min`` for :attr:`pruned_on`: ``prune_direction``, else the known direction
         of the metric, else (the sweep's own metric) ``mode``."""
-        if self.pruned_on == self.metric and self.prune_direction is None:
+        if self.pruned_on == self.metrics[0] and self.prune_direction is None:
             return self.mode
-        direction = self.prune_direction or KNOWN_DIRECTIONS[self.pruned_on]
+        own = dict(zip(self.metrics, self.directions, strict=False))
+        direction = self.prune_direction or own.get(self.pruned_on) or KNOWN_DIRECTIONS[self.pruned_on]
         return "max" if direction == "maximize" else "min"
 
     def to_dict(self) -> dict[str, Any]:
@@ -328,6 +391,9 @@ def direction_follows_metric(sweep: Sweep, values: dict[str, Any]) -> dict[str, 
         return values
     if metric in KNOWN_DIRECTIONS:
         return {**values, "direction": KNOWN_DIRECTIONS[metric]}
+    names = [name.strip() for name in metric.split(",")]
+    if len(names) > 1 and all(name in KNOWN_DIRECTIONS for name in names):
+        return {**values, "direction": ",".join(KNOWN_DIRECTIONS[name] for name in names)}
     raise HpoError(f"--set metric={metric}: the sweep's direction ({sweep.direction}) was chosen for "
                    f"{sweep.metric}; say which way {metric} is better with --set direction=maximize or minimize")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hpo.diagnose_advice import compare_models, param_importance, range_edges, study_advice
-from hpo.diagnose_curve import to_points
+from hpo.diagnose_curve import first_value, to_points
 from hpo.diagnose_rules import KINDS, MIN_POINTS, Finding, diagnose_curves
 from hpo.formatting import json_safe
 
@@ -129,7 +129,7 @@ def diagnose_trial(trial: FrozenTrial, *, metric: str | None = None, direction: 
         note = f"only {points} evaluation{'s' if points != 1 else ''}{where}: at least {MIN_POINTS} are needed " \
                "to judge the curves"
     params = trial.user_attrs.get("config") if isinstance(trial.user_attrs.get("config"), dict) else None
-    return TrialDiagnosis(trial.number, trial.state.name, findings, trial.value, reason,
+    return TrialDiagnosis(trial.number, trial.state.name, findings, first_value(trial), reason,
                           {**(params or {}), **trial.params}, points, note)
 
 
@@ -142,8 +142,9 @@ def diagnose_study(study: optuna.Study) -> StudyDiagnosis:
     from optuna.trial import TrialState
 
     sweep = (study.user_attrs.get("hpo") or {}).get("sweep") or {}
-    metric = sweep.get("metric")
-    direction = sweep.get("direction") or study.directions[0].name.lower()
+    # A multi-objective study ("a,b" / "maximize,minimize") is diagnosed on its first objective.
+    metric = sweep.get("metric").split(",")[0] if sweep.get("metric") else None
+    direction = (sweep.get("direction") or study.directions[0].name.lower()).split(",")[0]
     everything = study.get_trials(deepcopy=False)
     finished = [t for t in everything if is_diagnosed(t)]
     skipped: dict[str, int] = {}
@@ -153,8 +154,8 @@ def diagnose_study(study: optuna.Study) -> StudyDiagnosis:
             skipped[key] = skipped.get(key, 0) + 1
     trials = [diagnose_trial(t, metric=metric, direction=direction, max_steps=sweep.get("max_steps"))
               for t in finished]
-    complete = [t for t in finished if t.state == TrialState.COMPLETE and t.value is not None
-                and math.isfinite(t.value)]
+    complete = [t for t in finished if t.state == TrialState.COMPLETE and first_value(t) is not None
+                and math.isfinite(first_value(t))]
     importance, why_not = param_importance(study, complete)
     edges = range_edges(complete, direction)
     models = compare_models(trials, direction)

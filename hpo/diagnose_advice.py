@@ -16,6 +16,7 @@ import math
 import statistics
 from typing import TYPE_CHECKING, Any
 
+from hpo.diagnose_curve import first_value
 from hpo.diagnose_rules import MIN_POINTS
 from hpo.formatting import num, percent, sci
 
@@ -50,7 +51,8 @@ def param_importance(study: optuna.Study, complete: list[FrozenTrial]) -> tuple[
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            shares = optuna.importance.get_param_importances(study)
+            first = {"target": lambda t: t.values[0]} if len(study.directions) > 1 else {}
+            shares = optuna.importance.get_param_importances(study, **first)
     except Exception as error:  # noqa: BLE001 - evaluators raise many types on odd studies
         return {}, f"parameter importance could not be computed ({type(error).__name__}: {error})"
     return {name: float(share) for name, share in shares.items()}, None
@@ -60,7 +62,7 @@ def range_edges(complete: list[FrozenTrial], direction: str) -> list[dict]:
     """Parameters whose best trials all sit at one bound of the searched range."""
     if len(complete) < MIN_TRIALS:
         return []
-    ranked = sorted(complete, key=lambda t: float(t.value or 0.0), reverse=direction == "maximize")
+    ranked = sorted(complete, key=lambda t: float(first_value(t) or 0.0), reverse=direction == "maximize")
     best = ranked[:max(2, math.ceil(BEST_SHARE * len(ranked)))]
     edges = []
     for name in sorted(set.intersection(*(set(t.params) for t in best))):

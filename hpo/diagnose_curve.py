@@ -110,3 +110,8 @@ def to_float(value: Any) -> float:
 
 def rounded(share: float) -> float:
     return round(share, 4)
+
+
+def first_value(trial: Any) -> float | None:
+    """A finished trial's value; a multi-objective trial's first (``trial.value`` raises there)."""
+    return trial.values[0] if trial.values else None

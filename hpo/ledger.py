@@ -63,6 +63,15 @@ def counts_towards_target(trial: FrozenTrial) -> bool:
     return reason is not None and reason not in NOT_COUNTED and not trial.user_attrs.get("retried")
 
 
+def _objective(value: Any) -> float | list[float]:
+    """What ``study.tell`` takes: a float, or a list of floats for a multi-objective study."""
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value)
+
+
+def _values(value: Any) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+
+
 def _write(call: Callable[[], Any]) -> Any:
     return retry_transient(lambda: retry_when_locked(call), what="writing the study")
 
@@ -183,9 +192,9 @@ class Ledger:
             self.heartbeats.stop()
 
     # the end ------------------------------------------------------------------------
-    def tell(self, number: int, state: TrialState, value: float | None = None, reason: str | None = None,
+    def tell(self, number: int, state: TrialState, value: float | list[float] | None = None, reason: str | None = None,
              error: str | None = None, attrs: dict[str, Any] | None = None) -> Told:
-        """Record the trial's end: COMPLETE with ``value``, PRUNED (Optuna keeps the last
+        """Record the trial's end: COMPLETE with ``value`` (a list: one per objective), PRUNED (Optuna keeps the last
         intermediate value) or FAIL with ``reason``/``error`` user attrs. Interrupted trials
         (within ``max_attempts``) and failed ones (within ``retries``) are enqueued again.
         A trial a reclaimer failed meanwhile keeps its result as a new trial (``kept_as``)."""
@@ -214,7 +223,7 @@ class Ledger:
                 if attr is not None:
                     _write(lambda key=key, attr=attr: trial.set_user_attr(key, attr))
             if state == TrialState.COMPLETE:
-                _write(lambda: self.study.tell(trial, float(value)))  # type: ignore[arg-type]
+                _write(lambda: self.study.tell(trial, _objective(value)))
             else:
                 _write(lambda: self.study.tell(trial, state=state))
         except (UpdateFinishedTrialError, ValueError):  # Optuna's tell says "Cannot tell a FAIL trial."
@@ -242,7 +251,7 @@ class Ledger:
         if state == TrialState.PRUNED:
             user_attrs["reason"] = "pruned"
         new = optuna.trial.create_trial(
-            state=state, value=float(value) if state == TrialState.COMPLETE else None, params=frozen.params,
+            state=state, values=_values(value) if state == TrialState.COMPLETE else None, params=frozen.params,
             distributions=frozen.distributions, intermediate_values=intermediate, user_attrs=user_attrs,
             system_attrs={DRIVER_ATTR: self.driver},
         )

@@ -126,7 +126,7 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
     job = TrainJob.from_sweep(sweep, params)
     job = dataclasses.replace(
         job, train_limit=None, restore_best=True, eval_every=schedule.eval_every, patience=schedule.patience,
-        min_steps=schedule.min_steps, watch=sweep.metric, watch_mode=sweep.mode,
+        min_steps=schedule.min_steps, watch=sweep.metrics[0], watch_mode=sweep.mode,
     )
     output = (Path(options.output) if options.output
               else folder_for(Path("promoted"), study.study_name, f"-trial{trial.number}")).resolve()
@@ -154,7 +154,7 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
     stopping = (f"early stopping after {job.patience} evaluations without a better {job.watch} (not before step "
                 f"{job.min_steps})" if job.patience else "no early stopping")
     console.print(f"[bold]hpo promote[/] study {study.study_name} trial {trial.number} "
-                  f"({recorded['sweep']['metric']}={trial.value}{at}): {job.max_steps} steps, evaluating every "
+                  f"({recorded['sweep']['metric']}={_trial_value(trial)}{at}): {job.max_steps} steps, evaluating every "
                   f"{job.eval_every}, {stopping}, the best {job.watch}'s weights kept; MLflow run {run_id}")
     staging = _staging_folder(output)
     try:
@@ -174,6 +174,10 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
 def _pick_trial(study: Any, number: int | None) -> Any:
     from optuna.trial import TrialState
 
+    if number is None and studies.is_multi_objective(study):
+        front = [str(point["number"]) for point in studies.pareto_front(study)]
+        raise HpoError(f"study {study.study_name!r} has several objectives and no single best trial; pick one of "
+                       f"its Pareto front with --trial N (trials {', '.join(front) or 'none yet'}; `hpo best` lists them)")
     if number is None:
         best = studies.best_summary(study)
         if best is None:
@@ -187,6 +191,12 @@ def _pick_trial(study: Any, number: int | None) -> Any:
     if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
         raise HpoError(f"--trial {number} is {trial.state.name}; promote a COMPLETE (or PRUNED) trial")
     return trial
+
+
+def _trial_value(trial: Any) -> float | list[float] | None:
+    """``trial.value``, or the list of a multi-objective trial's values (``trial.value`` raises there)."""
+    values = trial.values
+    return values[0] if values and len(values) == 1 else values
 
 
 def _final_sweep(recorded: dict[str, Any], overrides: list[str]) -> tuple[Sweep, FinalSchedule]:
@@ -288,7 +298,7 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
 
             def show(step: int, metrics: dict[str, float]) -> None:
                 tracker.log_metrics(step, metrics)
-                shown = f"{sweep.metric}={metrics[sweep.metric]:.4f} eval_loss={metrics['eval_loss']:.4f}"
+                shown = f"{sweep.metrics[0]}={metrics[sweep.metrics[0]]:.4f} eval_loss={metrics['eval_loss']:.4f}"
                 progress.update(task, completed=step, shown=shown)
 
             final = training.fine_tune(job, Report(sweep.metric, show), on_trained=save, score=_module_score(sweep, study),
@@ -324,7 +334,7 @@ def _write_records(folder: Path, job: Any, sweep: Sweep, params: dict, options: 
     record = {
         "study": study.study_name,
         "trial": trial.number,
-        "trial_value": trial.value,
+        "trial_value": _trial_value(trial),
         "metric": sweep.metric,
         "base_model": sweep.model,
         "base_model_path": models.resolve(sweep.model),
@@ -358,7 +368,7 @@ tags: [hpo, {"lora" if not options.merge else "lora-merged"}, {sweep.task}]
 
 {"A merged" if options.merge else "A LoRA adapter for"} `{sweep.model}` ({sweep.task}), trained by `hpo promote` with
 the parameters of trial {trial.number} of the Optuna study `{study.study_name}`
-({sweep.metric} = {trial.value} in the sweep), for up to {job.max_steps} steps, evaluated every
+({sweep.metric} = {_trial_value(trial)} in the sweep), for up to {job.max_steps} steps, evaluated every
 {job.eval_every}, with early stopping on the validation {job.watch} (patience {job.patience} evaluations, not
 before step {job.min_steps}); the weights are those of the evaluation with the best validation
 {job.watch} (step {int(metrics.get('best_step', 0))}).

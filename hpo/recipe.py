@@ -68,7 +68,7 @@ REPORTED = {
     "sft": ("eval_loss", "eval_perplexity", "eval_exact_match", "eval_score", "generation_seconds"),
 }
 REPORTED_BY_ALL = ("train_loss", "learning_rate", "train_seconds", "micro_batch_size", "grad_accum",
-                   "peak_memory_mb", "resident_memory_mb")
+                   "peak_memory_mb", "resident_memory_mb", "trainable_params")
 # Besides the hyperparameters, a space may choose the base model (transfer learning) and seed.
 JOB_KEYS = ("model", "seed")
 
@@ -108,7 +108,7 @@ def check_metrics(sweep: Sweep) -> str | None:
     """Why the recipe cannot report the sweep's ``metric`` or ``prune_metric``, or None.
     (sft's ``eval_score`` needs the module's ``score``; that is checked where the module is known.)"""
     reported = REPORTED.get(sweep.task, ()) + REPORTED_BY_ALL
-    fields = [("metric", sweep.metric)] + ([("prune_metric", sweep.prune_metric)] if sweep.prune_metric else [])
+    fields = [("metric", name) for name in sweep.metrics] + ([("prune_metric", sweep.prune_metric)] if sweep.prune_metric else [])
     for name, metric in fields:
         if metric not in reported:
             return (f"sweep field {name}={metric!r} is not something the built-in recipe reports for task "

@@ -80,6 +80,9 @@ class Recorder:
         self.tracker = tracker
         self.display = display
         self.metric = metric
+        self.metrics = tuple(metric.split(","))
+        """The objectives: one, or several (``metric="a,b"``, a multi-objective study: Optuna takes no
+        intermediate values there, so only the curves user attr and MLflow keep them)."""
         self.objective = objective
         """``last``: a COMPLETE trial's value is its last evaluation of ``metric``; ``best``: its best
         one (by ``direction``), whose step becomes the ``best_step`` user attr and MLflow metric."""
@@ -156,10 +159,10 @@ class Recorder:
         self.last[number] = metrics
         curves = self.curves.setdefault(number, {})
         for key, metric in metrics.items():
-            if key in self.CURVES or key == self.metric or key.startswith("eval_"):
+            if key in self.CURVES or key in self.metrics or key.startswith("eval_"):
                 curves.setdefault(key, []).append([step, metric])
-        value = metrics.get(self.metric)
-        if value is not None:
+        value = metrics.get(self.metrics[0])
+        if value is not None and len(self.metrics) == 1:
             self.ledger.report(number, step, value)
             self._note_best(number, step, value)
         for key in self.ATTRS:
@@ -196,12 +199,17 @@ class Recorder:
         loudly (see :meth:`Ledger.tell`)."""
         if number not in self.ledger.running:
             return
-        value = self.last.get(number, {}).get(self.metric)
+        last = self.last.get(number, {})
         kind, reason, error = outcome.kind, outcome.reason, outcome.error
-        if kind == "complete" and (value is None or not math.isfinite(value)):
-            kind, reason = "fail", ("nan" if value is not None else "no_metric")
-            error = f"the trial ended with {self.metric}={value}" if value is not None else \
-                f"the trial ended without reporting {self.metric!r}"
+        value: Any = last.get(self.metric)
+        for metric in self.metrics:
+            one = last.get(metric)
+            if kind == "complete" and (one is None or not math.isfinite(one)):
+                kind, reason = "fail", ("nan" if one is not None else "no_metric")
+                error = f"the trial ended with {metric}={one}" if one is not None else \
+                    f"the trial ended without reporting {metric!r}"
+        if len(self.metrics) > 1:
+            value = [last.get(metric) for metric in self.metrics] if kind == "complete" else None
         self._logged.pop(number, None)
         steps = self._steps.get(number)
         attrs: dict[str, Any] = {"last_step": steps} if steps else {}
@@ -260,7 +268,10 @@ class Recorder:
             if console is not None:
                 console.print(f"[bold yellow]warning:[/] {message}", highlight=False)
             self.tracker.tag_trial(number, "hpo.kept_as_trial", str(told.kept_as))
-        self.tracker.end_trial(number, state, reason=shown, value=value if state == "COMPLETE" else None)
+        single = value if state == "COMPLETE" and not isinstance(value, list) else None
+        self.tracker.end_trial(number, state, reason=shown, value=single)
+        if isinstance(value, list):  # several objectives: the display shows the first
+            value = value[0]
         self.display.trial_ended(number, state, value if state == "COMPLETE" else None, shown)
 
     def tick(self) -> None:

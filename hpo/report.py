@@ -4,7 +4,8 @@
 
 * ``report.html``: the diagnosis (advice, per-trial findings, base models compared) and
   Optuna's interactive plots (optimization history, intermediate values, parallel
-  coordinates, parameter importances, slice), with plotly.js embedded so it opens offline;
+  coordinates, parameter importances, slice; a multi-objective study's Pareto front, its other
+  plots showing the first objective), with plotly.js embedded so it opens offline;
 * one PNG per plot (Optuna's matplotlib versions), for a quick look in the MLflow UI;
 * ``diagnosis.json``: what ``hpo diagnose --json`` prints.
 
@@ -32,6 +33,7 @@ PLOTS = (
     ("param_importances", "Parameter importances (fANOVA over COMPLETE trials)"),
     ("slice", "Slice: the objective against each parameter"),
 )
+PARETO = ("pareto_front", "Pareto front: each COMPLETE trial's objectives; the non-dominated ones highlighted")
 
 
 def write_report(study: optuna.Study, folder: Path, diagnosis: dict[str, Any] | None = None) -> list[Path]:
@@ -45,11 +47,19 @@ def write_report(study: optuna.Study, folder: Path, diagnosis: dict[str, Any] | 
     written[0].write_text(json.dumps(diagnosis, indent=2, default=_jsonable) + "\n")
 
     sections, skipped = [], []
-    for name, title in PLOTS:
-        figure = _plot(lambda name=name: getattr(optuna.visualization, f"plot_{name}")(study), name, skipped)
+    multi = len(study.directions) > 1
+    for name, title in ((PARETO, *PLOTS) if multi else PLOTS):
+        if multi and name == "intermediate_values":
+            skipped.append(f"{name}: a multi-objective study keeps no intermediate values in Optuna "
+                           "(the curves are in MLflow and `hpo diagnose`)")
+            continue
+        options = _first_objective(study) if multi and name not in ("pareto_front", "intermediate_values") else {}
+        figure = _plot(lambda name=name, options=options: getattr(optuna.visualization, f"plot_{name}")(study, **options),
+                       name, skipped)
         if figure is not None:
             sections.append((title, figure.to_html(full_html=False, include_plotlyjs=False)))
-        axes = _plot(lambda name=name: getattr(optuna.visualization.matplotlib, f"plot_{name}")(study), name, [])
+        axes = _plot(lambda name=name, options=options: getattr(optuna.visualization.matplotlib, f"plot_{name}")(
+            study, **options), name, [])
         if axes is not None:
             png = folder / f"{name}.png"
             _save_png(axes, png)
@@ -58,6 +68,12 @@ def write_report(study: optuna.Study, folder: Path, diagnosis: dict[str, Any] | 
     page.write_text(_page(study, diagnosis, sections, skipped), encoding="utf-8")
     written.append(page)
     return written
+
+
+def _first_objective(study: optuna.Study) -> dict[str, Any]:
+    """Plot options of a multi-objective study's single-objective plots: they show its first objective."""
+    name = (study.metric_names or ["objective 0"])[0]
+    return {"target": lambda trial: trial.values[0], "target_name": name}
 
 
 def _plot(make: Callable[[], Any], name: str, skipped: list[str]) -> Any:
@@ -99,6 +115,8 @@ def _page(study: optuna.Study, diagnosis: dict[str, Any], sections: list[tuple[s
         + _table(["parameter", "value"], [[k, v] for k, v in best["config"].items()])
         if best else "<p>No COMPLETE trial yet.</p>"
     )
+    if len(study.directions) > 1:
+        best_html = _front_html(study)
     advice = "".join(f"<li>{html.escape(str(a))}</li>" for a in diagnosis.get("advice", [])) or "<li>none</li>"
     trial_rows = [
         [t["number"], t.get("state", ""),
@@ -116,7 +134,7 @@ def _page(study: optuna.Study, diagnosis: dict[str, Any], sections: list[tuple[s
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}h1,h2{{font-weight:600}}</style>
 </head><body>
-<h1>Study {html.escape(study.study_name)} ({study.direction.name.lower()} {html.escape(str(metric))})</h1>
+<h1>Study {html.escape(study.study_name)} ({html.escape(_goal(study, str(metric)))})</h1>
 <p>{", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items()))}</p>
 {best_html}
 <h2>What to try next</h2><ul>{advice}</ul>
@@ -128,6 +146,25 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 {"<h2>Plots skipped</h2><ul>" + skipped_html + "</ul>" if skipped else ""}
 </body></html>
 """
+
+
+def _goal(study: optuna.Study, metric: str) -> str:
+    """``maximize eval_accuracy``, or ``maximize eval_accuracy, minimize peak_memory_mb``."""
+    names = study.metric_names or metric.split(",")
+    return ", ".join(f"{d.name.lower()} {n}" for d, n in zip(study.directions, names, strict=False))
+
+
+def _front_html(study: optuna.Study) -> str:
+    from hpo.study import pareto_front
+
+    front = pareto_front(study)
+    if not front:
+        return "<p>No COMPLETE trial yet.</p>"
+    names = list(front[0]["values"])
+    rows = [[p["number"], *[_fmt(v) for v in p["values"].values()],
+             ", ".join(f"{k}={_fmt(v)}" for k, v in p["config"].items())] for p in front]
+    return (f"<p>Pareto front: {len(front)} non-dominated trial(s); promote one with "
+            f"<code>hpo promote --trial N</code></p>" + _table(["trial", *names, "params"], rows))
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:

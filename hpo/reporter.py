@@ -8,7 +8,8 @@ MLflow and the progress bar. A sink may raise to end training early (Ray's stop 
 The contract:
 
 * ``step`` is an int greater than the previous call's;
-* ``metrics`` is a dict with string keys holding the sweep's ``metric`` (and, when ASHA
+* ``metrics`` is a dict with string keys holding the sweep's ``metric`` (every one of a
+  multi-objective sweep's; and, when ASHA
   ranks trials on another one, its ``prune_metric``); every value is a real number
   (``int``/``float``, numpy scalars; not ``bool``);
 * keys Ray Tune or hpo use for their own bookkeeping (``step``, ``done``, ``trial_id``,
@@ -59,7 +60,9 @@ class Report:
 
     def __init__(self, metric: str, sink: Sink, prune_metric: str | None = None):
         self.metric = metric
-        self.prune_metric = prune_metric if prune_metric != metric else None
+        self.metrics = tuple(metric.split(","))
+        """The objectives: ``metric``, or the names of a comma-separated multi-objective ``metric``."""
+        self.prune_metric = prune_metric if prune_metric not in self.metrics else None
         self.sink = sink
         self.last_step = 0
         """The step of the last valid call (0 before any)."""
@@ -68,7 +71,7 @@ class Report:
         values = self.check(step, metrics)
         self.last_step = step
         self.sink(step, values)
-        bad = [k for k in (self.metric, *CHECKED_FOR_NAN) if k in values and not math.isfinite(values[k])]
+        bad = [k for k in (*self.metrics, *CHECKED_FOR_NAN) if k in values and not math.isfinite(values[k])]
         if bad:
             raise NonFiniteMetric(f"{bad[0]} is {values[bad[0]]} at step {step}")
 
@@ -82,8 +85,9 @@ class Report:
         if reserved:
             raise ReportError(f"report(step={step}): the key(s) {', '.join(map(repr, reserved))} are reserved for "
                               "Ray Tune and hpo's own bookkeeping; rename them (e.g. 'my_step')")
-        if self.metric not in metrics:
-            raise ReportError(f"report(step={step}) got no {self.metric!r} (the sweep's metric); got {sorted(metrics)}")
+        for metric in self.metrics:
+            if metric not in metrics:
+                raise ReportError(f"report(step={step}) got no {metric!r} (the sweep's metric); got {sorted(metrics)}")
         if self.prune_metric is not None and self.prune_metric not in metrics:
             raise ReportError(f"report(step={step}) got no {self.prune_metric!r} (the sweep's prune_metric, which "
                               f"the pruner ranks trials on); got {sorted(metrics)}: report it, or --set prune_metric=")

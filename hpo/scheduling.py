@@ -334,7 +334,7 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
         )
     else:
         scheduler = _NoStop()
-    searcher = OptunaBridge(recorder, scheduler, sweep.metric, sweep.mode)
+    searcher = OptunaBridge(recorder, scheduler, sweep.metrics[0], sweep.mode)
     spec = TrialSpec(sweep, train, score)
     callbacks: list[tune.Callback] = [_Heartbeat(recorder)]
     if sweep.workers_per_trial == 1:

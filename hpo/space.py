@@ -127,7 +127,7 @@ def sample_check(search_space: SearchSpace) -> dict:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction=search_space.sweep.direction)
+    study = optuna.create_study(directions=list(search_space.sweep.directions))
     trial = study.ask()
     return call_space(search_space, trial)
 

@@ -199,24 +199,39 @@ def _storage_error(url: str, error: Exception) -> HpoError:
 
 def create_or_resume(storage: optuna.storages.BaseStorage, name: str, direction: str,
                      sampler: optuna.samplers.BaseSampler, metric: str | None = None) -> optuna.Study:
-    """The study ``name``, created if new. An existing study must have the same direction.
+    """The study ``name``, created if new. An existing study must have the same direction(s).
 
     ``metric`` names the objective (Optuna's metric names), so optuna-dashboard shows
-    ``eval_accuracy`` rather than "Objective 0"; set on create and on resume.
+    ``eval_accuracy`` rather than "Objective 0"; set on create and on resume. A
+    multi-objective sweep gives comma-separated names and directions (``"a,b"``,
+    ``"maximize,minimize"``): the study then has several directions and keeps a Pareto front.
     """
+    directions = direction.split(",")
     try:
         existing = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
-        existing = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction=direction,
+        existing = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions,
                                        load_if_exists=True)
-    if existing.direction.name.lower() != direction:
+    held = [d.name.lower() for d in existing.directions]
+    if held != directions:
         raise HpoError(
-            f"study {name!r} exists and {existing.direction.name.lower()}s its objective, but this sweep "
-            f"{direction}s; use another --study name"
+            f"study {name!r} exists and {','.join(held)}s its objective{'s' if len(held) > 1 else ''}, but this "
+            f"sweep {direction}s; use another --study name"
         )
-    if metric and existing.metric_names != [metric]:
-        retry_when_locked(lambda: existing.set_metric_names([metric]))
+    names = metric.split(",") if metric else None
+    if names and existing.metric_names != names:
+        retry_when_locked(lambda: existing.set_metric_names(names))
     return existing
+
+
+def is_multi_objective(study: optuna.Study) -> bool:
+    return len(study.directions) > 1
+
+
+def first_value(trial: FrozenTrial) -> float | None:
+    """A trial's value, or the first objective's of a multi-objective trial (``trial.value``
+    raises there); None if it has none."""
+    return trial.values[0] if trial.values else None
 
 
 def load(storage_url: str | None, name: str | None) -> optuna.Study:
@@ -249,7 +264,10 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
 
 def best_summary(study: optuna.Study) -> dict[str, Any] | None:
     """The best COMPLETE trial as plain data (number, value, params, config, steps and, for a
-    sweep with objective=best, the step of its best evaluation ``best_step``), or None."""
+    sweep with objective=best, the step of its best evaluation ``best_step``), or None.
+    A multi-objective study has no single best trial: None (see :func:`pareto_front`)."""
+    if is_multi_objective(study):
+        return None
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.value is not None and math.isfinite(t.value)]
     if not complete:
@@ -266,6 +284,22 @@ def best_summary(study: optuna.Study) -> dict[str, Any] | None:
         "steps": last_step(trial),
         **({"best_step": trial.user_attrs["best_step"]} if "best_step" in trial.user_attrs else {}),
     }
+
+
+def pareto_front(study: optuna.Study) -> list[dict[str, Any]]:
+    """The non-dominated COMPLETE trials of a study (Optuna's ``best_trials``), by number, as
+    plain data: number, ``values`` by metric name, params, config, steps. A single-objective
+    study's front is its best trial."""
+    metrics = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
+    front = [t for t in study.best_trials if t.values and all(math.isfinite(v) for v in t.values)]
+    return [{
+        "study": study.study_name,
+        "number": trial.number,
+        "values": dict(zip(metrics, trial.values, strict=True)),
+        "params": trial.params,
+        "config": trial.user_attrs.get("config", trial.params),
+        "steps": last_step(trial),
+    } for trial in sorted(front, key=lambda t: t.number)]
 
 
 def fail_reasons(study: optuna.Study) -> dict[str, int]:

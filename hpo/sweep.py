@@ -56,6 +56,8 @@ class SearchResult:
     best: dict[str, Any] | None
     ran: int
     fail_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+    front: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """A multi-objective sweep's Pareto front (see :func:`hpo.study.pareto_front`)."""
     interrupted: list[int] = dataclasses.field(default_factory=list)
     """Trials this run stopped unfinished (Ctrl-C): they run again on the next run."""
     report: Path | None = None
@@ -108,7 +110,7 @@ def _check_sft(search_space: spaces.SearchSpace, options: SearchOptions, console
     from hpo import sft
 
     sweep = search_space.sweep
-    if sweep.metric == "eval_score" and search_space.score is None:
+    if "eval_score" in sweep.metrics and search_space.score is None:
         raise HpoError(f"{search_space.path}: metric eval_score needs a function score(prediction, reference) "
                        "-> float in the module; define one, or use --set metric=eval_exact_match")
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(sweep.model))
@@ -223,6 +225,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         console.print(f"study {name!r} already has {already} finished trials (target {sweep.trials}); "
                       f"raise --trials to run more")
         result.counts, result.best = studies.state_counts(study), studies.best_summary(study)
+        result.front = studies.pareto_front(study) if sweep.is_multi_objective else []
         return result
 
     sweep_params = {k: v for k, v in sweep.to_dict().items() if k != "extra"}
@@ -240,13 +243,14 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
                   f"MLflow {result.tracking_uri}; {sweep.trials - already} trials to go "
                   f"({sweep.max_steps} steps, evaluate every {sweep.eval_every}, pruner {sweep.pruner}"
                   f"{f' on {sweep.pruned_on}' if sweep.pruner == 'asha' and sweep.pruned_on != sweep.metric else ''}"
-                  f"{', a trial is worth its best evaluation' if sweep.objective == 'best' else ''})")
+                  f"{', a trial is worth its best evaluation' if sweep.objective == 'best' else ''}"
+                  f"{f', Pareto front of {sweep.metric} ({sweep.direction})' if sweep.is_multi_objective else ''})")
 
     from hpo.progress import SweepDisplay
 
     deadline = time.time() + sweep.timeout if sweep.timeout else None
     best = studies.best_summary(study)
-    display = SweepDisplay(console, study=name, metric=sweep.metric, direction=sweep.direction, target=sweep.trials,
+    display = SweepDisplay(console, study=name, metric=sweep.metrics[0], direction=sweep.directions[0], target=sweep.trials,
                            max_steps=sweep.max_steps, already=already,
                            best=(best["number"], best["value"]) if best else None)
     recorder = Recorder(ledger, tracker, display, metric=sweep.metric, deadline=deadline, job_params=job,
@@ -271,11 +275,14 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         elif result.ended == "short":
             status = "FAILED"
         result.counts, result.best, result.ran = studies.state_counts(study), studies.best_summary(study), recorder.started
+        result.front = studies.pareto_front(study) if sweep.is_multi_objective else []
         result.fail_reasons = studies.fail_reasons(study)
         result.report = _report(study, tracker, Path(options.workdir), console)
         tracker.end_sweep(status, summary={"finished": ledger.finished(),
                                            **({"best_value": result.best["value"], "best_trial": result.best["number"]}
-                                              if result.best else {})})
+                                              if result.best else {}),
+                                           **({"pareto_front": ",".join(str(p["number"]) for p in result.front)}
+                                              if result.front else {})})
     return result
 
 

@@ -92,6 +92,7 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
     model = get_peft_model(base, _lora_config(job, base.config.model_type))
     try:
         trainable = _upcast_trainable(model)
+        run.trainable_params = trainable
         if on_start is not None:
             on_start(_settings(job, model, run, trainable))
         metrics = _train(job, model, tokenizer, train_set, eval_set, report, run)
@@ -117,10 +118,14 @@ class _Run:
         self.started = time.perf_counter()
         self.setup_seconds: float | None = None
         """From the start to the start of the first optimizer step; reported once, then None."""
+        self.trainable_params = 0
+        """The adapter's (and task head's) trainable weights: reported with every evaluation, a cost
+        objective of a multi-objective sweep (``metric="eval_accuracy,trainable_params"``)."""
 
     def memory(self) -> dict[str, float]:
         mib = 1024 * 1024
-        return {"peak_memory_mb": round(self.meter.peak() / mib), "resident_memory_mb": round(self.resident / mib)}
+        return {"peak_memory_mb": round(self.meter.peak() / mib), "resident_memory_mb": round(self.resident / mib),
+                "trainable_params": self.trainable_params}
 
 
 def _settings(job: TrainJob, model: Any, run: _Run, trainable: int) -> dict[str, Any]:

@@ -61,9 +61,10 @@ def parse_source(text: str, default_storage: str | None) -> tuple[str, str | Non
 def best_configs(study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
     """The ``top`` best COMPLETE trials with a finite value, best first."""
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value)]
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    return sorted(complete, key=lambda t: t.value, reverse=maximize)[:top]
+                if t.values and math.isfinite(t.values[0])]
+    # A multi-objective study's trials are ranked by its first objective.
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    return sorted(complete, key=lambda t: t.values[0], reverse=maximize)[:top]
 
 
 def compatible_params(params: dict[str, Any], space: Callable[[optuna.Trial], Any]) -> tuple[dict[str, Any], list[str]]:
