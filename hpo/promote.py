@@ -46,9 +46,12 @@ from hpo.names import folder_for
 BUDGET_FACTOR = 3
 EVALUATIONS = 20
 """About this many evaluations over a final run (never more often than the sweep evaluated)."""
-PATIENCE_SHARE = 0.25
-"""Early stopping ends a final run after this share of its steps without a better evaluation..."""
-MIN_SHARE = 0.3
+PATIENCE_SHARE = 0.5
+"""Early stopping ends a final run after this share of its steps without a better evaluation...
+Half, not less: an evaluation set of a few hundred rows scores accuracy with a noise of about
+a point, and on SST-2 (600 steps, 872 dev rows) a quarter stopped at step 360 at 0.839 while
+the curve was still rising."""
+MIN_SHARE = 0.5
 """... but never before this share of its steps."""
 STAGING_MARK = ".{name}.promote-"
 """Staging folders beside the output: ``.<output name>.promote-<host>-<pid>-<random>``."""
@@ -86,7 +89,7 @@ def final_schedule(max_steps: int, sweep_eval_every: int, *, eval_every: int | N
     without a better evaluation, never before :data:`MIN_SHARE` of them. ``eval_every`` and
     ``patience`` (in evaluations; 0 turns early stopping off), when the user gives them with
     ``--set``, are kept as they are. For example, a sweep at ``eval_every=20`` and a 600-step
-    final run: every 30 steps, patience 5 evaluations (150 steps), not before step 180.
+    final run: every 30 steps, patience 10 evaluations (300 steps), not before step 300.
     """
     if eval_every is None:
         eval_every = min(max_steps, max(sweep_eval_every, math.ceil(max_steps / EVALUATIONS)))

@@ -198,12 +198,12 @@ def test_asha_ranks_on_the_prune_metric_and_a_trial_keeps_its_best(tmp_path: Pat
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    ((600, 20), (30, 5, 180)),  # the SST-2 case: a 60-step sweep at eval_every=20, a 600-step final run
-    ((360, 20), (20, 5, 108)),  # never more often than the sweep evaluated
-    ((40, 10), (10, 1, 12)),
-    ((10, 20), (10, 1, 3)),  # a final run shorter than the sweep's cadence: one evaluation, at the end
-    ((600, 20, {"patience": 0}), (30, 0, 180)),  # --set patience=0: no early stopping
-    ((600, 20, {"eval_every": 50, "patience": 2}), (50, 2, 180)),  # --set values are kept
+    ((600, 20), (30, 10, 300)),  # the SST-2 case: a 60-step sweep at eval_every=20, a 600-step final run
+    ((360, 20), (20, 9, 180)),  # never more often than the sweep evaluated
+    ((40, 10), (10, 2, 20)),
+    ((10, 20), (10, 1, 5)),  # a final run shorter than the sweep's cadence: one evaluation, at the end
+    ((600, 20, {"patience": 0}), (30, 0, 300)),  # --set patience=0: no early stopping
+    ((600, 20, {"eval_every": 50, "patience": 2}), (50, 2, 300)),  # --set values are kept
 ])
 def test_promote_scales_cadence_and_patience_to_the_final_run(args: tuple, expected: tuple) -> None:
     steps, sweep_every, *given = args

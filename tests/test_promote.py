@@ -97,9 +97,9 @@ def test_promote_the_best_trial_reload_and_find_it_registered(lora_study: Path) 
     assert record["max_steps"] == 40
     # scaled to the final run (hpo.promote.final_schedule), judged by the study's metric
     assert (record["eval_every"], record["patience"], record["min_steps"], record["watch"]) == \
-        (10, 1, 12, "eval_accuracy")
+        (10, 2, 20, "eval_accuracy")
     assert record["objective"] == "best" and record["trial_best_step"] == study.best_trial.user_attrs["best_step"]
-    assert not 0 < record["metrics"]["stopped_early_at"] < 12, "never before 30% of the steps"
+    assert not 0 < record["metrics"]["stopped_early_at"] < 20, "never before half of the steps"
     accuracy, loss = accuracy_of_reloaded(folder)
     assert accuracy == pytest.approx(record["metrics"]["eval_accuracy"], abs=1e-3)
     assert loss == pytest.approx(record["metrics"]["eval_loss"], abs=1e-3)
