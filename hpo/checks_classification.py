@@ -45,6 +45,7 @@ from hpo.checks_text import (
     _Part,
     _token_counts,
     _truncation_findings,
+    train_and_eval,
 )
 
 SHORT_CHARS = 2
@@ -68,11 +69,7 @@ def check_classification(train_source: str, eval_source: str | None, text_column
         findings += _duplicate_findings(part, "rows", "row")
         findings += _truncation_findings(part, max_length, method)
         parts.append(part)
-    if eval_source:
-        train, evaluation = parts
-    else:
-        kept, held = data.hold_out_rows(train_source, len(parts[0].texts), eval_fraction)
-        train, evaluation = parts[0].take(kept), parts[0].take(held)
+    train, evaluation = train_and_eval(parts, train_source, eval_source, eval_fraction, len(parts[0].texts))
     findings += _leakage_findings(train, evaluation, "rows", held_out=not eval_source)
     findings += _class_findings(train, evaluation)
     stats = {split: _split_stats(part, max_length) for split, part in (("train", train), ("eval", evaluation))}

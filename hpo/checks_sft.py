@@ -48,7 +48,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from hpo import data, sft
+from hpo import sft
 from hpo.checks_report import Finding, _finding
 from hpo.checks_text import (
     EMPTY_ERROR_SHARE,
@@ -59,6 +59,7 @@ from hpo.checks_text import (
     _normalize,
     _Part,
     _truncation_findings,
+    train_and_eval,
 )
 
 
@@ -99,11 +100,7 @@ def check_sft(train_source: str, eval_source: str | None, max_length: int, eval_
         findings += _truncation_findings(split.part, max_length, method)
         findings += _answer_findings(split, max_length)
         files.append(split)
-    if eval_source:
-        train, evaluation = files
-    else:
-        kept, held = data.hold_out_rows(train_source, len(files[0].answers), eval_fraction)
-        train, evaluation = files[0].take(kept), files[0].take(held)
+    train, evaluation = train_and_eval(files, train_source, eval_source, eval_fraction, len(files[0].answers))
     findings += _leakage_findings(train.part, evaluation.part, "prompts", held_out=not eval_source)
     stats = {name: _split_stats(split, max_length) for name, split in (("train", train), ("eval", evaluation))}
     return findings, {"token_counts": method, **stats}

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from hpo import data
 from hpo.checks_report import Finding, _finding
 
 EMPTY_ERROR_SHARE = 0.01
@@ -139,3 +140,14 @@ def _length_stats(counts: list[int], max_length: int) -> dict:
 
 def _normalize(text: str) -> str:
     return " ".join(_PUNCTUATION.sub("", text.lower()).split())
+
+
+def train_and_eval(splits: list[Any], train_source: str, eval_source: str | None, eval_fraction: float,
+                   rows: int) -> tuple[Any, Any]:
+    """The training and validation splits as a sweep sees them: the two files read, or the
+    training file's ``rows`` split as :func:`hpo.data.hold_out_rows` splits it (anything with
+    ``take(indices)``)."""
+    if eval_source:
+        return splits[0], splits[1]
+    kept, held = data.hold_out_rows(train_source, rows, eval_fraction)
+    return splits[0].take(kept), splits[0].take(held)

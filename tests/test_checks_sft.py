@@ -11,9 +11,10 @@ import pytest
 from rich.console import Console
 
 from hpo import HpoError, data, sft
-from hpo.checks import DataReport, Finding, check_data
+from hpo.checks import DataReport, check_data
 from hpo.sweep import SearchOptions, prepare
 from tests.conftest import SEARCH_SPACES, run_hpo
+from tests.test_checks import _codes, _only
 
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
@@ -45,16 +46,6 @@ def _files(tmp_path: Path, train: list, evaluation: list | None = None) -> tuple
 
 def _check(files: tuple[str, str | None], **settings) -> DataReport:
     return check_data(*files, task="sft", **settings)
-
-
-def _only(report: DataReport, code: str) -> Finding:
-    found = [f for f in report.findings if f.code == code]
-    assert len(found) == 1, f"expected one {code} finding, got {report.lines()}"
-    return found[0]
-
-
-def _codes(report: DataReport) -> set[str]:
-    return {f.code for f in report.findings}
 
 
 @pytest.fixture(scope="module")
