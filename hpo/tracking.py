@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from hpo.errors import HpoError, check_url, scrub
+from hpo.errors import HpoError, scrub
 from hpo.errors import redact_url as redact
+from hpo.stores import check_local, connect_once
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG_STUDY = "hpo.study"
@@ -86,11 +87,7 @@ def check_tracking(uri: str | None) -> None:
     Errors show the URI redacted and never quote its secrets (:func:`hpo.errors.scrub`).
     """
     original = uri = uri or DEFAULT_TRACKING_URI
-    check_url(uri, "--tracking-uri")
-    if uri.startswith("sqlite:"):
-        folder = os.path.dirname(uri.split("///", 1)[-1])
-        if folder and not os.path.isdir(folder):
-            raise HpoError(f"--tracking-uri {redact(uri)}: the folder {folder} does not exist")
+    if check_local(uri, "--tracking-uri"):
         return
     if uri.startswith(("http://", "https://")):
         import base64
@@ -113,12 +110,7 @@ def check_tracking(uri: str | None) -> None:
             ) from None
     if "://" in uri and not uri.startswith(("file:", "databricks")):
         try:
-            import sqlalchemy
-
-            engine = sqlalchemy.create_engine(uri, pool_pre_ping=True)
-            with engine.connect():
-                pass
-            engine.dispose()
+            connect_once(uri)
         except Exception as error:  # noqa: BLE001
             raise HpoError(
                 f"--tracking-uri {redact(uri)}: cannot open the MLflow store ({type(error).__name__}); "
@@ -142,7 +134,7 @@ class _Tracker:
 
         from mlflow.tracking import MlflowClient
 
-        from hpo.study import sqlite_file_lock
+        from hpo.sqlite import sqlite_file_lock
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.shown_uri = redact(tracking_uri or DEFAULT_TRACKING_URI)
@@ -530,7 +522,7 @@ class _RetryWhenLocked:
         self._client = client
 
     def __getattr__(self, name: str) -> Any:
-        from hpo.study import retry_when_locked
+        from hpo.stores import retry_when_locked
 
         attribute = getattr(self._client, name)
         if not callable(attribute):
