@@ -26,6 +26,7 @@ the trial started, after the cached base model: flat across trials when nothing 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import traceback
@@ -197,9 +198,9 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
         batch = next(batches)
         if step == 1:  # training starts: what came before was setup
             run.setup_seconds = time.perf_counter() - run.started
-        shard, whole = _shard(batch, rank, world), len(batch["labels"]) / world
-        loss, micro = _halving_on_oom(lambda size: _accumulate(runner, shard, size, run, whole=whole), micro,
-                                      can_halve=world == 1,  # ranks must stay in step
+        pieces = functools.partial(_accumulate, runner, _shard(batch, rank, world), run=run,
+                                   whole=len(batch["labels"]) / world)  # pieces(micro) -> the step's loss
+        loss, micro = _halving_on_oom(pieces, micro, can_halve=world == 1,  # ranks must stay in step
                                       before_retry=lambda: optimizer.zero_grad(set_to_none=True))
         if run.scaler is not None:
             run.scaler.unscale_(optimizer)  # clip and step on the true gradients
