@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from hpo.errors import HpoError
+from hpo.formatting import cell, params_text, short
 
 app = typer.Typer(
     help="Hyperparameter search for fine-tuning language models (Optuna + Ray Tune + MLflow).",
@@ -80,8 +81,8 @@ def search(
     if result.best:
         best = result.best
         at = f" (step {best['best_step']})" if "best_step" in best else ""
-        console.print(f"best: trial {best['number']} {best['metric']}={best['value']:.4g}{at}  "
-                      f"{_params_text(best['config'])}")
+        console.print(f"best: trial {best['number']} {best['metric']}={short(best['value'])}{at}  "
+                      f"{params_text(best['config'], 3)}")
     elif result.front:
         console.print(f"Pareto front: trials {', '.join(str(t['number']) for t in result.front)} "
                       "(`hpo best` lists them; promote one with `hpo promote --trial N`)")
@@ -186,7 +187,7 @@ def status(study: Study = None, storage: Storage = None, as_json: AsJson = False
         table.add_row(
             str(row["number"]), Text(row["state"], style=styles.get(row["state"], "")),
             _value_text(row["value"]), str(row["steps"] or "-"),
-            "-" if row["seconds"] is None else f"{row['seconds']:.0f}", _params_text(row["params"]),
+            "-" if row["seconds"] is None else f"{row['seconds']:.0f}", params_text(row["params"], 3),
             Text(row["reason"] or ""),
         )
     console.print(table)
@@ -196,9 +197,7 @@ def status(study: Study = None, storage: Storage = None, as_json: AsJson = False
 
 def _value_text(value: Any) -> str:
     """A trial's value for a table: one number, or several (a multi-objective trial's), or -."""
-    if value is None:
-        return "-"
-    return ", ".join(f"{v:.4g}" for v in value) if isinstance(value, list) else f"{value:.4g}"
+    return ", ".join(short(v) for v in value) if isinstance(value, list) else short(value)
 
 
 def _trial_row(trial: Any) -> dict[str, Any]:
@@ -235,7 +234,7 @@ def best(study: Study = None, storage: Storage = None, as_json: AsJson = False) 
         print(json.dumps(summary, default=str))
         return
     at = f" (its best evaluation, at step {summary['best_step']} of {summary['steps']})" if "best_step" in summary else ""
-    console.print(f"best trial {summary['number']} of {summary['study']}: {summary['metric']} = {summary['value']:.6g}{at}")
+    console.print(f"best trial {summary['number']} of {summary['study']}: {summary['metric']} = {short(summary['value'], 6)}{at}")
     for key, value in summary["config"].items():
         console.print(f"  {key} = {value}")
 
@@ -254,8 +253,8 @@ def _front(loaded: Any, as_json: bool) -> None:
     console.print(f"Pareto front of {loaded.study_name} ({', '.join(f'{k} {v}' for k, v in directions.items())}): "
                   f"{len(front)} trial(s); promote one with `hpo promote --trial N`")
     for point in front:
-        values = "  ".join(f"{k}={v:.6g}" for k, v in point["values"].items())
-        console.print(f"trial {point['number']}: {values}  {_params_text(point['config'])}", highlight=False)
+        values = "  ".join(f"{k}={short(v, 6)}" for k, v in point["values"].items())
+        console.print(f"trial {point['number']}: {values}  {params_text(point['config'], 3)}", highlight=False)
 
 
 @app.command()
@@ -277,7 +276,7 @@ def promote(
     overrides = list(set_ or []) + ([f"seed={seed}"] if seed is not None else [])
     result = run_promote(PromoteOptions(study=study, storage=storage, tracking_uri=tracking_uri, trial=trial,
                                         output=output, overrides=overrides, merge=merge, register=register), console)
-    shown = "  ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()
+    shown = "  ".join(f"{k}={short(v)}" for k, v in result.metrics.items()
                       if k.startswith(("eval_", "test_")) or k in ("best_step", "stopped_early_at"))
     console.print(f"\n[bold]promoted[/] trial {result.trial_number}: {shown}")
     console.print(f"model:  {result.output}")
@@ -303,7 +302,7 @@ def diagnose(study: Study = None, storage: Storage = None, as_json: AsJson = Fal
         table.add_column(column)
     for trial in result["trials"]:
         for finding in trial["findings"] or [{"kind": "no finding", "message": trial.get("note") or "", "evidence": {}}]:
-            evidence = ", ".join(f"{k}={_short(v)}" for k, v in finding.get("evidence", {}).items())
+            evidence = ", ".join(f"{k}={cell(v, missing='None')}" for k, v in finding.get("evidence", {}).items())
             table.add_row(str(trial["number"]), trial.get("state", ""), f"{finding['kind']}: {finding['message']}",
                           evidence)
     console.print(table)
@@ -314,10 +313,6 @@ def diagnose(study: Study = None, storage: Storage = None, as_json: AsJson = Fal
     console.print("[bold]what to try next:[/]")
     for line in result.get("advice", []):
         console.print(f"  - {line}", highlight=False)
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @app.command()
@@ -394,10 +389,6 @@ def ui(
     env["MLFLOW_BACKEND_STORE_URI"] = uri
     command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
     os.execve(sys.executable, command, env)
-
-
-def _params_text(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 # Options whose URL may hold a password, and the environment variable each also reads.

@@ -1,6 +1,8 @@
 """Numbers and values for people and for JSON: short numeric forms, percentages, JSON-safe data.
 
-Used by the diagnosis (:mod:`hpo.diagnose`) for its messages and its ``--json`` output.
+The one home of number formatting: the diagnosis (:mod:`hpo.diagnose`) for its messages and its
+``--json`` output, the command line's tables, the live sweep display (:mod:`hpo.progress`) and
+the HTML report.
 """
 
 from __future__ import annotations
@@ -30,6 +32,23 @@ def num(value: float | int | None) -> str:
     if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
         return sci(value)
     return f"{value:.3g}"
+
+
+def short(value: float | int | None, digits: int = 4) -> str:
+    """A metric value to ``digits`` significant digits (``0.8312``, ``1.5e-05``, ``nan``), ``-`` for None."""
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def cell(value: Any, digits: int = 4, missing: str = "-") -> str:
+    """Any value for a table or a message: floats :func:`short`, None ``missing``, the rest as ``str``."""
+    if isinstance(value, float):
+        return short(value, digits)
+    return missing if value is None else str(value)
+
+
+def params_text(params: dict[str, Any], digits: int = 4) -> str:
+    """``key=value`` pairs on one line, floats to ``digits`` significant digits."""
+    return " ".join(f"{k}={short(v, digits) if isinstance(v, float) else v}" for k, v in params.items())
 
 
 def json_safe(value: Any) -> Any:

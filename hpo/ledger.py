@@ -39,7 +39,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.liveness import Heartbeats, driver_id, driver_is_dead, known_alive
 from hpo.locks import StudyLock, backend
-from hpo.study import GRACE_PERIOD, HEARTBEAT_INTERVAL, retry_transient, retry_when_locked
+from hpo.stores import retry_transient, retry_when_locked
+from hpo.study import GRACE_PERIOD, HEARTBEAT_INTERVAL
 
 __all__ = ["AskedTrial", "Ledger", "StudyLock", "Told", "backend", "counts_towards_target", "driver_id"]
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import Any
 import optuna
 
 from hpo.errors import HpoError
-from hpo.study import sqlite_file_lock, sqlite_path
+from hpo.sqlite import sqlite_file_lock, sqlite_path
 
 LOCK_TIMEOUT = 600.0
 

@@ -5,7 +5,6 @@ line per trial event.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +13,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
+
+from hpo.formatting import params_text, short
 
 STATE_STYLE = {"RUNNING": "cyan", "COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}
 
@@ -67,7 +68,7 @@ class SweepDisplay:
     def trial_started(self, number: int, params: dict[str, Any]) -> None:
         self.rows[number] = _Row(number, params)
         if self._live is None:
-            self.console.print(f"trial {number} started: {_format_params(params)}", highlight=False)
+            self.console.print(f"trial {number} started: {params_text(params)}", highlight=False)
         self.tick()
 
     def trial_result(self, number: int, step: int, value: float | None) -> None:
@@ -84,7 +85,7 @@ class SweepDisplay:
             if self.best is None or self._better(value, self.best[1]):
                 self.best = (number, value)
         if self._live is None:
-            shown = f" {self.metric}={_fmt(row.value)}" if row.value is not None else ""
+            shown = f" {self.metric}={short(row.value)}" if row.value is not None else ""
             why = f" ({reason})" if reason and state != "COMPLETE" else ""
             self.console.print(f"trial {number} {state} at step {row.step}{shown}{why}", highlight=False)
         self.tick()
@@ -111,7 +112,7 @@ class SweepDisplay:
         counts = self.counts()
         finished = self.already + counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"]
         elapsed = time.monotonic() - self.started
-        best = f"best {self.metric} {_fmt(self.best[1])} (trial {self.best[0]})" if self.best else "no trial complete yet"
+        best = f"best {self.metric} {short(self.best[1])} (trial {self.best[0]})" if self.best else "no trial complete yet"
         head = Text.assemble(
             (f"study {self.study}  ", "bold"),
             (f"{finished}/{self.target} finished  ", ""),
@@ -132,20 +133,9 @@ class SweepDisplay:
                 str(row.number),
                 Text(row.state, style=STATE_STYLE.get(row.state, "")),
                 f"{row.step}/{self.max_steps}",
-                _fmt(row.value),
+                short(row.value),
                 f"{seconds:.0f}s",
-                _format_params(row.params),
+                params_text(row.params),
             )
         return Group(head, table)
 
-
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if not math.isfinite(value):
-        return str(value)
-    return f"{value:.4g}"
-
-
-def _format_params(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in params.items())

@@ -23,7 +23,8 @@ from typing import Any, Protocol
 from optuna.trial import TrialState
 
 from hpo.ledger import AskedTrial, Ledger, Told
-from hpo.study import GRACE_PERIOD, retry_transient
+from hpo.stores import retry_transient
+from hpo.study import GRACE_PERIOD
 from hpo.tracking import SweepTracker, TrialEnd
 
 logger = logging.getLogger(__name__)

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
+
+from hpo.formatting import cell, short
 
 PLOTS = (
     ("optimization_history", "Optimization history: the objective per trial and the best so far"),
@@ -111,7 +112,7 @@ def _page(study: optuna.Study, diagnosis: dict[str, Any], sections: list[tuple[s
     best = best_summary(study)
     metric = (study.user_attrs.get("hpo") or {}).get("sweep", {}).get("metric", "objective")
     best_html = (
-        f"<p>Best: trial {best['number']}, {html.escape(str(metric))} = {best['value']:.6g}</p>"
+        f"<p>Best: trial {best['number']}, {html.escape(str(metric))} = {short(best['value'], 6)}</p>"
         + _table(["parameter", "value"], [[k, v] for k, v in best["config"].items()])
         if best else "<p>No COMPLETE trial yet.</p>"
     )
@@ -125,7 +126,7 @@ def _page(study: optuna.Study, diagnosis: dict[str, Any], sections: list[tuple[s
     ]
     importance = diagnosis.get("importance") or {}
     models = diagnosis.get("models") or {}
-    model_rows = [[m, v.get("count"), _fmt(v.get("best")), _fmt(v.get("median"))] for m, v in models.items()]
+    model_rows = [[m, v.get("count"), cell(v.get("best")), cell(v.get("median"))] for m, v in models.items()]
     plots = "".join(f"<h2>{html.escape(title)}</h2>{body}" for title, body in sections)
     skipped_html = "".join(f"<li>{html.escape(s)}</li>" for s in skipped)
     return f"""<!doctype html>
@@ -138,7 +139,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 <p>{", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items()))}</p>
 {best_html}
 <h2>What to try next</h2><ul>{advice}</ul>
-<h2>Parameter importance</h2>{_table(["parameter", "importance"], [[k, _fmt(v)] for k, v in importance.items()])
+<h2>Parameter importance</h2>{_table(["parameter", "importance"], [[k, cell(v)] for k, v in importance.items()])
     if importance else "<p>Not enough COMPLETE trials.</p>"}
 {"<h2>Base models</h2>" + _table(["model", "trials", "best", "median"], model_rows) if model_rows else ""}
 <h2>Trials</h2>{_table(["trial", "state", "findings"], trial_rows)}
@@ -161,8 +162,8 @@ def _front_html(study: optuna.Study) -> str:
     if not front:
         return "<p>No COMPLETE trial yet.</p>"
     names = list(front[0]["values"])
-    rows = [[p["number"], *[_fmt(v) for v in p["values"].values()],
-             ", ".join(f"{k}={_fmt(v)}" for k, v in p["config"].items())] for p in front]
+    rows = [[p["number"], *[cell(v) for v in p["values"].values()],
+             ", ".join(f"{k}={cell(v)}" for k, v in p["config"].items())] for p in front]
     return (f"<p>Pareto front: {len(front)} non-dominated trial(s); promote one with "
             f"<code>hpo promote --trial N</code></p>" + _table(["trial", *names, "params"], rows))
 
@@ -171,12 +172,6 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return "-" if value is None else str(value)
 
 
 def _jsonable(value: Any) -> Any:

@@ -107,8 +107,10 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         message = f"{type(error).__name__}: {error}"
         send({"step": report.last_step, ERROR_KEY: message[:4000], REASON_KEY: reason})
     finally:
-        if spec.train is None:
-            _release_memory()
+        if spec.train is None:  # a recipe trial (its exception, if any, handled): back to the resident baseline
+            from hpo import accelerator
+
+            accelerator.release_memory()
 
 
 def call_train(train: TrainFn, params: dict[str, Any], report: Report, sweep: Any) -> Any:
@@ -126,13 +128,6 @@ def call_train(train: TrainFn, params: dict[str, Any], report: Report, sweep: An
     if len(positional) >= 3 or inspect.Parameter.VAR_POSITIONAL in kinds:
         return train(params, report, sweep)
     return train(params, report)
-
-
-def _release_memory() -> None:
-    """After a recipe trial (its exception, if any, handled): back to the resident baseline."""
-    from hpo import accelerator
-
-    accelerator.release_memory()
 
 
 class _ASHA(ASHAScheduler):

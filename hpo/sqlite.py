@@ -19,11 +19,16 @@ WAL mode is a property of the file (other readers -- ``hpo status``, optuna-dash
 ``mlflow ui`` -- just work, and no longer block the writer); it needs every process on one
 machine, which an SQLite study already does. Knows nothing of Optuna or MLflow: it sets two
 PRAGMAs on each new SQLite connection of this process, through SQLAlchemy's ``connect`` event.
+
+Also the file an SQLite URL names (:func:`sqlite_path`) and the lock file beside it
+(:func:`sqlite_file_lock`), which the study (:mod:`hpo.study`, :mod:`hpo.locks`) and the
+MLflow store (:mod:`hpo.tracking`) take.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from typing import Any
 
@@ -57,3 +62,24 @@ def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         logger.debug("hpo: SQLite WAL mode not set (%s)", error)
     finally:
         cursor.close()
+
+
+def sqlite_path(url: str) -> str | None:
+    """The resolved file of an SQLite URL (``sqlite:///hpo.db`` and ``sqlite:////abs/hpo.db``
+    name the same file when run in /abs), or None for other URLs and in-memory databases."""
+    if not url.startswith("sqlite:///") or url.endswith(":memory:"):
+        return None
+    path = url.removeprefix("sqlite:///").split("?", 1)[0]
+    return os.path.realpath(os.path.abspath(os.path.expanduser(path))) if path else None
+
+
+def sqlite_file_lock(url: str, timeout: float = 600) -> Any:
+    """A lock file beside an SQLite database (``<resolved file>.lock``); a no-op for other URLs."""
+    import contextlib
+
+    path = sqlite_path(url)
+    if path is None:
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(path + ".lock", timeout=timeout)

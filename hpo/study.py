@@ -16,9 +16,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.errors import HpoError, check_url, scrub
+from hpo.errors import HpoError, scrub
 from hpo.errors import redact_url as redact
 from hpo.samplers import make_sampler  # noqa: F401 - the sweep builds its sampler as study.make_sampler
+from hpo.sqlite import sqlite_file_lock
+from hpo.stores import check_local, connect_once, retry_when_locked
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 # The driver records a heartbeat for every trial it runs; a trial whose heartbeat is older
@@ -34,89 +36,16 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
-def retry_when_locked(call: Any, attempts: int = 8, words: tuple[str, ...] = ("database is locked",)) -> Any:
-    """Run ``call()``; if SQLite answers 'database is locked' (or another of ``words``), wait
-    and run it again.
-
-    SQLite's busy timeout does not help when two processes' deferred transactions both try
-    to upgrade from reading to writing: one of them gets 'database is locked' at once
-    (Optuna's heartbeat and tell are such transactions). Waiting a moment and retrying the
-    whole short transaction is the remedy. Only for idempotent calls.
-    """
-    for attempt in range(attempts):
-        try:
-            return call()
-        except Exception as error:  # noqa: BLE001 - sqlalchemy/optuna wrap sqlite3.OperationalError
-            if not any(word in str(error) for word in words) or attempt == attempts - 1:
-                raise
-            time.sleep(min(5.0, 0.05 * 2**attempt))
-    raise AssertionError("unreachable")
-
-
-TRANSIENT_WORDS = ("database is locked", "could not connect", "connection refused", "server closed the connection",
-                   "lost connection", "gone away", "connection reset", "connection was killed", "terminating connection",
-                   "timed out", "timeout", "temporarily unavailable", "too many connections", "deadlock",
-                   "broken pipe", "max retries exceeded", "connection aborted", "connectionerror",
-                   "error code 500", "error code 502", "error code 503", "error code 504", "bad gateway",
-                   "service unavailable", "internal server error")
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether ``error`` is worth retrying: a dropped or refused database connection
-    (SQLAlchemy ``OperationalError``/``InterfaceError``, a connection the pool invalidated),
-    a lock wait, or an MLflow server's connection error or 5xx answer."""
-    if isinstance(error, (ConnectionError, TimeoutError)):
-        return True
-    names = {cls.__name__ for cls in type(error).__mro__}
-    if getattr(error, "connection_invalidated", False):
-        return True
-    text = str(error).lower()
-    if names & {"OperationalError", "InterfaceError", "DisconnectionError"}:
-        return True
-    if names & {"MlflowException", "RestException", "RequestException", "ConnectionError", "HTTPError"}:
-        return any(word in text for word in TRANSIENT_WORDS)
-    return "database is locked" in text
-
-
-def retry_transient(call: Any, *, attempts: int = 6, first_wait: float = 0.5, what: str = "a storage call") -> Any:
-    """Run ``call()``, retrying transient storage/MLflow errors (:func:`is_transient`) with
-    a bounded exponential back-off (0.5, 1, 2, 4, 8 s: about 15 s in all); anything else, or
-    the last failure, is raised. Only for calls that are safe to repeat."""
-    import logging
-
-    for attempt in range(attempts):
-        try:
-            return call()
-        except Exception as error:  # noqa: BLE001 - classified just below
-            if attempt == attempts - 1 or not is_transient(error):
-                raise
-            wait = min(8.0, first_wait * 2**attempt)
-            logging.getLogger(__name__).warning("hpo: %s failed (%s: %s); retrying in %.1f s", what,
-                                                type(error).__name__, str(error).splitlines()[0][:160] if str(error) else "", wait)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
-
-
 def check_storage(url: str | None) -> None:
     """Make sure the storage can be opened, writing nothing (not even an SQLite file).
 
     Raises HpoError (password hidden) naming the URL and what to check.
     """
     url = url or DEFAULT_STORAGE
-    check_url(url, "--storage")
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        folder = os.path.dirname(path)
-        if path and folder and not os.path.isdir(folder):
-            raise HpoError(f"--storage {redact(url)}: the folder {folder} does not exist")
+    if check_local(url, "--storage"):
         return
     try:
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(url, pool_pre_ping=True)
-        with engine.connect():
-            pass
-        engine.dispose()
+        connect_once(url)
     except Exception as error:  # noqa: BLE001 - drivers raise many types
         raise _storage_error(url, error) from None
 
@@ -166,27 +95,6 @@ def pool_size(concurrency: int | None) -> dict[str, int]:
 def _is_creation_race(error: Exception) -> bool:
     text = f"{type(error).__name__} {error}"
     return any(word in text for word in ("IntegrityError", "UniqueViolation", "already exists", "duplicate key"))
-
-
-def sqlite_path(url: str) -> str | None:
-    """The resolved file of an SQLite URL (``sqlite:///hpo.db`` and ``sqlite:////abs/hpo.db``
-    name the same file when run in /abs), or None for other URLs and in-memory databases."""
-    if not url.startswith("sqlite:///") or url.endswith(":memory:"):
-        return None
-    path = url.removeprefix("sqlite:///").split("?", 1)[0]
-    return os.path.realpath(os.path.abspath(os.path.expanduser(path))) if path else None
-
-
-def sqlite_file_lock(url: str, timeout: float = 600) -> Any:
-    """A lock file beside an SQLite database (``<resolved file>.lock``); a no-op for other URLs."""
-    import contextlib
-
-    path = sqlite_path(url)
-    if path is None:
-        return contextlib.nullcontext()
-    from filelock import FileLock
-
-    return FileLock(path + ".lock", timeout=timeout)
 
 
 def _storage_error(url: str, error: Exception) -> HpoError:

@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from hpo.errors import HpoError, check_url, scrub
+from hpo.errors import HpoError, scrub
 from hpo.errors import redact_url as redact
+from hpo.stores import check_local, connect_once
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG_STUDY = "hpo.study"
@@ -86,11 +87,7 @@ def check_tracking(uri: str | None) -> None:
     Errors show the URI redacted and never quote its secrets (:func:`hpo.errors.scrub`).
     """
     original = uri = uri or DEFAULT_TRACKING_URI
-    check_url(uri, "--tracking-uri")
-    if uri.startswith("sqlite:"):
-        folder = os.path.dirname(uri.split("///", 1)[-1])
-        if folder and not os.path.isdir(folder):
-            raise HpoError(f"--tracking-uri {redact(uri)}: the folder {folder} does not exist")
+    if check_local(uri, "--tracking-uri"):
         return
     if uri.startswith(("http://", "https://")):
         import base64
@@ -113,12 +110,7 @@ def check_tracking(uri: str | None) -> None:
             ) from None
     if "://" in uri and not uri.startswith(("file:", "databricks")):
         try:
-            import sqlalchemy
-
-            engine = sqlalchemy.create_engine(uri, pool_pre_ping=True)
-            with engine.connect():
-                pass
-            engine.dispose()
+            connect_once(uri)
         except Exception as error:  # noqa: BLE001
             raise HpoError(
                 f"--tracking-uri {redact(uri)}: cannot open the MLflow store ({type(error).__name__}); "
@@ -142,7 +134,7 @@ class _Tracker:
 
         from mlflow.tracking import MlflowClient
 
-        from hpo.study import sqlite_file_lock
+        from hpo.sqlite import sqlite_file_lock
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.shown_uri = redact(tracking_uri or DEFAULT_TRACKING_URI)
@@ -152,18 +144,20 @@ class _Tracker:
             self.client = _RetryWhenLocked(MlflowClient(tracking_uri=self.uri))
             self.experiment_id = _experiment_id(self.client, self.uri, study_name)
 
-    def _log_metrics(self, run_id: str, step: int, metrics: dict[str, float], now: int | None = None) -> None:
-        from mlflow.entities import Metric
+    def _search(self, role: str, trial_number: int | None = None, max_results: int = 1) -> list[Any]:
+        """This study's runs of ``role`` (sweep, trial, promote), or only trial ``trial_number``'s."""
+        wanted = f"tags.`{TAG_STUDY}` = '{self.study_name}' and tags.`{TAG_ROLE}` = '{role}'"
+        if trial_number is not None:
+            wanted += f" and tags.`{TAG_TRIAL}` = '{trial_number}'"
+        return self.client.search_runs([self.experiment_id], filter_string=wanted, max_results=max_results)
 
-        now = now or int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+    def _log_metrics(self, run_id: str, step: int, metrics: dict[str, float], now: int | None = None) -> None:
+        batch = _metrics(metrics, step, now or int(time.time() * 1000))
         if batch:
             self.client.log_batch(run_id, metrics=batch)
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(str(k), str(v)[:6000]) for k, v in params.items() if v is not None]
+        items = _params(params)
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start : start + 100])
 
@@ -191,13 +185,8 @@ class SweepTracker(_Tracker):
 
     def start_sweep(self, params: dict[str, Any], tags: dict[str, str]) -> str:
         """Open (or reopen, on resume) the study's parent run; returns its id."""
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{TAG_STUDY}` = '{self.study_name}'",
-            max_results=1,
-        )
-        if found:
-            run_id = found[0].info.run_id
+        run_id = self.find_sweep_run()
+        if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
         else:
             run = self.client.create_run(
@@ -275,10 +264,7 @@ class SweepTracker(_Tracker):
         self.writer.submit(on_run, f"{what} of trial {number} in MLflow", lambda: self.unwritten.add(number))
 
     def log_metrics(self, number: int, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._add(number, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)])
+        self._add(number, metrics=_metrics(metrics, step, int(time.time() * 1000)))
 
     def log_trial_params(self, number: int, params: dict[str, Any]) -> None:
         """More params on a running trial's run (what its worker resolved: device, precision, ...)."""
@@ -297,14 +283,18 @@ class SweepTracker(_Tracker):
         self._add(number, tags=_end_tags(state, reason, value))
 
         def write(run_id: str) -> None:
-            self.client.set_terminated(run_id, status=_end_status(state, reason), end_time=ended)
+            self._terminate(run_id, state, reason, ended)
             self.trial_runs.pop(number, None)
 
         self._on_run(number, "closing the run", write)
 
     def _close(self, run_id: str, state: str, reason: str | None, value: float | None, ended: int | None) -> None:
         self.client.log_batch(run_id, tags=_end_tags(state, reason, value))
-        self.client.set_terminated(run_id, status=_end_status(state, reason), end_time=ended)
+        self._terminate(run_id, state, reason, ended)
+
+    def _terminate(self, run_id: str, state: str, reason: str | None, ended: int | None) -> None:
+        """End the run with the MLflow status of the Optuna ``state`` (:func:`run_status`)."""
+        self.client.set_terminated(run_id, status=run_status(state, reason), end_time=ended)
 
     def flush(self) -> None:
         """Wait until the trial runs' writes submitted so far are written (or failed)."""
@@ -328,21 +318,13 @@ class SweepTracker(_Tracker):
                 self.client.log_artifact(target, str(path), artifact_path="report")
 
     def find_sweep_run(self) -> str | None:
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{TAG_STUDY}` = '{self.study_name}'",
-            max_results=1,
-        )
+        found = self._search("sweep", max_results=1)
         return found[0].info.run_id if found else None
 
     def trial_run_index(self) -> dict[int, Any]:
         """This study's trial runs by trial number (MLflow ``Run`` objects; the first one found
         when a number has several)."""
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TAG_STUDY}` = '{self.study_name}' and tags.`{TAG_ROLE}` = 'trial'",
-            max_results=50000,
-        )
+        found = self._search("trial", max_results=50000)
         runs: dict[int, Any] = {}
         for run in found:
             runs.setdefault(int(run.data.tags.get(TAG_TRIAL, -1)), run)
@@ -380,6 +362,13 @@ def _params(params: dict[str, Any]) -> list[Any]:
     return [Param(str(k), str(v)[:6000]) for k, v in params.items() if v is not None]
 
 
+def _metrics(metrics: dict[str, Any], step: int, now: int) -> list[Any]:
+    """MLflow metric points of the numbers among ``metrics``, at ``step``, timestamped ``now`` (ms)."""
+    from mlflow.entities import Metric
+
+    return [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+
+
 def _end_tags(state: str, reason: str | None, value: float | None) -> list[Any]:
     from mlflow.entities import RunTag
 
@@ -391,7 +380,9 @@ def _end_tags(state: str, reason: str | None, value: float | None) -> list[Any]:
     return tags
 
 
-def _end_status(state: str, reason: str | None) -> str:
+def run_status(state: str, reason: str | None) -> str:
+    """The MLflow status of a trial's run that ends in Optuna ``state`` (see :data:`RUN_STATUS`);
+    an interrupted trial's run is KILLED."""
     return "KILLED" if reason == "interrupted" else RUN_STATUS.get(state, "FAILED")
 
 
@@ -468,12 +459,7 @@ class PromoteTracker(_Tracker):
     trial_number = -1
 
     def start(self, trial_number: int, parent_run_id: str | None, params: dict[str, Any]) -> str:
-        trial_runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TAG_STUDY}` = '{self.study_name}' and tags.`{TAG_ROLE}` = 'trial' "
-                          f"and tags.`{TAG_TRIAL}` = '{trial_number}'",
-            max_results=1,
-        )
+        trial_runs = self._search("trial", trial_number, max_results=1)
         tags = {TAG_ROLE: "promote", TAG_STUDY: self.study_name, TAG_TRIAL: str(trial_number),
                 "hpo.sweep_run_id": parent_run_id or "", "hpo.trial_run_id": trial_runs[0].info.run_id if trial_runs else ""}
         run = self.client.create_run(self.experiment_id, run_name=f"promote-trial-{trial_number}", tags=tags)
@@ -530,7 +516,7 @@ class _RetryWhenLocked:
         self._client = client
 
     def __getattr__(self, name: str) -> Any:
-        from hpo.study import retry_when_locked
+        from hpo.stores import retry_when_locked
 
         attribute = getattr(self._client, name)
         if not callable(attribute):

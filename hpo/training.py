@@ -26,12 +26,13 @@ the trial started, after the cached base model: flat across trials when nothing 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import traceback
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -40,6 +41,7 @@ from hpo.errors import is_out_of_memory
 from hpo.recipe import TrainJob
 
 Reporter = Callable[[int, dict[str, float]], None]
+T = TypeVar("T")
 # peft asks transformers a deprecated question on every wrap; it is not ours to answer.
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
@@ -196,16 +198,10 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
         batch = next(batches)
         if step == 1:  # training starts: what came before was setup
             run.setup_seconds = time.perf_counter() - run.started
-        while True:
-            try:
-                loss = _accumulate(runner, _shard(batch, rank, world), micro, run, whole=len(batch["labels"]) / world)
-                break
-            except Exception as error:
-                if not is_out_of_memory(error) or micro == 1 or world > 1:  # ranks must stay in step
-                    raise
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.release_memory()
-                micro = max(1, micro // 2)
+        pieces = functools.partial(_accumulate, runner, _shard(batch, rank, world), run=run,
+                                   whole=len(batch["labels"]) / world)  # pieces(micro) -> the step's loss
+        loss, micro = _halving_on_oom(pieces, micro, can_halve=world == 1,  # ranks must stay in step
+                                      before_retry=lambda: optimizer.zero_grad(set_to_none=True))
         if run.scaler is not None:
             run.scaler.unscale_(optimizer)  # clip and step on the true gradients
         if p.max_grad_norm > 0:
@@ -358,13 +354,23 @@ def _forward(model: Any, batch: dict[str, Any]) -> Any:
 def evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any) -> dict[str, float]:
     """Mean loss over the validation set; accuracy (classification) or perplexity (causal LM).
     Batches of ``eval_batch_size``, halved on an out-of-memory error."""
-    size = job.eval_batch_size
+    metrics, _ = _halving_on_oom(lambda size: _evaluate(job, model, tokenizer, eval_set, size), job.eval_batch_size)
+    return metrics
+
+
+def _halving_on_oom(attempt: Callable[[int], T], size: int, can_halve: bool = True,
+                    before_retry: Callable[[], None] | None = None) -> tuple[T, int]:
+    """``attempt(size)``; on an out-of-memory error, memory released (after ``before_retry``),
+    again with half the size, down to 1. Returns the result and the size that worked. Any
+    other error, or an out-of-memory error at size 1 or when ``can_halve`` is false, propagates."""
     while True:
         try:
-            return _evaluate(job, model, tokenizer, eval_set, size)
+            return attempt(size), size
         except Exception as error:
-            if not is_out_of_memory(error) or size == 1:
+            if not is_out_of_memory(error) or size == 1 or not can_halve:
                 raise
+            if before_retry is not None:
+                before_retry()
             accelerator.release_memory()
             size = max(1, size // 2)
 

@@ -4,7 +4,7 @@ The sweep's driver records every trial twice: in the Optuna study (the truth, wr
 once, in Tune's loop thread) and in MLflow (a mirror). Waiting for MLflow in the loop made
 it a large share of the bookkeeping per trial, so :class:`Writer` runs the mirror's writes
 on a daemon thread, in the order they were submitted, each retried on transient errors
-(:func:`hpo.study.retry_transient`, about 15 s). One that still fails means the store is
+(:func:`hpo.stores.retry_transient`, about 15 s). One that still fails means the store is
 down: it and the writes of the next ``PAUSE`` seconds are handed to their ``on_failure``
 untried (a store that is down does not make the sweep wait ~15 s for each write in turn),
 then one write is tried, once, and so on until one succeeds. The sweep writes the records
@@ -68,7 +68,7 @@ class Writer:
         self._thread = None
 
     def _run(self) -> None:
-        from hpo.study import retry_transient
+        from hpo.stores import retry_transient
 
         while True:
             item = self._queue.get()

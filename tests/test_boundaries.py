@@ -31,6 +31,10 @@ RULES: list[tuple[tuple[str, ...], frozenset[str], str]] = [
     (OPTUNA_SIDE, frozenset({"ray"}), "Optuna owns trial state; Ray only executes"),
     (("hpo.recorder",), frozenset({"ray"}), "the driver's one writer takes plain events from the scheduler"),
     (("hpo.tracking",), frozenset({"ray"}), "MLflow mirrors the study; Ray only executes"),
+    (("hpo.tracking", "hpo.writer"), frozenset({"optuna"}),
+     "the MLflow side mirrors what the driver hands it and never opens the Optuna side, hpo.study"),
+    (("hpo.stores", "hpo.sqlite"), frozenset({"optuna", "mlflow", "ray"}),
+     "pre-flight checks and retries shared by both stores belong to neither"),
     (("hpo.config", "hpo.space"), frozenset({"ray", "mlflow"}), "loading and checking a sweep runs nothing"),
     (DIAGNOSIS, frozenset({"ray", "mlflow"}), "the diagnosis reads the study and writes nothing"),
 ]

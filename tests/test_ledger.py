@@ -249,7 +249,7 @@ def test_transient_errors_are_retried_a_bounded_number_of_times() -> None:
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import OperationalError
 
-    from hpo.study import is_transient, retry_transient
+    from hpo.stores import is_transient, retry_transient
 
     assert is_transient(OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly")))
     assert is_transient(MlflowException("API request to endpoint /api/2.0/mlflow/runs/create failed with error "
