@@ -333,12 +333,14 @@ def report(
     from hpo import study as studies
     from hpo.names import folder_for
     from hpo.report import write_report
+    from hpo.sweep_record import SweepRecord
 
     loaded = studies.load(storage, study)
     folder = Path(output).resolve() if output else folder_for(Path(".hpo") / "reports", loaded.study_name).resolve()
     written = write_report(loaded, folder)
     console.print(f"report: {folder / 'report.html'}")
-    uri = tracking_uri or (loaded.user_attrs.get("hpo") or {}).get("tracking_uri")
+    record = SweepRecord.load(loaded)
+    uri = tracking_uri or (record.tracking_uri if record else None)
     if uri and "***" not in uri:
         from hpo.tracking import SweepTracker, check_tracking
 

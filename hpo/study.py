@@ -274,11 +274,14 @@ def best_summary(study: optuna.Study) -> dict[str, Any] | None:
         return None
     pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
     trial = pick(complete, key=lambda t: t.value)
+    from hpo.sweep_record import SweepRecord
+
+    record = SweepRecord.load(study)
     return {
         "study": study.study_name,
         "number": trial.number,
         "value": trial.value,
-        "metric": (study.user_attrs.get("hpo") or {}).get("sweep", {}).get("metric"),
+        "metric": record.metric if record else None,
         "params": trial.params,
         "config": trial.user_attrs.get("config", trial.params),
         "steps": last_step(trial),

@@ -192,6 +192,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
 
     from hpo.recipe import TrainJob
     from hpo.recorder import Recorder, mirror_gaps
+    from hpo.sweep_record import SweepRecord
 
     def job_params(params: dict[str, Any]) -> dict[str, Any]:
         """The full job a worker trains with (defaults filled in), for the trial's MLflow run."""
@@ -204,7 +205,8 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         console.print(f"[yellow]cleaned up after an interrupted sweep:[/] trials {reclaimed or '-'} failed as "
                       f"interrupted (they run again), MLflow runs of trials {closed or '-'} written from the study")
     already = ledger.finished()
-    earlier = (study.user_attrs.get("hpo") or {}).get("sweep", {}).get("objective", "last")
+    record = SweepRecord.load(study)
+    earlier = record.sweep.get("objective", "last") if record else "last"
     if already and earlier != sweep.objective:
         raise HpoError(f"study {name!r} holds trials valued by objective={earlier}, but this sweep has "
                        f"objective={sweep.objective}: their values would mean different things; "
@@ -234,11 +236,9 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
             {**sweep_params, "module": str(search_space.path), "study": name},
             {"hpo.storage": result.storage, "hpo.module": str(search_space.path)},
         )
-        study.set_user_attr("hpo", {
-            "module": str(search_space.path), "sweep": sweep_params, "tracking_uri": result.tracking_uri,
-            "mlflow_experiment_id": tracker.experiment_id, "mlflow_parent_run_id": parent,
-            "custom_train": search_space.train is not None,
-        })
+        SweepRecord(module=str(search_space.path), sweep=sweep_params, tracking_uri=result.tracking_uri,
+                    mlflow_experiment_id=tracker.experiment_id, mlflow_parent_run_id=parent,
+                    custom_train=search_space.train is not None).save(study)
     console.print(f"[bold]hpo search[/] {search_space.path.name}: study [bold]{name}[/] in {result.storage}, "
                   f"MLflow {result.tracking_uri}; {sweep.trials - already} trials to go "
                   f"({sweep.max_steps} steps, evaluate every {sweep.eval_every}, pruner {sweep.pruner}"
