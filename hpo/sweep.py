@@ -60,7 +60,7 @@ class SearchResult:
     """A multi-objective sweep's Pareto front (see :func:`hpo.study.pareto_front`)."""
     interrupted: list[int] = dataclasses.field(default_factory=list)
     """Trials this run stopped unfinished (Ctrl-C): they run again on the next run."""
-    report: Path | None = None
+    report_page: Path | None = None
     """The study report's HTML page (also logged to the parent MLflow run)."""
     ended: str = "done"
     """done (the study holds its target), timeout, interrupted (Ctrl-C) or short (see ``short_reason``)."""
@@ -141,14 +141,14 @@ def _check_data(search_space: spaces.SearchSpace, options: SearchOptions, consol
         if sweep.task != "sft":  # sft.check reads sft data
             data.read(sweep.train_data, sweep.task, sweep.text_column, sweep.label_column)
     else:
-        report = check_data(sweep, tokenizer)
-        if report.errors:
+        findings = check_data(sweep, tokenizer)
+        if findings.errors:
             shown = " | ".join(f"{f.source}: {f.message}" + (f" (rows {', '.join(map(str, f.rows))})" if f.rows else "")
-                               for f in report.errors[:3])
-            raise HpoError(f"the data check found {len(report.errors)} error(s): {shown}; fix the data, or run "
+                               for f in findings.errors[:3])
+            raise HpoError(f"the data check found {len(findings.errors)} error(s): {shown}; fix the data, or run "
                            f"`hpo check-data {search_space.path.name}` for the full report, or --skip-data-check")
         if console is not None:
-            for finding in report.warnings:
+            for finding in findings.warnings:
                 console.print(f"[yellow]data warning:[/] {finding.source}: {finding.message}", highlight=False)
     if sweep.synonyms:
         from hpo.augment import load_synonyms
@@ -277,7 +277,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         result.counts, result.best, result.ran = studies.state_counts(study), studies.best_summary(study), recorder.started
         result.front = studies.pareto_front(study) if sweep.is_multi_objective else []
         result.fail_reasons = studies.fail_reasons(study)
-        result.report = _report(study, tracker, Path(options.workdir), console)
+        result.report_page = _write_study_report(study, tracker, Path(options.workdir), console)
         tracker.end_sweep(status, summary={"finished": ledger.finished(),
                                            **({"best_value": result.best["value"], "best_trial": result.best["number"]}
                                               if result.best else {}),
@@ -337,11 +337,11 @@ def _open_warm_source(options: SearchOptions, name: str) -> tuple[Any, str] | No
     return source, label
 
 
-def _report(study: Any, tracker: Any, workdir: Path, console: Console) -> Path | None:
+def _write_study_report(study: Any, tracker: Any, workdir: Path, console: Console) -> Path | None:
     """Write the study report and log it to the sweep's parent run; a failure here only warns."""
     try:
         from hpo.names import folder_for
-        from hpo.report import write_report
+        from hpo.study_report import write_report
 
         folder = folder_for(workdir / "reports", study.study_name).resolve()
         tracker.log_report(write_report(study, folder))
