@@ -1,8 +1,10 @@
-"""Optuna: storage, samplers, study create/resume, and the trial ledger.
+"""Optuna: storage, samplers, study create/resume, and what a study holds (best trial,
+Pareto front, states).
 
 The Optuna study is the single source of truth for trials. Only the driver process
-writes it (see :class:`Ledger`): workers compute, the driver asks, reports and tells.
-Nothing here knows Ray or transformers.
+writes it, through the trial ledger (:class:`hpo.ledger.Ledger`): workers compute, the
+driver asks, reports and tells. The sweep's record on the study is
+:class:`hpo.sweep_record.SweepRecord`. Nothing here knows Ray or transformers.
 """
 
 from __future__ import annotations
