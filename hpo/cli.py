@@ -86,8 +86,8 @@ def search(
     elif result.front:
         console.print(f"Pareto front: trials {', '.join(str(t['number']) for t in result.front)} "
                       "(`hpo best` lists them; promote one with `hpo promote --trial N`)")
-    if result.report:
-        console.print(f"report: {result.report} (also in MLflow, parent run, report/)")
+    if result.report_page:
+        console.print(f"report: {result.report_page} (also in MLflow, parent run, report/)")
     storage_flag = f" --storage '{result.storage}'" if storage else ""
     tracking_flag = f" --tracking-uri '{result.tracking_uri}'" if tracking_uri else ""
     console.print(
@@ -327,13 +327,15 @@ def report(
 
     from hpo import study as studies
     from hpo.names import folder_for
-    from hpo.report import write_report
+    from hpo.study_report import write_report
+    from hpo.sweep_record import SweepRecord
 
     loaded = studies.load(storage, study)
     folder = Path(output).resolve() if output else folder_for(Path(".hpo") / "reports", loaded.study_name).resolve()
     written = write_report(loaded, folder)
     console.print(f"report: {folder / 'report.html'}")
-    uri = tracking_uri or (loaded.user_attrs.get("hpo") or {}).get("tracking_uri")
+    record = SweepRecord.load(loaded)
+    uri = tracking_uri or (record.tracking_uri if record else None)
     if uri and "***" not in uri:
         from hpo.tracking import SweepTracker, check_tracking
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import types
 import typing
@@ -149,7 +150,8 @@ class Sweep:
     chat_template: str | None = None
     """sft: a Jinja chat template file, or a model whose template to borrow; None: the model's own."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form settings for a module's own ``train`` function (not used by the recipe)."""
+    """Free-form settings for a module's own ``train(params, report, sweep)`` (``sweep.extra``; the
+    recipe ignores them); one key at a time from the command line: ``--set extra.KEY=VALUE``."""
 
     def __post_init__(self) -> None:
         metric = self.metric or ("eval_accuracy" if self.task == "classification" else "eval_loss")
@@ -401,6 +403,9 @@ def direction_follows_metric(sweep: Sweep, values: dict[str, Any]) -> dict[str, 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """Turn ``["max_steps=30", "eval_data=none"]`` into typed values, by the fields' types.
 
+    ``extra.KEY=VALUE`` gives ``{"extra": {KEY: VALUE read as JSON, else as text}}`` (merged into
+    the module's own by :func:`hpo.space.load`).
+
     Raises HpoError for a malformed pair, an unknown key (with the closest valid one) or a
     value of the wrong type. Values are checked again, in context, by :class:`Sweep`.
     """
@@ -411,15 +416,31 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise HpoError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set max_steps=30")
+        if key.startswith("extra."):
+            name = key.removeprefix("extra.").strip()
+            if not name:
+                raise HpoError(f"--set {pair!r}: expected extra.KEY=VALUE, e.g. --set extra.bonus=0.5")
+            values.setdefault("extra", {})[name] = _extra_value(raw.strip())
+            continue
         if key not in hints or key == "extra":
             close = difflib.get_close_matches(key, field_names(), n=1)
             hint = f"did you mean {close[0]}? " if close else ""
+            if key == "extra":
+                hint = "set one key of a module's own settings with --set extra.KEY=VALUE; "
             raise HpoError(
                 f"--set {pair!r}: unknown sweep field {key!r}; {hint}"
                 f"valid fields: {', '.join(field_names())}"
             )
         values[key] = _coerce(key, raw.strip(), hints[key])
     return values
+
+
+def _extra_value(raw: str) -> Any:
+    """An ``extra.KEY=VALUE`` value: JSON when it parses as JSON, else the text itself."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
 
 
 def _coerce(key: str, raw: str, hint: Any) -> Any:

@@ -141,7 +141,10 @@ def diagnose_study(study: optuna.Study) -> StudyDiagnosis:
     """
     from optuna.trial import TrialState
 
-    sweep = (study.user_attrs.get("hpo") or {}).get("sweep") or {}
+    from hpo.sweep_record import SweepRecord
+
+    record = SweepRecord.load(study)
+    sweep = record.sweep if record else {}
     # A multi-objective study ("a,b" / "maximize,minimize") is diagnosed on its first objective.
     metric = sweep.get("metric").split(",")[0] if sweep.get("metric") else None
     direction = (sweep.get("direction") or study.directions[0].name.lower()).split(",")[0]

@@ -1,4 +1,4 @@
-"""The driver's record of trials in the Optuna study: claim, report, tell, retry, reclaim.
+"""The driver's record of trials in the Optuna study: claim, record intermediate values, tell, retry, reclaim.
 
 One writer per sweep process: only the driver calls this (from Ray Tune's loop thread;
 heartbeats come from their own thread, see :mod:`hpo.liveness`). Several sweep processes
@@ -167,8 +167,8 @@ class Ledger:
         if interval is not None and interval():
             _write(lambda: storage.record_heartbeat(trial._trial_id))
 
-    def report(self, number: int, step: int, value: float) -> None:
-        """Record the objective at ``step`` (once per step; NaN and inf are kept as they are)."""
+    def record_intermediate(self, number: int, step: int, value: float) -> None:
+        """Record the objective at ``step`` as the trial's intermediate value (once per step; NaN and inf are kept as they are)."""
         asked = self.running[number]
         if step not in asked.reported:
             asked.reported[step] = float(value)

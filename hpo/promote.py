@@ -42,6 +42,7 @@ from hpo import study as studies
 from hpo.config import Sweep, parse_overrides, resolve_paths
 from hpo.errors import HpoError
 from hpo.names import folder_for
+from hpo.sweep_record import SweepRecord
 
 BUDGET_FACTOR = 3
 EVALUATIONS = 20
@@ -111,15 +112,15 @@ class PromoteResult:
 
 def promote(options: PromoteOptions, console: Console) -> PromoteResult:
     study = studies.load(options.storage, options.study)
-    recorded = study.user_attrs.get("hpo")
-    if not recorded:
+    recorded = SweepRecord.load(study)
+    if recorded is None:
         raise HpoError(f"study {study.study_name!r} was not made by `hpo search`; nothing records how to train it")
     trial = _pick_trial(study, options.trial)
     sweep, schedule = _final_sweep(recorded, options.overrides)
-    if recorded.get("custom_train"):
+    if recorded.custom_train:
         raise HpoError(
             f"study {study.study_name!r} trained with the module's own train(params, report) "
-            f"({recorded.get('module')}); hpo promote runs the built-in recipe only: train trial "
+            f"({recorded.module}); hpo promote runs the built-in recipe only: train trial "
             f"{trial.number}'s params (`hpo best --study {study.study_name} --json`) with your own code"
         )
     from hpo.recipe import TrainJob
@@ -138,7 +139,7 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
     if not output.parent.is_dir():
         output.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(output)
-    tracking_uri = options.tracking_uri or recorded.get("tracking_uri")
+    tracking_uri = options.tracking_uri or recorded.tracking_uri
     if tracking_uri and "***" in tracking_uri:
         raise HpoError("the study's MLflow URI has a hidden password: give it again with --tracking-uri")
     check_tracking(tracking_uri)
@@ -148,7 +149,7 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
 
     tracker = PromoteTracker(tracking_uri, study.study_name)
     run_id = tracker.start(
-        trial_number=trial.number, parent_run_id=recorded.get("mlflow_parent_run_id"),
+        trial_number=trial.number, parent_run_id=recorded.mlflow_parent_run_id,
         params={**job.describe(), **params, "seed": job.seed, "max_steps": job.max_steps, "eval_every": job.eval_every,
                 "patience": job.patience, "min_steps": job.min_steps, "watch": job.watch, "model": job.model, "train_data": job.train_data,
                 "eval_data": job.eval_data or "", "merge": options.merge, "source_trial": trial.number},
@@ -157,7 +158,7 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
     stopping = (f"early stopping after {job.patience} evaluations without a better {job.watch} (not before step "
                 f"{job.min_steps})" if job.patience else "no early stopping")
     console.print(f"[bold]hpo promote[/] study {study.study_name} trial {trial.number} "
-                  f"({recorded['sweep']['metric']}={_trial_value(trial)}{at}): {job.max_steps} steps, evaluating every "
+                  f"({recorded.sweep['metric']}={_trial_value(trial)}{at}): {job.max_steps} steps, evaluating every "
                   f"{job.eval_every}, {stopping}, the best {job.watch}'s weights kept; MLflow run {run_id}")
     staging = _staging_folder(output)
     try:
@@ -202,11 +203,11 @@ def _trial_value(trial: Any) -> float | list[float] | None:
     return values[0] if values and len(values) == 1 else values
 
 
-def _final_sweep(recorded: dict[str, Any], overrides: list[str]) -> tuple[Sweep, FinalSchedule]:
+def _final_sweep(recorded: SweepRecord, overrides: list[str]) -> tuple[Sweep, FinalSchedule]:
     """The sweep as it ran, then ``--set`` on top; the budget grows unless max_steps is set,
     and the evaluation cadence and patience follow the budget (:func:`final_schedule`)
     unless eval_every or patience is set. The sweep's own ``patience`` was for its trials."""
-    values = dict(recorded["sweep"])
+    values = dict(recorded.sweep)
     chosen = parse_overrides(overrides)
     if "max_steps" not in chosen:
         values["max_steps"] = values["max_steps"] * BUDGET_FACTOR
@@ -322,7 +323,8 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
 
 def _module_score(sweep: Sweep, study: Any) -> Any:
     """The search-space module's own ``score`` (task sft), if its file still loads."""
-    module = study.user_attrs.get("hpo", {}).get("module")
+    record = SweepRecord.load(study)
+    module = record.module if record else None
     if sweep.task != "sft" or not module or not Path(module).is_file():
         return None
     from hpo import space

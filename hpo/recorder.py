@@ -13,6 +13,7 @@ command reports with a non-zero exit.
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import time
@@ -45,6 +46,15 @@ class Outcome:
     """The step at which the trial was stopped early (``pruned``, or ``early_stopped``)."""
 
 
+class NoTrial(enum.Enum):
+    """What :meth:`Recorder.next_trial` answers when it starts no trial."""
+
+    WAIT = "wait"
+    """Not now: trials run here, or in another live process, while the study is short; ask again."""
+    DONE = "done"
+    """No more: the study is full, --timeout passed, or the sweep stopped asking (``stop_reason``)."""
+
+
 class Display(Protocol):
     def trial_started(self, number: int, params: dict[str, Any]) -> None: ...
     def trial_result(self, number: int, step: int, value: float | None) -> None: ...
@@ -62,7 +72,6 @@ class Recorder:
     re-queues them here) instead of ending.
     """
 
-    DONE = "done"
     POLL = 1.0
     """Seconds between looks at the study while waiting for other processes' trials."""
     # Trial attributes the recipe reports among its metrics and the study keeps as user attrs.
@@ -100,7 +109,7 @@ class Recorder:
         self._last_claim = 0.0
         self._waiting_since: float | None = None
         self.done = False
-        """The recorder said DONE: the study is full, or --timeout passed (``timed_out``)."""
+        """The recorder said ``NoTrial.DONE``: the study is full, or --timeout passed (``timed_out``)."""
         self.timed_out = False
         self.stop_reason: str | None = None
         """Why the sweep stopped asking for trials, when it was an error (see :meth:`stop`)."""
@@ -108,35 +117,35 @@ class Recorder:
         """Trials failed by another process while they ran here -> the trial keeping their result."""
         self._logged: dict[int, set[str]] = {}  # MLflow params of each running trial's run (they never change)
 
-    def next_trial(self) -> AskedTrial | str | None:
-        """The next trial to run, ``None`` (wait: trials run here or in another live
-        process while the study is short), or ``DONE``. Transient storage and MLflow errors
+    def next_trial(self) -> AskedTrial | NoTrial:
+        """The next trial to run, or :class:`NoTrial` ``WAIT`` (trials run here or in another
+        live process while the study is short) or ``DONE``. Transient storage and MLflow errors
         are retried with a bounded back-off; what still fails is raised."""
         if self.stop_reason is not None:
-            return self.DONE
+            return NoTrial.DONE
         if self.deadline is not None and time.time() >= self.deadline:
             if self.ledger.running:
-                return None
+                return NoTrial.WAIT
             self.done = self.timed_out = True
-            return self.DONE
+            return NoTrial.DONE
         now = time.monotonic()
         if self._waiting_since is not None and now - self._last_claim < self.POLL:
-            return None  # waiting for other drivers' trials: poll the study, don't hammer it
+            return NoTrial.WAIT  # waiting for other drivers' trials: poll the study, don't hammer it
         self._last_claim = now
         asked = retry_transient(self.ledger.claim, what="asking for the next trial")
         if asked is None:
             if self.ledger.running:
-                return None
+                return NoTrial.WAIT
             if retry_transient(self.ledger.finished) >= self.ledger.target:
                 self.done = True
-                return self.DONE
+                return NoTrial.DONE
             if retry_transient(self.ledger.others_running):
                 # Another process's trials fill the study: they may finish (then the study
                 # is done) or their driver may die (reclaim re-queues them, and we run them).
                 self._waiting_since = self._waiting_since or now
-                return None
+                return NoTrial.WAIT
             self.done = True
-            return self.DONE
+            return NoTrial.DONE
         self._waiting_since = None
         self.started += 1
         params = {**asked.trial.params, **{k: v for k, v in asked.params.items() if k not in asked.trial.params}}
@@ -164,7 +173,7 @@ class Recorder:
                 curves.setdefault(key, []).append([step, metric])
         value = metrics.get(self.metrics[0])
         if value is not None and len(self.metrics) == 1:
-            self.ledger.report(number, step, value)
+            self.ledger.record_intermediate(number, step, value)
             self._note_best(number, step, value)
         for key in self.ATTRS:
             if key in metrics:

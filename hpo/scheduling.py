@@ -49,7 +49,7 @@ from ray.tune.search import Searcher
 from hpo.cluster import HELD_KEY, TIME_KEY, held_resources
 from hpo.errors import HpoError, is_out_of_memory
 from hpo.recipe import TrainJob
-from hpo.recorder import Outcome, Recorder
+from hpo.recorder import NoTrial, Outcome, Recorder
 from hpo.reporter import NonFiniteMetric, Report
 from hpo.space import TrainFn
 
@@ -190,9 +190,9 @@ class OptunaBridge(Searcher):
             self.recorder.stop(f"asking for the next trial failed ({type(error).__name__}: "
                                f"{str(error).splitlines()[0][:200] if str(error) else ''})")
             return Searcher.FINISHED
-        if asked is None:
+        if asked is NoTrial.WAIT:
             return None
-        if asked == Recorder.DONE:
+        if asked is NoTrial.DONE:
             return Searcher.FINISHED
         self.numbers[trial_id] = asked.number
         return {"number": asked.number, "params": asked.params}

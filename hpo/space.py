@@ -82,6 +82,8 @@ def load(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
 
     sweep = resolve_paths(sweep, path.parent)
     values = parse_overrides(overrides or [])
+    if "extra" in values:  # --set extra.KEY=VALUE: one key each, on top of the module's own
+        values["extra"] = {**sweep.extra, **values["extra"]}
     if values:
         try:
             sweep = dataclasses.replace(sweep, **direction_follows_metric(sweep, values))

@@ -1,8 +1,10 @@
-"""Optuna: storage, samplers, study create/resume, and the trial ledger.
+"""Optuna: storage, samplers, study create/resume, and what a study holds (best trial,
+Pareto front, states).
 
 The Optuna study is the single source of truth for trials. Only the driver process
-writes it (see :class:`Ledger`): workers compute, the driver asks, reports and tells.
-Nothing here knows Ray or transformers.
+writes it, through the trial ledger (:class:`hpo.ledger.Ledger`): workers compute, the
+driver asks, reports and tells. The sweep's record on the study is
+:class:`hpo.sweep_record.SweepRecord`. Nothing here knows Ray or transformers.
 """
 
 from __future__ import annotations
@@ -182,11 +184,14 @@ def best_summary(study: optuna.Study) -> dict[str, Any] | None:
         return None
     pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
     trial = pick(complete, key=lambda t: t.value)
+    from hpo.sweep_record import SweepRecord
+
+    record = SweepRecord.load(study)
     return {
         "study": study.study_name,
         "number": trial.number,
         "value": trial.value,
-        "metric": (study.user_attrs.get("hpo") or {}).get("sweep", {}).get("metric"),
+        "metric": record.metric if record else None,
         "params": trial.params,
         "config": trial.user_attrs.get("config", trial.params),
         "steps": last_step(trial),

@@ -60,7 +60,7 @@ class SearchResult:
     """A multi-objective sweep's Pareto front (see :func:`hpo.study.pareto_front`)."""
     interrupted: list[int] = dataclasses.field(default_factory=list)
     """Trials this run stopped unfinished (Ctrl-C): they run again on the next run."""
-    report: Path | None = None
+    report_page: Path | None = None
     """The study report's HTML page (also logged to the parent MLflow run)."""
     ended: str = "done"
     """done (the study holds its target), timeout, interrupted (Ctrl-C) or short (see ``short_reason``)."""
@@ -141,14 +141,14 @@ def _check_data(search_space: spaces.SearchSpace, options: SearchOptions, consol
         if sweep.task != "sft":  # sft.check reads sft data
             data.read(sweep.train_data, sweep.task, sweep.text_column, sweep.label_column)
     else:
-        report = check_data(sweep, tokenizer)
-        if report.errors:
+        findings = check_data(sweep, tokenizer)
+        if findings.errors:
             shown = " | ".join(f"{f.source}: {f.message}" + (f" (rows {', '.join(map(str, f.rows))})" if f.rows else "")
-                               for f in report.errors[:3])
-            raise HpoError(f"the data check found {len(report.errors)} error(s): {shown}; fix the data, or run "
+                               for f in findings.errors[:3])
+            raise HpoError(f"the data check found {len(findings.errors)} error(s): {shown}; fix the data, or run "
                            f"`hpo check-data {search_space.path.name}` for the full report, or --skip-data-check")
         if console is not None:
-            for finding in report.warnings:
+            for finding in findings.warnings:
                 console.print(f"[yellow]data warning:[/] {finding.source}: {finding.message}", highlight=False)
     if sweep.synonyms:
         from hpo.augment import load_synonyms
@@ -192,6 +192,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
 
     from hpo.recipe import TrainJob
     from hpo.recorder import Recorder, mirror_gaps
+    from hpo.sweep_record import SweepRecord
 
     def job_params(params: dict[str, Any]) -> dict[str, Any]:
         """The full job a worker trains with (defaults filled in), for the trial's MLflow run."""
@@ -204,7 +205,8 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         console.print(f"[yellow]cleaned up after an interrupted sweep:[/] trials {reclaimed or '-'} failed as "
                       f"interrupted (they run again), MLflow runs of trials {closed or '-'} written from the study")
     already = ledger.finished()
-    earlier = (study.user_attrs.get("hpo") or {}).get("sweep", {}).get("objective", "last")
+    record = SweepRecord.load(study)
+    earlier = record.sweep.get("objective", "last") if record else "last"
     if already and earlier != sweep.objective:
         raise HpoError(f"study {name!r} holds trials valued by objective={earlier}, but this sweep has "
                        f"objective={sweep.objective}: their values would mean different things; "
@@ -234,11 +236,9 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
             {**sweep_params, "module": str(search_space.path), "study": name},
             {"hpo.storage": result.storage, "hpo.module": str(search_space.path)},
         )
-        study.set_user_attr("hpo", {
-            "module": str(search_space.path), "sweep": sweep_params, "tracking_uri": result.tracking_uri,
-            "mlflow_experiment_id": tracker.experiment_id, "mlflow_parent_run_id": parent,
-            "custom_train": search_space.train is not None,
-        })
+        SweepRecord(module=str(search_space.path), sweep=sweep_params, tracking_uri=result.tracking_uri,
+                    mlflow_experiment_id=tracker.experiment_id, mlflow_parent_run_id=parent,
+                    custom_train=search_space.train is not None).save(study)
     console.print(f"[bold]hpo search[/] {search_space.path.name}: study [bold]{name}[/] in {result.storage}, "
                   f"MLflow {result.tracking_uri}; {sweep.trials - already} trials to go "
                   f"({sweep.max_steps} steps, evaluate every {sweep.eval_every}, pruner {sweep.pruner}"
@@ -277,7 +277,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         result.counts, result.best, result.ran = studies.state_counts(study), studies.best_summary(study), recorder.started
         result.front = studies.pareto_front(study) if sweep.is_multi_objective else []
         result.fail_reasons = studies.fail_reasons(study)
-        result.report = _report(study, tracker, Path(options.workdir), console)
+        result.report_page = _write_study_report(study, tracker, Path(options.workdir), console)
         tracker.end_sweep(status, summary={"finished": ledger.finished(),
                                            **({"best_value": result.best["value"], "best_trial": result.best["number"]}
                                               if result.best else {}),
@@ -337,11 +337,11 @@ def _open_warm_source(options: SearchOptions, name: str) -> tuple[Any, str] | No
     return source, label
 
 
-def _report(study: Any, tracker: Any, workdir: Path, console: Console) -> Path | None:
+def _write_study_report(study: Any, tracker: Any, workdir: Path, console: Console) -> Path | None:
     """Write the study report and log it to the sweep's parent run; a failure here only warns."""
     try:
         from hpo.names import folder_for
-        from hpo.report import write_report
+        from hpo.study_report import write_report
 
         folder = folder_for(workdir / "reports", study.study_name).resolve()
         tracker.log_report(write_report(study, folder))

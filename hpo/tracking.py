@@ -310,7 +310,7 @@ class SweepTracker(_Tracker):
         self.client.set_terminated(self.parent_run_id, status=status)
 
     def log_report(self, files: list[Any], run_id: str | None = None) -> None:
-        """Log the study report's ``files`` (the paths :func:`hpo.report.write_report` wrote,
+        """Log the study report's ``files`` (the paths :func:`hpo.study_report.write_report` wrote,
         nothing else of their folder) under ``report/`` of the parent run (or ``run_id``)."""
         target = run_id or self.parent_run_id
         if target:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from hpo import HpoError, Sweep
+from hpo import space as spaces
 from hpo.config import parse_overrides
 
 
@@ -71,3 +73,16 @@ def test_bad_overrides(pair: str, words: str) -> None:
     with pytest.raises(HpoError) as caught:
         parse_overrides([pair])
     assert words in str(caught.value)
+
+
+def test_set_extra_key_sets_one_key_of_a_modules_own_settings(tmp_path: Path) -> None:
+    assert parse_overrides(["extra.bonus=0.5", "extra.name=abc", "extra.flag=true", "extra.sizes=[1, 2]"]) == \
+        {"extra": {"bonus": 0.5, "name": "abc", "flag": True, "sizes": [1, 2]}}
+    with pytest.raises(HpoError, match=r"expected extra.KEY=VALUE"):
+        parse_overrides(["extra.=1"])
+    module = tmp_path / "own.py"
+    module.write_text("import hpo\nsweep = hpo.Sweep(metric='score', direction='maximize', extra={'a': 1, 'b': 2})\n"
+                      "def space(trial):\n    return {}\n\ndef train(params, report, sweep):\n    pass\n")
+    assert spaces.load(module, ["extra.b=3", "extra.c=x"]).sweep.extra == {"a": 1, "b": 3, "c": "x"}, \
+        "merged into the module's own, key by key"
+    assert spaces.load(module).sweep.extra == {"a": 1, "b": 2}

@@ -216,8 +216,8 @@ def test_what_a_dead_driver_left_unwritten_in_mlflow_is_written_from_the_study(s
 
     lost = ledger.claim()  # finished in the study; its run was never made
     died(lost.number)
-    ledger.report(lost.number, 1, 0.25)
-    ledger.report(lost.number, 2, 0.5)
+    ledger.record_intermediate(lost.number, 1, 0.25)
+    ledger.record_intermediate(lost.number, 2, 0.5)
     ledger.tell(lost.number, TrialState.COMPLETE, value=0.5, attrs={
         "last_step": 2, "curves": {"score": [[1, 0.25], [2, 0.5]], "train_loss": [[1, 0.9], [2, 0.7]]},
         "trial_setup_seconds": 1.5, "device": "cpu"})
@@ -225,7 +225,7 @@ def test_what_a_dead_driver_left_unwritten_in_mlflow_is_written_from_the_study(s
     sweep.result("b", 1, score=0.1)
     sweep.tracker.flush()
     died(half)
-    ledger.report(half, 2, 0.2)
+    ledger.record_intermediate(half, 2, 0.2)
     ledger.tell(half, TrialState.PRUNED, reason="pruned", attrs={"pruned_at": 2})
     alive = ledger.claim()  # finished by a live driver (this process): its own writer writes it
     ledger.tell(alive.number, TrialState.COMPLETE, value=1.0)

@@ -180,11 +180,11 @@ class TestLedgerOnEveryStorage:
     def test_a_result_for_a_trial_failed_meanwhile_is_kept(self, storage_url: str) -> None:
         owner = new_ledger(storage_url, create=True)
         asked = owner.claim()
-        owner.report(asked.number, 1, 0.25)
+        owner.record_intermediate(asked.number, 1, 0.25)
         set_driver(owner, asked.number, FOREIGN)  # looks like another host's silent driver
         age_heartbeat(storage_url, asked.trial._trial_id)
         assert new_ledger(storage_url).reclaim() == [asked.number]
-        owner.report(asked.number, 2, 0.5)  # the driver goes on: its writes fail, its result must not
+        owner.record_intermediate(asked.number, 2, 0.5)  # the driver goes on: its writes fail, its result must not
         told = owner.tell(asked.number, TrialState.COMPLETE, value=0.5, attrs={"last_step": 2})
         assert told.kept_as is not None and told.state == TrialState.COMPLETE
         trials = {t.number: t for t in owner.study.get_trials()}

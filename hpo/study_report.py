@@ -107,10 +107,12 @@ def _page(study: optuna.Study, diagnosis: dict[str, Any], sections: list[tuple[s
     from plotly.offline import get_plotlyjs
 
     from hpo.study import best_summary, state_counts
+    from hpo.sweep_record import SweepRecord
 
     counts = state_counts(study)
     best = best_summary(study)
-    metric = (study.user_attrs.get("hpo") or {}).get("sweep", {}).get("metric", "objective")
+    record = SweepRecord.load(study)
+    metric = record.sweep.get("metric", "objective") if record else "objective"
     best_html = (
         f"<p>Best: trial {best['number']}, {html.escape(str(metric))} = {short(best['value'], 6)}</p>"
         + _table(["parameter", "value"], [[k, v] for k, v in best["config"].items()])
