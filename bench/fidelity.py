@@ -155,7 +155,7 @@ def main() -> None:
         tasks[f"screen-{i}"] = (params, args.screen_rows, args.screen_steps, args.screen_steps, args.seed)
     todo = [name for name in tasks if name not in runs]
     with ProcessPoolExecutor(args.workers) as pool:
-        for done, (name, result) in enumerate(zip(todo, pool.map(train_one, [tasks[n] for n in todo])), 1):
+        for done, (name, result) in enumerate(zip(todo, pool.map(train_one, [tasks[n] for n in todo]), strict=True), 1):
             runs[name] = result
             saved[key] = runs
             store.write_text(json.dumps(saved))

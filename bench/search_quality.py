@@ -112,8 +112,13 @@ def run_trainer(args, paths, seed: int, out: Path) -> list[dict]:
     import optuna
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     from hpo import data, models
     from hpo import space as spaces
@@ -182,7 +187,6 @@ def run_raytune(args, paths, seed: int, out: Path) -> list[dict]:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from hpo import space as spaces
 
     max_steps, eval_every = args.max_steps, args.eval_every
     def trainable(config):
