@@ -119,7 +119,7 @@ class Chaos:
     def study(self):  # noqa: ANN201
         import optuna
 
-        from hpo.study import open_storage
+        from hpo.record.study import open_storage
 
         return optuna.load_study(study_name="chaos_sweep", storage=open_storage(self.storage))
 
@@ -190,7 +190,7 @@ class Chaos:
         from mlflow.tracking import MlflowClient
         from optuna.trial import TrialState
 
-        from hpo.ledger import counts_towards_target
+        from hpo.record.ledger import counts_towards_target
 
         trials = self.study().get_trials()
         by_number = {t.number: t for t in trials}

@@ -6,7 +6,7 @@
 One set of learning curves answers three questions by rank correlation and replay, instead of
 a sweep per setting. ``--configs`` configs are drawn from ``search_spaces/lora.py``'s space
 (scrambled Sobol, seeded) and each is trained twice with hpo's own recipe
-(``hpo.training.fine_tune``, LoRA on the pretrained all-MiniLM-L6-v2, max_length 64, validated
+(``hpo.train.training.fine_tune``, LoRA on the pretrained all-MiniLM-L6-v2, max_length 64, validated
 on the full 872-row SST-2 dev set):
 
 * **full**: the 2,000 rows ``train_limit=2000`` samples, ``--max-steps`` (120) steps, evaluated
@@ -78,8 +78,8 @@ def train_one(task: tuple) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from hpo.recipe import TrainJob, TrainParams
-    from hpo.training import fine_tune
+    from hpo.train.recipe import TrainJob, TrainParams
+    from hpo.train.training import fine_tune
 
     folder = sst2()
     job = TrainJob(model="sentence-transformers/all-MiniLM-L6-v2", task="classification",

@@ -73,7 +73,7 @@ def note_start(path: str) -> None:
 def run_hpo(folder: Path, trials: int, starts: str) -> None:
     from rich.console import Console
 
-    from hpo.sweep import SearchOptions, search
+    from hpo.run.sweep import SearchOptions, search
 
     module = folder / "overhead.py"
     module.write_text(MODULE.format(trials=trials, starts=starts))

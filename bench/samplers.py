@@ -86,7 +86,7 @@ class Surface:
 
 def run(sampler_name: str, seed: int, trials: int, noise: float, loaded) -> list[float]:
     from hpo import space as spaces
-    from hpo.samplers import make_sampler
+    from hpo.record.samplers import make_sampler
 
     surface = Surface(seed, noise)
     study = optuna.create_study(direction="maximize", sampler=make_sampler(sampler_name, seed, trials))

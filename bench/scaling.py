@@ -65,7 +65,7 @@ def measure(gpus: int, rounds: int, step_seconds: float, max_steps: int, eval_ev
     import ray
     from rich.console import Console
 
-    from hpo.sweep import SearchOptions, search
+    from hpo.run.sweep import SearchOptions, search
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     folder = Path(tempfile.mkdtemp(prefix=f"hpo-scaling-{gpus}-"))

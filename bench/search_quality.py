@@ -18,7 +18,7 @@ the same training rows (SST-2: the 2,000 that ``train_limit=2000`` samples from
   seeded with S, the median pruner), evaluating with Trainer's own loop.
 * ``raytune``: ``Tuner`` + ``OptunaSearch`` (seeded with S) + ``ASHAScheduler`` with Ray's
   defaults (grace period 1 report, reduction factor 4), ``num_samples = budget / max_steps``,
-  each trial running hpo's training function (``hpo.training.fine_tune``) so that only the
+  each trial running hpo's training function (``hpo.train.training.fine_tune``) so that only the
   search differs from hpo's.
 
 **Budget.** Every way may spend ``--budget`` optimizer steps in all (default 480 = 8 trials x
@@ -74,7 +74,7 @@ def dataset_paths(name: str) -> dict:
 def run_hpo(args, paths, seed: int, out: Path) -> dict:
     import optuna
 
-    from hpo import study as studies
+    from hpo.record import study as studies
 
     work = out.parent / f"hpo-{seed}"
     work.mkdir(parents=True, exist_ok=True)
@@ -120,8 +120,8 @@ def run_trainer(args, paths, seed: int, out: Path) -> list[dict]:
         TrainingArguments,
     )
 
-    from hpo import data, models
     from hpo import space as spaces
+    from hpo.train import data, models
 
     torch.set_num_threads(2)
     loaded = spaces.load(str(MODULE))
@@ -190,8 +190,8 @@ def run_raytune(args, paths, seed: int, out: Path) -> list[dict]:
 
     max_steps, eval_every = args.max_steps, args.eval_every
     def trainable(config):
-        from hpo.recipe import TrainJob, TrainParams
-        from hpo.training import fine_tune
+        from hpo.train.recipe import TrainJob, TrainParams
+        from hpo.train.training import fine_tune
 
         job = TrainJob(model="sentence-transformers/all-MiniLM-L6-v2", task="classification",
                        train_data=paths["train_data"], eval_data=paths["eval_data"], text_column=None,

@@ -58,7 +58,7 @@ def run_hpo(folder: Path, model: str, trials: int) -> list[float]:
     import optuna
     from rich.console import Console
 
-    from hpo.sweep import SearchOptions, search
+    from hpo.run.sweep import SearchOptions, search
 
     module = folder / "setup_time.py"
     module.write_text(MODULE.format(model=model, train=str(REVIEWS / "train.tsv"), eval=str(REVIEWS / "eval.tsv"),
@@ -120,7 +120,7 @@ def run_raytune(folder: Path, model: str, trials: int, reuse: bool) -> list[floa
 
 
 def measure(way: str, model: str, trials: int) -> dict:
-    from hpo import models
+    from hpo.train import models
 
     resolved = models.resolve(model)
     folder = Path(tempfile.mkdtemp(prefix=f"hpo-setup-{way}-"))

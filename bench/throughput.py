@@ -8,7 +8,7 @@ Same process, same base model (LoRA r=8 on q_proj,v_proj, fp32), same tokenized 
 sequence length, learning rate and number of optimizer steps. Each side first runs 2 warm-up
 steps (model load, tokenization, first allocations are not timed); then the timed run.
 Tokens are the non-padding tokens of the batches each side actually trained on (both use
-:func:`hpo.sft.collate`, counted by wrapping it). The Trainer gets its best CPU settings:
+:func:`hpo.train.sft.collate`, counted by wrapping it). The Trainer gets its best CPU settings:
 fused AdamW, no logging/saving/evaluation, no data-loader workers, no pin memory.
 
 Prints one JSON line: tokens/s of each, their ratio (recipe / Trainer), and the settings.
@@ -38,8 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from hpo import sft, training
-    from hpo.recipe import TrainJob, TrainParams
+    from hpo.train import sft, training
+    from hpo.train.recipe import TrainJob, TrainParams
 
     counted = {"tokens": 0}
     collate = sft.collate

@@ -76,8 +76,8 @@ def finished_trials(storage_url: str | None, study_name: str) -> int:
     """Trials that count towards `--trials` in the study now (0 for a new study)."""
     import optuna
 
-    from hpo import study as studies
-    from hpo.ledger import counts_towards_target
+    from hpo.record import study as studies
+    from hpo.record.ledger import counts_towards_target
 
     storage = studies.open_storage(storage_url)
     if study_name not in optuna.study.get_all_study_names(storage):

@@ -65,8 +65,8 @@ def search(
     warm_start_top: Annotated[int, typer.Option("--warm-start-top", min=1, help="How many of the earlier study's best configs --warm-start enqueues.")] = 5,
 ) -> None:
     """Run a sweep: sample trials, train them on Ray, stop weak ones early, record everything."""
-    from hpo.sweep import SearchOptions
-    from hpo.sweep import search as run_search
+    from hpo.run.sweep import SearchOptions
+    from hpo.run.sweep import search as run_search
 
     options = SearchOptions(module=module, overrides=set_ or [], study=study, storage=storage,
                             tracking_uri=tracking_uri, trials=trials, timeout=timeout, address=address,
@@ -128,7 +128,7 @@ def check_data(
     from pathlib import Path
 
     from hpo.config import Sweep, parse_overrides, resolve_paths
-    from hpo.sweep import check_data as run_check
+    from hpo.run.sweep import check_data as run_check
 
     if module:
         from hpo import space as spaces
@@ -143,7 +143,7 @@ def check_data(
         raise HpoError("hpo check-data: no data to check; give a module or --set train_data=... [--set eval_data=...]")
     loaded_tokenizer = None
     if tokenizer:
-        from hpo import models
+        from hpo.train import models
 
         try:
             from transformers import AutoTokenizer
@@ -167,7 +167,7 @@ def check_data(
 @app.command()
 def status(study: Study = None, storage: Storage = None, as_json: AsJson = False) -> None:
     """Table of the study's trials: number, state, value, steps, params, reason."""
-    from hpo import study as studies
+    from hpo.record import study as studies
 
     loaded = studies.load(storage, study)
     rows = [_trial_row(t) for t in loaded.get_trials(deepcopy=False)]
@@ -201,7 +201,7 @@ def _value_text(value: Any) -> str:
 
 
 def _trial_row(trial: Any) -> dict[str, Any]:
-    from hpo.study import last_step
+    from hpo.record.study import last_step
 
     seconds = None
     if trial.datetime_start and trial.datetime_complete:
@@ -221,7 +221,7 @@ def _trial_row(trial: Any) -> dict[str, Any]:
 @app.command()
 def best(study: Study = None, storage: Storage = None, as_json: AsJson = False) -> None:
     """The best trial's parameters and value; of a multi-objective study, the Pareto front."""
-    from hpo import study as studies
+    from hpo.record import study as studies
 
     loaded = studies.load(storage, study)
     if studies.is_multi_objective(loaded):
@@ -241,7 +241,7 @@ def best(study: Study = None, storage: Storage = None, as_json: AsJson = False) 
 
 def _front(loaded: Any, as_json: bool) -> None:
     """``hpo best`` of a multi-objective study: its non-dominated COMPLETE trials."""
-    from hpo import study as studies
+    from hpo.record import study as studies
 
     front = studies.pareto_front(loaded)
     if not front:
@@ -270,8 +270,8 @@ def promote(
     register: Annotated[str | None, typer.Option("--register", help="Registered model name in MLflow (default: the study name).")] = None,
 ) -> None:
     """Train the final model with a trial's parameters, save it, register it in MLflow."""
-    from hpo.promote import PromoteOptions
-    from hpo.promote import promote as run_promote
+    from hpo.run.promote import PromoteOptions
+    from hpo.run.promote import promote as run_promote
 
     overrides = list(set_ or []) + ([f"seed={seed}"] if seed is not None else [])
     result = run_promote(PromoteOptions(study=study, storage=storage, tracking_uri=tracking_uri, trial=trial,
@@ -287,8 +287,8 @@ def promote(
 @app.command()
 def diagnose(study: Study = None, storage: Storage = None, as_json: AsJson = False) -> None:
     """What went wrong in each trial (overfitting, underfitting, diverging, slow), what matters, what to try."""
-    from hpo import study as studies
-    from hpo.diagnose import diagnose_study
+    from hpo.analysis.diagnose import diagnose_study
+    from hpo.record import study as studies
 
     loaded = studies.load(storage, study)
     result = diagnose_study(loaded).to_dict()
@@ -325,10 +325,10 @@ def report(
     """Write the study report again (HTML + PNG plots + diagnosis) and log it to the sweep's MLflow run."""
     from pathlib import Path
 
-    from hpo import study as studies
+    from hpo.analysis.study_report import write_report
     from hpo.names import folder_for
-    from hpo.study_report import write_report
-    from hpo.sweep_record import SweepRecord
+    from hpo.record import study as studies
+    from hpo.record.sweep_record import SweepRecord
 
     loaded = studies.load(storage, study)
     folder = Path(output).resolve() if output else folder_for(Path(".hpo") / "reports", loaded.study_name).resolve()
@@ -337,7 +337,7 @@ def report(
     record = SweepRecord.load(loaded)
     uri = tracking_uri or (record.tracking_uri if record else None)
     if uri and "***" not in uri:
-        from hpo.tracking import SweepTracker, check_tracking
+        from hpo.record.tracking import SweepTracker, check_tracking
 
         check_tracking(uri)
         tracker = SweepTracker(uri, loaded.study_name)
@@ -354,7 +354,7 @@ def dashboard(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8080,
 ) -> None:
     """Serve the Optuna dashboard on the study storage."""
-    from hpo import study as studies
+    from hpo.record import study as studies
 
     opened = studies.open_storage(storage)
     import optuna_dashboard
@@ -370,7 +370,7 @@ def ui(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 5000,
 ) -> None:
     """Serve the MLflow UI on the tracking store (one worker)."""
-    from hpo.tracking import DEFAULT_TRACKING_URI, redact, sweep_links, ui_link
+    from hpo.record.tracking import DEFAULT_TRACKING_URI, redact, sweep_links, ui_link
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
     served = uri.startswith(("http://", "https://"))

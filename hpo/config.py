@@ -23,7 +23,7 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TASKS = ("classification", "causal_lm", "sft")
 PRUNERS = ("asha", "none")
 OBJECTIVES = ("last", "best")
-SAMPLERS = ("tpe-qmc", "tpe", "random", "qmc", "gp", "cmaes")  # hpo.samplers.SAMPLERS
+SAMPLERS = ("tpe-qmc", "tpe", "random", "qmc", "gp", "cmaes")  # hpo.record.samplers.SAMPLERS
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 # Metrics whose better direction is known; any other metric needs `direction`.
@@ -57,7 +57,7 @@ class Sweep:
     """Base model: a Hugging Face id or a local folder (``--set model=...``)."""
     task: Literal["classification", "causal_lm", "sft"] = "classification"
     """``classification`` (sequence labels), ``causal_lm`` (next-token prediction on plain text) or
-    ``sft`` (instruction tuning on prompt/completion or chat ``messages`` data; see :mod:`hpo.sft`)."""
+    ``sft`` (instruction tuning on prompt/completion or chat ``messages`` data; see :mod:`hpo.train.sft`)."""
     train_data: str = ""
     """Training data: a TSV/CSV/JSONL/TXT file, or a Hugging Face dataset id (``imdb:train``)."""
     eval_data: str | None = None
@@ -111,7 +111,7 @@ class Sweep:
     """Optuna sampler proposing the next trial's parameters (seeded with ``seed``): ``tpe-qmc``
     (a third of the budget, 4-10 trials, on a scrambled Sobol sequence, then multivariate TPE),
     ``tpe`` (random start), ``random``, ``qmc``, ``gp``, ``cmaes`` (needs ``pip install cmaes``).
-    See hpo/samplers.py and bench/samplers.py."""
+    See hpo/record/samplers.py and bench/samplers.py."""
     seed: int = 0
     """Seed of the sampler and of every trial's training run."""
     cpus_per_trial: float = 1.0
@@ -264,7 +264,7 @@ class Sweep:
 
     def _accelerator_problems(self) -> typing.Iterator[str]:
         """The device/precision/memory fields; what depends on the worker's hardware is
-        checked later, on a worker (``hpo.accelerator.problems``)."""
+        checked later, on a worker (``hpo.train.accelerator.problems``)."""
         import re
 
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):

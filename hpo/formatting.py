@@ -1,7 +1,7 @@
 """Numbers and values for people and for JSON: short numeric forms, percentages, JSON-safe data.
 
-The one home of number formatting: the diagnosis (:mod:`hpo.diagnose`) for its messages and its
-``--json`` output, the command line's tables, the live sweep display (:mod:`hpo.progress`) and
+The one home of number formatting: the diagnosis (:mod:`hpo.analysis.diagnose`) for its messages and its
+``--json`` output, the command line's tables, the live sweep display (:mod:`hpo.run.progress`) and
 the HTML report.
 """
 

@@ -148,7 +148,7 @@ def call_space(search_space: SearchSpace, trial: Any) -> dict:
     if bad_keys:
         raise HpoError(f"{path}: space(trial) returned non-string keys {bad_keys!r}")
     if search_space.train is None:
-        from hpo.recipe import check_params
+        from hpo.train.recipe import check_params
 
         problem = check_params(params, search_space.sweep.task)
         if problem:

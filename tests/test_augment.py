@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from hpo import HpoError, Sweep, training
-from hpo.augment import Augmenter, load_synonyms
-from hpo.recipe import TrainJob, TrainParams, check_params
+from hpo import HpoError, Sweep
+from hpo.train import training
+from hpo.train.augment import Augmenter, load_synonyms
+from hpo.train.recipe import TrainJob, TrainParams, check_params
 from tests.conftest import SEARCH_SPACES
 
 REVIEWS = SEARCH_SPACES / "data" / "reviews"

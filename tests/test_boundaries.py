@@ -5,7 +5,7 @@ the top level, inside functions and under ``if TYPE_CHECKING``, ``import x``, ``
 y``, relative imports resolved, and ``importlib.import_module("x")`` / ``__import__("x")``
 with a literal name. An import of another ``hpo`` module counts as everything that module
 imports, transitively (and importing ``hpo.x`` runs ``hpo/__init__.py`` too): a worker module
-that imports ``hpo.study``, which imports optuna, imports optuna. A failure names the file,
+that imports ``hpo.record.study``, which imports optuna, imports optuna. A failure names the file,
 the line and the import, and the chain of ``hpo`` modules that led to it.
 """
 
@@ -18,25 +18,47 @@ from pathlib import Path
 HPO = Path(__file__).resolve().parents[1] / "hpo"
 
 # The code that runs on Ray workers: the training loop and what it is built from.
-WORKER = ("hpo.training", "hpo.recipe", "hpo.data", "hpo.sft", "hpo.accelerator", "hpo.models", "hpo.reporter",
-          "hpo.augment", "hpo.gguf_convert")
+WORKER = ("hpo.train.training", "hpo.train.recipe", "hpo.train.data", "hpo.train.sft", "hpo.train.accelerator",
+          "hpo.train.models", "hpo.train.reporter",
+          "hpo.train.augment", "hpo.train.gguf_convert")
 # The Optuna side: the study and its storage, the trial ledger and what it is built from.
-OPTUNA_SIDE = ("hpo.study", "hpo.ledger", "hpo.locks", "hpo.liveness", "hpo.names", "hpo.warmstart")
-DIAGNOSIS = ("hpo.diagnose", "hpo.diagnose_rules", "hpo.diagnose_curve", "hpo.diagnose_advice", "hpo.formatting")
+OPTUNA_SIDE = ("hpo.record.study", "hpo.record.ledger", "hpo.record.locks", "hpo.record.liveness", "hpo.names",
+               "hpo.record.warmstart")
+DIAGNOSIS = ("hpo.analysis.diagnose", "hpo.analysis.diagnose_rules", "hpo.analysis.diagnose_curve",
+             "hpo.analysis.diagnose_advice", "hpo.formatting")
 
 # modules -> the libraries they must not import (directly or through other hpo modules), and why.
 RULES: list[tuple[tuple[str, ...], frozenset[str], str]] = [
     (WORKER, frozenset({"optuna", "ray", "mlflow"}),
      "the training loop gets a config and report(); it runs the same under Ray, in a process or a test"),
     (OPTUNA_SIDE, frozenset({"ray"}), "Optuna owns trial state; Ray only executes"),
-    (("hpo.recorder",), frozenset({"ray"}), "the driver's one writer takes plain events from the scheduler"),
-    (("hpo.tracking",), frozenset({"ray"}), "MLflow mirrors the study; Ray only executes"),
-    (("hpo.tracking", "hpo.writer"), frozenset({"optuna"}),
-     "the MLflow side mirrors what the driver hands it and never opens the Optuna side, hpo.study"),
-    (("hpo.stores", "hpo.sqlite"), frozenset({"optuna", "mlflow", "ray"}),
+    (("hpo.record.recorder",), frozenset({"ray"}), "the driver's one writer takes plain events from the scheduler"),
+    (("hpo.record.tracking",), frozenset({"ray"}), "MLflow mirrors the study; Ray only executes"),
+    (("hpo.record.tracking", "hpo.record.writer"), frozenset({"optuna"}),
+     "the MLflow side mirrors what the driver hands it and never opens the Optuna side, hpo.record.study"),
+    (("hpo.record.stores", "hpo.record.sqlite"), frozenset({"optuna", "mlflow", "ray"}),
      "pre-flight checks and retries shared by both stores belong to neither"),
     (("hpo.config", "hpo.space"), frozenset({"ray", "mlflow"}), "loading and checking a sweep runs nothing"),
     (DIAGNOSIS, frozenset({"ray", "mlflow"}), "the diagnosis reads the study and writes nothing"),
+]
+
+
+# The layout (README "Layout"): each subpackage keeps to one side of the boundaries, whatever
+# modules it holds (the rules above name the modules that were there when they were written).
+def _subpackage(name: str) -> tuple[str, ...]:
+    """Every module of one subpackage of hpo/, by dotted name, its ``__init__`` included (the
+    subpackage alone when it is not there, so that the rule reports it missing)."""
+    return tuple(f"hpo.{name}" + ("" if p.stem == "__init__" else f".{p.stem}")
+                 for p in sorted((HPO / name).glob("*.py"))) or (f"hpo.{name}",)
+
+
+RULES += [
+    (_subpackage("train"), frozenset({"optuna", "ray", "mlflow"}),
+     "hpo/train/ runs on the workers: a config and report() in, nothing else"),
+    (_subpackage("record"), frozenset({"ray"}),
+     "hpo/record/ keeps the records: Optuna owns trial state, MLflow mirrors it, Ray only executes"),
+    (_subpackage("analysis"), frozenset({"ray", "mlflow"}),
+     "hpo/analysis/ reads the data and the study and runs nothing"),
 ]
 
 
@@ -55,7 +77,7 @@ class Import:
 
 
 def module_index(package: Path) -> dict[str, Path]:
-    """Every module of a package folder, by dotted name (``hpo.study`` -> hpo/study.py)."""
+    """Every module of a package folder, by dotted name (``hpo.record.study`` -> hpo/record/study.py)."""
     index = {}
     for path in sorted(package.rglob("*.py")):
         parts = list(path.relative_to(package.parent).with_suffix("").parts)
@@ -151,7 +173,7 @@ def test_hpo_modules_keep_their_import_boundaries():
 
 def test_the_checker_reads_the_whole_package():
     index = module_index(HPO)
-    assert {"hpo", "hpo.training", "hpo.study", "hpo.tracking", "hpo.scheduling"} <= set(index)
+    assert {"hpo", "hpo.train.training", "hpo.record.study", "hpo.record.tracking", "hpo.run.scheduling"} <= set(index)
 
 
 def _package(tmp_path: Path, files: dict[str, str]) -> dict[str, Path]:

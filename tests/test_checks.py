@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hpo import HpoError, data
-from hpo.checks import DataReport, Finding, check_data
+from hpo import HpoError
+from hpo.analysis.checks import DataReport, Finding, check_data
+from hpo.train import data
 from tests.conftest import SEARCH_SPACES, needs_shared_data
 
 ADJECTIVES = ("sturdy", "flimsy", "bright", "dull", "quiet", "noisy", "cheap", "pricey")

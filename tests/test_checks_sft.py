@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from hpo import HpoError, data, sft
-from hpo.checks import DataReport, check_data
-from hpo.sweep import SearchOptions, prepare
+from hpo import HpoError
+from hpo.analysis.checks import DataReport, check_data
+from hpo.run.sweep import SearchOptions, prepare
+from hpo.train import data, sft
 from tests.conftest import SEARCH_SPACES, run_hpo
 from tests.test_checks import _codes, _only
 
@@ -143,7 +144,7 @@ def test_leakage_between_files(tmp_path: Path, eval_rows: int, severity: str) ->
 
 def test_leakage_into_the_held_out_split(tmp_path: Path) -> None:
     rows = _pairs(0, 200)
-    kept, held = data.hold_out_rows("train.jsonl", len(rows), 0.1)  # as hpo.sft.datasets holds out
+    kept, held = data.hold_out_rows("train.jsonl", len(rows), 0.1)  # as hpo.train.sft.datasets holds out
     rows[held[0]] = rows[kept[0]]
     report = _check(_files(tmp_path, rows), eval_fraction=0.1)
     finding = _only(report, "leakage")
@@ -244,7 +245,7 @@ def test_search_refuses_bad_sft_data_with_nothing_written(tmp_path: Path, tiny_l
 
 def test_search_shows_warnings_and_skip_data_check_bypasses(tmp_path: Path, tiny_llama: Path) -> None:
     rows: list = [_chat(*pair) for pair in _pairs(0, 200)]
-    for number in (5, 17, 60):  # 1.5% empty answers: an error, but hpo.sft.read accepts them
+    for number in (5, 17, 60):  # 1.5% empty answers: an error, but hpo.train.sft.read accepts them
         rows[number - 1] = _chat(rows[number - 1][0]["content"], "")
     rows[99] = rows[98]  # a duplicate: a warning
     _files(tmp_path, rows, [_chat(*pair) for pair in _pairs(1000, 10)])

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hpo import HpoError, data
+from hpo import HpoError
+from hpo.train import data
 from tests.conftest import SEARCH_SPACES, needs_shared_data
 
 

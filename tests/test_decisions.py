@@ -14,11 +14,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from hpo.ledger import DRIVER_ATTR, Ledger, counts_towards_target
-from hpo.recorder import Recorder
-from hpo.scheduling import ERROR_KEY, REASON_KEY, OptunaBridge, _NoStop
-from hpo.study import open_storage
-from hpo.tracking import SweepTracker
+from hpo.record.ledger import DRIVER_ATTR, Ledger, counts_towards_target
+from hpo.record.recorder import Recorder
+from hpo.record.study import open_storage
+from hpo.record.tracking import SweepTracker
+from hpo.run.scheduling import ERROR_KEY, REASON_KEY, OptunaBridge, _NoStop
 
 
 class Shown:
@@ -205,9 +205,9 @@ def test_takes_over_a_dead_drivers_trials(tmp_path: Path, tracking_uri: str) -> 
 
 
 def test_what_a_dead_driver_left_unwritten_in_mlflow_is_written_from_the_study(sweep: Sweep) -> None:
-    """MLflow trails the study (hpo.writer); a driver killed in between leaves MLflow behind.
+    """MLflow trails the study (hpo.record.writer); a driver killed in between leaves MLflow behind.
     The next sweep writes, from the study, what is missing -- and only that."""
-    from hpo.recorder import mirror_gaps
+    from hpo.record.recorder import mirror_gaps
 
     ledger, dead = sweep.ledger, _dead_identity()
 
@@ -253,7 +253,7 @@ def _dead_identity() -> str:
     import subprocess
     import sys
 
-    from hpo.liveness import driver_id
+    from hpo.record.liveness import driver_id
 
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     identity = driver_id(process.pid)
@@ -292,7 +292,7 @@ def test_how_a_sweep_ended(done: bool, timed_out: bool, stop_reason: str | None,
                            interrupted: list, ended: str) -> None:
     from types import SimpleNamespace
 
-    from hpo.sweep import SearchResult, _ending
+    from hpo.run.sweep import SearchResult, _ending
 
     result = SearchResult("s", "", "", {}, None, 0)
     recorder = SimpleNamespace(done=done, timed_out=timed_out, stop_reason=stop_reason, interrupted=interrupted)

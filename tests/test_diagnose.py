@@ -14,7 +14,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from hpo.diagnose import Finding, StudyDiagnosis, diagnose_curves, diagnose_study
+from hpo.analysis.diagnose import Finding, StudyDiagnosis, diagnose_curves, diagnose_study
 
 EVERY = 20
 Shape = Callable[[float], tuple[float, float]]

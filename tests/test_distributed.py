@@ -11,8 +11,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from hpo import HpoError, Sweep, training
-from hpo.recipe import TrainJob
+from hpo import HpoError, Sweep
+from hpo.train import training
+from hpo.train.recipe import TrainJob
 from tests.conftest import SEARCH_SPACES, run_hpo
 
 REVIEWS = SEARCH_SPACES / "data" / "reviews"

@@ -17,8 +17,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from hpo.ledger import counts_towards_target
-from hpo.study import open_storage
+from hpo.record.ledger import counts_towards_target
+from hpo.record.study import open_storage
 from tests.conftest import hpo_env, run_hpo
 
 pytestmark = pytest.mark.slow

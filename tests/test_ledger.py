@@ -16,10 +16,10 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from hpo.ledger import DRIVER_ATTR, Ledger, StudyLock, counts_towards_target
-from hpo.liveness import driver_id, driver_is_dead, known_alive
-from hpo.locks import StudyLockTimeout
-from hpo.study import open_storage
+from hpo.record.ledger import DRIVER_ATTR, Ledger, StudyLock, counts_towards_target
+from hpo.record.liveness import driver_id, driver_is_dead, known_alive
+from hpo.record.locks import StudyLockTimeout
+from hpo.record.study import open_storage
 from tests.conftest import hpo_env
 
 
@@ -78,8 +78,8 @@ def dead_driver() -> str:
 FOREIGN = "elsewhere:0a1b2c3d-0000-0000-0000-000000000000:4026531836:4242:1700000000.000"
 TRY_LOCK = """
 import sys, optuna
-from hpo.ledger import StudyLock
-from hpo.locks import StudyLockTimeout
+from hpo.record.ledger import StudyLock
+from hpo.record.locks import StudyLockTimeout
 lock = StudyLock(optuna.load_study(study_name="s", storage=sys.argv[1]), timeout=0.5)
 for _ in range(2):
     try:
@@ -249,7 +249,7 @@ def test_transient_errors_are_retried_a_bounded_number_of_times() -> None:
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import OperationalError
 
-    from hpo.stores import is_transient, retry_transient
+    from hpo.record.stores import is_transient, retry_transient
 
     assert is_transient(OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly")))
     assert is_transient(MlflowException("API request to endpoint /api/2.0/mlflow/runs/create failed with error "

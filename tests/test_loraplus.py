@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from hpo import Sweep
-from hpo.recipe import TrainJob, TrainParams, check_params
-from hpo.training import make_optimizer
+from hpo.train.recipe import TrainJob, TrainParams, check_params
+from hpo.train.training import make_optimizer
 
 
 class Tiny(torch.nn.Module):

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 from hpo import HpoError, Sweep
 from hpo.cli import app
 from hpo.config import direction_follows_metric, parse_overrides
-from hpo.promote import _pick_trial
-from hpo.recipe import check_metrics
-from hpo.reporter import Report, ReportError
-from hpo.study import create_or_resume, open_storage, pareto_front
+from hpo.record.study import create_or_resume, open_storage, pareto_front
+from hpo.run.promote import _pick_trial
+from hpo.train.recipe import check_metrics
+from hpo.train.reporter import Report, ReportError
 from tests.conftest import run_hpo
 from tests.test_dashboards import free_port, start_server, stop_server
 

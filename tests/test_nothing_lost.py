@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from hpo.study import open_storage
+from hpo.record.study import open_storage
 from tests.conftest import REPO, hpo_env
 
 pytestmark = pytest.mark.slow
@@ -89,8 +89,8 @@ def trial_runs(folder: Path) -> dict[int, object]:
 
 STALL = """
 import sys, time, optuna
-from hpo.ledger import Ledger
-from hpo.study import open_storage
+from hpo.record.ledger import Ledger
+from hpo.record.study import open_storage
 study = optuna.load_study(study_name="lost", storage=open_storage(sys.argv[1]))
 ledger = Ledger(study, lambda t: {}, target=1)
 with ledger.lock:                       # the driver's loop now waits for this lock (claim, reclaim)
@@ -259,7 +259,7 @@ sys.stdin.read()                        # ... until the test closes our stdin
 
 
 def test_mlflow_writes_a_killed_driver_had_not_made_are_written_on_resume(tmp_path: Path) -> None:
-    """The driver writes MLflow off its loop (hpo.writer). Hold the MLflow store locked (a real
+    """The driver writes MLflow off its loop (hpo.record.writer). Hold the MLflow store locked (a real
     lock, from another process) so those writes pile up while the study records trials,
     kill -9 the driver, then resume: every trial has its one run, closed, with its params,
     state and metric curve, as the study says."""

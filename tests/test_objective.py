@@ -18,15 +18,15 @@ from optuna.trial import TrialState
 
 from hpo import HpoError, Sweep
 from hpo.config import parse_overrides
-from hpo.ledger import Ledger
-from hpo.promote import FinalSchedule, final_schedule
-from hpo.recipe import check_metrics
-from hpo.recorder import Recorder
-from hpo.reporter import Report, ReportError
-from hpo.scheduling import OptunaBridge, _NoStop
-from hpo.study import open_storage
-from hpo.sweep import SearchOptions, prepare
-from hpo.tracking import SweepTracker
+from hpo.record.ledger import Ledger
+from hpo.record.recorder import Recorder
+from hpo.record.study import open_storage
+from hpo.record.tracking import SweepTracker
+from hpo.run.promote import FinalSchedule, final_schedule
+from hpo.run.scheduling import OptunaBridge, _NoStop
+from hpo.run.sweep import SearchOptions, prepare
+from hpo.train.recipe import check_metrics
+from hpo.train.reporter import Report, ReportError
 from tests.conftest import SEARCH_SPACES, run_hpo
 
 
@@ -213,7 +213,7 @@ def test_promote_scales_cadence_and_patience_to_the_final_run(args: tuple, expec
 def test_early_stopping_watches_the_chosen_metric_ties_going_to_the_lower_loss() -> None:
     import torch
 
-    from hpo.training import _BestWatch
+    from hpo.train.training import _BestWatch
 
     model = torch.nn.Linear(2, 1)
     watch = _BestWatch(patience=2, restore_best=True, watch="eval_accuracy", mode="max", min_steps=50)

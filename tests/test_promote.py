@@ -18,7 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from hpo import data
+from hpo.train import data
 from tests.conftest import SEARCH_SPACES, hpo_env, run_hpo
 
 pytestmark = pytest.mark.slow
@@ -95,7 +95,7 @@ def test_promote_the_best_trial_reload_and_find_it_registered(lora_study: Path) 
     assert record["trial"] == study.best_trial.number
     assert record["params"] == study.best_trial.user_attrs["config"]
     assert record["max_steps"] == 40
-    # scaled to the final run (hpo.promote.final_schedule), judged by the study's metric
+    # scaled to the final run (hpo.run.promote.final_schedule), judged by the study's metric
     assert (record["eval_every"], record["patience"], record["min_steps"], record["watch"]) == \
         (10, 2, 20, "eval_accuracy")
     assert record["objective"] == "best" and record["trial_best_step"] == study.best_trial.user_attrs["best_step"]
@@ -131,8 +131,8 @@ def test_a_failing_mlflow_finish_never_hides_the_error(lora_study: Path, monkeyp
     from mlflow.exceptions import MlflowException
     from rich.console import Console
 
-    from hpo import promote
-    from hpo.tracking import PromoteTracker
+    from hpo.record.tracking import PromoteTracker
+    from hpo.run import promote
 
     def fail_training(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk full while saving the adapter")

@@ -9,9 +9,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from hpo import HpoError, Sweep, config
-from hpo import samplers as hpo_samplers
 from hpo import space as spaces
-from hpo.samplers import SAMPLERS, QmcStartSampler, from_unit, make_sampler, startup_trials
+from hpo.record import samplers as hpo_samplers
+from hpo.record.samplers import SAMPLERS, QmcStartSampler, from_unit, make_sampler, startup_trials
 from tests.conftest import SEARCH_SPACES
 
 FAST = [name for name in SAMPLERS if name not in ("gp", "cmaes")]

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpo import sft, space, training
+from hpo import space
 from hpo.errors import HpoError
-from hpo.recipe import TrainJob
+from hpo.train import sft, training
+from hpo.train.recipe import TrainJob
 from tests.conftest import SEARCH_SPACES, run_hpo
 
 DATES = SEARCH_SPACES / "data" / "dates"
@@ -177,7 +178,7 @@ def test_bad_sft_input_is_refused_before_any_trial(tiny_llama: Path, tmp_path: P
 
 
 def test_a_generation_metric_needs_generation_and_eval_score_a_score(tiny_llama: Path, tmp_path: Path) -> None:
-    from hpo.sweep import SearchOptions, prepare
+    from hpo.run.sweep import SearchOptions, prepare
 
     with pytest.raises(HpoError, match="generation_examples=0 leaves nothing"):
         space.load(SEARCH_SPACES / "sft_lora.py", ["generation_examples=0"])

@@ -11,7 +11,7 @@ import optuna
 import pytest
 import torch
 
-from hpo import models
+from hpo.train import models
 from tests.conftest import run_hpo
 from tests.test_sft import DATES, write_module
 

@@ -9,7 +9,7 @@ import pytest
 
 from hpo import HpoError, Sweep
 from hpo import space as spaces
-from hpo.recipe import TrainJob, TrainParams
+from hpo.train.recipe import TrainJob, TrainParams
 from tests.conftest import SEARCH_SPACES
 
 SHIPPED = sorted(SEARCH_SPACES.glob("*.py"))

@@ -1,12 +1,12 @@
-"""The sweep's record on its study (:class:`hpo.sweep_record.SweepRecord`): it round-trips,
+"""The sweep's record on its study (:class:`hpo.record.sweep_record.SweepRecord`): it round-trips,
 and a record written before it had a version (the plain dict layout) still loads."""
 
 from __future__ import annotations
 
 import optuna
 
-from hpo.study import best_summary
-from hpo.sweep_record import VERSION, SweepRecord
+from hpo.record.study import best_summary
+from hpo.record.sweep_record import VERSION, SweepRecord
 
 # What `hpo search` wrote on a study before the record had a version.
 OLD_LAYOUT = {

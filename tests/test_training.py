@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from hpo import Sweep, training
-from hpo.recipe import TrainJob
+from hpo import Sweep
+from hpo.train import training
+from hpo.train.recipe import TrainJob
 from tests.conftest import SEARCH_SPACES, needs_shared_data
 
 REVIEWS = SEARCH_SPACES / "data" / "reviews"

@@ -11,9 +11,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from hpo import study as studies
 from hpo.errors import HpoError
-from hpo.warmstart import compatible_params, parse_source, warm_start
+from hpo.record import study as studies
+from hpo.record.warmstart import compatible_params, parse_source, warm_start
 from tests.conftest import run_hpo
 
 

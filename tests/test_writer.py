@@ -1,11 +1,11 @@
-"""The driver's ordered background writer (hpo.writer): order, flush, and a store that is down."""
+"""The driver's ordered background writer (hpo.record.writer): order, flush, and a store that is down."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from hpo.writer import Writer
+from hpo.record.writer import Writer
 
 
 def test_writes_run_in_order_off_the_callers_thread_and_flush_waits_for_them() -> None:

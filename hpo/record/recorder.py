@@ -1,0 +1,398 @@
+"""The driver's one writer: turns trial events into Optuna, MLflow and progress updates.
+
+Events arrive from the scheduler (Ray Tune, in its driver thread) as plain calls:
+``next_trial`` -> ``on_result``* -> ``on_end``. Each is written to the Optuna study
+first (the source of truth), then mirrored to MLflow, then shown. Knows neither Ray nor
+transformers.
+
+Whatever the Optuna write does, the trial's MLflow run is closed (never left RUNNING).
+Transient storage and MLflow errors are retried with a bounded back-off; when asking for
+trials still fails, the sweep stops asking (``stop_reason``) and ends short, which the
+command reports with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from optuna.trial import TrialState
+
+from hpo.record.ledger import AskedTrial, Ledger, Told
+from hpo.record.stores import retry_transient
+from hpo.record.study import GRACE_PERIOD
+from hpo.record.tracking import SweepTracker, TrialEnd
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a trial ended, as the scheduler saw it."""
+
+    kind: str
+    """``complete``, ``pruned``, ``fail`` or ``interrupted``."""
+    reason: str | None = None
+    """For ``fail``: error, nan, oom, space. For ``complete``: early_stopped, when the
+    trial's own early stopping (patience) ended it before max_steps."""
+    error: str | None = None
+    """The exception's class and message, for ``fail``."""
+    step: int | None = None
+    """The step at which the trial was stopped early (``pruned``, or ``early_stopped``)."""
+
+
+class NoTrial(enum.Enum):
+    """What :meth:`Recorder.next_trial` answers when it starts no trial."""
+
+    WAIT = "wait"
+    """Not now: trials run here, or in another live process, while the study is short; ask again."""
+    DONE = "done"
+    """No more: the study is full, --timeout passed, or the sweep stopped asking (``stop_reason``)."""
+
+
+class Display(Protocol):
+    def trial_started(self, number: int, params: dict[str, Any]) -> None: ...
+    def trial_result(self, number: int, step: int, value: float | None) -> None: ...
+    def trial_ended(self, number: int, state: str, value: float | None, reason: str | None) -> None: ...
+    def tick(self) -> None: ...
+
+
+class Recorder:
+    """Owns the sweep's bookkeeping while Ray runs trials.
+
+    The ledger's ``target`` is the number of finished trials the study should hold; a
+    sweep stops asking for trials once the study has them (with the trials running in any
+    process), or after ``deadline`` (running trials then finish). While other processes'
+    trials fill the study it waits (they may finish, or their driver may die and reclaim
+    re-queues them here) instead of ending.
+    """
+
+    POLL = 1.0
+    """Seconds between looks at the study while waiting for other processes' trials."""
+    # Trial attributes the recipe reports among its metrics and the study keeps as user attrs.
+    ATTRS = ("micro_batch_size", "grad_accum", "peak_memory_mb", "resident_memory_mb")
+    # ... and those kept as seconds: from the trial's start on its worker to the start of its first optimizer step.
+    SECONDS_ATTRS = ("trial_setup_seconds",)
+    # Curves kept on the Optuna trial (user attr "curves") for `hpo diagnose` and reports.
+    CURVES = ("train_loss", "eval_loss", "learning_rate")
+
+    def __init__(self, ledger: Ledger, tracker: SweepTracker, display: Display, *, metric: str,
+                 deadline: float | None, job_params: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 objective: str = "last", direction: str = "maximize"):
+        self.job_params = job_params
+        """params -> the full job a worker trains with (defaults filled in), for the MLflow run."""
+        self.ledger = ledger
+        self.tracker = tracker
+        self.display = display
+        self.metric = metric
+        self.metrics = tuple(metric.split(","))
+        """The objectives: one, or several (``metric="a,b"``, a multi-objective study: Optuna takes no
+        intermediate values there, so only the curves user attr and MLflow keep them)."""
+        self.objective = objective
+        """``last``: a COMPLETE trial's value is its last evaluation of ``metric``; ``best``: its best
+        one (by ``direction``), whose step becomes the ``best_step`` user attr and MLflow metric."""
+        self.direction = direction
+        self.best: dict[int, tuple[float, int]] = {}
+        """Each running trial's best finite ``metric`` so far and its step (the earliest on ties)."""
+        self.deadline = deadline
+        self.started = 0
+        self.interrupted: list[int] = []
+        self.last: dict[int, dict[str, float]] = {}
+        self.curves: dict[int, dict[str, list[list[float]]]] = {}
+        self._steps: dict[int, int] = {}
+        self._last_reclaim = time.monotonic()
+        self._last_claim = 0.0
+        self._waiting_since: float | None = None
+        self.done = False
+        """The recorder said ``NoTrial.DONE``: the study is full, or --timeout passed (``timed_out``)."""
+        self.timed_out = False
+        self.stop_reason: str | None = None
+        """Why the sweep stopped asking for trials, when it was an error (see :meth:`stop`)."""
+        self.kept: dict[int, int] = {}
+        """Trials failed by another process while they ran here -> the trial keeping their result."""
+        self._logged: dict[int, set[str]] = {}  # MLflow params of each running trial's run (they never change)
+
+    def next_trial(self) -> AskedTrial | NoTrial:
+        """The next trial to run, or :class:`NoTrial` ``WAIT`` (trials run here or in another
+        live process while the study is short) or ``DONE``. Transient storage and MLflow errors
+        are retried with a bounded back-off; what still fails is raised."""
+        if self.stop_reason is not None:
+            return NoTrial.DONE
+        if self.deadline is not None and time.time() >= self.deadline:
+            if self.ledger.running:
+                return NoTrial.WAIT
+            self.done = self.timed_out = True
+            return NoTrial.DONE
+        now = time.monotonic()
+        if self._waiting_since is not None and now - self._last_claim < self.POLL:
+            return NoTrial.WAIT  # waiting for other drivers' trials: poll the study, don't hammer it
+        self._last_claim = now
+        asked = retry_transient(self.ledger.claim, what="asking for the next trial")
+        if asked is None:
+            if self.ledger.running:
+                return NoTrial.WAIT
+            if retry_transient(self.ledger.finished) >= self.ledger.target:
+                self.done = True
+                return NoTrial.DONE
+            if retry_transient(self.ledger.others_running):
+                # Another process's trials fill the study: they may finish (then the study
+                # is done) or their driver may die (reclaim re-queues them, and we run them).
+                self._waiting_since = self._waiting_since or now
+                return NoTrial.WAIT
+            self.done = True
+            return NoTrial.DONE
+        self._waiting_since = None
+        self.started += 1
+        params = {**asked.trial.params, **{k: v for k, v in asked.params.items() if k not in asked.trial.params}}
+        if self.job_params is not None:
+            params = {**self.job_params(asked.params), **params}
+        self.tracker.start_trial(asked.number, params)  # written off this thread, in order (hpo.record.writer)
+        self._logged[asked.number] = set(params)
+        self.display.trial_started(asked.number, asked.params)
+        return asked
+
+    def stop(self, reason: str) -> None:
+        """Ask for no more trials (running ones finish): ``reason`` is why the study ends short."""
+        logger.warning("hpo: %s; no new trials start", reason)
+        self.stop_reason = reason
+
+    def on_result(self, number: int, step: int, metrics: dict[str, float]) -> None:
+        """One evaluation of a running trial (deduplicated by step)."""
+        if number not in self.ledger.running or self._steps.get(number, 0) >= step:
+            return
+        self._steps[number] = step
+        self.last[number] = metrics
+        curves = self.curves.setdefault(number, {})
+        for key, metric in metrics.items():
+            if key in self.CURVES or key in self.metrics or key.startswith("eval_"):
+                curves.setdefault(key, []).append([step, metric])
+        value = metrics.get(self.metrics[0])
+        if value is not None and len(self.metrics) == 1:
+            self.ledger.record_intermediate(number, step, value)
+            self._note_best(number, step, value)
+        for key in self.ATTRS:
+            if key in metrics:
+                self.ledger.set_attr(number, key, int(metrics[key]))
+        for key in self.SECONDS_ATTRS:
+            if key in metrics:
+                self.ledger.set_attr(number, key, round(float(metrics[key]), 4))
+        self.tracker.log_metrics(number, step, metrics)
+        self.display.trial_result(number, step, value)
+
+    def _note_best(self, number: int, step: int, value: float) -> None:
+        best = self.best.get(number)
+        if math.isfinite(value) and (best is None or (value > best[0] if self.direction == "maximize"
+                                                      else value < best[0])):
+            self.best[number] = (value, step)
+
+    def on_info(self, number: int, info: dict[str, Any]) -> None:
+        """What the trial's worker resolved (device, precision, ...): Optuna user attrs and
+        MLflow params of the trial's run."""
+        if number not in self.ledger.running:
+            return
+        for key, value in info.items():
+            self.ledger.set_attr(number, key, value)
+        logged = self._logged.setdefault(number, set())
+        self.tracker.log_trial_params(number, {k: v for k, v in info.items() if k not in logged})
+        logged.update(info)
+
+    def on_end(self, number: int, outcome: Outcome) -> None:
+        """Tell Optuna the truthful end, close the MLflow run, update the display.
+
+        The MLflow run is closed whatever happens to the Optuna write; a result that arrives
+        for a trial another process failed meanwhile is kept as a new trial and reported
+        loudly (see :meth:`Ledger.tell`)."""
+        if number not in self.ledger.running:
+            return
+        last = self.last.get(number, {})
+        kind, reason, error = outcome.kind, outcome.reason, outcome.error
+        value: Any = last.get(self.metric)
+        for metric in self.metrics:
+            one = last.get(metric)
+            if kind == "complete" and (one is None or not math.isfinite(one)):
+                kind, reason = "fail", ("nan" if one is not None else "no_metric")
+                error = f"the trial ended with {metric}={one}" if one is not None else \
+                    f"the trial ended without reporting {metric!r}"
+        if len(self.metrics) > 1:
+            value = [last.get(metric) for metric in self.metrics] if kind == "complete" else None
+        self._logged.pop(number, None)
+        steps = self._steps.get(number)
+        attrs: dict[str, Any] = {"last_step": steps} if steps else {}
+        best = self.best.pop(number, None)
+        if kind == "complete" and self.objective == "best" and best is not None:
+            value, attrs["best_step"] = best
+            self._log_best_step(number, best[1])
+        if number in self.curves:
+            attrs["curves"] = self.curves.pop(number)
+        if kind == "complete":
+            if reason == "early_stopped":
+                attrs["stopped_early_at"] = outcome.step
+            call: dict[str, Any] = {"state": TrialState.COMPLETE, "value": value, "reason": reason}
+        elif kind == "pruned":
+            call = {"state": TrialState.PRUNED, "reason": "pruned"}
+            attrs["pruned_at"] = outcome.step
+            reason = f"stopped early by the pruner at step {outcome.step}"
+        elif kind == "interrupted":
+            call = {"state": TrialState.FAIL, "reason": "interrupted", "error": error}
+        else:
+            call = {"state": TrialState.FAIL, "reason": reason or "error", "error": error}
+        told: Told | None = None
+        try:
+            told = self.ledger.tell(number, attrs=attrs, **call)
+        finally:
+            self._close_run(number, told, value, reason, error)
+
+    def _log_best_step(self, number: int, step: int) -> None:
+        """``best_step`` as a metric of the trial's MLflow run (the value is its ``hpo.objective`` tag)."""
+        try:
+            retry_transient(lambda: self.tracker.log_metrics(number, step, {"best_step": float(step)}),
+                            what="logging best_step")
+        except Exception:  # noqa: BLE001 - the study holds it (user attr best_step); the run is closed below
+            logger.warning("hpo: logging best_step of trial %s to MLflow failed", number, exc_info=True)
+
+    def _close_run(self, number: int, told: Told | None, value: float | None, reason: str | None,
+                   error: str | None) -> None:
+        """Mirror what Optuna now holds to MLflow and the display."""
+        if told is None:  # the Optuna write failed: a reclaim fails and re-queues the trial
+            state, shown = "FAIL", "interrupted"
+        else:
+            state = told.state.name
+            if told.reason in ("interrupted", "interrupted_too_often"):
+                shown = told.reason
+                if told.reason == "interrupted":
+                    self.interrupted.append(number)
+            elif state == "FAIL":
+                shown = error or told.reason
+            else:
+                shown = reason
+        if told is not None and told.kept_as is not None:
+            self.kept[number] = told.kept_as
+            message = (f"trial {number} had been failed as interrupted by another process while it still ran "
+                       f"here; its result is kept as trial {told.kept_as}")
+            console = getattr(self.display, "console", None)
+            if console is not None:
+                console.print(f"[bold yellow]warning:[/] {message}", highlight=False)
+            self.tracker.tag_trial(number, "hpo.kept_as_trial", str(told.kept_as))
+        single = value if state == "COMPLETE" and not isinstance(value, list) else None
+        self.tracker.end_trial(number, state, reason=shown, value=single)
+        if isinstance(value, list):  # several objectives: the display shows the first
+            value = value[0]
+        self.display.trial_ended(number, state, value if state == "COMPLETE" else None, shown)
+
+    def tick(self) -> None:
+        """Called often by the scheduler's loop: reclaims dead drivers' trials (every grace
+        period; every few seconds while waiting on other processes) and the display's clock.
+        Heartbeats are not sent from here but from their own thread (:mod:`hpo.record.liveness`)."""
+        now = time.monotonic()
+        every = self.POLL * 5 if self._waiting_since is not None else GRACE_PERIOD
+        if now - self._last_reclaim >= every:
+            self._last_reclaim = now
+            try:
+                self.ledger.reclaim()  # trials of other drivers that died meanwhile
+            except Exception:  # noqa: BLE001
+                logger.warning("hpo: reclaiming trials of dead drivers failed", exc_info=True)
+        self.display.tick()
+
+    def close_leftovers(self) -> list[int]:
+        """After the scheduler returns: any trial still open ends as interrupted."""
+        left = sorted(self.ledger.running)
+        for number in left:
+            try:
+                self.on_end(number, Outcome("interrupted"))
+            except Exception:  # noqa: BLE001 - the next start reclaims it
+                logger.warning("hpo: recording trial %s as interrupted failed", number, exc_info=True)
+        self.ledger.close()
+        return left
+
+
+# User attrs that are hpo's bookkeeping; a trial's other scalar user attrs are what its worker
+# resolved (device, precision, ...), which its MLflow run holds as params.
+BOOKKEEPING_ATTRS = frozenset({
+    "reason", "error", "retried", "retry_of", "attempt", "warm_start", "late_result_of", "superseded_by",
+    "last_step", "pruned_at", "stopped_early_at", "config", "curves", "resources",
+    *Recorder.ATTRS, *Recorder.SECONDS_ATTRS,
+})
+
+
+def mirror_gaps(study: Any, tracker: SweepTracker, *, metric: str,
+                job_params: Callable[[dict[str, Any]], dict[str, Any]] | None = None, only: set[int] | None = None,
+                grace: float = GRACE_PERIOD) -> list[int]:
+    """Bring the study's MLflow trial runs in line with the study (the truth) after a driver
+    died with writes it had not made yet (:mod:`hpo.record.writer`): every finished trial gets its
+    run -- made if missing, with the params and the metric curves the study keeps -- tagged
+    and closed with its state, so no run stays RUNNING for a trial that is not running. A
+    closed run is complete (a driver's writes run in order, the close last).
+
+    Trials of a live driver are left to it, and so are those another machine's driver
+    finished less than ``grace`` seconds ago. ``only``: just these trials, whatever their
+    driver and their run's status (this process's own trials whose writes failed). Returns
+    the numbers of the trials whose runs were written."""
+    from hpo.record.ledger import DRIVER_ATTR
+    from hpo.record.liveness import driver_is_dead, known_alive
+
+    runs = tracker.trial_run_index()
+    trials = study.get_trials(deepcopy=False)
+    written = []
+    for trial in trials:
+        run = runs.get(trial.number)
+        if not trial.state.is_finished() or (only is not None and trial.number not in only):
+            continue
+        if run is None and (trial.user_attrs.get("late_result_of") is not None
+                            or trial.user_attrs.get("reason") in ("superseded", "space")):
+            continue  # never ran as itself: its result is on the run of the trial it names
+        if only is None:
+            if run is not None and run.info.status != "RUNNING":
+                continue
+            driver = trial.system_attrs.get(DRIVER_ATTR)
+            if driver and known_alive(driver):
+                continue
+            ended = trial.datetime_complete.timestamp() if trial.datetime_complete else 0.0
+            judged_dead = trial.user_attrs.get("reason") in ("interrupted", "interrupted_too_often")
+            if not (judged_dead or (driver and driver_is_dead(driver))) and time.time() - ended < grace:
+                continue  # another machine's driver may still be writing it
+        tracker.fill_trial(trial.number, run, _trial_end(trial, metric, job_params))
+        written.append(trial.number)
+    numbers = {trial.number for trial in trials}
+    for number, run in runs.items():  # a run whose trial the study does not hold
+        if only is None and number not in numbers and run.info.status == "RUNNING":
+            tracker.fill_trial(number, run, TrialEnd("FAIL", "interrupted"))
+            written.append(number)
+    return sorted(written)
+
+
+def _trial_end(trial: Any, metric: str, job_params: Callable[[dict[str, Any]], dict[str, Any]] | None) -> TrialEnd:
+    """What a finished Optuna trial's MLflow run should hold (as :meth:`Recorder.on_end` writes it)."""
+    attrs = trial.user_attrs
+    state, reason = trial.state.name, attrs.get("reason")
+    if reason in ("interrupted", "interrupted_too_often") or (state == "FAIL" and reason is None):
+        shown = reason or "interrupted"  # no reason: Optuna failed it for a stale heartbeat
+    elif state == "FAIL":
+        shown = attrs.get("error") or reason
+    elif state == "PRUNED":
+        shown = f"stopped early by the pruner at step {attrs.get('pruned_at')}"
+    else:
+        shown = reason
+    config = attrs.get("config") or dict(trial.params)
+    try:
+        job = job_params(config) if job_params is not None else {}
+    except Exception:  # noqa: BLE001 - a config this version cannot rebuild: the sampled params still go
+        job = {}
+    info = {k: v for k, v in attrs.items()
+            if k not in BOOKKEEPING_ATTRS and isinstance(v, (str, int, float, bool))}
+    params = {**info, **job, **trial.params, **{k: v for k, v in config.items() if k not in trial.params}}
+    curves: dict[str, list[tuple[int, float]]] = {k: [(int(s), v) for s, v in points]
+                                                  for k, points in (attrs.get("curves") or {}).items()}
+    if trial.intermediate_values and metric not in curves:
+        curves[metric] = sorted(trial.intermediate_values.items())
+    last = attrs.get("last_step") or (max(trial.intermediate_values) if trial.intermediate_values else 0)
+    for key in (*Recorder.ATTRS, *Recorder.SECONDS_ATTRS):
+        if key in attrs and key not in curves:
+            curves[key] = [(int(last), attrs[key])]
+    return TrialEnd(state, shown, value=trial.value if state == "COMPLETE" else None, params=params, curves=curves,
+                    started=int(trial.datetime_start.timestamp() * 1000) if trial.datetime_start else None,
+                    ended=int(trial.datetime_complete.timestamp() * 1000) if trial.datetime_complete else None)

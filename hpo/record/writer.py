@@ -1,0 +1,99 @@
+"""Writes that mirror the study, run in order on one background thread, off the driver's loop.
+
+The sweep's driver records every trial twice: in the Optuna study (the truth, written at
+once, in Tune's loop thread) and in MLflow (a mirror). Waiting for MLflow in the loop made
+it a large share of the bookkeeping per trial, so :class:`Writer` runs the mirror's writes
+on a daemon thread, in the order they were submitted, each retried on transient errors
+(:func:`hpo.record.stores.retry_transient`, about 15 s). One that still fails means the store is
+down: it and the writes of the next ``PAUSE`` seconds are handed to their ``on_failure``
+untried (a store that is down does not make the sweep wait ~15 s for each write in turn),
+then one write is tried, once, and so on until one succeeds. The sweep writes the records
+so missed from the study at its end (:func:`hpo.record.recorder.mirror_gaps`), or the next one does.
+
+Nothing is lost by it: :meth:`Writer.flush` waits for every submitted write (the sweep
+calls it before it ends, Ctrl-C included), and what a killed driver had not written yet is
+written by the next sweep on the study, from the study (:func:`hpo.record.recorder.mirror_gaps`).
+Knows nothing of MLflow: a write is any callable.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+
+class Writer:
+    """An ordered queue of writes and the daemon thread that runs them (started on first use)."""
+
+    PAUSE = 60.0
+    """Seconds without trying to write after a write failed."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._queue: queue.Queue[tuple[Callable[[], object], str, Callable[[], object] | None] | None] = \
+            queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.failed = 0
+        """Writes not made (handed to their ``on_failure``)."""
+        self._down_until: float | None = None
+        """While the store is down: when to try it again."""
+
+    def submit(self, write: Callable[[], object], what: str, on_failure: Callable[[], object] | None = None) -> None:
+        """Run ``write()`` after every write submitted before it; ``what`` names it in warnings,
+        ``on_failure()`` is called (on the writer's thread) if it still fails after its retries."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+        self._queue.put((write, what, on_failure))
+
+    def flush(self) -> None:
+        """Wait until every write submitted so far has run (or failed)."""
+        done = self._queue.all_tasks_done
+        with done:
+            while self._queue.unfinished_tasks and self._thread is not None and self._thread.is_alive():
+                done.wait(0.5)
+
+    def close(self) -> None:
+        """:meth:`flush`, then stop the thread."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._thread = None
+
+    def _run(self) -> None:
+        from hpo.record.stores import retry_transient
+
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                write, what, on_failure = item
+                down = self._down_until is not None
+                try:
+                    if down and time.monotonic() < self._down_until:
+                        raise RuntimeError("the store is down")
+                    retry_transient(write, what=what, attempts=1 if down else 6)
+                    if down:
+                        self._down_until = None
+                        logger.warning("hpo: %s worked again; the records missed meanwhile are written from the "
+                                       "study when the sweep ends", what)
+                except Exception as error:  # noqa: BLE001 - counted; the gap is filled from the study
+                    if not down:
+                        logger.warning("hpo: %s failed (%s: %s); trying again in %.0f s, the records missed meanwhile "
+                                       "are written from the study when the sweep ends", what, type(error).__name__,
+                                       str(error).splitlines()[0][:200] if str(error) else "", self.PAUSE)
+                    if not down or time.monotonic() >= self._down_until:
+                        self._down_until = time.monotonic() + self.PAUSE
+                    self.failed += 1
+                    if on_failure is not None:
+                        on_failure()
+            finally:
+                self._queue.task_done()

@@ -1,0 +1,434 @@
+"""``hpo promote``: the best trial (or ``--trial N``) becomes the final training run.
+
+The run re-applies the trial's parameters exactly (the ``config`` the sweep trained it
+with, the sweep's recorded settings and seed), on all the training data (no
+``train_limit``), for the full budget (3x the sweep's ``max_steps`` unless
+``--set max_steps=N``). Its evaluation cadence and early stopping are scaled to that
+budget (:func:`final_schedule`), and judge evaluations by the study's own ``metric`` in its
+direction (ties to the lower eval_loss), not by eval_loss: a classifier's loss rises from
+overconfidence while its accuracy still climbs. The weights of the best evaluation are
+restored -- which is also how a sweep with ``objective="best"`` is honoured: the final run
+trains on more data for longer than the trial, so the trial's ``best_step`` is recorded for
+reference rather than trained to. Then:
+
+1. the output folder is written whole or not at all (built in a temporary folder beside
+   it, then renamed): the LoRA adapter in safetensors (or, with ``--merge``, the merged
+   model), the tokenizer, ``hpo_promote.json`` and a model card ``README.md``;
+2. MLflow gets a run of its own in the study's experiment, tagged with the study, the
+   trial and the sweep's parent run, with the metric history, the folder as artifacts,
+   and a registered model version (``--register NAME``, default the study name).
+
+Nothing here knows Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from hpo.config import Sweep, parse_overrides, resolve_paths
+from hpo.errors import HpoError
+from hpo.names import folder_for
+from hpo.record import study as studies
+from hpo.record.sweep_record import SweepRecord
+
+BUDGET_FACTOR = 3
+EVALUATIONS = 20
+"""About this many evaluations over a final run (never more often than the sweep evaluated)."""
+PATIENCE_SHARE = 0.5
+"""Early stopping ends a final run after this share of its steps without a better evaluation...
+Half, not less: an evaluation set of a few hundred rows scores accuracy with a noise of about
+a point, and on SST-2 (600 steps, 872 dev rows) a quarter stopped at step 360 at 0.839 while
+the curve was still rising."""
+MIN_SHARE = 0.5
+"""... but never before this share of its steps."""
+STAGING_MARK = ".{name}.promote-"
+"""Staging folders beside the output: ``.<output name>.promote-<host>-<pid>-<random>``."""
+
+
+@dataclass
+class PromoteOptions:
+    study: str | None = None
+    storage: str | None = None
+    tracking_uri: str | None = None
+    trial: int | None = None
+    output: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    merge: bool = False
+    register: str | None = None
+
+
+@dataclass(frozen=True)
+class FinalSchedule:
+    """How often a final run evaluates and when it may stop early."""
+
+    eval_every: int
+    patience: int
+    """Evaluations without a better one before the run stops (0: never)."""
+    min_steps: int
+    """No early stop before this step."""
+
+
+def final_schedule(max_steps: int, sweep_eval_every: int, *, eval_every: int | None = None,
+                   patience: int | None = None) -> FinalSchedule:
+    """Cadence and patience for a final run of ``max_steps``, whatever the sweep's length.
+
+    Evaluate about :data:`EVALUATIONS` times, but never more often than the sweep did
+    (``sweep_eval_every``) nor less than once; stop after :data:`PATIENCE_SHARE` of the steps
+    without a better evaluation, never before :data:`MIN_SHARE` of them. ``eval_every`` and
+    ``patience`` (in evaluations; 0 turns early stopping off), when the user gives them with
+    ``--set``, are kept as they are. For example, a sweep at ``eval_every=20`` and a 600-step
+    final run: every 30 steps, patience 10 evaluations (300 steps), not before step 300.
+    """
+    if eval_every is None:
+        eval_every = min(max_steps, max(sweep_eval_every, math.ceil(max_steps / EVALUATIONS)))
+    if patience is None:
+        patience = max(1, math.ceil(PATIENCE_SHARE * max_steps / eval_every))
+    return FinalSchedule(eval_every, patience, math.ceil(MIN_SHARE * max_steps))
+
+
+@dataclass
+class PromoteResult:
+    output: Path
+    run_id: str
+    model_name: str
+    model_version: str
+    metrics: dict[str, float]
+    trial_number: int
+    load_code: str
+
+
+def promote(options: PromoteOptions, console: Console) -> PromoteResult:
+    study = studies.load(options.storage, options.study)
+    recorded = SweepRecord.load(study)
+    if recorded is None:
+        raise HpoError(f"study {study.study_name!r} was not made by `hpo search`; nothing records how to train it")
+    trial = _pick_trial(study, options.trial)
+    sweep, schedule = _final_sweep(recorded, options.overrides)
+    if recorded.custom_train:
+        raise HpoError(
+            f"study {study.study_name!r} trained with the module's own train(params, report) "
+            f"({recorded.module}); hpo promote runs the built-in recipe only: train trial "
+            f"{trial.number}'s params (`hpo best --study {study.study_name} --json`) with your own code"
+        )
+    from hpo.record.tracking import check_tracking
+    from hpo.train.recipe import TrainJob
+
+    params = trial.user_attrs.get("config") or trial.params
+    job = TrainJob.from_sweep(sweep, params)
+    job = dataclasses.replace(
+        job, train_limit=None, restore_best=True, eval_every=schedule.eval_every, patience=schedule.patience,
+        min_steps=schedule.min_steps, watch=sweep.metrics[0], watch_mode=sweep.mode,
+    )
+    output = (Path(options.output) if options.output
+              else folder_for(Path("promoted"), study.study_name, f"-trial{trial.number}")).resolve()
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise HpoError(f"--output {output}: the folder exists and is not empty; choose another or remove it")
+    if not output.parent.is_dir():
+        output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(output)
+    tracking_uri = options.tracking_uri or recorded.tracking_uri
+    if tracking_uri and "***" in tracking_uri:
+        raise HpoError("the study's MLflow URI has a hidden password: give it again with --tracking-uri")
+    check_tracking(tracking_uri)
+    model_name = options.register or _registry_name(study.study_name)
+
+    from hpo.record.tracking import PromoteTracker
+
+    tracker = PromoteTracker(tracking_uri, study.study_name)
+    run_id = tracker.start(
+        trial_number=trial.number, parent_run_id=recorded.mlflow_parent_run_id,
+        params={**job.describe(), **params, "seed": job.seed, "max_steps": job.max_steps, "eval_every": job.eval_every,
+                "patience": job.patience, "min_steps": job.min_steps, "watch": job.watch, "model": job.model, "train_data": job.train_data,
+                "eval_data": job.eval_data or "", "merge": options.merge, "source_trial": trial.number},
+    )
+    at = f" at step {trial.user_attrs['best_step']}" if "best_step" in trial.user_attrs else ""
+    stopping = (f"early stopping after {job.patience} evaluations without a better {job.watch} (not before step "
+                f"{job.min_steps})" if job.patience else "no early stopping")
+    console.print(f"[bold]hpo promote[/] study {study.study_name} trial {trial.number} "
+                  f"({recorded.sweep['metric']}={_trial_value(trial)}{at}): {job.max_steps} steps, evaluating every "
+                  f"{job.eval_every}, {stopping}, the best {job.watch}'s weights kept; MLflow run {run_id}")
+    staging = _staging_folder(output)
+    try:
+        metrics = _train_and_save(job, sweep, params, options, study, trial, staging, tracker, console)
+        _publish(staging, output)
+        tracker.log_folder(output)
+        version = tracker.register(model_name, trial.number)
+        tracker.finish(metrics, "FINISHED")
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        _finish_failed(tracker, error, console)
+        raise
+    return PromoteResult(output, run_id, model_name, version, metrics, trial.number,
+                         _load_code(output, sweep.task, options.merge, metrics.get("num_labels")))
+
+
+def _pick_trial(study: Any, number: int | None) -> Any:
+    from optuna.trial import TrialState
+
+    if number is None and studies.is_multi_objective(study):
+        front = [str(point["number"]) for point in studies.pareto_front(study)]
+        raise HpoError(f"study {study.study_name!r} has several objectives and no single best trial; pick one of "
+                       f"its Pareto front with --trial N (trials {', '.join(front) or 'none yet'}; `hpo best` lists them)")
+    if number is None:
+        best = studies.best_summary(study)
+        if best is None:
+            raise HpoError(f"study {study.study_name!r} has no COMPLETE trial to promote; run more trials "
+                           f"(`hpo status --study {study.study_name}` shows why they ended)")
+        number = best["number"]
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials:
+        raise HpoError(f"--trial {number}: study {study.study_name!r} has trials 0..{len(trials) - 1}")
+    trial = trials[number]
+    if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+        raise HpoError(f"--trial {number} is {trial.state.name}; promote a COMPLETE (or PRUNED) trial")
+    return trial
+
+
+def _trial_value(trial: Any) -> float | list[float] | None:
+    """``trial.value``, or the list of a multi-objective trial's values (``trial.value`` raises there)."""
+    values = trial.values
+    return values[0] if values and len(values) == 1 else values
+
+
+def _final_sweep(recorded: SweepRecord, overrides: list[str]) -> tuple[Sweep, FinalSchedule]:
+    """The sweep as it ran, then ``--set`` on top; the budget grows unless max_steps is set,
+    and the evaluation cadence and patience follow the budget (:func:`final_schedule`)
+    unless eval_every or patience is set. The sweep's own ``patience`` was for its trials."""
+    values = dict(recorded.sweep)
+    chosen = parse_overrides(overrides)
+    if "max_steps" not in chosen:
+        values["max_steps"] = values["max_steps"] * BUDGET_FACTOR
+    max_steps, every = chosen.get("max_steps", values["max_steps"]), chosen.get("eval_every", 1)
+    schedule = FinalSchedule(values["eval_every"], 0, 0)
+    if all(isinstance(n, int) and n >= 1 for n in (max_steps, every)):  # else Sweep refuses them, below
+        schedule = final_schedule(max_steps, values["eval_every"], eval_every=chosen.get("eval_every"),
+                                  patience=chosen.get("patience"))
+        values.update(max_steps=max_steps, eval_every=schedule.eval_every, patience=None)
+    try:
+        sweep = dataclasses.replace(Sweep(**values), **chosen)
+    except HpoError as error:
+        raise HpoError(f"hpo promote: {error}") from None
+    return resolve_paths(sweep, Path.cwd()), schedule
+
+
+def _staging_folder(output: Path) -> Path:
+    """A new folder beside ``output`` to build the model in, named after this host and pid
+    (so a later promote can tell a dead run's leftovers), with the umask's mode (not 0700)."""
+    staging = output.parent / f"{STAGING_MARK.format(name=output.name)}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    return staging
+
+
+def _remove_stale_staging(output: Path) -> list[Path]:
+    """Remove the staging folders for ``output`` left by a killed promote on this host
+    (their pid is not running); another live promote's folder is left alone."""
+    import psutil
+
+    host, removed = socket.gethostname(), []
+    for folder in output.parent.glob(f"{STAGING_MARK.format(name=output.name)}*"):
+        rest = folder.name.removeprefix(STAGING_MARK.format(name=output.name))
+        owner_host, _, tail = rest.rpartition("-")[0].rpartition("-")
+        pid = tail
+        if folder.is_dir() and owner_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _publish(staging: Path, output: Path) -> None:
+    """Put the finished ``staging`` folder in place as ``output`` in one step: rename(2)
+    replaces a missing or *empty* directory atomically, so ``output`` is whole or untouched."""
+    try:
+        os.replace(staging, output)
+    except OSError as error:
+        raise HpoError(f"--output {output}: cannot move the finished model there ({error.strerror}); "
+                       "it must be missing or an empty folder on the same file system") from None
+
+
+def _finish_failed(tracker: Any, error: BaseException, console: Console) -> None:
+    """Close the MLflow run as FAILED; if MLflow fails too, say so and let the original error
+    (the one the caller re-raises) be the one reported."""
+    try:
+        tracker.finish({}, "FAILED")
+    except Exception as finish_error:  # noqa: BLE001 - never hide ``error``
+        error.add_note(f"(also: the MLflow run could not be closed: {type(finish_error).__name__}: {finish_error})")
+        console.print(f"[yellow]warning:[/] the MLflow run could not be closed as FAILED "
+                      f"({type(finish_error).__name__}); the error that stopped hpo promote follows", highlight=False)
+
+
+def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOptions, study: Any, trial: Any,
+                    staging: Path, tracker: Any, console: Console) -> dict[str, float]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from hpo.train import training
+    from hpo.train.reporter import Report
+
+    saved: dict[str, Any] = {}
+    started = time.perf_counter()
+
+    def save(model: Any, tokenizer: Any) -> None:
+        if sweep.test_data:
+            saved["test"] = training.evaluate_source(job, model, tokenizer, sweep.test_data)
+        if sweep.task == "sft":  # the saved folder formats and generates as the trials did
+            from hpo.train import sft
+
+            tokenizer.chat_template = sft.chat_template(job.model, tokenizer, job.chat_template)
+            model.config.use_cache = True
+        if options.merge:
+            model.merge_and_unload().save_pretrained(staging)
+        else:
+            model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        saved["num_labels"] = getattr(model.config, "num_labels", None) if sweep.task == "classification" else None
+
+    try:
+        with Progress(TextColumn("[bold]training"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+                      TextColumn("{task.fields[shown]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                      console=console, transient=False) as progress:
+            task = progress.add_task("train", total=job.max_steps, shown="")
+
+            def show(step: int, metrics: dict[str, float]) -> None:
+                tracker.log_metrics(step, metrics)
+                shown = f"{sweep.metrics[0]}={metrics[sweep.metrics[0]]:.4f} eval_loss={metrics['eval_loss']:.4f}"
+                progress.update(task, completed=step, shown=shown)
+
+            final = training.fine_tune(job, Report(sweep.metric, show), on_trained=save, score=_module_score(sweep, study),
+                                       on_start=lambda settings: tracker.log_params(
+                                           {k: settings[k] for k in ("device", "precision")}))
+            progress.update(task, completed=job.max_steps)
+        metrics = {k: v for k, v in final.items() if isinstance(v, (int, float))}
+        metrics["train_minutes"] = (time.perf_counter() - started) / 60
+        metrics.update({f"test_{k.removeprefix('eval_')}": v for k, v in saved.get("test", {}).items()})
+        if saved.get("num_labels"):
+            metrics["num_labels"] = saved["num_labels"]
+        _write_records(staging, job, sweep, params, options, study, trial, metrics)
+        return metrics
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _module_score(sweep: Sweep, study: Any) -> Any:
+    """The search-space module's own ``score`` (task sft), if its file still loads."""
+    record = SweepRecord.load(study)
+    module = record.module if record else None
+    if sweep.task != "sft" or not module or not Path(module).is_file():
+        return None
+    from hpo import space
+
+    return space.load(module).score
+
+
+def _write_records(folder: Path, job: Any, sweep: Sweep, params: dict, options: PromoteOptions, study: Any,
+                   trial: Any, metrics: dict[str, float]) -> None:
+    from hpo.train import models
+
+    record = {
+        "study": study.study_name,
+        "trial": trial.number,
+        "trial_value": _trial_value(trial),
+        "metric": sweep.metric,
+        "base_model": sweep.model,
+        "base_model_path": models.resolve(sweep.model),
+        "task": sweep.task,
+        "merged": options.merge,
+        "params": params,
+        "seed": job.seed,
+        "max_steps": job.max_steps,
+        "eval_every": job.eval_every,
+        "patience": job.patience,
+        "min_steps": job.min_steps,
+        "watch": job.watch,
+        "objective": sweep.objective,
+        "trial_best_step": trial.user_attrs.get("best_step"),
+        "train_data": sweep.train_data,
+        "eval_data": sweep.eval_data,
+        "test_data": sweep.test_data,
+        "max_length": sweep.max_length,
+        "metrics": metrics,
+    }
+    (folder / "hpo_promote.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items()))
+    param_rows = "\n".join(f"| {k} | {v} |" for k, v in params.items())
+    (folder / "README.md").write_text(f"""---
+library_name: {"transformers" if options.merge else "peft"}
+base_model: {sweep.model}
+tags: [hpo, {"lora" if not options.merge else "lora-merged"}, {sweep.task}]
+---
+
+# {study.study_name}: trial {trial.number}, promoted
+
+{"A merged" if options.merge else "A LoRA adapter for"} `{sweep.model}` ({sweep.task}), trained by `hpo promote` with
+the parameters of trial {trial.number} of the Optuna study `{study.study_name}`
+({sweep.metric} = {_trial_value(trial)} in the sweep), for up to {job.max_steps} steps, evaluated every
+{job.eval_every}, with early stopping on the validation {job.watch} (patience {job.patience} evaluations, not
+before step {job.min_steps}); the weights are those of the evaluation with the best validation
+{job.watch} (step {int(metrics.get('best_step', 0))}).
+
+Training data: `{sweep.train_data}`; validation: `{sweep.eval_data or f'{sweep.eval_fraction:.0%} held out of the training data'}`.
+
+## Parameters
+
+| parameter | value |
+| --- | --- |
+{param_rows}
+| seed | {job.seed} |
+
+## Metrics (final model)
+
+| metric | value |
+| --- | --- |
+{rows}
+
+## Load it
+
+```python
+{_load_code(folder, sweep.task, options.merge, metrics.get("num_labels"))}
+```
+""")
+
+
+def _load_code(folder: Path, task: str, merged: bool, num_labels: float | None) -> str:
+    if task == "sft":
+        return _generate_code(folder, merged)
+    labels = f", num_labels={int(num_labels)}" if num_labels and int(num_labels) != 2 else ""
+    if merged:
+        cls = "AutoModelForSequenceClassification" if task == "classification" else "AutoModelForCausalLM"
+        return (f"from transformers import {cls}, AutoTokenizer\n"
+                f"model = {cls}.from_pretrained(\"{folder}\")\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(\"{folder}\")")
+    cls = "AutoPeftModelForSequenceClassification" if task == "classification" else "AutoPeftModelForCausalLM"
+    return (f"from peft import {cls}\nfrom transformers import AutoTokenizer\n"
+            f"model = {cls}.from_pretrained(\"{folder}\"{labels})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained(\"{folder}\")")
+
+
+def _generate_code(folder: Path, merged: bool) -> str:
+    """How to answer a question with a promoted sft model: its chat template, greedy decoding."""
+    cls = "AutoModelForCausalLM" if merged else "AutoPeftModelForCausalLM"
+    package = "transformers" if merged else "peft"
+    return (f"from {package} import {cls}\nfrom transformers import AutoTokenizer\n"
+            f"model = {cls}.from_pretrained(\"{folder}\")\n"
+            f"tokenizer = AutoTokenizer.from_pretrained(\"{folder}\")\n"
+            "messages = [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]\n"
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+            "return_dict=True)\n"
+            "output = model.generate(**inputs, max_new_tokens=32, do_sample=False)\n"
+            "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))")
+
+
+def _registry_name(study_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", study_name).strip("-") or "hpo-model"

@@ -1,0 +1,417 @@
+"""Ray Tune: runs the trials on resources, stops weak ones early (ASHA), and streams
+every result back to the driver's :class:`~hpo.record.recorder.Recorder`.
+
+How a trial flows (Tune calls all of this in one driver thread):
+
+1. ``OptunaBridge.suggest`` asks the recorder for the next trial (Optuna ``ask`` +
+   ``space(trial)``), or says to wait, or that the sweep is done.
+2. A worker runs :func:`run_trial`: the module's ``train`` or the built-in recipe, whose
+   checked ``report(step, metrics)`` (:class:`hpo.Report`) becomes ``tune.report``.
+   Exceptions become an error result, so the reason reaches the driver; a non-finite
+   objective ends the trial (``nan``). The recipe's first result also carries what the
+   worker resolved (device, precision, target_modules, ...) as ``hpo_info/<name>`` entries
+   (strings and numbers; Tune flattens a nested dict that way anyway), which the bridge
+   hands to ``Recorder.on_info`` (Optuna user attrs, MLflow params): the one path by which
+   worker-side facts reach the driver's records.
+3. Tune gives each result to the scheduler first (``_ASHA`` may answer STOP and notes
+   when that is an early stop), then to ``OptunaBridge.on_trial_result``, except the
+   result on which the scheduler stops: ``on_trial_complete`` reports that one. ASHA
+   ranks trials on the sweep's ``prune_metric`` (default ``metric``); the study, and so
+   the bridge, records ``metric``.
+4. ``on_trial_complete`` decides the truthful end -- COMPLETE, PRUNED (stopped early by
+   ASHA), FAIL (error/nan/oom) or interrupted (worker died, Ctrl-C) -- and hands it to the
+   recorder.
+
+A searcher exception is only logged by Tune and would leave the trial RUNNING, so every
+hook here is defensive; the driver also closes whatever is left when ``fit`` returns.
+
+Before any trial, :func:`preflight` starts Ray and refuses, in one line, a sweep no node
+can run (``gpus_per_trial``/``cpus_per_trial`` above the largest node's) or whose device,
+precision or quantization the trial's worker cannot run (a Ray task with the trial's
+resources asks :func:`hpo.train.accelerator.problems`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from hpo.errors import HpoError, is_out_of_memory
+from hpo.record.recorder import NoTrial, Outcome, Recorder
+from hpo.run.cluster import HELD_KEY, TIME_KEY, held_resources
+from hpo.space import TrainFn
+from hpo.train.recipe import TrainJob
+from hpo.train.reporter import NonFiniteMetric, Report
+
+logger = logging.getLogger(__name__)
+ERROR_KEY = "hpo_error"
+REASON_KEY = "hpo_reason"
+EARLY_STOP_KEY = "hpo_early_stopped"
+INFO_PREFIX = "hpo_info/"
+PROBE_TIMEOUT = 180.0
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What every worker needs besides the trial's own params (sent once via the object store)."""
+
+    sweep: Any  # hpo.Sweep
+    train: TrainFn | None
+    score: Any = None
+    """The module's own ``score(prediction, reference)`` for task sft, or None (exact match)."""
+
+
+def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
+    """Ray Tune function trainable for one trial (runs on a worker)."""
+    started = time.perf_counter()  # the trial's start on its worker: trial_setup_seconds counts from here
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*(Some weights|newly initialized).*")
+    params = config["params"]
+    info: dict[str, Any] = {}
+    held = json.dumps([held_resources()])
+
+    def send(result: dict[str, Any]) -> None:
+        """``tune.report`` with what this trial holds (see :func:`hpo.run.cluster.held_resources`) and,
+        on the first result after they are known, the worker's resolved settings."""
+        if info:
+            result.update({INFO_PREFIX + k: v for k, v in info.items()})
+            info.clear()
+        tune.report({**result, HELD_KEY: held, TIME_KEY: time.time()})
+
+    report = Report(spec.sweep.metric, lambda step, values: send({"step": step, **values}),
+                    prune_metric=spec.sweep.pruned_on if spec.sweep.pruner == "asha" else None)
+    try:
+        if spec.train is not None:
+            call_train(spec.train, params, report, spec.sweep)
+        else:
+            from hpo.train import training
+
+            final = training.fine_tune(TrainJob.from_sweep(spec.sweep, params), report, on_start=info.update,
+                                       score=spec.score, started=started)
+            if final.get("stopped_early_at"):  # patience ended it: tell the driver why
+                send({"step": report.last_step, EARLY_STOP_KEY: int(final["stopped_early_at"])})
+    except NonFiniteMetric as error:
+        send({"step": report.last_step, ERROR_KEY: f"non-finite loss: {error}", REASON_KEY: "nan"})
+    except Exception as error:  # noqa: BLE001 - any trial error becomes FAIL with its reason
+        reason = "oom" if is_out_of_memory(error) else "error"
+        message = f"{type(error).__name__}: {error}"
+        send({"step": report.last_step, ERROR_KEY: message[:4000], REASON_KEY: reason})
+    finally:
+        if spec.train is None:  # a recipe trial (its exception, if any, handled): back to the resident baseline
+            from hpo.train import accelerator
+
+            accelerator.release_memory()
+
+
+def call_train(train: TrainFn, params: dict[str, Any], report: Report, sweep: Any) -> Any:
+    """A module's own ``train``: ``train(params, report, sweep)`` when it takes a third (or a
+    ``sweep``) parameter -- the effective sweep, after ``--set`` -- else ``train(params, report)``."""
+    try:
+        signature = inspect.signature(train)
+    except (TypeError, ValueError):  # a builtin or C callable: the two-argument form
+        return train(params, report)
+    kinds = [p.kind for p in signature.parameters.values()]
+    positional = [p for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if "sweep" in signature.parameters and signature.parameters["sweep"].kind == inspect.Parameter.KEYWORD_ONLY:
+        return train(params, report, sweep=sweep)
+    if len(positional) >= 3 or inspect.Parameter.VAR_POSITIONAL in kinds:
+        return train(params, report, sweep)
+    return train(params, report)
+
+
+class _ASHA(ASHAScheduler):
+    """Ray's ASHA, noting the trials it stops *before* ``max_t`` (an early stop).
+
+    ASHA also answers STOP when a trial reaches ``max_t``; that is a finished trial.
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.stopped_early: dict[str, int] = {}
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        step = result.get(self._time_attr)
+        if decision == TrialScheduler.STOP and step is not None and step < self._max_t and not result.get("done"):
+            self.stopped_early[trial.trial_id] = step
+        return decision
+
+
+class _NoStop(FIFOScheduler):
+    """No early stop (``pruner="none"``): every trial runs to its end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped_early: dict[str, int] = {}
+
+
+class OptunaBridge(Searcher):
+    """Tune searcher whose trials are Optuna trials; all writes go through the recorder."""
+
+    def __init__(self, recorder: Recorder, scheduler: _ASHA | _NoStop, metric: str, mode: str):
+        super().__init__(metric=metric, mode=mode)
+        self.recorder = recorder
+        self.scheduler = scheduler
+        self.numbers: dict[str, int] = {}
+        self.held: dict[str, dict[str, Any]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles searchers (tuner.pkl); the study is the state that matters, and the
+        # recorder holds connections and a live display.
+        state = self.__dict__.copy()
+        state["recorder"] = None
+        return state
+
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to save: the Optuna study is the searcher's state."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Nothing to restore: see :meth:`save`."""
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        try:
+            asked = self.recorder.next_trial()
+        except Exception as error:  # noqa: BLE001 - retried already (transient errors); the sweep ends short
+            logger.debug("hpo: asking for the next trial failed", exc_info=True)
+            self.recorder.stop(f"asking for the next trial failed ({type(error).__name__}: "
+                               f"{str(error).splitlines()[0][:200] if str(error) else ''})")
+            return Searcher.FINISHED
+        if asked is NoTrial.WAIT:
+            return None
+        if asked is NoTrial.DONE:
+            return Searcher.FINISHED
+        self.numbers[trial_id] = asked.number
+        return {"number": asked.number, "params": asked.params}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        _note_held(self.held, trial_id, result)
+        number = self.numbers.get(trial_id)
+        if number is not None:
+            self._info(number, result)
+        if number is None or ERROR_KEY in result or "step" not in result:
+            return
+        try:
+            self.recorder.on_result(number, int(result["step"]), _metrics(result))
+        except Exception:  # noqa: BLE001
+            logger.exception("hpo: recording a result of trial %s failed", number)
+
+    def _info(self, number: int, result: dict) -> None:
+        info = {k.removeprefix(INFO_PREFIX): v for k, v in result.items() if k.startswith(INFO_PREFIX)}
+        if info:
+            try:
+                self.recorder.on_info(number, info)
+            except Exception:  # noqa: BLE001
+                logger.exception("hpo: recording the settings of trial %s failed", number)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        number = self.numbers.pop(trial_id, None)
+        if number is None:
+            return
+        if result:
+            self._info(number, result)  # Tune skips on_trial_result for the result it stops on
+        try:
+            _note_held(self.held, trial_id, result or {})
+            if trial_id in self.held:
+                self.recorder.ledger.set_attr(number, "resources", self.held.pop(trial_id))
+        except Exception:  # noqa: BLE001 - a missing record of resources must not block the end
+            logger.exception("hpo: recording the resources of trial %s failed", number)
+        try:
+            outcome = self._outcome(trial_id, number, result, error)
+        except Exception as problem:  # noqa: BLE001 - never leave a trial RUNNING
+            logger.exception("hpo: deciding the end of trial %s failed", number)
+            outcome = Outcome("fail", reason="error", error=f"hpo internal error: {problem}")
+        try:
+            self.recorder.on_end(number, outcome)
+        except Exception:  # noqa: BLE001 - Tune only logs it; the trial is reclaimed and re-queued
+            logger.exception("hpo: recording the end of trial %s failed; it runs again", number)
+
+    def _outcome(self, trial_id: str, number: int, result: dict | None, error: bool) -> Outcome:
+        stopped_at = self.scheduler.stopped_early.pop(trial_id, None)
+        if error:
+            # A trial's own exception arrives as an ERROR_KEY result; error=True means its
+            # worker process died (killed, out of host memory): the trial runs again, a
+            # bounded number of times (Ledger.max_attempts).
+            return Outcome("interrupted", error="the trial's worker process died (see the Ray logs)")
+        if result is None:
+            return Outcome("interrupted")
+        if ERROR_KEY in result:
+            return Outcome("fail", reason=result.get(REASON_KEY, "error"), error=result[ERROR_KEY])
+        if "step" in result and self.metric in result:
+            self.recorder.on_result(number, int(result["step"]), _metrics(result))
+        if stopped_at is not None:
+            return Outcome("pruned", step=stopped_at)
+        if result.get("done") and EARLY_STOP_KEY in result:
+            return Outcome("complete", reason="early_stopped", step=int(result[EARLY_STOP_KEY]))
+        if result.get("done"):
+            return Outcome("complete")
+        return Outcome("interrupted")
+
+
+class _Heartbeat(tune.Callback):
+    """The recorder's clock on each step of Tune's loop: reclaims dead drivers' trials and
+    redraws the display. (Heartbeats themselves come from their own thread.)"""
+
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"recorder": None}
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.tick()
+
+
+def _note_held(held: dict[str, dict[str, Any]], trial_id: str, result: dict) -> None:
+    """Keep what a trial's workers hold: ranks, node, assigned resources, GPU ids, and the
+    time from the trial's start on its worker to its last report."""
+    if HELD_KEY not in result:
+        return
+    if trial_id not in held:
+        workers = json.loads(result[HELD_KEY])
+        held[trial_id] = {"workers": workers, "start": min(worker["start"] for worker in workers)}
+    held[trial_id]["end"] = float(result.get(TIME_KEY, time.time()))
+
+
+_RESULT_KEYS = {"step", "done", "trial_id", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
+                "time_since_restore", "iterations_since_restore", "pid", "hostname", "node_ip", "date",
+                "experiment_tag", "checkpoint_dir_name", "should_checkpoint"}
+
+
+def _metrics(result: dict) -> dict[str, float]:
+    return {k: v for k, v in result.items() if k not in _RESULT_KEYS and not k.startswith(("config/", "hpo_"))
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str | None, module: Any,
+        storage_path: str, name: str, worker_logs: bool = False, score: Any = None) -> None:
+    """Start (or join) Ray and run trials until the recorder says the sweep is done.
+
+    Workers' output stays in Ray's log files unless ``worker_logs``: the live view stays
+    readable, and Ray's own shutdown noise from idle reused workers is not shown. A trial's
+    exception reaches the study either way (its ``error`` attr).
+    """
+    import ray.cloudpickle
+
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if train is not None or score is not None:
+        # The module was loaded from a path workers may not import by name: ship it by value.
+        ray.cloudpickle.register_pickle_by_value(module)
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    # On Ctrl-C Tune stops the trials gracefully (they end as interrupted and run again on
+    # resume) and then suggests Tuner.restore: the study, not Tune's state, is what resumes.
+    logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
+    # A trial whose worker died is recorded (interrupted, run again); Tune's traceback for it is noise.
+    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
+    ray = _start_ray(address, worker_logs)
+    concurrency = sweep.concurrency or _fit_count(ray.cluster_resources(), sweep.trial_resources)
+
+    if sweep.pruner == "asha":
+        scheduler: _ASHA | _NoStop = _ASHA(
+            time_attr="step", metric=sweep.pruned_on, mode=sweep.prune_mode, max_t=sweep.max_steps,
+            grace_period=sweep.eval_every, reduction_factor=sweep.reduction_factor,
+        )
+    else:
+        scheduler = _NoStop()
+    searcher = OptunaBridge(recorder, scheduler, sweep.metrics[0], sweep.mode)
+    spec = TrialSpec(sweep, train, score)
+    callbacks: list[tune.Callback] = [_Heartbeat(recorder)]
+    if sweep.workers_per_trial == 1:
+        trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), sweep.trial_resources)
+    else:  # a light driver per trial; its Ray Train workers reserve the resources (hpo.run.distributed)
+        from hpo.run import distributed
+
+        trainable = tune.with_resources(tune.with_parameters(distributed.run_distributed_trial, spec=spec),
+                                        {"CPU": 0.01})
+        callbacks.append(distributed.ReleaseWorkerGroups())
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=-1,
+            max_concurrent_trials=concurrency, reuse_actors=sweep.workers_per_trial == 1,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage_path,
+            verbose=0,
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    tuner.fit()
+
+
+def _start_ray(address: str | None, worker_logs: bool) -> Any:
+    """Start or join Ray once (:func:`hpo.run.cluster.connect`); returns the ``ray`` module."""
+    import ray
+
+    from hpo.run import cluster
+
+    cluster.connect(address, worker_logs=worker_logs)
+    return ray
+
+
+def preflight(sweep: Any, *, address: str | None, recipe: bool, worker_logs: bool = False) -> None:
+    """Start (or join) Ray and refuse a sweep it cannot run, before anything is written.
+
+    Raises HpoError, one line: a ``gpus_per_trial``/``cpus_per_trial`` above every node's
+    (the largest node's numbers are given), or -- for the built-in recipe, when the sweep asks
+    for a device, precision or quantization a worker may lack -- what a probe task holding
+    one trial's resources found (:func:`hpo.train.accelerator.problems`).
+    """
+    ray = _start_ray(address, worker_logs)
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    per_worker = sweep.worker_resources  # one trial's share of one node (all of it for a one-worker trial)
+    for key, field in (("GPU", "gpus_per_trial"), ("CPU", "cpus_per_trial")):
+        wanted = per_worker[key]
+        if wanted > 0 and not any(node.get(key, 0.0) >= wanted for node in nodes):
+            largest = max(nodes, key=lambda node: node.get(key, 0.0), default={})
+            raise HpoError(
+                f"sweep field {field}={wanted:g}: no node of the Ray cluster has that many "
+                f"({'the largest has' if len(nodes) > 1 else 'it has'} {largest.get('GPU', 0.0):g} GPU, "
+                f"{largest.get('CPU', 0.0):g} CPU); lower it with --set {field}=... or add such a node")
+    if recipe and (sweep.device != "auto" or sweep.precision in ("bf16", "fp16") or sweep.quantization != "none"):
+        found = _probe(ray, sweep)
+        if found:
+            raise HpoError(found[0])
+
+
+def _probe(ray: Any, sweep: Any) -> list[str]:
+    """:func:`hpo.train.accelerator.problems` in a Ray task with one trial's resources (so with
+    the GPUs Ray would give a trial); a cluster too busy to answer in time is not an error."""
+
+    def probe(device: str, precision: str, quantization: str) -> list[str]:
+        from hpo.train import accelerator
+
+        return accelerator.problems(device, precision, quantization)
+
+    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(probe)
+    ref = task.remote(sweep.device, sweep.precision, sweep.quantization)
+    try:
+        return ray.get(ref, timeout=PROBE_TIMEOUT)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        logger.warning("hpo: no worker answered the device check within %.0f s; trials will report it", PROBE_TIMEOUT)
+        return []
+
+
+def _fit_count(available: dict[str, float], per_trial: dict[str, float]) -> int:
+    """How many trials fit on the cluster's resources at once (at least 1)."""
+    fits = [available.get(k.upper(), 0.0) / v for k, v in per_trial.items() if v > 0]
+    return max(1, int(min(fits))) if fits else 1

@@ -1,0 +1,213 @@
+"""What the built-in fine-tuning recipe takes: one trial's parameters and its job.
+
+Kept apart from the training loop (which imports torch and transformers) so that the
+command line can check a search space's parameter names without loading either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hpo.config import Sweep
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The hyperparameters ``space(trial)`` may return for the built-in recipe."""
+
+    learning_rate: float = 5e-4
+    """Peak learning rate of AdamW (after warmup, decayed linearly to 0)."""
+    batch_size: int = 16
+    """Examples per optimizer step."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the trainable (adapter and head) weights."""
+    lora_r: int = 8
+    """Rank of the LoRA update matrices."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."""
+    lora_dropout: float = 0.1
+    """Dropout on the LoRA branch's input."""
+    warmup_ratio: float = 0.0
+    """Share of max_steps spent warming the learning rate up from 0."""
+    max_grad_norm: float = 1.0
+    """Gradient norm clip; 0 disables clipping."""
+    loraplus_lr_ratio: float = 0.0
+    """LoRA+ (Hayou et al. 2024): the lora_B matrices learn at this many times learning_rate. Its
+    authors: at least 1, larger for harder tasks, with learning_rate about half plain LoRA's. 0: off."""
+    target_modules: tuple[str, ...] | None = None
+    """Module names that get LoRA adapters; None uses peft's default for the model type.
+    A search space may sample it as a comma-separated string ("query,value,key")."""
+    augment_word_dropout: float = 0.0
+    """Text augmentation: chance to drop each word of a training text (0: off)."""
+    augment_word_swap: float = 0.0
+    """Text augmentation: chance to swap each word with its neighbour (0: off)."""
+    augment_synonym: float = 0.0
+    """Text augmentation: chance to replace a word found in the sweep's synonym table (0: off)."""
+
+    def __post_init__(self) -> None:
+        modules = self.target_modules
+        if isinstance(modules, str):
+            modules = tuple(m.strip() for m in modules.split(",") if m.strip())
+        if modules is not None and not isinstance(modules, tuple):
+            modules = tuple(modules)
+        object.__setattr__(self, "target_modules", modules or None)
+
+    @property
+    def augments(self) -> bool:
+        return bool(self.augment_word_dropout or self.augment_word_swap or self.augment_synonym)
+
+
+PARAM_NAMES = tuple(f.name for f in dataclasses.fields(TrainParams))
+# What the recipe reports at every evaluation (hpo.train.training, hpo.train.sft), by task.
+REPORTED = {
+    "classification": ("eval_accuracy", "eval_loss"),
+    "causal_lm": ("eval_loss", "eval_perplexity"),
+    "sft": ("eval_loss", "eval_perplexity", "eval_exact_match", "eval_score", "generation_seconds"),
+}
+REPORTED_BY_ALL = ("train_loss", "learning_rate", "train_seconds", "micro_batch_size", "grad_accum",
+                   "peak_memory_mb", "resident_memory_mb", "trainable_params")
+# Besides the hyperparameters, a space may choose the base model (transfer learning) and seed.
+JOB_KEYS = ("model", "seed")
+
+
+def check_params(params: dict[str, Any], task: str = "classification") -> str | None:
+    """Why ``params`` cannot drive the built-in recipe, or None if it can."""
+    unknown = sorted(set(params) - set(PARAM_NAMES) - set(JOB_KEYS))
+    if unknown:
+        return (
+            f"returned {', '.join(map(repr, unknown))}, which the built-in recipe does not know; "
+            f"use {', '.join(PARAM_NAMES + JOB_KEYS)} or define train(params, report) in the module"
+        )
+    if "model" in params and (not isinstance(params["model"], str) or not params["model"]):
+        return f"returned model={params['model']!r}, expected a Hugging Face model id or a local folder"
+    positive = ("learning_rate", "batch_size", "lora_r", "lora_alpha")
+    for name, value in params.items():
+        if name in ("target_modules", "model"):
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            return f"returned {name}={value!r}, expected a finite number"
+        if name in positive and value <= 0:
+            return f"returned {name}={value!r}, expected a positive number"
+        if value < 0:
+            return f"returned {name}={value!r}, expected a number of at least 0"
+    if not 0 <= params.get("lora_dropout", 0) < 1:
+        return f"returned lora_dropout={params['lora_dropout']!r}, expected a number in [0, 1)"
+    for name in ("warmup_ratio", "augment_word_dropout", "augment_word_swap", "augment_synonym"):
+        if not 0 <= params.get(name, 0) < 1:
+            return f"returned {name}={params[name]!r}, expected a number in [0, 1)"
+    if task != "classification" and any(params.get(k) for k in ("augment_word_dropout", "augment_word_swap",
+                                                                   "augment_synonym")):
+        return "returned a text augmentation, which applies to classification only"
+    return None
+
+
+def check_metrics(sweep: Sweep) -> str | None:
+    """Why the recipe cannot report the sweep's ``metric`` or ``prune_metric``, or None.
+    (sft's ``eval_score`` needs the module's ``score``; that is checked where the module is known.)"""
+    reported = REPORTED.get(sweep.task, ()) + REPORTED_BY_ALL
+    fields = [("metric", name) for name in sweep.metrics] + ([("prune_metric", sweep.prune_metric)] if sweep.prune_metric else [])
+    for name, metric in fields:
+        if metric not in reported:
+            return (f"sweep field {name}={metric!r} is not something the built-in recipe reports for task "
+                    f"{sweep.task}; use one of {', '.join(reported)} (--set {name}=...), or define "
+                    "train(params, report) in the module")
+    return None
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything one run of the recipe needs; plain data, picklable to Ray workers."""
+
+    model: str
+    task: str
+    train_data: str
+    eval_data: str | None
+    text_column: str | None
+    label_column: str | None
+    max_length: int
+    eval_fraction: float
+    max_steps: int
+    eval_every: int
+    eval_batch_size: int
+    seed: int
+    params: TrainParams = field(default_factory=TrainParams)
+    train_limit: int | None = None
+    """Use at most this many training examples (a seeded sample); None: all."""
+    patience: int | None = None
+    """Stop after this many evaluations without a better one (by ``watch``); None/0: never."""
+    restore_best: bool = False
+    """End with the weights of the best evaluation (by ``watch``)."""
+    watch: str = "eval_loss"
+    """What early stopping and ``restore_best`` judge an evaluation by (``watch_mode`` says which way is
+    better; equal values go to the lower eval_loss): eval_loss in trials, the sweep's metric in promote."""
+    watch_mode: str = "min"
+    """``min`` or ``max``: the better direction of ``watch``."""
+    min_steps: int = 0
+    """Early stopping never ends the run before this step."""
+    synonyms: str | None = None
+    """Synonym table for ``augment_synonym`` (see :mod:`hpo.train.augment`)."""
+    device: str = "auto"
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (resolved on the worker: :mod:`hpo.train.accelerator`)."""
+    precision: str = "auto"
+    """``auto``, ``bf16``, ``fp16`` or ``fp32``."""
+    gradient_checkpointing: bool = False
+    quantization: str = "none"
+    """``none``, ``4bit`` (QLoRA) or ``8bit``."""
+    attn_implementation: str = "sdpa"
+    packing: bool = False
+    """sft: pack examples into max_length blocks (see :mod:`hpo.train.sft`)."""
+    generation_examples: int = 32
+    """sft: eval examples scored by greedy generation."""
+    max_new_tokens: int = 32
+    """sft: most tokens generated per answer."""
+    chat_template: str | None = None
+    """sft: a Jinja file or a model to borrow the chat template from; None: the model's own."""
+
+    def describe(self) -> dict[str, Any]:
+        """The job as flat, loggable values, defaults filled in: what the MLflow trial run
+        records when the trial starts. ``device``, ``precision`` and (when not chosen)
+        ``target_modules`` are left out: the worker reports what they resolved to."""
+        flat: dict[str, Any] = dataclasses.asdict(self.params)
+        flat["target_modules"] = ",".join(self.params.target_modules or ()) or None
+        for item in dataclasses.fields(self):
+            if item.name != "params":
+                flat[item.name] = getattr(self, item.name)
+        return {k: v for k, v in flat.items() if v is not None and k not in ("device", "precision")}
+
+    @classmethod
+    def from_sweep(cls, sweep: Sweep, params: dict[str, Any]) -> TrainJob:
+        values = {k: v for k, v in params.items() if k not in JOB_KEYS}
+        if "batch_size" in values:
+            values["batch_size"] = int(values["batch_size"])
+        if "lora_r" in values:
+            values["lora_r"] = int(values["lora_r"])
+        return cls(
+            model=str(params.get("model", sweep.model)),
+            task=sweep.task,
+            train_data=sweep.train_data,
+            eval_data=sweep.eval_data,
+            text_column=sweep.text_column,
+            label_column=sweep.label_column,
+            max_length=sweep.max_length,
+            eval_fraction=sweep.eval_fraction,
+            max_steps=sweep.max_steps,
+            eval_every=sweep.eval_every,
+            eval_batch_size=sweep.eval_batch_size,
+            seed=int(params.get("seed", sweep.seed)),
+            params=TrainParams(**values),
+            train_limit=sweep.train_limit,
+            patience=sweep.patience,
+            synonyms=sweep.synonyms,
+            device=sweep.device,
+            precision=sweep.precision,
+            gradient_checkpointing=sweep.gradient_checkpointing,
+            quantization=sweep.quantization,
+            attn_implementation=sweep.attn_implementation,
+            packing=sweep.packing,
+            generation_examples=sweep.generation_examples,
+            max_new_tokens=sweep.max_new_tokens,
+            chat_template=sweep.chat_template,
+        )

@@ -1,0 +1,590 @@
+"""The built-in fine-tuning recipe: a base model + a fresh LoRA adapter, AdamW, evaluation
+every ``eval_every`` steps, each evaluation handed to ``report(step, metrics)``.
+
+A sampled batch size too large for the device is a setting, not a dead trial: on an
+out-of-memory error the step is redone with half the micro-batch and gradients
+accumulated over the pieces, so the effective batch (and the loss) stays the sampled one;
+``micro_batch_size`` and ``grad_accum`` are reported. Only when one example does not fit
+does the error propagate (the trial fails with reason ``oom``).
+
+It knows nothing of Optuna, Ray or MLflow: it runs the same under Ray, in a plain
+process, or in a test. ``report`` may raise to end the run early (Ray's stop does).
+
+Load once per worker: the frozen base model and the tokenized data are cached in this
+process, keyed by model, task and data (the base also by device, precision, quantization and
+attention kernel: it stays on its device across trials); each run seeds torch, re-initialises
+the task head, wraps the base in a new adapter and removes the adapter in ``finally``, so a
+run on a warm worker gives exactly the results of a fresh load with the same seed.
+
+Device and precision (:mod:`hpo.train.accelerator`): batches move to the device the worker
+resolved; with bf16/fp16 the frozen base is stored in that dtype, the trainable weights
+(adapter, head) in fp32, and every forward pass runs under ``torch.autocast`` (fp16 with a
+``GradScaler``). Every report carries ``peak_memory_mb`` (the trial's high-water mark: GPU
+memory, else the process's peak RSS) and ``resident_memory_mb`` (the worker's memory when
+the trial started, after the cached base model: flat across trials when nothing leaks).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from hpo.errors import is_out_of_memory
+from hpo.train import accelerator, data, models, sft
+from hpo.train.recipe import TrainJob
+
+Reporter = Callable[[int, dict[str, float]], None]
+T = TypeVar("T")
+# peft asks transformers a deprecated question on every wrap; it is not ours to answer.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+_BASE_MODELS: dict[tuple, Any] = {}
+_TOKENIZERS: dict[str, Any] = {}
+_DATASETS: dict[tuple, tuple[Any, Any, int]] = {}
+
+
+def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], None] | None = None,
+              on_start: Callable[[dict[str, Any]], None] | None = None,
+              score: Callable[[str, str], float] | None = None, started: float | None = None) -> dict[str, float]:
+    """Train one LoRA adapter as ``job`` says; return the final model's metrics.
+
+    With ``job.patience``, training stops once ``job.watch`` (eval_loss unless promote says
+    otherwise; ``job.watch_mode`` is its better direction, ties go to the lower eval_loss) has
+    not improved for that many evaluations, but not before ``job.min_steps``; with
+    ``job.restore_best`` the weights of the best evaluation are restored at the end (and
+    evaluated again). The returned metrics then also hold ``best_step`` and
+    ``stopped_early_at`` (0 when it ran to ``max_steps``).
+    ``on_trained(peft_model, tokenizer)`` is called at the end, before the adapter is removed
+    from the cached base model (to save it, for example). ``on_start(settings)`` is called
+    once the adapter is in place, with what the run resolved: device, precision,
+    target_modules, trainable_params, ...
+    ``score(prediction, reference)`` (task sft, from the search-space module) scores
+    generated answers as ``eval_score``.
+    The first report also holds ``trial_setup_seconds``: from ``started`` (a
+    ``time.perf_counter()`` reading; default: this call) to the start of the first optimizer
+    step, its batch drawn -- imports, model and data loading on a cold worker, a fresh
+    adapter and optimizer on a warm one; not the step's own compute, which is training.
+    """
+    started = time.perf_counter() if started is None else started
+    from peft import get_peft_model
+
+    device = accelerator.resolve_device(job.device)
+    precision = accelerator.resolve_precision(job.precision, device)
+    tokenizer = _tokenizer(job.model)
+    train_set, eval_set, num_labels = _datasets(job, tokenizer)
+    base = _base_model(job, num_labels, tokenizer, device, precision)
+    if job.task == "sft":
+        eval_set = sft.with_score(eval_set, score)
+        base.config.use_cache = False  # a KV cache in training turns off packed sequences' own attention
+    run = _Run(device, precision, accelerator.grad_scaler(device, precision), accelerator.MemoryMeter(device),
+               accelerator.current_memory(device))
+    run.started = started
+    run.meter.start()
+
+    torch.manual_seed(job.seed)
+    _reset_head(base, job.task)
+    _set_gradient_checkpointing(base, job.gradient_checkpointing)
+    model = get_peft_model(base, _lora_config(job, base.config.model_type))
+    try:
+        trainable = _upcast_trainable(model)
+        run.trainable_params = trainable
+        if on_start is not None:
+            on_start(_settings(job, model, run, trainable))
+        metrics = _train(job, model, tokenizer, train_set, eval_set, report, run)
+        if on_trained is not None:
+            on_trained(model, tokenizer)
+        return metrics
+    except BaseException as error:  # Ray's early stop (SystemExit) included
+        # The exception's traceback keeps _train's frame -- optimizer state, gradients, the
+        # adapter -- alive as long as someone holds it; drop those locals now.
+        traceback.clear_frames(error.__traceback__)
+        raise
+    finally:
+        model.unload()  # the cached base is clean again for the next run on this worker
+        del model  # the caller frees what is left (hpo.train.accelerator.release_memory)
+
+
+class _Run:
+    """Where and how one run computes, and its memory meter."""
+
+    def __init__(self, device: torch.device, precision: str, scaler: Any, meter: accelerator.MemoryMeter,
+                 resident: int):
+        self.device, self.precision, self.scaler, self.meter, self.resident = device, precision, scaler, meter, resident
+        self.started = time.perf_counter()
+        self.setup_seconds: float | None = None
+        """From the start to the start of the first optimizer step; reported once, then None."""
+        self.trainable_params = 0
+        """The adapter's (and task head's) trainable weights: reported with every evaluation, a cost
+        objective of a multi-objective sweep (``metric="eval_accuracy,trainable_params"``)."""
+
+    def memory(self) -> dict[str, float]:
+        mib = 1024 * 1024
+        return {"peak_memory_mb": round(self.meter.peak() / mib), "resident_memory_mb": round(self.resident / mib),
+                "trainable_params": self.trainable_params}
+
+
+def _settings(job: TrainJob, model: Any, run: _Run, trainable: int) -> dict[str, Any]:
+    config = model.peft_config["default"]
+    return {**accelerator.describe(run.device), "precision": run.precision, "quantization": job.quantization,
+            "gradient_checkpointing": job.gradient_checkpointing, "attn_implementation": job.attn_implementation,
+            "target_modules": ",".join(sorted(config.target_modules or ())), "trainable_params": trainable}
+
+
+def _upcast_trainable(model: Any) -> int:
+    """Trainable weights (adapter, task head) in fp32 whatever the base's dtype: the optimizer
+    and the grad scaler work on fp32 master weights. Returns their number."""
+    count = 0
+    for weight in model.parameters():
+        if weight.requires_grad:
+            if weight.dtype != torch.float32:
+                weight.data = weight.data.float()
+            count += weight.numel()
+    return count
+
+
+def _set_gradient_checkpointing(base: Any, enabled: bool) -> None:
+    """On or off for this run (the cached base keeps whatever the last run set)."""
+    if enabled:
+        # non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+    elif base.is_activation_checkpointing:
+        base.activation_checkpointing_disable()
+
+
+def make_optimizer(model: Any, trainable: list, p: Any) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights at ``p.learning_rate``. With ``p.loraplus_lr_ratio`` > 0,
+    LoRA+ (Hayou et al. 2024) through peft's ``create_loraplus_optimizer``: the lora_B matrices
+    (and, as peft does, 1-D trainable weights such as biases) learn at ratio x the rate, the
+    rest (lora_A, the task head's matrices) at the rate; 1-D weights get no weight decay."""
+    if not p.loraplus_lr_ratio:
+        return torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.weight_decay)
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=p.learning_rate,
+                                     loraplus_lr_ratio=p.loraplus_lr_ratio, loraplus_weight_decay=p.weight_decay)
+
+
+def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, report: Reporter,
+           run: _Run) -> dict[str, float]:
+    p = job.params
+    trainable = [w for w in model.parameters() if w.requires_grad]
+    optimizer = make_optimizer(model, trainable, p)
+    warmup = int(p.warmup_ratio * job.max_steps)
+
+    def schedule(step: int) -> float:  # linear warmup, then linear decay to 0
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (job.max_steps - step) / max(1, job.max_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    augment = _augmenter(job) if job.task == "classification" and p.augments else None
+    batches = _batches(train_set, p.batch_size, job.seed, tokenizer, job.task, augment, job.max_length)
+    losses: list[float] = []
+    metrics: dict[str, float] = {}
+    watch = _BestWatch(job.patience, job.restore_best, job.watch, job.watch_mode, job.min_steps)
+    micro = p.batch_size
+    runner, rank, world = _data_parallel(model)
+    started = time.perf_counter()
+    model.train()
+    for step in range(1, job.max_steps + 1):
+        batch = next(batches)
+        if step == 1:  # training starts: what came before was setup
+            run.setup_seconds = time.perf_counter() - run.started
+        pieces = functools.partial(_accumulate, runner, _shard(batch, rank, world), run=run,
+                                   whole=len(batch["labels"]) / world)  # pieces(micro) -> the step's loss
+        loss, micro = _halving_on_oom(pieces, micro, can_halve=world == 1,  # ranks must stay in step
+                                      before_retry=lambda: optimizer.zero_grad(set_to_none=True))
+        if run.scaler is not None:
+            run.scaler.unscale_(optimizer)  # clip and step on the true gradients
+        if p.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, p.max_grad_norm)
+        if run.scaler is not None:
+            run.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            run.scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss)
+        if step % job.eval_every == 0 or step == job.max_steps:
+            metrics = evaluate(job, model, tokenizer, eval_set)
+            metrics["train_loss"] = _mean_over_ranks(losses, world)
+            metrics["micro_batch_size"] = micro
+            metrics["grad_accum"] = math.ceil(p.batch_size / micro)
+            metrics["learning_rate"] = scheduler.get_last_lr()[0]
+            metrics["train_seconds"] = time.perf_counter() - started
+            metrics.update(run.memory())
+            if run.setup_seconds is not None:
+                metrics["trial_setup_seconds"], run.setup_seconds = run.setup_seconds, None
+            losses.clear()
+            report(step, metrics)
+            if watch.should_stop(step, metrics, model):
+                break
+            model.train()
+    return watch.finish(step, metrics, model, lambda: evaluate(job, model, tokenizer, eval_set))
+
+
+class _BestWatch:
+    """Early stopping with patience, and the best weights kept to restore.
+
+    An evaluation is better than the best so far when its ``watch`` metric is better (by
+    ``mode``), or equal with a lower ``eval_loss`` (accuracy plateaus while the loss still
+    moves). Patience never ends the run before ``min_steps``."""
+
+    def __init__(self, patience: int | None, restore_best: bool, watch: str = "eval_loss", mode: str = "min",
+                 min_steps: int = 0):
+        self.patience = patience or 0
+        self.restore_best = restore_best
+        self.watch = watch
+        self.sign = 1.0 if mode == "max" else -1.0
+        self.min_steps = min_steps
+        self.best: tuple[float, float] | None = None
+        """(sign x watch, -eval_loss) of the best evaluation: larger is better."""
+        self.best_step = 0
+        self.best_state: dict[str, Any] | None = None
+        self.since_best = 0
+        self.stopped_at = 0
+
+    def should_stop(self, step: int, metrics: dict[str, float], model: Any) -> bool:
+        if not (self.patience or self.restore_best):
+            return False
+        key = (self.sign * metrics[self.watch], -metrics["eval_loss"])
+        if self.best is None or key > self.best:
+            self.best, self.best_step, self.since_best = key, step, 0
+            if self.restore_best:
+                self.best_state = {n: w.detach().clone() for n, w in model.named_parameters() if w.requires_grad}
+            return False
+        self.since_best += 1
+        if self.patience and self.since_best >= self.patience and step >= self.min_steps:
+            self.stopped_at = step
+            return True
+        return False
+
+    def finish(self, step: int, metrics: dict[str, float], model: Any, evaluate_now: Callable[[], dict]) -> dict:
+        if not (self.patience or self.restore_best):
+            return metrics
+        final = dict(metrics)
+        if self.restore_best and self.best_state is not None and self.best_step != step:
+            with torch.no_grad():
+                for name, weight in model.named_parameters():
+                    if name in self.best_state:
+                        weight.copy_(self.best_state[name])
+            final = {**metrics, **evaluate_now()}
+        final["best_step"] = self.best_step
+        final["stopped_early_at"] = self.stopped_at
+        return final
+
+
+def _accumulate(model: Any, batch: dict[str, Any], micro: int, run: _Run, whole: float | None = None) -> float:
+    """Forward and backward ``batch`` in pieces of ``micro`` examples; each piece's mean
+    loss is weighted by its share of ``whole`` (default: this batch's size), so the gradient
+    is the whole batch's. Returns the loss."""
+    size = batch["labels"].shape[0]
+    total = 0.0
+    for start in range(0, size, micro):
+        piece = _to_device({k: v[start : start + micro] for k, v in batch.items()}, run.device)
+        share = piece["labels"].shape[0] / (whole or size)
+        with accelerator.autocast(run.device, run.precision):
+            loss = _forward(model, piece).loss * share
+        (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+        total += loss.item()
+    return total
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _data_parallel(model: Any) -> tuple[Any, int, int]:
+    """``(runner, rank, world_size)``: when torch.distributed is initialised (a trial that spans
+    several workers) the runner is ``model`` in DistributedDataParallel, which averages the
+    gradients of the ranks; otherwise the model itself, rank 0 of 1."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return model, 0, 1
+    device = next(model.parameters()).device
+    runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return runner, dist.get_rank(), dist.get_world_size()
+
+
+def _shard(batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """This rank's contiguous part of a batch every rank drew alike (same seed), so that the
+    ranks together see exactly the batch one worker would; sizes differ by at most one."""
+    if world == 1:
+        return batch
+    size = batch["labels"].shape[0]
+    if size < world:
+        raise ValueError(f"batch_size={size} is smaller than the {world} workers of the trial; sample batch "
+                         "sizes of at least workers_per_trial")
+    start, stop = rank * size // world, (rank + 1) * size // world
+    return {key: value[start:stop] for key, value in batch.items()}
+
+
+def _mean_over_ranks(losses: list[float], world: int) -> float:
+    """The mean training loss of the whole batches since the last evaluation: each rank's loss
+    is its shard's share of the batch loss, so their sum over ranks is the batch's loss."""
+    if world == 1:
+        return sum(losses) / len(losses)
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    total = torch.tensor([sum(losses)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.item() / (world * len(losses))
+
+
+def _forward(model: Any, batch: dict[str, Any]) -> Any:
+    """The one place the model runs on a training batch (tests inject faults here)."""
+    return model(**batch)
+
+
+def evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any) -> dict[str, float]:
+    """Mean loss over the validation set; accuracy (classification) or perplexity (causal LM).
+    Batches of ``eval_batch_size``, halved on an out-of-memory error."""
+    metrics, _ = _halving_on_oom(lambda size: _evaluate(job, model, tokenizer, eval_set, size), job.eval_batch_size)
+    return metrics
+
+
+def _halving_on_oom(attempt: Callable[[int], T], size: int, can_halve: bool = True,
+                    before_retry: Callable[[], None] | None = None) -> tuple[T, int]:
+    """``attempt(size)``; on an out-of-memory error, memory released (after ``before_retry``),
+    again with half the size, down to 1. Returns the result and the size that worked. Any
+    other error, or an out-of-memory error at size 1 or when ``can_halve`` is false, propagates."""
+    while True:
+        try:
+            return attempt(size), size
+        except Exception as error:
+            if not is_out_of_memory(error) or size == 1 or not can_halve:
+                raise
+            if before_retry is not None:
+                before_retry()
+            accelerator.release_memory()
+            size = max(1, size // 2)
+
+
+@torch.no_grad()
+def _evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any, size: int) -> dict[str, float]:
+    if job.task == "sft":
+        return sft.evaluate(job, model, tokenizer, eval_set, size)
+    model.eval()
+    device = _device_of(model)
+    precision = accelerator.resolve_precision(job.precision, device)
+    total_loss, total_count, correct = 0.0, 0, 0
+    for start in range(0, len(eval_set), size):
+        batch = _to_device(_collate(eval_set, range(start, min(start + size, len(eval_set))), tokenizer, job.task),
+                           device)
+        with accelerator.autocast(device, precision):
+            out = model(**batch)
+        count = batch["labels"].shape[0]
+        total_loss += out.loss.item() * count
+        total_count += count
+        if job.task == "classification":
+            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+    eval_loss = total_loss / total_count
+    if job.task == "classification":
+        return {"eval_loss": eval_loss, "eval_accuracy": correct / total_count}
+    return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+
+
+def _batches(train_set: Any, batch_size: int, seed: int, tokenizer: Any, task: str,
+             augment: Callable[[str], str] | None = None, max_length: int = 0):
+    """Endless seeded shuffled batches: each epoch a new permutation of the training set."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(train_set), generator=generator).tolist()
+        for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+            yield _collate(train_set, order[start : start + batch_size], tokenizer, task, augment, max_length)
+
+
+def _collate(dataset: Any, indices: Any, tokenizer: Any, task: str,
+             augment: Callable[[str], str] | None = None, max_length: int = 0) -> dict[str, Any]:
+    indices = list(indices)
+    if task == "sft":
+        return sft.collate(dataset, indices)
+    if task == "causal_lm":
+        blocks = dataset[indices]
+        return {"input_ids": blocks, "labels": blocks}
+    features, labels = dataset[0], dataset[1]
+    if augment is not None:  # tokenized per batch: each epoch sees other perturbations
+        texts = [augment(dataset[2][i]) for i in indices]
+        batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        batch["labels"] = torch.tensor([labels[i] for i in indices])
+        return dict(batch)
+    batch = tokenizer.pad([features[i] for i in indices], return_tensors="pt")
+    batch["labels"] = torch.tensor([labels[i] for i in indices])
+    return dict(batch)
+
+
+class _Classification(tuple):
+    """(token features, labels) with a length, so both tasks' datasets have ``len``."""
+
+    def __len__(self) -> int:  # type: ignore[override]
+        return len(self[1])
+
+
+def _datasets(job: TrainJob, tokenizer: Any) -> tuple[Any, Any, int]:
+    if job.task == "sft":
+        key = ("sft", job.model, job.train_data, job.eval_data, job.max_length, job.eval_fraction, job.train_limit,
+               job.packing, job.chat_template, job.generation_examples)
+        if key not in _DATASETS:
+            _DATASETS[key] = (*sft.datasets(job, tokenizer), 0)
+        return _DATASETS[key]
+    key = (job.model, job.task, job.train_data, job.eval_data, job.text_column, job.label_column,
+           job.max_length, job.eval_fraction, job.train_limit)
+    if key not in _DATASETS:
+        train = data.read(job.train_data, job.task, job.text_column, job.label_column)
+        if job.eval_data:
+            evaluation = data.read(job.eval_data, job.task, job.text_column, job.label_column)
+        else:
+            train, evaluation = data.hold_out(train, job.eval_fraction)
+        if job.train_limit:
+            train = data.sample(train, job.train_limit)
+        if job.task == "causal_lm":
+            _DATASETS[key] = (_blocks(train, tokenizer, job.max_length), _blocks(evaluation, tokenizer, job.max_length), 0)
+        else:
+            num_labels = max(max(train.labels), max(evaluation.labels)) + 1  # type: ignore[arg-type]
+            _DATASETS[key] = (
+                _Classification((_tokenize(train.texts, tokenizer, job.max_length), train.labels, train.texts)),
+                _Classification((_tokenize(evaluation.texts, tokenizer, job.max_length), evaluation.labels)),
+                max(2, num_labels),
+            )
+    return _DATASETS[key]
+
+
+def evaluate_source(job: TrainJob, model: Any, tokenizer: Any, source: str) -> dict[str, float]:
+    """Evaluate ``model`` on another data source (a test set), the way validation is done."""
+    if job.task == "sft":
+        return evaluate(job, model, tokenizer, sft.eval_set(job, tokenizer, sft.read(source), source=source))
+    examples = data.read(source, job.task, job.text_column, job.label_column)
+    if job.task == "causal_lm":
+        dataset = _blocks(examples, tokenizer, job.max_length)
+    else:
+        dataset = _Classification((_tokenize(examples.texts, tokenizer, job.max_length), examples.labels))
+    return evaluate(job, model, tokenizer, dataset)
+
+
+def _tokenize(texts: list[str], tokenizer: Any, max_length: int) -> list[dict]:
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    return [{k: encoded[k][i] for k in encoded.keys()} for i in range(len(texts))]
+
+
+def _blocks(examples: data.Examples, tokenizer: Any, block_size: int) -> Any:
+    ids: list[int] = []
+    for text in examples.texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    n_blocks = len(ids) // block_size
+    if n_blocks == 0:
+        from hpo.errors import HpoError
+
+        raise HpoError(f"{examples.source}: only {len(ids)} tokens, fewer than one block of max_length={block_size}")
+    return torch.tensor(ids[: n_blocks * block_size]).view(n_blocks, block_size)
+
+
+def _augmenter(job: TrainJob) -> Callable[[str], str]:
+    from hpo.train.augment import Augmenter, load_synonyms
+
+    p = job.params
+    return Augmenter(word_dropout=p.augment_word_dropout, word_swap=p.augment_word_swap, synonym=p.augment_synonym,
+                     synonyms=load_synonyms(job.synonyms), seed=job.seed)
+
+
+def _tokenizer(model_name: str) -> Any:
+    if model_name not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(models.resolve(model_name))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        _TOKENIZERS[model_name] = tokenizer
+    return _TOKENIZERS[model_name]
+
+
+def _base_model(job: TrainJob, num_labels: int, tokenizer: Any, device: torch.device | None = None,
+                precision: str = "fp32") -> Any:
+    """The frozen base, loaded once per worker onto ``device``: stored in the training
+    precision's dtype (bf16/fp16, else fp32), or quantized by bitsandbytes (4bit: QLoRA's
+    nf4 with double quantization, computing in bf16; 8bit) and prepared by peft for k-bit
+    training."""
+    device = device or torch.device("cpu")
+    key = (job.model, job.task, num_labels, str(device), precision, job.quantization, job.attn_implementation)
+    if key not in _BASE_MODELS:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        path = models.resolve(job.model)
+        dtype = accelerator.DTYPES[precision]
+        options: dict[str, Any] = {"dtype": dtype, "attn_implementation": job.attn_implementation}
+        if job.quantization != "none":
+            options["dtype"] = torch.float16 if precision == "fp16" else torch.bfloat16
+            options["quantization_config"] = _quantization_config(job.quantization, options["dtype"], job.task)
+            options["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+        if job.task == "classification":
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                                   **options)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, **options)
+        if job.quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            # freezes the base, casts its norms and the rest to fp32; checkpointing is set per run
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        else:
+            model.to(device)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        _BASE_MODELS[key] = model
+    return _BASE_MODELS[key]
+
+
+def _quantization_config(quantization: str, compute_dtype: torch.dtype, task: str) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    # a classification head is new and trained: it stays a plain Linear
+    skip = ["classifier", "score"] if task == "classification" else None
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip)
+
+
+def _reset_head(model: Any, task: str) -> None:
+    """Fresh, seeded weights for the task head (it is not in a pretrained checkpoint)."""
+    if task != "classification":
+        return
+    for name in ("classifier", "score"):
+        head = getattr(model, name, None)
+        if head is None:
+            continue
+        for module in head.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=model.config.initializer_range if hasattr(model.config, "initializer_range") else 0.02)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+
+
+def _lora_config(job: TrainJob, model_type: str) -> Any:
+    from peft import LoraConfig, TaskType
+
+    p = job.params
+    return LoraConfig(
+        fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections transposed (Conv1D)
+        task_type=TaskType.SEQ_CLS if job.task == "classification" else TaskType.CAUSAL_LM,
+        r=p.lora_r,
+        lora_alpha=p.lora_alpha,
+        lora_dropout=p.lora_dropout,
+        target_modules=list(p.target_modules) if p.target_modules else None,
+    )
