@@ -47,7 +47,9 @@ Why these ranges (published LoRA results, not guesses):
   accuracy of most configs sits near the majority-class share, so ASHA's first rung compares
   ties and stops the fast learners (on 2,000 SST-2 rows at step 20 of 60, the config with the
   lowest loss, 0.673 against 0.690-0.692, had the lowest accuracy, 0.510, and was stopped);
-  the loss already ranks them (bench/fidelity.py measures both, see the README's Performance).
+  the loss already ranks them. Over 12 configs (bench/fidelity.py, README's Performance), the
+  rank correlation with the final accuracy at step 20 of 120 was 0.74 for eval_loss and -0.04
+  for eval_accuracy.
 """
 
 import hpo
