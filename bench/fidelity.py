@@ -78,15 +78,15 @@ def train_one(task: tuple) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from hpo.train.recipe import TrainJob, TrainParams
+    from hpo.config import Sweep
+    from hpo.train.recipe import TrainJob
     from hpo.train.training import fine_tune
 
     folder = sst2()
-    job = TrainJob(model="sentence-transformers/all-MiniLM-L6-v2", task="classification",
-                   train_data=str(folder / "train.tsv"), eval_data=str(folder / "dev.tsv"), text_column=None,
-                   label_column=None, max_length=64, eval_fraction=0.1, max_steps=steps, eval_every=every,
-                   eval_batch_size=64, seed=seed, train_limit=rows,
-                   params=TrainParams(**{k: (int(v) if k in ("batch_size", "lora_r") else v) for k, v in params.items()}))
+    sweep = Sweep(model="sentence-transformers/all-MiniLM-L6-v2", task="classification",
+                  train_data=str(folder / "train.tsv"), eval_data=str(folder / "dev.tsv"), max_length=64,
+                  max_steps=steps, eval_every=every, seed=seed, train_limit=rows)
+    job = TrainJob.from_sweep(sweep, params)
     curve: dict[int, dict] = {}
     started = time.perf_counter()
     fine_tune(job, lambda step, m: curve.__setitem__(step, {"eval_accuracy": m["eval_accuracy"],

@@ -190,15 +190,14 @@ def run_raytune(args, paths, seed: int, out: Path) -> list[dict]:
 
     max_steps, eval_every = args.max_steps, args.eval_every
     def trainable(config):
-        from hpo.train.recipe import TrainJob, TrainParams
+        from hpo.config import Sweep
+        from hpo.train.recipe import TrainJob
         from hpo.train.training import fine_tune
 
-        job = TrainJob(model="sentence-transformers/all-MiniLM-L6-v2", task="classification",
-                       train_data=paths["train_data"], eval_data=paths["eval_data"], text_column=None,
-                       label_column=None, max_length=64, eval_fraction=0.1, max_steps=max_steps,
-                       eval_every=eval_every, eval_batch_size=64, seed=seed, train_limit=paths["train_limit"],
-                       params=TrainParams(**{k: (int(v) if k in ("batch_size", "lora_r") else v)
-                                              for k, v in config.items()}))
+        sweep = Sweep(model="sentence-transformers/all-MiniLM-L6-v2", task="classification",
+                      train_data=paths["train_data"], eval_data=paths["eval_data"], max_length=64,
+                      max_steps=max_steps, eval_every=eval_every, seed=seed, train_limit=paths["train_limit"])
+        job = TrainJob.from_sweep(sweep, config)
         fine_tune(job, lambda step, metrics: tune.report({**metrics, "step": step, "ts": time.time()}))
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
