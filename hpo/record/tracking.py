@@ -134,6 +134,7 @@ class _Tracker:
 
         from mlflow.tracking import MlflowClient
 
+        from hpo.record.mlflow_store import seed
         from hpo.record.sqlite import sqlite_file_lock
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -141,6 +142,7 @@ class _Tracker:
         self.uri = use_credentials(tracking_uri or DEFAULT_TRACKING_URI)
         self.study_name = study_name
         with sqlite_file_lock(self.uri):  # concurrent sweeps: one creates the store and experiment
+            seed(self.uri)  # a new local store: a copy of one migrated once (see hpo.record.mlflow_store)
             self.client = _RetryWhenLocked(MlflowClient(tracking_uri=self.uri))
             self.experiment_id = _experiment_id(self.client, self.uri, study_name)
 
