@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +166,10 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     search_space = prepare(options, console)
     sweep = search_space.sweep
     name = check_study_name(options.study or search_space.default_study_name)
+    from hpo.analysis import study_report
     from hpo.run import scheduling
+
+    threading.Thread(target=study_report.preload, name="hpo-report-imports", daemon=True).start()
 
     # Ray's resources and the trial's device before either store is written
     scheduling.preflight(sweep, address=options.address or os.environ.get("RAY_ADDRESS"),
