@@ -16,6 +16,9 @@ returns:
 * ``raytune_lean``: the same with ``reuse_actors=True``, the auto loggers off
   (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``) and ``verbose=0``: the Tune settings hpo
   itself uses, recording nothing.
+* ``raytune_lean_sqlite``: the same, with ``OptunaSearch`` keeping its study in an SQLite file
+  (``storage=RDBStorage(...)``, SQLite's default journal): what hand-wiring takes to keep a
+  study that survives the process, as hpo's does -- still no MLflow, no liveness, no retries.
 * ``optuna``: ``study.optimize`` in one process, in-memory storage (the floor), and
   ``optuna_sqlite``: the same on an SQLite file.
 
@@ -42,7 +45,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WAYS = ("hpo", "raytune_default", "raytune_lean", "optuna", "optuna_sqlite")
+WAYS = ("hpo", "raytune_default", "raytune_lean", "raytune_lean_sqlite", "optuna", "optuna_sqlite")
 TARGET_SECONDS, TARGET_RATIO = 0.05, 1.5
 
 MODULE = '''
@@ -84,7 +87,7 @@ def run_hpo(folder: Path, trials: int, starts: str) -> None:
     assert result.finished == trials, result
 
 
-def run_raytune(folder: Path, trials: int, starts: str, lean: bool) -> None:
+def run_raytune(folder: Path, trials: int, starts: str, lean: bool, sqlite: bool = False) -> None:
     import logging
 
     import ray
@@ -98,10 +101,16 @@ def run_raytune(folder: Path, trials: int, starts: str, lean: bool) -> None:
         note_start(starts)
         tune.report({"score": config["x"]})
 
+    storage = {}
+    if sqlite:
+        import optuna
+
+        storage = {"storage": optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}"), "study_name": "overhead"}
+
     tuner = tune.Tuner(
         trainable,
         param_space={"x": tune.uniform(0.0, 1.0)},
-        tune_config=tune.TuneConfig(search_alg=OptunaSearch(seed=0), scheduler=ASHAScheduler(), metric="score",
+        tune_config=tune.TuneConfig(search_alg=OptunaSearch(seed=0, **storage), scheduler=ASHAScheduler(), metric="score",
                                     mode="max", num_samples=trials, max_concurrent_trials=1,
                                     **({"reuse_actors": True} if lean else {})),
         run_config=tune.RunConfig(storage_path=str(folder / "ray_results"), **({"verbose": 0} if lean else {})),
@@ -133,7 +142,7 @@ def measure(way: str, trials: int) -> dict:
     if way == "hpo":
         run_hpo(folder, trials, starts)
     elif way.startswith("raytune"):
-        run_raytune(folder, trials, starts, lean=way == "raytune_lean")
+        run_raytune(folder, trials, starts, lean=way.startswith("raytune_lean"), sqlite=way.endswith("sqlite"))
     else:
         run_optuna(folder, trials, starts, sqlite=way == "optuna_sqlite")
     wall = time.perf_counter() - started
@@ -154,7 +163,7 @@ def main() -> None:
     per_trial, wall, errors = {}, {}, {}
     for way in args.only:  # each in a fresh process: a fresh Ray, nothing warm from another way
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        if way == "raytune_lean":
+        if way.startswith("raytune_lean"):
             env["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
         done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", way, "--trials", str(args.trials)],
                               capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
@@ -174,6 +183,7 @@ def main() -> None:
         "per_trial_s": per_trial,
         "ratio_vs_raytune_default": ratio("raytune_default"),
         "ratio_vs_raytune_lean": ratio("raytune_lean"),
+        "ratio_vs_raytune_lean_sqlite": ratio("raytune_lean_sqlite"),
         "wall_s": wall,
         "target": {"per_trial_s": TARGET_SECONDS, "ratio_vs_raytune_lean": TARGET_RATIO,
                    "met": None if hpo is None or ratio("raytune_lean") is None
