@@ -17,15 +17,16 @@ the same training rows (SST-2: the 2,000 that ``train_limit=2000`` samples from
   wraps the model in peft's LoRA, ``n_trials = budget / max_steps``, Optuna's defaults (TPE
   seeded with S, the median pruner), evaluating with Trainer's own loop.
 * ``raytune``: ``Tuner`` + ``OptunaSearch`` (seeded with S) + ``ASHAScheduler`` with Ray's
-  defaults (grace period 1 report, reduction factor 4), ``num_samples = budget / max_steps``,
-  each trial running hpo's training function (``hpo.train.training.fine_tune``) so that only the
-  search differs from hpo's.
+  defaults (grace period 1 report, reduction factor 4), 2 trials at once, each trial running
+  hpo's training function (``hpo.train.training.fine_tune``) so that only the search differs
+  from hpo's. Like hpo, it is given more trials than it can afford and stopped (a ``Stopper``)
+  once its finished trials spent the budget: ASHA's early stops buy it more trials.
 
 **Budget.** Every way may spend ``--budget`` optimizer steps in all (default 480 = 8 trials x
-60 steps, what the peers get as ``n_trials``). A trial's cost is the steps it ran (a stopped
-trial's last evaluated step). hpo is given more trials than it can afford, stopped (Ctrl-C, which
-it takes cleanly) once its finished trials spent the budget, and only the trials that finished
-within the budget, in the order they finished, count.
+60 steps, what Trainer gets as ``n_trials``). A trial's cost is the steps it ran (a stopped
+trial's last evaluated step). hpo and Ray Tune are given more trials than they can afford,
+stopped (hpo: Ctrl-C, which it takes cleanly) once their finished trials spent the budget, and
+only the trials that finished within the budget, in the order they finished, count.
 
 **Best** is the best ``eval_accuracy`` of a trial that ran all ``--max-steps`` (what one would
 promote), as each way's study or results hold it. The same set chose and scores the config,
@@ -181,6 +182,12 @@ class DefineByRun:
         spaces.call_space(spaces.load(self.path), trial)
 
 
+class Spent:
+    """Steps the finished trials of the Ray Tune way spent so far (its driver's callback counts them)."""
+
+    steps = 0
+
+
 def run_raytune(args, paths, seed: int, out: Path) -> list[dict]:
     import ray
     from ray import tune
@@ -200,15 +207,29 @@ def run_raytune(args, paths, seed: int, out: Path) -> list[dict]:
         job = TrainJob.from_sweep(sweep, config)
         fine_tune(job, lambda step, metrics: tune.report({**metrics, "step": step, "ts": time.time()}))
 
+    budget = args.budget
+
+    class CountSteps(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            Spent.steps += int((trial.last_result or {}).get("step", 0))
+
+    class BudgetSpent(tune.Stopper):
+        def __call__(self, trial_id, result):
+            return False
+
+        def stop_all(self):
+            return Spent.steps >= budget
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": 1}),
             tune_config=tune.TuneConfig(
-                metric="eval_accuracy", mode="max", num_samples=args.budget // args.max_steps,
+                metric="eval_accuracy", mode="max", num_samples=2 * args.budget // args.max_steps + 4,
                 search_alg=OptunaSearch(space=DefineByRun(str(MODULE)), metric="eval_accuracy", mode="max", seed=seed),
                 scheduler=ASHAScheduler()),
-            run_config=tune.RunConfig(storage_path=str(out.parent / f"raytune-{seed}"), verbose=0))
+            run_config=tune.RunConfig(storage_path=str(out.parent / f"raytune-{seed}"), verbose=0,
+                                      stop=BudgetSpent(), callbacks=[CountSteps()]))
         results = tuner.fit()
     finally:
         ray.shutdown()
