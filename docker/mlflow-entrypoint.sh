@@ -23,6 +23,8 @@ HPO_REQUIRED_SECRETS="MLFLOW_BACKEND_STORE_URI MLFLOW_AUTH_DB_URI MLFLOW_AUTH_AD
 
 port="${MLFLOW_PORT:-5000}"
 export MLFLOW_ARTIFACTS_DESTINATION="${MLFLOW_ARTIFACTS_DESTINATION:-/mlartifacts}"
+# MLflow's job runner serves GenAI jobs that sweeps never send; off, it starts no huey consumers
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 # model versions may only point at this server's own artifacts
 export MLFLOW_CREATE_MODEL_VERSION_SOURCE_VALIDATION_REGEX="${MLFLOW_CREATE_MODEL_VERSION_SOURCE_VALIDATION_REGEX:-^mlflow-artifacts:/.*\$}"
 

@@ -389,6 +389,8 @@ def ui(
     # process, so a URI given as --tracking-uri leaves the command line too.
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["MLFLOW_BACKEND_STORE_URI"] = uri
+    # MLflow's job runner (GenAI jobs, which sweeps never use) would start 7 more Python processes
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
     os.execve(sys.executable, command, env)
 

@@ -167,6 +167,8 @@ def test_warm_start_enqueues_what_fits_once(nightly_sweep: dict) -> None:
 def test_servers_listen_on_loopback_only(servers: dict, nightly_sweep: dict) -> None:
     assert listening_addresses(servers["dashboard"].pid, servers["dash_port"]) == {"127.0.0.1"}
     assert listening_addresses(servers["ui"].pid, servers["ui_port"]) == {"127.0.0.1"}
+    children = " ".join(" ".join(child.cmdline()) for child in psutil.Process(servers["ui"].pid).children(recursive=True))
+    assert "huey" not in children, "hpo ui starts MLflow's job runner (7 processes sweeps never use)"
     port = free_port()  # --host is honoured: another loopback address, still not exposed
     other = start_server(["dashboard", "--host", "127.0.0.2", "--port", str(port)], nightly_sweep["cwd"],
                          f"http://127.0.0.2:{port}/dashboard")

@@ -285,6 +285,7 @@ def test_mlflow_entrypoint_serves_with_basic_auth(init_roles: dict[str, str], tm
             except psutil.Error:  # mlflow-users.py ended: a zombie until the container's init reaps it
                 pass
         assert "--app-name basic-auth" in command_lines
+        assert "huey" not in command_lines, "MLflow's job runner is off (its consumers serve no sweep)"
         assert not [name for name, value in secrets.items() if value in command_lines], "secrets on a command line"
         assert not [name for name, value in secrets.items() if value in log.read_text()], "secrets in the log"
     finally:

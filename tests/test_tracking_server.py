@@ -57,7 +57,8 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory):
         "auth_cache_ttl_seconds = 300\n")
     port = free_port()
     env = hpo_env({"MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
-                   "MLFLOW_FLASK_SERVER_SECRET_KEY": "hpo-tests-fixed-secret-key"})
+                   "MLFLOW_FLASK_SERVER_SECRET_KEY": "hpo-tests-fixed-secret-key",
+                   "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # as docker/mlflow-entrypoint.sh sets it
     log = (root / "server.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
