@@ -80,7 +80,7 @@ def test_causal_lm_on_the_shipped_text() -> None:
 @needs_shared_data
 def test_causal_lm_on_tinyshakespeare(shared_data: Path) -> None:
     sweep = Sweep(model="hpo/tiny-gpt2", task="causal_lm", train_data=str(shared_data / "tinyshakespeare/input.txt"),
-                  max_steps=10, eval_every=10, max_length=64, eval_batch_size=128)
+                  max_steps=10, eval_every=10, max_length=64, eval_batch_size=128, eval_fraction=0.02)
     reports = run(TrainJob.from_sweep(sweep, {"learning_rate": 1e-2, "batch_size": 8}))
     assert reports[-1][0] == 10 and reports[-1][1]["eval_loss"] > 0
 
