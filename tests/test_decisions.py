@@ -280,22 +280,25 @@ def test_close_leftovers_interrupts_what_still_runs(sweep: Sweep) -> None:
     assert sweep.run(number).info.status == "KILLED" and sweep.recorder.interrupted == [number]
 
 
-@pytest.mark.parametrize("done, timed_out, stop_reason, finished, interrupted, ended", [
-    (True, False, None, 5, [], "done"),
-    (False, False, None, 5, [3], "done"),  # interrupted trials ran again and the study is full
-    (True, True, None, 2, [], "timeout"),
-    (False, False, None, 2, [3], "interrupted"),  # Ctrl-C: exit 130
-    (False, False, "asking for the next trial failed (OperationalError: gone)", 2, [], "short"),
-    (True, False, None, 2, [], "short"),
+@pytest.mark.parametrize("done, timed_out, stop_reason, finished, interrupted, ended, ctrl_c", [
+    (True, False, None, 5, [], "done", False),
+    (False, False, None, 5, [3], "done", False),  # interrupted trials ran again and the study is full
+    (True, True, None, 2, [], "timeout", False),
+    (False, False, None, 2, [3], "interrupted", False),  # a hard stop (KeyboardInterrupt): exit 130
+    (False, False, None, 2, [3], "interrupted", True),  # Ctrl-C: exit 130
+    (True, True, None, 2, [], "interrupted", True),  # Ctrl-C after --timeout passed
+    (False, False, "asking for the next trial failed (OperationalError: gone)", 2, [], "short", False),
+    (True, False, None, 2, [], "short", False),
 ])
 def test_how_a_sweep_ended(done: bool, timed_out: bool, stop_reason: str | None, finished: int,
-                           interrupted: list, ended: str) -> None:
+                           interrupted: list, ended: str, ctrl_c: bool) -> None:
     from types import SimpleNamespace
 
     from hpo.run.sweep import SearchResult, _ending
 
     result = SearchResult("s", "", "", {}, None, 0)
-    recorder = SimpleNamespace(done=done, timed_out=timed_out, stop_reason=stop_reason, interrupted=interrupted)
+    recorder = SimpleNamespace(done=done, timed_out=timed_out, stop_reason=stop_reason, interrupted=interrupted,
+                               interrupt_requested=ctrl_c)
     _ending(result, recorder, finished, 5)
     assert result.ended == ended
     assert (result.short_reason is not None) == (ended == "short")

@@ -232,3 +232,151 @@ def test_slow_trial_cleanup_does_not_stall_the_sweep(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     trials = study_of(tmp_path, "cleanup").get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+
+
+LONG_MODULE = '''
+import time
+import hpo
+
+sweep = hpo.Sweep(metric="score", direction="maximize", trials=6, max_steps=STEPS, eval_every=1,
+                  pruner="none", sampler="random", seed=0, concurrency=2)
+
+
+def space(trial):
+    return {"x": trial.suggest_float("x", 0.0, 1.0)}
+
+
+def train(params, report):
+    for step in range(1, STEPS + 1):
+        time.sleep(SECONDS)
+        report(step, {"score": params["x"] + step})
+'''
+
+
+def wait_for_running(process: subprocess.Popen, folder: Path, count: int, name: str = "long") -> list[int]:
+    """The numbers of the study's RUNNING trials once there are ``count`` of them."""
+    deadline = time.monotonic() + 240
+    while True:
+        if process.poll() is not None:
+            raise AssertionError("the sweep ended before its trials ran: " + process.communicate()[0][-4000:])
+        if time.monotonic() > deadline:
+            kill_tree(process)
+            raise AssertionError(f"{count} trials did not start: " + process.communicate()[0][-4000:])
+        try:
+            running = [t.number for t in study_of(folder, name).get_trials() if t.state == TrialState.RUNNING]
+        except KeyError:  # the study is not created yet
+            running = []
+        if len(running) >= count:
+            return running
+        time.sleep(0.3)
+
+
+def test_one_ctrl_c_starts_no_new_trial_and_exits_130(tmp_path: Path) -> None:
+    """One SIGINT to the sweep process alone (``kill -INT PID``; its Ray workers get none and keep
+    training): no trial starts after it, the two running ones end interrupted (they run again on
+    the next run, their MLflow runs KILLED) and the command exits 130 promptly."""
+    module = write_module(tmp_path, LONG_MODULE.replace("STEPS", "40"), seconds=1.0, name="long")
+    process = start(["search", str(module)], tmp_path)
+    running = wait_for_running(process, tmp_path, 2)
+    signalled = time.time()
+    process.send_signal(signal.SIGINT)  # the process only, not its group
+    try:
+        out, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        kill_tree(process)
+        out = process.communicate()[0]
+        raise AssertionError(f"still running 60 s after one Ctrl-C: {out[-4000:]}") from None
+    elapsed = time.time() - signalled
+    assert process.returncode == 130, out
+    assert "interrupted: trials" in out, out
+
+    trials = study_of(tmp_path, "long").get_trials()
+    started = {t.number: t.datetime_start.timestamp() for t in trials if t.datetime_start is not None}
+    assert sorted(started) == sorted(running), f"trials started after the Ctrl-C: {out[-4000:]}"
+    assert max(started.values()) < signalled
+    by_number = {t.number: t for t in trials}
+    for number in running:
+        assert by_number[number].state == TrialState.FAIL
+        assert by_number[number].user_attrs["reason"] == "interrupted"
+    reruns = [t for t in trials if t.number not in running]
+    assert {t.state for t in reruns} <= {TrialState.WAITING}, "only the reruns of the stopped trials are queued"
+    assert sorted(t.user_attrs["retry_of"] for t in reruns) == sorted(running)
+
+    runs = mlflow_runs(tmp_path, "long")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    trial_runs = {int(r.data.tags["hpo.trial_number"]): r for r in runs if r.data.tags["hpo.role"] == "trial"}
+    assert sorted(trial_runs) == sorted(running)
+    assert {trial_runs[n].info.status for n in running} == {"KILLED"}
+    assert elapsed < 45, f"{elapsed:.0f} s from the Ctrl-C to the exit"
+
+
+def test_one_ctrl_c_stops_a_sweep_waiting_for_another_process(tmp_path: Path) -> None:
+    """A sweep whose study is filled by another process's running trials waits for them inside
+    one turn of Tune's loop (``_update_trial_queue(blocking=True)``, up to 600 s, asking the
+    searcher every second). Tune's own SIGINT handler only ends its loop after that turn, so one
+    Ctrl-C used to go unnoticed: the sweep went on waiting, and once the other process stopped it
+    started the reruns of its trials, only to stop them at once (FAIL interrupted). Now the
+    Ctrl-C ends it at once (exit 130) and it starts no trial."""
+    module = write_module(tmp_path, LONG_MODULE.replace("trials=6", "trials=2").replace("STEPS", "120"),
+                          seconds=1.0, name="long")
+    shared = ["--storage", f"sqlite:///{tmp_path / 'hpo.db'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, waiting = start(["search", str(module), *shared], tmp_path / "a"), None
+    try:
+        running = wait_for_running(first, tmp_path, 2)  # the study's two trials, both the first process's
+        waiting = start(["search", str(module), *shared], tmp_path / "b")
+        deadline = time.monotonic() + 180
+        while not list((tmp_path / "b" / ".hpo" / "ray_results").glob("*/tuner.pkl")):  # its Tune run starts
+            assert waiting.poll() is None, waiting.communicate()[0][-4000:]
+            assert time.monotonic() < deadline, "the second sweep's Tune run did not start"
+            time.sleep(0.2)
+        time.sleep(5)  # ... and waits in its loop for the first process's trials
+        signalled = time.time()
+        waiting.send_signal(signal.SIGINT)  # the process only
+        try:
+            waiting.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        waited = time.time() - signalled
+        first.send_signal(signal.SIGINT)  # now stop the first process: its trials end interrupted
+        out_first, _ = first.communicate(timeout=90)
+        out_waiting, _ = waiting.communicate(timeout=90)
+    finally:
+        for process in (first, waiting):
+            if process is not None and process.poll() is None:
+                kill_tree(process)
+
+    trials = study_of(tmp_path, "long").get_trials()
+    late = {t.number: round(t.datetime_start.timestamp() - signalled, 1) for t in trials
+            if t.datetime_start is not None and t.datetime_start.timestamp() > signalled}
+    assert not late, f"trials started after the waiting sweep's Ctrl-C (trial: seconds after it): {late}"
+    assert waiting.returncode == 130, out_waiting
+    assert waited < 30, f"the waiting sweep ran on for {waited:.0f} s after its Ctrl-C: {out_waiting[-3000:]}"
+    assert first.returncode == 130, out_first
+    by_number = {t.number: t for t in trials}
+    assert {by_number[n].user_attrs.get("reason") for n in running} == {"interrupted"}
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert not [r for r in mlflow_runs(tmp_path, "long") if r.info.status == "RUNNING"]
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
+    """Ctrl-C twice: the second one does not wait for Tune to stop the trials (or for the study
+    report); the trials still end interrupted, every MLflow run is closed, and the exit is 130."""
+    module = write_module(tmp_path, LONG_MODULE.replace("STEPS", "40"), seconds=1.0, name="long")
+    process = start(["search", str(module)], tmp_path)
+    running = wait_for_running(process, tmp_path, 2)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    try:
+        out, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        kill_tree(process)
+        raise AssertionError("still running 60 s after two Ctrl-C: " + process.communicate()[0][-4000:]) from None
+    assert process.returncode == 130, out
+    assert "stopped at once (a second Ctrl-C)" in out, out
+    trials = {t.number: t for t in study_of(tmp_path, "long").get_trials()}
+    assert {trials[n].user_attrs.get("reason") for n in running} == {"interrupted"}
+    assert not [t for t in trials.values() if t.state == TrialState.RUNNING]
+    assert not [r for r in mlflow_runs(tmp_path, "long") if r.info.status == "RUNNING"]

@@ -113,6 +113,9 @@ class Recorder:
         self.timed_out = False
         self.stop_reason: str | None = None
         """Why the sweep stopped asking for trials, when it was an error (see :meth:`stop`)."""
+        self.interrupt_requested = False
+        """Ctrl-C (see :meth:`interrupt`): no new trial starts; the running ones end as interrupted."""
+        self._said_interrupt = False
         self.kept: dict[int, int] = {}
         """Trials failed by another process while they ran here -> the trial keeping their result."""
         self._logged: dict[int, set[str]] = {}  # MLflow params of each running trial's run (they never change)
@@ -121,7 +124,7 @@ class Recorder:
         """The next trial to run, or :class:`NoTrial` ``WAIT`` (trials run here or in another
         live process while the study is short) or ``DONE``. Transient storage and MLflow errors
         are retried with a bounded back-off; what still fails is raised."""
-        if self.stop_reason is not None:
+        if self.stop_reason is not None or self.interrupt_requested:
             return NoTrial.DONE
         if self.deadline is not None and time.time() >= self.deadline:
             if self.ledger.running:
@@ -154,12 +157,21 @@ class Recorder:
         self.tracker.start_trial(asked.number, params)  # written off this thread, in order (hpo.record.writer)
         self._logged[asked.number] = set(params)
         self.display.trial_started(asked.number, asked.params)
+        if self.interrupt_requested:  # Ctrl-C came while this trial was claimed: it never runs
+            self.on_end(asked.number, Outcome("interrupted"))
+            return NoTrial.DONE
         return asked
 
     def stop(self, reason: str) -> None:
         """Ask for no more trials (running ones finish): ``reason`` is why the study ends short."""
         logger.warning("hpo: %s; no new trials start", reason)
         self.stop_reason = reason
+
+    def interrupt(self) -> None:
+        """Ctrl-C: from now on :meth:`next_trial` answers ``DONE`` and the scheduler stops the
+        running trials, which end as interrupted (they run again on the next run). Only sets a
+        flag, so a signal handler may call it at any point of the driver's loop."""
+        self.interrupt_requested = True
 
     def on_result(self, number: int, step: int, metrics: dict[str, float]) -> None:
         """One evaluation of a running trial (deduplicated by step)."""
@@ -288,6 +300,14 @@ class Recorder:
         """Called often by the scheduler's loop: reclaims dead drivers' trials (every grace
         period; every few seconds while waiting on other processes) and the display's clock.
         Heartbeats are not sent from here but from their own thread (:mod:`hpo.record.liveness`)."""
+        if self.interrupt_requested and not self._said_interrupt:
+            self._said_interrupt = True
+            console = getattr(self.display, "console", None)
+            running = sorted(self.ledger.running)
+            stopping = f"stopping trials {running} (they run again on the next run); " if running else ""
+            if console is not None:
+                console.print(f"[yellow]Ctrl-C:[/] no new trials start; {stopping}Ctrl-C again stops at once",
+                              highlight=False)
         now = time.monotonic()
         every = self.POLL * 5 if self._waiting_since is not None else GRACE_PERIOD
         if now - self._last_reclaim >= every:

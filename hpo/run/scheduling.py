@@ -25,6 +25,12 @@ How a trial flows (Tune calls all of this in one driver thread):
 A searcher exception is only logged by Tune and would leave the trial RUNNING, so every
 hook here is defensive; the driver also closes whatever is left when ``fit`` returns.
 
+Ctrl-C is hpo's, not Tune's (:func:`ctrl_c_stops_the_sweep`): the first SIGINT tells the
+recorder, which starts no trial from then on, and :class:`_Interrupted` has Tune stop the
+running trials at the end of its current step (they end as interrupted and run again on the
+next run); a second SIGINT raises ``KeyboardInterrupt`` at once. Tune's own handler would
+only end its loop after the current step, and hpo would not know why.
+
 Before any trial, :func:`preflight` starts Ray and refuses, in one line, a sweep no node
 can run (``gpus_per_trial``/``cpus_per_trial`` above the largest node's) or whose device,
 precision or quantization the trial's worker cannot run (a Ray task with the trial's
@@ -33,12 +39,16 @@ resources asks :func:`hpo.train.accelerator.problems`).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
 import os
+import signal
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -276,6 +286,53 @@ class _Heartbeat(tune.Callback):
             self.recorder.tick()
 
 
+class _Interrupted(tune.Stopper):
+    """Stops every trial once the recorder was interrupted (Ctrl-C); Tune's loop then ends."""
+
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"recorder": None}
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.recorder is not None and self.recorder.interrupt_requested
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_the_sweep(recorder: Recorder) -> Iterator[None]:
+    """While inside (the sweep's run and its closing records): the first SIGINT calls
+    ``recorder.interrupt()`` -- no new trial starts, Tune stops the running ones (see
+    :class:`_Interrupted`); a second SIGINT raises ``KeyboardInterrupt`` (a hard stop).
+    Tune's own SIGINT handler is off meanwhile (``TUNE_DISABLE_SIGINT_HANDLER``): it only sets
+    an event that Tune reads between the turns of its loop, and one turn can last up to 600 s
+    (``TuneController._update_trial_queue(blocking=True)`` while no trial runs here, e.g. while
+    another process's trials fill the study), asking the searcher for trials all along.
+    Outside the main thread, where no handler can be set, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one stops at once
+        recorder.interrupt()
+
+    previous = signal.signal(signal.SIGINT, first)
+    tune_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield
+    finally:  # (None: a handler set outside Python, which cannot be put back)
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        if tune_handler is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = tune_handler
+
+
 def _note_held(held: dict[str, dict[str, Any]], trial_id: str, result: dict) -> None:
     """Keep what a trial's workers hold: ranks, node, assigned resources, GPU ids, and the
     time from the trial's start on its worker to its last report."""
@@ -314,8 +371,7 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
         # The module was loaded from a path workers may not import by name: ship it by value.
         ray.cloudpickle.register_pickle_by_value(module)
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    # On Ctrl-C Tune stops the trials gracefully (they end as interrupted and run again on
-    # resume) and then suggests Tuner.restore: the study, not Tune's state, is what resumes.
+    # Tune's end-of-run advice (Tuner.restore) is not for hpo: the study, not Tune's state, is what resumes.
     logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
     # A trial whose worker died is recorded (interrupted, run again); Tune's traceback for it is noise.
     logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
@@ -351,6 +407,7 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
             storage_path=storage_path,
             verbose=0,
             callbacks=callbacks,
+            stop=_Interrupted(recorder),
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )

@@ -259,34 +259,42 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
                            best=(best["number"], best["value"]) if best else None)
     recorder = Recorder(ledger, tracker, display, metric=sweep.metric, deadline=deadline, job_params=job,
                         objective=sweep.objective, direction=sweep.direction)
-    status = "FINISHED"
-    try:
-        with display:
-            scheduling.run(
-                recorder, sweep, search_space.train, address=options.address or os.environ.get("RAY_ADDRESS"),
-                module=search_space.module, storage_path=str(Path(options.workdir).resolve() / "ray_results"),
-                name=name, worker_logs=options.worker_logs, score=search_space.score,
-            )
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        recorder.close_leftovers()
-        _flush_mirror(study, tracker, sweep.metric, job, console)
-        _ending(result, recorder, ledger.finished(), sweep.trials)
-        if result.ended == "interrupted":
-            status = "KILLED"
-        elif result.ended == "short":
-            status = "FAILED"
-        result.counts, result.best, result.ran = studies.state_counts(study), studies.best_summary(study), recorder.started
-        result.front = studies.pareto_front(study) if sweep.is_multi_objective else []
-        result.fail_reasons = studies.fail_reasons(study)
-        result.report_page = _write_study_report(study, tracker, Path(options.workdir), console)
-        tracker.end_sweep(status, summary={"finished": ledger.finished(),
-                                           **({"best_value": result.best["value"], "best_trial": result.best["number"]}
-                                              if result.best else {}),
-                                           **({"pareto_front": ",".join(str(p["number"]) for p in result.front)}
-                                              if result.front else {})})
+    status, hard_stop = "FINISHED", False
+    # The first Ctrl-C from here on starts no new trial and stops the running ones (they run
+    # again on the next run), then the records are closed; a second one stops at once.
+    with scheduling.ctrl_c_stops_the_sweep(recorder):
+        try:
+            with display:
+                scheduling.run(
+                    recorder, sweep, search_space.train, address=options.address or os.environ.get("RAY_ADDRESS"),
+                    module=search_space.module, storage_path=str(Path(options.workdir).resolve() / "ray_results"),
+                    name=name, worker_logs=options.worker_logs, score=search_space.score,
+                )
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+            status, hard_stop = "KILLED", True
+            raise
+        finally:
+            recorder.close_leftovers()
+            _flush_mirror(study, tracker, sweep.metric, job, console)
+            _ending(result, recorder, ledger.finished(), sweep.trials)
+            if result.ended == "interrupted":
+                status = "KILLED"
+            elif result.ended == "short":
+                status = "FAILED"
+            result.counts, result.best = studies.state_counts(study), studies.best_summary(study)
+            result.ran = recorder.started
+            result.front = studies.pareto_front(study) if sweep.is_multi_objective else []
+            result.fail_reasons = studies.fail_reasons(study)
+            if hard_stop:  # the plots can wait
+                console.print(f"stopped at once (a second Ctrl-C): no study report; `hpo report --study {name}` "
+                              "writes it", highlight=False)
+            else:
+                result.report_page = _write_study_report(study, tracker, Path(options.workdir), console)
+            tracker.end_sweep(status, summary={"finished": ledger.finished(),
+                                               **({"best_value": result.best["value"],
+                                                   "best_trial": result.best["number"]} if result.best else {}),
+                                               **({"pareto_front": ",".join(str(p["number"]) for p in result.front)}
+                                                  if result.front else {})})
     return result
 
 
@@ -310,6 +318,8 @@ def _ending(result: SearchResult, recorder: Any, finished: int, target: int) -> 
     result.finished, result.target = finished, target
     if finished >= target:
         result.ended, result.interrupted = "done", []
+    elif recorder.interrupt_requested:  # Ctrl-C, whatever else happened meanwhile
+        result.ended, result.interrupted = "interrupted", list(recorder.interrupted)
     elif recorder.stop_reason:
         result.ended, result.short_reason = "short", recorder.stop_reason
     elif recorder.timed_out:
