@@ -69,6 +69,35 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
+SLEEPY_MODULE = '''
+import time
+import hpo
+
+sweep = hpo.Sweep(metric="score", direction="maximize", trials=TRIALS, max_steps=STEPS, eval_every=1,
+                  pruner="none", sampler="random", seed=0, concurrency=CONCURRENCY)
+
+
+def space(trial):
+    return {"x": trial.suggest_float("x", 0.0, 1.0)}
+
+
+def train(params, report):
+    for step in range(1, STEPS + 1):
+        time.sleep(SECONDS)
+        report(step, {"score": params["x"] + step})
+'''
+
+
+def write_sleepy_module(folder: Path, name: str, trials: int, seconds: float, steps: int = 3,
+                        concurrency: int = 2) -> Path:
+    """``folder/<name>.py``: a module whose own ``train`` sleeps ``seconds`` before each of its
+    ``steps`` reports (score = x + step), ``trials`` trials, ``concurrency`` at once, no pruner."""
+    path = folder / f"{name}.py"
+    path.write_text(SLEEPY_MODULE.replace("TRIALS", str(trials)).replace("STEPS", str(steps))
+                    .replace("SECONDS", repr(seconds)).replace("CONCURRENCY", str(concurrency)))
+    return path
+
+
 def run_hpo(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real ``hpo`` command line in a subprocess."""
     return subprocess.run(

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from hpo.record.ledger import counts_towards_target
 from hpo.record.study import open_storage
-from tests.conftest import hpo_env, run_hpo
+from tests.conftest import hpo_env, run_hpo, write_sleepy_module
 
 pytestmark = pytest.mark.slow
 
@@ -234,25 +234,6 @@ def test_slow_trial_cleanup_does_not_stall_the_sweep(tmp_path: Path) -> None:
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
 
 
-LONG_MODULE = '''
-import time
-import hpo
-
-sweep = hpo.Sweep(metric="score", direction="maximize", trials=6, max_steps=STEPS, eval_every=1,
-                  pruner="none", sampler="random", seed=0, concurrency=2)
-
-
-def space(trial):
-    return {"x": trial.suggest_float("x", 0.0, 1.0)}
-
-
-def train(params, report):
-    for step in range(1, STEPS + 1):
-        time.sleep(SECONDS)
-        report(step, {"score": params["x"] + step})
-'''
-
-
 def wait_for_running(process: subprocess.Popen, folder: Path, count: int, name: str = "long") -> list[int]:
     """The numbers of the study's RUNNING trials once there are ``count`` of them."""
     deadline = time.monotonic() + 240
@@ -275,7 +256,7 @@ def test_one_ctrl_c_starts_no_new_trial_and_exits_130(tmp_path: Path) -> None:
     """One SIGINT to the sweep process alone (``kill -INT PID``; its Ray workers get none and keep
     training): no trial starts after it, the two running ones end interrupted (they run again on
     the next run, their MLflow runs KILLED) and the command exits 130 promptly."""
-    module = write_module(tmp_path, LONG_MODULE.replace("STEPS", "40"), seconds=1.0, name="long")
+    module = write_sleepy_module(tmp_path, "long", trials=6, seconds=1.0, steps=40)
     process = start(["search", str(module)], tmp_path)
     running = wait_for_running(process, tmp_path, 2)
     signalled = time.time()
@@ -317,8 +298,7 @@ def test_one_ctrl_c_stops_a_sweep_waiting_for_another_process(tmp_path: Path) ->
     Ctrl-C used to go unnoticed: the sweep went on waiting, and once the other process stopped it
     started the reruns of its trials, only to stop them at once (FAIL interrupted). Now the
     Ctrl-C ends it at once (exit 130) and it starts no trial."""
-    module = write_module(tmp_path, LONG_MODULE.replace("trials=6", "trials=2").replace("STEPS", "120"),
-                          seconds=1.0, name="long")
+    module = write_sleepy_module(tmp_path, "long", trials=2, seconds=1.0, steps=120)
     shared = ["--storage", f"sqlite:///{tmp_path / 'hpo.db'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -363,7 +343,7 @@ def test_one_ctrl_c_stops_a_sweep_waiting_for_another_process(tmp_path: Path) ->
 def test_a_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
     """Ctrl-C twice: the second one does not wait for Tune to stop the trials (or for the study
     report); the trials still end interrupted, every MLflow run is closed, and the exit is 130."""
-    module = write_module(tmp_path, LONG_MODULE.replace("STEPS", "40"), seconds=1.0, name="long")
+    module = write_sleepy_module(tmp_path, "long", trials=6, seconds=1.0, steps=40)
     process = start(["search", str(module)], tmp_path)
     running = wait_for_running(process, tmp_path, 2)
     process.send_signal(signal.SIGINT)

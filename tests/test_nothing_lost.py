@@ -19,36 +19,15 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from hpo.record.study import open_storage
-from tests.conftest import REPO, hpo_env
+from tests.conftest import REPO, hpo_env, write_sleepy_module
 
 pytestmark = pytest.mark.slow
 sys.path.insert(0, str(REPO / "bench"))
 import chaos  # noqa: E402
 
-MODULE = '''
-import time
-import hpo
-
-sweep = hpo.Sweep(metric="score", direction="maximize", trials=TRIALS, max_steps=STEPS, eval_every=1,
-                  pruner="none", sampler="random", seed=0, concurrency=CONCURRENCY)
-
-
-def space(trial):
-    return {"x": trial.suggest_float("x", 0.0, 1.0)}
-
-
-def train(params, report):
-    for step in range(1, STEPS + 1):
-        time.sleep(SECONDS)
-        report(step, {"score": params["x"] + step})
-'''
-
 
 def write(folder: Path, trials: int, seconds: float, steps: int = 3, concurrency: int = 2) -> Path:
-    path = folder / "lost.py"
-    path.write_text(MODULE.replace("TRIALS", str(trials)).replace("STEPS", str(steps))
-                    .replace("SECONDS", repr(seconds)).replace("CONCURRENCY", str(concurrency)))
-    return path
+    return write_sleepy_module(folder, "lost", trials, seconds, steps, concurrency)
 
 
 def start(module: Path, folder: Path, env: dict | None = None, storage: str | None = None) -> subprocess.Popen:
