@@ -61,7 +61,9 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
     last recorded there, and another worker's test may have one running."""
     os.environ["HPO_CACHE"] = str(tmp_path_factory.mktemp("hpo-cache"))
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    os.environ["RAY_TMPDIR"] = f"/tmp/hpo-test-ray-{worker}"  # short: Ray's socket paths are limited
+    # short: Ray's socket paths are limited. HPO_TEST_RAY_ROOT (default /tmp) keeps two checkouts'
+    # suites on one host apart.
+    os.environ["RAY_TMPDIR"] = f"{os.environ.get('HPO_TEST_RAY_ROOT', '/tmp')}/hpo-test-ray-{worker}"
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("HPO_STORAGE", None)
