@@ -40,6 +40,9 @@ KNOWN_DIRECTIONS = {
     "trainable_params": "minimize",
     "train_seconds": "minimize",
     "generation_seconds": "minimize",
+    "peak_reserved_memory_mb": "minimize",
+    "tokens_per_second": "maximize",
+    "mfu": "maximize",
 }
 DIRECTIONS = ("maximize", "minimize")
 DATA_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
@@ -269,9 +272,15 @@ class Sweep:
 
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             yield _bad("device", self.device, "must be auto, cpu, cuda, cuda:N or mps")
-        elif self.device.startswith("cuda") and self.gpus_per_trial == 0:
+        elif self.device.startswith("cuda") and self.gpus_per_trial == 0 and not self.gpus_per_worker:
             yield _bad("device", self.device, "needs a GPU reserved for each trial: --set gpus_per_trial=1 "
                        "(or 0.5 to share one), or --set device=auto")
+        elif self.device.startswith("cuda:") and self._placement_known() \
+                and int(self.device[5:]) >= max(1, math.ceil(self.worker_resources["GPU"])):
+            visible = max(1, math.ceil(self.worker_resources["GPU"]))
+            yield _bad("device", self.device, f"is not a GPU a trial sees: Ray gives each trial worker {visible} "
+                       f"GPU(s), numbered from cuda:0 whatever their index on the machine; use --set device=cuda "
+                       "(or auto), and choose the machine's GPUs with CUDA_VISIBLE_DEVICES before `ray start`")
         elif self.device in ("cpu", "mps") and self.quantization not in ("none", None):
             yield _bad("quantization", self.quantization, f"needs a CUDA GPU (bitsandbytes), not device={self.device}; "
                        "use --set quantization=none")
@@ -284,6 +293,13 @@ class Sweep:
         if not isinstance(self.attn_implementation, str) or not self.attn_implementation:
             yield _bad("attn_implementation", self.attn_implementation, "must name an attention kernel (sdpa, eager, "
                        "flash_attention_2, ...)")
+
+    def _placement_known(self) -> bool:
+        """Whether the resource fields are valid enough for :attr:`worker_resources`."""
+        workers = self.workers_per_trial
+        return (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1
+                and _is_number(self.gpus_per_trial) and _is_number(self.cpus_per_trial)
+                and all(v is None or _is_number(v) for v in (self.gpus_per_worker, self.cpus_per_worker)))
 
     @property
     def worker_resources(self) -> dict[str, float]:
@@ -369,6 +385,14 @@ def _worker_problems(sweep: Sweep) -> typing.Iterator[str]:
             yield _bad("gpus_per_trial", sweep.gpus_per_trial,
                        f"split over workers_per_trial={workers} gives {share:g} GPUs per worker; "
                        "above 1 that must be a whole number (or set gpus_per_worker)")
+    per_worker = sweep.gpus_per_worker if sweep.gpus_per_worker is not None else (
+        sweep.gpus_per_trial / workers if _is_number(sweep.gpus_per_trial) else 0)
+    if workers > 1 and _is_number(per_worker) and 0 < per_worker < 1:
+        field = "gpus_per_worker" if sweep.gpus_per_worker is not None else "gpus_per_trial"
+        yield _bad(field, getattr(sweep, field),
+                   f"gives each of the workers_per_trial={workers} workers {per_worker:g} GPU: the ranks of one "
+                   "trial would share a GPU, which NCCL refuses ('Duplicate GPU detected'); give every worker a "
+                   f"whole GPU (--set gpus_per_trial={workers}) or train on one worker (--set workers_per_trial=1)")
 
 
 def _is_number(value: Any) -> bool:

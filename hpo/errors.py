@@ -17,7 +17,9 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
         return True
     message = str(error).lower()
-    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+    # cuBLAS failing to allocate its workspace is an out-of-memory error too (a new handle on a full GPU)
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message
+                                                or "cublas_status_alloc_failed" in message)
 
 
 HIDDEN = "***"

@@ -27,12 +27,11 @@ def job(model: Path, **fields) -> TrainJob:
     return TrainJob.from_sweep(sweep, {"learning_rate": 3e-3, "batch_size": 8, "lora_dropout": 0.0})
 
 
-def fake_gpu(monkeypatch, bf16: bool = True) -> None:
-    """A worker that sees one CUDA GPU (the fault we cannot produce: there is no GPU here)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4" if not bf16 else "NVIDIA H100")
+H100 = accelerator.DeviceFacts("cuda", 0, "NVIDIA H100 80GB HBM3", (9, 0), visible=1)
+A100 = accelerator.DeviceFacts("cuda", 0, "NVIDIA A100-SXM4-40GB", (8, 0), visible=1)
+T4 = accelerator.DeviceFacts("cuda", 0, "Tesla T4", (7, 5), visible=1)
+V100 = accelerator.DeviceFacts("cuda", 0, "Tesla V100-SXM2-16GB", (7, 0), visible=1)
+CPU = accelerator.DeviceFacts("cpu")
 
 
 # device and precision ------------------------------------------------------------------
@@ -43,34 +42,65 @@ def test_device_auto_is_the_cpu_here_and_explicit_devices_are_kept() -> None:
     assert accelerator.resolve_device("cuda:1") == torch.device("cuda", 1)
     assert accelerator.resolved("auto", "auto") == {"device": "cpu", "precision": "fp32"}
     assert accelerator.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert accelerator.facts(torch.device("cpu")) == CPU
 
 
-def test_device_auto_takes_the_gpu_ray_made_visible(monkeypatch) -> None:
-    fake_gpu(monkeypatch, bf16=True)
-    assert accelerator.resolve_device("auto") == torch.device("cuda")
-    assert accelerator.resolved("auto", "auto") == {"device": "cuda:0", "precision": "bf16"}
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # Ray's choice for this trial
-    assert accelerator.describe(torch.device("cuda")) == {"device": "cuda:0", "device_name": "NVIDIA H100",
-                                                          "cuda_visible_devices": "3"}
-    assert accelerator.resolved("cpu", "auto") == {"device": "cpu", "precision": "fp32"}
-    fake_gpu(monkeypatch, bf16=False)
-    assert accelerator.resolved("auto", "auto") == {"device": "cuda:0", "precision": "fp32"}
+def test_precision_auto_is_bf16_only_where_the_card_has_it_natively() -> None:
+    """torch.cuda.is_bf16_supported() says yes on a T4 or V100 (emulated bf16, slower than
+    fp32); the choice is made on the compute capability instead (8.0 and later)."""
+    assert [accelerator.choose_precision("auto", d) for d in (H100, A100, T4, V100, CPU)] == \
+        ["bf16", "bf16", "fp32", "fp32", "fp32"]
+    assert accelerator.choose_precision("fp16", T4) == "fp16" and accelerator.choose_precision("bf16", H100) == "bf16"
+    assert (H100.native_bf16, A100.native_bf16, T4.native_bf16, CPU.native_bf16) == (True, True, False, False)
+    assert accelerator.DeviceFacts("mps").native_bf16
 
 
-def test_what_a_worker_cannot_run_is_one_line_each(monkeypatch) -> None:
+def test_qlora_computes_in_bf16_only_where_native_else_fp16() -> None:
+    assert accelerator.quantization_compute_dtype("auto", H100) == torch.bfloat16
+    assert accelerator.quantization_compute_dtype("bf16", A100) == torch.bfloat16
+    assert accelerator.quantization_compute_dtype("fp32", A100) == torch.bfloat16
+    assert accelerator.quantization_compute_dtype("fp16", H100) == torch.float16
+    for precision in ("auto", "fp32"):
+        assert accelerator.quantization_compute_dtype(precision, T4) == torch.float16
+        assert accelerator.quantization_compute_dtype(precision, V100) == torch.float16
+
+
+def test_tf32_and_the_shared_gpu_memory_cap_follow_the_device() -> None:
+    assert accelerator.allow_tf32(A100, "fp32") and accelerator.allow_tf32(H100, "fp32")
+    assert not accelerator.allow_tf32(T4, "fp32") and not accelerator.allow_tf32(A100, "bf16")
+    assert not accelerator.allow_tf32(CPU, "fp32")
+    assert accelerator.memory_fraction(0.5) == 0.5 and accelerator.memory_fraction(0.25) == 0.25
+    assert accelerator.memory_fraction(1) is None and accelerator.memory_fraction(0) is None
+    assert accelerator.memory_fraction(2) is None
+    assert TrainJob.from_sweep(Sweep(gpus_per_trial=0.5), {}).gpu_share == 0.5
+    assert TrainJob.from_sweep(Sweep(workers_per_trial=2, gpus_per_trial=2), {}).gpu_share == 1
+
+
+def test_what_a_worker_cannot_run_is_one_line_each() -> None:
     assert accelerator.problems("auto", "bf16", "none") == []  # bf16 autocast runs on a CPU
     (no_cuda,) = accelerator.problems("cuda", "auto", "none")
     assert "device='cuda'" in no_cuda and "gpus_per_trial" in no_cuda
     (no_bnb,) = accelerator.problems("auto", "auto", "4bit")  # bitsandbytes is not installed here
     assert "quantization='4bit'" in no_bnb and "pip install bitsandbytes" in no_bnb and "\n" not in no_bnb
-    fake_gpu(monkeypatch, bf16=False)
-    (old_gpu,) = accelerator.problems("auto", "bf16", "none")
-    assert "precision='bf16'" in old_gpu and "Tesla T4" in old_gpu and "--set precision=fp16" in old_gpu
-    assert accelerator.problems("auto", "fp16", "none") == []
-    monkeypatch.setattr(accelerator, "bitsandbytes_installed", lambda: True)
-    assert accelerator.problems("auto", "fp16", "8bit") == []
-    (cpu_4bit,) = accelerator.problems("cpu", "auto", "4bit")
+    (old_gpu,) = accelerator.problems_of(T4, "auto", "bf16", "none", bitsandbytes=True)
+    assert "precision='bf16'" in old_gpu and "Tesla T4" in old_gpu and "7.5" in old_gpu
+    assert "--set precision=fp16" in old_gpu and "\n" not in old_gpu
+    assert accelerator.problems_of(V100, "auto", "bf16", "none", bitsandbytes=True)
+    assert accelerator.problems_of(A100, "auto", "bf16", "none", bitsandbytes=True) == []
+    assert accelerator.problems_of(T4, "auto", "fp16", "none", bitsandbytes=False) == []
+    assert accelerator.problems_of(T4, "auto", "fp16", "8bit", bitsandbytes=True) == []
+    (cpu_4bit,) = accelerator.problems_of(CPU, "cpu", "auto", "4bit", bitsandbytes=True)
     assert "needs a CUDA GPU" in cpu_4bit
+
+
+def test_cuda_n_beyond_the_devices_a_worker_sees_is_refused() -> None:
+    """Ray shows a trial its GPUs as cuda:0..K-1; cuda:1 on a one-GPU worker would fail at model.to."""
+    beyond = accelerator.DeviceFacts("cuda", 1, visible=1)
+    (line,) = accelerator.problems_of(beyond, "cuda:1", "auto", "none", bitsandbytes=True)
+    assert "device='cuda:1'" in line and "sees 1 CUDA device" in line and "--set device=cuda" in line
+    assert "\n" not in line
+    two = accelerator.DeviceFacts("cuda", 1, "NVIDIA H100", (9, 0), visible=2)
+    assert accelerator.problems_of(two, "cuda:1", "auto", "none", bitsandbytes=True) == []
 
 
 def test_sweep_fields_are_checked_and_settable() -> None:
@@ -89,10 +119,10 @@ def test_sweep_fields_are_checked_and_settable() -> None:
         Sweep(device="cuda")
     with pytest.raises(HpoError, match=r"sweep field quantization='4bit' needs a CUDA GPU"):
         Sweep(device="cpu", quantization="4bit")
-    job = TrainJob.from_sweep(Sweep(device="cuda:1", gpus_per_trial=0.5, precision="bf16",
+    job = TrainJob.from_sweep(Sweep(device="cuda:0", gpus_per_trial=0.5, precision="bf16",
                                     gradient_checkpointing=True), {})
     assert (job.device, job.precision, job.gradient_checkpointing, job.quantization, job.attn_implementation) == \
-        ("cuda:1", "bf16", True, "none", "sdpa")
+        ("cuda:0", "bf16", True, "none", "sdpa")
     described = job.describe()
     assert described["warmup_ratio"] == 0.0 and described["max_grad_norm"] == 1.0
     assert described["gradient_checkpointing"] is True and "device" not in described  # the worker reports it

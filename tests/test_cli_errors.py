@@ -52,6 +52,13 @@ def test_syntax_error_and_missing_space(tmp_path: Path) -> None:
         (["--set", "label_column=stars"], ("train.tsv: no column 'stars'", "--set label_column")),
         (["--set", "model=./no/such/model"], ("no such folder", "--set model=")),
         (["--trials", "0"], ("trials=0 must be a whole number of at least 1",)),
+        # GPU placements that would fail on the first GPU machine (issue 18), refused on any machine
+        (["--set", "workers_per_trial=2", "--set", "gpus_per_trial=1"],
+         ("gpus_per_trial=1", "workers_per_trial=2", "Duplicate GPU", "--set gpus_per_trial=2")),
+        (["--set", "workers_per_trial=2", "--set", "gpus_per_worker=0.5"], ("gpus_per_worker=0.5", "NCCL")),
+        (["--set", "gpus_per_trial=1", "--set", "device=cuda:1"],
+         ("device='cuda:1' is not a GPU a trial sees", "1 GPU(s)", "--set device=cuda")),
+        (["--set", "gpus_per_trial=2"], ("gpus_per_trial=2", "idle", "--set workers_per_trial=2")),
     ],
 )
 def test_bad_overrides(tmp_path: Path, flags: list[str], words: tuple[str, ...]) -> None:

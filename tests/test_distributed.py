@@ -37,7 +37,9 @@ def space(trial):
 
 
 def test_resources_per_worker_and_per_trial_agree() -> None:
-    assert Sweep(workers_per_trial=2, gpus_per_trial=1).worker_resources == {"CPU": 0.5, "GPU": 0.5}
+    assert Sweep(workers_per_trial=2, gpus_per_trial=2).worker_resources == {"CPU": 0.5, "GPU": 1.0}
+    with pytest.raises(HpoError, match=r"gpus_per_trial=1 gives each of the workers_per_trial=2 workers 0.5 GPU"):
+        Sweep(workers_per_trial=2, gpus_per_trial=1)  # two ranks on one GPU: NCCL refuses
     assert Sweep(workers_per_trial=4, gpus_per_worker=1, cpus_per_worker=2).trial_resources == {"CPU": 8, "GPU": 4}
     assert Sweep(gpus_per_trial=0.5).trial_resources == {"CPU": 1.0, "GPU": 0.5}
     for fields, field in [({"workers_per_trial": 0}, "workers_per_trial"),

@@ -19,7 +19,8 @@ def run(job: TrainJob) -> list[tuple[int, dict]]:
     """The reports of one run, without the wall-clock timing (which never repeats)."""
     reports: list[tuple[int, dict]] = []
     training.fine_tune(job, lambda step, metrics: reports.append(
-        (step, {k: v for k, v in metrics.items() if k not in ("train_seconds", "trial_setup_seconds")
+        (step, {k: v for k, v in metrics.items()
+                if k not in ("train_seconds", "trial_setup_seconds", "tokens_per_second", "mfu")
                and not k.endswith("_memory_mb")})))
     return reports
 

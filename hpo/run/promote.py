@@ -287,8 +287,8 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
 
             tokenizer.chat_template = sft.chat_template(job.model, tokenizer, job.chat_template)
             model.config.use_cache = True
-        if options.merge:
-            model.merge_and_unload().save_pretrained(staging)
+        if options.merge:  # onto an unquantized copy of the base when it trained quantized
+            training.merged(job, model, tokenizer).save_pretrained(staging)
         else:
             model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -450,15 +450,17 @@ def preflight(sweep: Any, *, address: str | None, recipe: bool, worker_logs: boo
 
 
 def _probe(ray: Any, sweep: Any) -> list[str]:
-    """:func:`hpo.train.accelerator.problems` in a Ray task with one trial's resources (so with
-    the GPUs Ray would give a trial); a cluster too busy to answer in time is not an error."""
+    """:func:`hpo.train.accelerator.problems` in a Ray task with one worker's resources (so with
+    the GPUs Ray would give one worker of a trial: a multi-worker trial's total may fit no
+    node); a cluster too busy to answer in time is not an error."""
 
     def probe(device: str, precision: str, quantization: str) -> list[str]:
         from hpo.train import accelerator
 
         return accelerator.problems(device, precision, quantization)
 
-    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(probe)
+    per_worker = sweep.worker_resources  # what each rank of a multi-worker trial sees, not the trial's total
+    task = ray.remote(num_cpus=per_worker["CPU"], num_gpus=per_worker["GPU"])(probe)
     ref = task.remote(sweep.device, sweep.precision, sweep.quantization)
     try:
         return ray.get(ref, timeout=PROBE_TIMEOUT)

@@ -90,9 +90,9 @@ def prepare(options: SearchOptions, console: Console | None = None) -> spaces.Se
         if not sweep.train_data:
             raise HpoError(f"{search_space.path}: sweep field train_data is empty; the built-in recipe needs "
                            "training data (set it in the module or with --set train_data=...)")
-        from hpo.train.recipe import check_metrics
+        from hpo.train.recipe import check_metrics, check_placement
 
-        problem = check_metrics(sweep)
+        problem = check_metrics(sweep) or check_placement(sweep)
         if problem:
             raise HpoError(f"{search_space.path}: {problem}")
         models.check_available(sweep.model)

@@ -68,7 +68,9 @@ REPORTED = {
     "sft": ("eval_loss", "eval_perplexity", "eval_exact_match", "eval_score", "generation_seconds"),
 }
 REPORTED_BY_ALL = ("train_loss", "learning_rate", "train_seconds", "micro_batch_size", "grad_accum",
-                   "peak_memory_mb", "resident_memory_mb", "trainable_params")
+                   "peak_memory_mb", "peak_reserved_memory_mb", "resident_memory_mb", "trainable_params",
+                   "tokens_per_second")
+"""What every built-in recipe evaluation reports (``mfu`` too, on a CUDA device)."""
 # Besides the hyperparameters, a space may choose the base model (transfer learning) and seed.
 JOB_KEYS = ("model", "seed")
 
@@ -101,6 +103,20 @@ def check_params(params: dict[str, Any], task: str = "classification") -> str | 
     if task != "classification" and any(params.get(k) for k in ("augment_word_dropout", "augment_word_swap",
                                                                    "augment_synonym")):
         return "returned a text augmentation, which applies to classification only"
+    return None
+
+
+def check_placement(sweep: Sweep) -> str | None:
+    """Why the recipe cannot use the GPUs the sweep reserves, or None: the recipe trains each
+    worker's model on one device, so a worker with two or more GPUs would hold the rest idle
+    (spread a trial over GPUs with ``workers_per_trial``: one worker per GPU, data-parallel)."""
+    gpus = sweep.worker_resources["GPU"]
+    if gpus >= 2:
+        field = "gpus_per_worker" if sweep.gpus_per_worker is not None else "gpus_per_trial"
+        return (f"sweep field {field}={getattr(sweep, field)!r} gives one worker {gpus:g} GPUs, but the built-in "
+                "recipe trains a worker's model on one GPU and would leave the others idle; train on all of them "
+                f"data-parallel with --set workers_per_trial={int(gpus)} (one GPU each), or reserve one GPU "
+                f"(--set {field}=1), or define train(params, report) in the module to place the model yourself")
     return None
 
 
@@ -157,6 +173,9 @@ class TrainJob:
     quantization: str = "none"
     """``none``, ``4bit`` (QLoRA) or ``8bit``."""
     attn_implementation: str = "sdpa"
+    gpu_share: float = 0.0
+    """The GPUs one worker of the trial reserves (``Sweep.worker_resources``): below 1 the process
+    is capped at that share of the card's memory (:func:`hpo.train.accelerator.memory_fraction`)."""
     packing: bool = False
     """sft: pack examples into max_length blocks (see :mod:`hpo.train.sft`)."""
     generation_examples: int = 32
@@ -175,7 +194,7 @@ class TrainJob:
         for item in dataclasses.fields(self):
             if item.name != "params":
                 flat[item.name] = getattr(self, item.name)
-        return {k: v for k, v in flat.items() if v is not None and k not in ("device", "precision")}
+        return {k: v for k, v in flat.items() if v is not None and k not in ("device", "precision", "gpu_share")}
 
     @classmethod
     def from_sweep(cls, sweep: Sweep, params: dict[str, Any]) -> TrainJob:
@@ -206,6 +225,7 @@ class TrainJob:
             gradient_checkpointing=sweep.gradient_checkpointing,
             quantization=sweep.quantization,
             attn_implementation=sweep.attn_implementation,
+            gpu_share=sweep.worker_resources["GPU"],
             packing=sweep.packing,
             generation_examples=sweep.generation_examples,
             max_new_tokens=sweep.max_new_tokens,

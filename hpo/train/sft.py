@@ -18,9 +18,15 @@ label is -100. This needs a template whose rendering of a conversation's first t
 prefix of the whole conversation's; one that is not is refused, with the reason.
 
 Packing (``packing=true``): whole tokenized examples are laid one after another into blocks
-of ``max_length`` tokens (never split); each example's ``position_ids`` restart at 0, and
-with no 2-D attention mask transformers builds a block-diagonal causal mask from them, so an
-example attends only to itself. Evaluation is never packed (eval_loss stays comparable).
+of ``max_length`` tokens (never split); each example's ``position_ids`` restart at 0 and its
+first label is -100 (so no token learns to predict the next example's start). With sdpa or
+eager attention and no 2-D attention mask, transformers builds a block-diagonal causal mask
+from the positions, so an example attends only to itself. Flash attention reads packed
+positions only from a single row, so with ``attn_implementation=flash_attention_*`` each
+micro-batch goes padding-free (:func:`padding_free`, as TRL's ``padding_free`` does): its
+rows flattened into one, padding dropped, with ``cu_seq_lens_q/k`` and ``max_length_q/k``
+marking the examples for the varlen kernel. Evaluation is never packed (eval_loss stays
+comparable).
 
 Evaluation (:func:`evaluate`): token-weighted ``eval_loss``, ``eval_perplexity``, and a
 generation score on the first ``generation_examples`` eval conversations: greedy decoding
@@ -197,7 +203,7 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
             blocks.append(current)
             current = Example([], [], [])
         current.input_ids += example.input_ids
-        current.labels += example.labels
+        current.labels += [IGNORE, *example.labels[1:]]  # the previous example's last token predicts nothing
         current.position_ids += list(range(len(example.input_ids)))  # type: ignore[operator]
     if current.input_ids:
         blocks.append(current)
@@ -223,6 +229,31 @@ def collate(dataset: SftSet, indices: Any) -> dict[str, torch.Tensor]:
     if chosen[0].position_ids is not None:
         return {"input_ids": ids, "labels": labels, "position_ids": positions}
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def wants_padding_free(attn_implementation: str) -> bool:
+    """Whether packed batches must go as one flattened row: the flash-attention kernels (and hub
+    kernels built on them) read packed sequences from ``cu_seq_lens``, or from the positions of
+    a batch of one row; sdpa and eager read them from the positions of any batch."""
+    return "flash" in attn_implementation
+
+
+def padding_free(batch: dict[str, torch.Tensor], row_tokens: torch.Tensor | None) -> dict[str, Any]:
+    """A packed batch (``[B, L]`` rows, ``position_ids`` restarting per example, padding at each
+    row's end) as one row without padding: ``input_ids``, ``labels``, ``position_ids`` of shape
+    ``[1, T]`` and the varlen kernel's ``cu_seq_lens_q/k`` (int32 offsets of the examples) and
+    ``max_length_q/k``. The loss over it equals the rows' loss: every example's first label is
+    -100 (:func:`pack`), so no token predicts across a boundary."""
+    lengths = row_tokens.tolist() if row_tokens is not None else [batch["input_ids"].shape[1]] * len(batch["input_ids"])
+    keep = [(row, int(n)) for row, n in enumerate(lengths) if n > 0]
+    ids = torch.cat([batch["input_ids"][row, :n] for row, n in keep]).unsqueeze(0)
+    labels = torch.cat([batch["labels"][row, :n] for row, n in keep]).unsqueeze(0)
+    positions = torch.cat([batch["position_ids"][row, :n] for row, n in keep]).unsqueeze(0)
+    starts = (positions[0] == 0).nonzero().flatten()
+    offsets = torch.cat([starts, torch.tensor([positions.shape[1]])]).to(torch.int32)
+    longest = int((offsets[1:] - offsets[:-1]).max())
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "cu_seq_lens_q": offsets,
+            "cu_seq_lens_k": offsets, "max_length_q": longest, "max_length_k": longest}
 
 
 def datasets(job: Any, tokenizer: Any) -> tuple[SftSet, SftSet]:
@@ -289,7 +320,8 @@ def evaluate(job: Any, model: Any, tokenizer: Any, dataset: SftSet, batch_size: 
     metrics = {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
     if dataset.prompts:
         started = time.perf_counter()
-        predictions = generate(model, tokenizer, dataset.prompts, job.max_new_tokens, batch_size, dataset.pad_id)
+        with accelerator.autocast(device, precision):  # as training ran: bf16/fp16 kernels, not fp32 upcasts
+            predictions = generate(model, tokenizer, dataset.prompts, job.max_new_tokens, batch_size, dataset.pad_id)
         metrics["eval_exact_match"] = _mean(exact_match, predictions, dataset.references)
         if dataset.score is not None:
             metrics["eval_score"] = _mean(dataset.score, predictions, dataset.references)

@@ -32,12 +32,13 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
 from hpo.errors import is_out_of_memory
-from hpo.train import accelerator, data, models, sft
+from hpo.train import accelerator, cost, data, models, sft
 from hpo.train.recipe import TrainJob
 
 Reporter = Callable[[int, dict[str, float]], None]
@@ -77,6 +78,7 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
 
     device = accelerator.resolve_device(job.device)
     precision = accelerator.resolve_precision(job.precision, device)
+    accelerator.configure(device, precision, job.gpu_share)
     tokenizer = _tokenizer(job.model)
     train_set, eval_set, num_labels = _datasets(job, tokenizer)
     base = _base_model(job, num_labels, tokenizer, device, precision)
@@ -90,6 +92,7 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
 
     torch.manual_seed(job.seed)
     _reset_head(base, job.task)
+    hooks_before = _embedding_hooks(base)
     _set_gradient_checkpointing(base, job.gradient_checkpointing)
     model = get_peft_model(base, _lora_config(job, base.config.model_type))
     try:
@@ -108,7 +111,31 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
         raise
     finally:
         model.unload()  # the cached base is clean again for the next run on this worker
+        _remove_new_embedding_hooks(base, hooks_before)  # peft's input-grad hook (checkpointing)
         del model  # the caller frees what is left (hpo.train.accelerator.release_memory)
+
+
+def _embedding_hooks(base: Any) -> set[int]:
+    """Ids of the forward hooks on the base's input embeddings now."""
+    embeddings = base.get_input_embeddings()
+    return set(embeddings._forward_hooks) if embeddings is not None else set()
+
+
+def _remove_new_embedding_hooks(base: Any, before: set[int]) -> None:
+    """Remove the forward hooks added to the input embeddings since ``before``: with gradient
+    checkpointing, peft's ``get_peft_model`` registers one (``enable_input_require_grads``) on
+    every wrap and ``unload()`` leaves it, so a warm worker's base would gather one per trial."""
+    embeddings = base.get_input_embeddings()
+    if embeddings is None:
+        return
+    for key in set(embeddings._forward_hooks) - before:
+        embeddings._forward_hooks.pop(key, None)
+        embeddings._forward_hooks_with_kwargs.pop(key, None)
+        embeddings._forward_hooks_always_called.pop(key, None)
+    if hasattr(base, "_require_grads_hooks"):
+        base._require_grads_hooks = []
+    if hasattr(base, "_require_grads_hook"):
+        del base._require_grads_hook
 
 
 class _Run:
@@ -126,8 +153,8 @@ class _Run:
 
     def memory(self) -> dict[str, float]:
         mib = 1024 * 1024
-        return {"peak_memory_mb": round(self.meter.peak() / mib), "resident_memory_mb": round(self.resident / mib),
-                "trainable_params": self.trainable_params}
+        return {"peak_memory_mb": round(self.meter.peak() / mib), "peak_reserved_memory_mb": round(self.meter.peak_reserved() / mib),
+                "resident_memory_mb": round(self.resident / mib), "trainable_params": self.trainable_params}
 
 
 def _settings(job: TrainJob, model: Any, run: _Run, trainable: int) -> dict[str, Any]:
@@ -192,14 +219,20 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
     watch = _BestWatch(job.patience, job.restore_best, job.watch, job.watch_mode, job.min_steps)
     micro = p.batch_size
     runner, rank, world = _data_parallel(model)
+    flops = cost.FlopCounter(model, job.gradient_checkpointing)
+    padding_free = job.task == "sft" and job.packing and sft.wants_padding_free(job.attn_implementation)
+    tokens = 0
     started = time.perf_counter()
     model.train()
     for step in range(1, job.max_steps + 1):
         batch = next(batches)
         if step == 1:  # training starts: what came before was setup
             run.setup_seconds = time.perf_counter() - run.started
-        pieces = functools.partial(_accumulate, runner, _shard(batch, rank, world), run=run,
-                                   whole=len(batch["labels"]) / world)  # pieces(micro) -> the step's loss
+        tokens += int(batch[ROW_TOKENS].sum())  # the whole batch (every rank drew it)
+        flops.add_batch(batch[ROW_TOKENS])
+        normalise = _loss_normaliser(batch, job.task, world)
+        pieces = functools.partial(_accumulate, runner, _shard(batch, rank, world), run=run, normalise=normalise,
+                                   padding_free=padding_free)  # pieces(micro) -> the step's loss
         loss, micro = _halving_on_oom(pieces, micro, can_halve=world == 1,  # ranks must stay in step
                                       before_retry=lambda: optimizer.zero_grad(set_to_none=True))
         if run.scaler is not None:
@@ -220,7 +253,9 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
             metrics["micro_batch_size"] = micro
             metrics["grad_accum"] = math.ceil(p.batch_size / micro)
             metrics["learning_rate"] = scheduler.get_last_lr()[0]
-            metrics["train_seconds"] = time.perf_counter() - started
+            metrics["train_seconds"] = _synchronised_seconds(run.device, started)
+            metrics.update(cost.throughput(tokens, metrics["train_seconds"], flops, accelerator.facts(run.device),
+                                           run.precision))
             metrics.update(run.memory())
             if run.setup_seconds is not None:
                 metrics["trial_setup_seconds"], run.setup_seconds = run.setup_seconds, None
@@ -283,24 +318,77 @@ class _BestWatch:
         return final
 
 
-def _accumulate(model: Any, batch: dict[str, Any], micro: int, run: _Run, whole: float | None = None) -> float:
-    """Forward and backward ``batch`` in pieces of ``micro`` examples; each piece's mean
-    loss is weighted by its share of ``whole`` (default: this batch's size), so the gradient
-    is the whole batch's. Returns the loss."""
+ROW_TOKENS = "hpo_row_tokens"
+"""Batch key (not a model input): each row's real tokens (padding left out), for tokens/s."""
+
+
+@dataclass(frozen=True)
+class _Normaliser:
+    """How a piece's loss becomes its part of the sampled batch's loss (see :func:`_loss_normaliser`)."""
+
+    by_tokens: bool
+    whole: float
+    """Examples (by_tokens False) or answer tokens (True) of the whole sampled batch, per rank."""
+
+
+def _loss_normaliser(batch: dict[str, Any], task: str, world: int) -> _Normaliser:
+    """The denominator that makes the pieces' losses (over micro-batches after an OOM halving,
+    and over the ranks of a multi-worker trial) add up to the sampled batch's loss.
+
+    classification and causal_lm (every row alike: one label, or a full block of tokens): the
+    mean over examples, so a piece weighs its share of the batch's examples. sft: the mean over
+    the batch's answer tokens (as one unsplit forward computes it), so each piece's loss is its
+    summed token loss over the answer tokens of the whole batch -- passed to the model as
+    ``num_items_in_batch`` -- whatever the answers' lengths. Every rank drew the whole batch, so
+    the count is known on each without a collective; it is divided by ``world`` because DDP
+    averages the ranks' gradients.
+    """
+    if task == "sft":
+        answer_tokens = int((batch["labels"][:, 1:] != sft.IGNORE).sum())  # the labels the shifted loss uses
+        return _Normaliser(True, max(1, answer_tokens) / world)
+    return _Normaliser(False, batch["labels"].shape[0] / world)
+
+
+def _accumulate(model: Any, batch: dict[str, Any], micro: int, run: _Run, normalise: _Normaliser | None = None,
+                padding_free: bool = False) -> float:
+    """Forward and backward ``batch`` in pieces of ``micro`` rows, each piece's loss scaled by
+    ``normalise`` (default: this batch's mean over examples), so the gradient is the whole
+    sampled batch's. ``padding_free``: each piece goes as one flattened row
+    (:func:`hpo.train.sft.padding_free`, for flash attention). Returns the loss."""
     size = batch["labels"].shape[0]
+    normalise = normalise or _Normaliser(False, float(size))
     total = 0.0
     for start in range(0, size, micro):
-        piece = _to_device({k: v[start : start + micro] for k, v in batch.items()}, run.device)
-        share = piece["labels"].shape[0] / (whole or size)
+        piece = {k: v[start : start + micro] for k, v in batch.items()}
+        row_tokens = piece.pop(ROW_TOKENS, None)
+        if padding_free:
+            piece = sft.padding_free(piece, row_tokens)
+        piece = _to_device(piece, run.device)
         with accelerator.autocast(run.device, run.precision):
-            loss = _forward(model, piece).loss * share
+            if normalise.by_tokens:  # summed over the piece's answer tokens, divided by the batch's
+                loss = _forward(model, {**piece, "num_items_in_batch": normalise.whole}).loss
+            else:
+                loss = _forward(model, piece).loss * (piece["labels"].shape[0] / normalise.whole)
         (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
         total += loss.item()
     return total
 
 
+def _synchronised_seconds(device: torch.device, started: float) -> float:
+    """Seconds since ``started``, once the device has finished the work queued so far (CUDA
+    runs asynchronously: an unsynchronised timer measures the queueing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch on ``device``; to a GPU through pinned host memory, so the copy is asynchronous
+    (``non_blocking`` from pageable memory is a synchronous copy)."""
+    if device.type != "cuda":
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 def _device_of(model: Any) -> torch.device:
@@ -316,7 +404,13 @@ def _data_parallel(model: Any) -> tuple[Any, int, int]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return model, 0, 1
     device = next(model.parameters()).device
-    runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # Every rank loaded the same frozen base from the same checkpoint: DDP need not broadcast it
+    # (its constructor sends every parameter and buffer of rank 0: 16 GB for an 8B base, each trial).
+    frozen = [name for name, weight in model.named_parameters() if not weight.requires_grad]
+    frozen += [name for name, _ in model.named_buffers()]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                       broadcast_buffers=False)
     return runner, dist.get_rank(), dist.get_world_size()
 
 
@@ -362,17 +456,23 @@ def _halving_on_oom(attempt: Callable[[int], T], size: int, can_halve: bool = Tr
                     before_retry: Callable[[], None] | None = None) -> tuple[T, int]:
     """``attempt(size)``; on an out-of-memory error, memory released (after ``before_retry``),
     again with half the size, down to 1. Returns the result and the size that worked. Any
-    other error, or an out-of-memory error at size 1 or when ``can_halve`` is false, propagates."""
+    other error, or an out-of-memory error at size 1 or when ``can_halve`` is false, propagates.
+
+    The retry runs outside the ``except`` block, with the failed attempt's frames cleared:
+    inside it, the traceback still holds the failed step's activations, so the cache release
+    would free too little for the smaller retry to fit."""
     while True:
         try:
             return attempt(size), size
         except Exception as error:
             if not is_out_of_memory(error) or size == 1 or not can_halve:
                 raise
-            if before_retry is not None:
-                before_retry()
-            accelerator.release_memory()
-            size = max(1, size // 2)
+            traceback.clear_frames(error.__traceback__)
+        # the error, its traceback and the failed step's tensors are gone here
+        if before_retry is not None:
+            before_retry()
+        accelerator.release_memory()
+        size = max(1, size // 2)
 
 
 @torch.no_grad()
@@ -384,8 +484,8 @@ def _evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any, size: in
     precision = accelerator.resolve_precision(job.precision, device)
     total_loss, total_count, correct = 0.0, 0, 0
     for start in range(0, len(eval_set), size):
-        batch = _to_device(_collate(eval_set, range(start, min(start + size, len(eval_set))), tokenizer, job.task),
-                           device)
+        batch = _to_device(_model_inputs(eval_set, range(start, min(start + size, len(eval_set))), tokenizer,
+                                         job.task), device)
         with accelerator.autocast(device, precision):
             out = model(**batch)
         count = batch["labels"].shape[0]
@@ -411,6 +511,21 @@ def _batches(train_set: Any, batch_size: int, seed: int, tokenizer: Any, task: s
 
 def _collate(dataset: Any, indices: Any, tokenizer: Any, task: str,
              augment: Callable[[str], str] | None = None, max_length: int = 0) -> dict[str, Any]:
+    """A training batch of ``indices``, with each row's real token count under :data:`ROW_TOKENS`."""
+    indices = list(indices)
+    batch = _model_inputs(dataset, indices, tokenizer, task, augment, max_length)
+    if task == "sft":
+        lengths = [len(dataset.examples[i].input_ids) for i in indices]
+        batch[ROW_TOKENS] = torch.tensor(lengths)
+    elif "attention_mask" in batch:
+        batch[ROW_TOKENS] = batch["attention_mask"].sum(-1)
+    else:
+        batch[ROW_TOKENS] = torch.full((batch["input_ids"].shape[0],), batch["input_ids"].shape[1])
+    return batch
+
+
+def _model_inputs(dataset: Any, indices: Any, tokenizer: Any, task: str,
+                  augment: Callable[[str], str] | None = None, max_length: int = 0) -> dict[str, Any]:
     indices = list(indices)
     if task == "sft":
         return sft.collate(dataset, indices)
@@ -516,38 +631,81 @@ def _base_model(job: TrainJob, num_labels: int, tokenizer: Any, device: torch.de
                 precision: str = "fp32") -> Any:
     """The frozen base, loaded once per worker onto ``device``: stored in the training
     precision's dtype (bf16/fp16, else fp32), or quantized by bitsandbytes (4bit: QLoRA's
-    nf4 with double quantization, computing in bf16; 8bit) and prepared by peft for k-bit
-    training."""
+    nf4 with double quantization, computing in bf16 where the card has it natively, else
+    fp16; 8bit) and prepared by peft for k-bit training.
+
+    One base per device: loading another (a space that samples ``model``, another precision)
+    first drops the others cached for that device and frees their memory, so a warm worker
+    holds one base on its GPU, not one per model it has seen."""
     device = device or torch.device("cpu")
     key = (job.model, job.task, num_labels, str(device), precision, job.quantization, job.attn_implementation)
     if key not in _BASE_MODELS:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        path = models.resolve(job.model)
-        dtype = accelerator.DTYPES[precision]
-        options: dict[str, Any] = {"dtype": dtype, "attn_implementation": job.attn_implementation}
-        if job.quantization != "none":
-            options["dtype"] = torch.float16 if precision == "fp16" else torch.bfloat16
-            options["quantization_config"] = _quantization_config(job.quantization, options["dtype"], job.task)
-            options["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
-        if job.task == "classification":
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
-                                                                                   **options)
-        else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, **options)
-        if job.quantization != "none":
-            from peft import prepare_model_for_kbit_training
-
-            # freezes the base, casts its norms and the rest to fp32; checkpointing is set per run
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        else:
-            model.to(device)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        _BASE_MODELS[key] = model
+        _evict_bases(str(device))
+        _BASE_MODELS[key] = load_base(job, num_labels, tokenizer, device, precision, job.quantization)
     return _BASE_MODELS[key]
+
+
+def merged(job: TrainJob, model: Any, tokenizer: Any, reload: bool | None = None) -> Any:
+    """The trained adapter merged into its base, for saving as a plain transformers model.
+
+    A quantized base (``reload``, default: ``job.quantization != "none"``) is not merged into:
+    its 4-bit/8-bit weights would be dequantized, summed with the update, and re-quantized,
+    losing most of what the adapter learned. The base is loaded again unquantized on the CPU,
+    in bf16 where the training GPU has it natively (else fp32), the adapter's (and task head's)
+    weights are copied onto a fresh adapter there, and that is merged."""
+    if not (job.quantization != "none" if reload is None else reload):
+        return model.merge_and_unload()
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    trained_on = accelerator.facts(_device_of(model))
+    precision = "bf16" if trained_on.native_bf16 else "fp32"
+    num_labels = getattr(model.config, "num_labels", 0) if job.task == "classification" else 0
+    base = load_base(job, num_labels, tokenizer, torch.device("cpu"), precision, "none")
+    fresh = get_peft_model(base, model.peft_config["default"])
+    set_peft_model_state_dict(fresh, {k: v.to("cpu") for k, v in get_peft_model_state_dict(model).items()})
+    return fresh.merge_and_unload()
+
+
+def _evict_bases(device: str) -> None:
+    """Drop the cached bases on ``device`` and give their memory back."""
+    stale = [key for key in _BASE_MODELS if key[3] == device]
+    for key in stale:
+        del _BASE_MODELS[key]
+    if stale:
+        accelerator.release_memory()
+
+
+def load_base(job: TrainJob, num_labels: int, tokenizer: Any, device: torch.device, precision: str,
+              quantization: str) -> Any:
+    """A fresh base model for ``job`` on ``device`` (see :func:`_base_model`; promote's merge
+    reloads an unquantized one with ``quantization="none"``). Loaded straight onto the device
+    (``device_map``), not through host memory and a copy."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    path = models.resolve(job.model)
+    options: dict[str, Any] = {"dtype": accelerator.DTYPES[precision], "attn_implementation": job.attn_implementation}
+    if quantization != "none":
+        options["dtype"] = accelerator.quantization_compute_dtype(precision, accelerator.facts(device))
+        options["quantization_config"] = _quantization_config(quantization, options["dtype"], job.task)
+        options["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+    elif device.type == "cuda":
+        options["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+    if job.task == "classification":
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **options)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **options)
+    if quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # freezes the base, casts its norms and the rest to fp32; checkpointing is set per run
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model.to(device)  # a no-op where device_map placed it
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def _quantization_config(quantization: str, compute_dtype: torch.dtype, task: str) -> Any:
