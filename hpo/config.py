@@ -136,16 +136,24 @@ class Sweep:
     """Where trials train: ``auto`` (the GPU Ray gives the trial, else Apple MPS, else the CPU),
     ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Mixed precision: ``auto`` (bf16 on a GPU that has it, else fp32), ``bf16``, ``fp16`` (loss-scaled), ``fp32``."""
+    """Mixed precision: ``auto`` (bf16 on a GPU with native bf16: compute capability 8.0 and later, else
+    fp32), ``bf16``, ``fp16`` (loss-scaled; the choice on a T4 or V100), ``fp32`` (TF32 matmuls on Ampere and later)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     quantization: Literal["none", "4bit", "8bit"] = "none"
     """Quantized frozen base (bitsandbytes, CUDA only): ``4bit`` is QLoRA (nf4, double quantization,
-    bf16 compute), ``8bit`` LLM.int8(); ``none`` keeps it in the training precision."""
+    bf16 compute where native, else fp16), ``8bit`` LLM.int8(); ``none`` keeps it in the training precision."""
     attn_implementation: str = "sdpa"
     """The attention kernel transformers uses: ``sdpa``, ``eager``, ``flash_attention_2``, ..."""
     packing: bool = False
-    """sft: pack whole examples into blocks of max_length tokens (attention stays within an example)."""
+    """sft: pack whole examples into blocks of max_length tokens (attention stays within an example;
+    with flash attention each micro-batch goes as one padding-free row)."""
+    group_by_length: bool = False
+    """sft without packing: batches of examples of similar length (less padding, faster; which examples
+    share a batch changes, so results do too). Off by default."""
+    fused_optimizer: bool = False
+    """AdamW's fused kernel (one launch for every weight: faster on a GPU; the same update to float
+    rounding). Off by default."""
     generation_examples: int = 32
     """sft: eval examples answered by greedy generation at each evaluation (eval_exact_match); 0: none."""
     max_new_tokens: int = 32
@@ -288,8 +296,9 @@ class Sweep:
             yield _bad("precision", self.precision, f"must be one of {', '.join(PRECISIONS)}")
         if self.quantization not in QUANTIZATIONS:
             yield _bad("quantization", self.quantization, f"must be one of {', '.join(QUANTIZATIONS)}")
-        if not isinstance(self.gradient_checkpointing, bool):
-            yield _bad("gradient_checkpointing", self.gradient_checkpointing, "must be true or false")
+        for name in ("gradient_checkpointing", "packing", "group_by_length", "fused_optimizer"):
+            if not isinstance(getattr(self, name), bool):
+                yield _bad(name, getattr(self, name), "must be true or false")
         if not isinstance(self.attn_implementation, str) or not self.attn_implementation:
             yield _bad("attn_implementation", self.attn_implementation, "must name an attention kernel (sdpa, eager, "
                        "flash_attention_2, ...)")

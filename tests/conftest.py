@@ -71,6 +71,18 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite assumes a CPU (exact comparisons, fp32 kernels): on a GPU machine every test but
+    the ``gpu`` ones runs with the GPUs hidden (``CUDA_VISIBLE_DEVICES=""``, before torch looks),
+    so trials, subprocesses and Ray workers train on the CPU as they do in CI. ``pytest -m gpu``
+    keeps them visible for tests/test_gpu.py."""
+    import re
+
+    if not re.search(r"(?<!not )\bgpu\b", config.getoption("markexpr", "") or ""):
+        os.environ.setdefault("HPO_TEST_HIDDEN_GPUS", os.environ.get("CUDA_VISIBLE_DEVICES", "all"))
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 SLEEPY_MODULE = '''
 import time
 import hpo

@@ -285,3 +285,67 @@ def test_merging_onto_a_reloaded_base_gives_the_trained_model(tiny_bert: Path) -
 
     training.fine_tune(job, lambda step, metrics: None, on_trained=keep)
     torch.testing.assert_close(outputs["reloaded"], outputs["trained"], rtol=1e-4, atol=1e-5)
+
+
+# what a GPU user expects of a trainer ---------------------------------------------------------------
+def test_fused_adamw_trains_as_the_plain_one(tiny_bert: Path) -> None:
+    sweep = Sweep(model=str(tiny_bert), train_data=str(SEARCH_SPACES / "data/reviews/train.tsv"),
+                  eval_data=str(SEARCH_SPACES / "data/reviews/eval.tsv"), max_steps=6, eval_every=3, max_length=32)
+    losses = {}
+    for fused in (False, True):
+        job = dataclasses.replace(TrainJob.from_sweep(sweep, {"batch_size": 8, "learning_rate": 1e-2}),
+                                  fused_optimizer=fused)
+        reports: list[dict] = []
+        training.fine_tune(job, lambda step, metrics, reports=reports: reports.append(metrics))
+        losses[fused] = [value for r in reports for value in (r["train_loss"], r["eval_loss"])]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert Sweep(fused_optimizer=True).fused_optimizer and TrainJob.from_sweep(Sweep(fused_optimizer=True), {}).fused_optimizer
+
+
+def test_length_grouped_batches_cover_the_epoch_with_less_padding() -> None:
+    lengths = [int(x) for x in torch.randint(5, 200, (400,), generator=torch.Generator().manual_seed(0))]
+    order = torch.randperm(400, generator=torch.Generator().manual_seed(1)).tolist()
+    grouped = training.grouped_by_length(order, lengths, 8, torch.Generator().manual_seed(2))
+    assert sorted(grouped) == sorted(order)  # 400 = 50 batches of 8: nothing dropped
+
+    def padding(sequence: list[int]) -> int:
+        batches = [sequence[i : i + 8] for i in range(0, len(sequence), 8)]
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(grouped) < padding(order) / 4
+    assert max(lengths[i] for i in grouped[:8]) == max(lengths)  # the longest batch first: an OOM shows at once
+
+
+# the prepared check for the first GPU machine -------------------------------------------------------
+def test_gpu_check_dry_run_plans_every_section_and_its_imports_work() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    (plan,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert plan["needed_imports_ok"] and plan["missing"] == []
+    assert plan["sections"][0] == "env" and {"warm_trials", "oom", "shared_gpu", "pytest_gpu"} <= set(plan["sections"])
+    assert plan["total_budget_seconds"] <= 8 * 60
+
+
+def test_gpu_check_rehearsed_on_the_cpu(tiny_llama: Path) -> None:
+    """The check's own code, run where it can on a CPU (``--device cpu``), so that the first GPU
+    machine does not meet its bugs; the GPU-only sections say skipped."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, hpo_env
+
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--model",
+                             str(tiny_llama), "--only", "env,packing,oom,cuda_n"], capture_output=True, text=True,
+                            timeout=300, env=hpo_env())
+    records = {r["section"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert records["packing"]["status"] == "ok" and records["packing"]["examples"] >= 2
+    assert records["cuda_n"]["status"] == "ok" and "cuda:1" in records["cuda_n"]["message"]
+    assert records["oom"]["status"] == "skipped"
+    assert records["summary"]["failed"] == 0

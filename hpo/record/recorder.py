@@ -75,9 +75,10 @@ class Recorder:
     POLL = 1.0
     """Seconds between looks at the study while waiting for other processes' trials."""
     # Trial attributes the recipe reports among its metrics and the study keeps as user attrs.
-    ATTRS = ("micro_batch_size", "grad_accum", "peak_memory_mb", "resident_memory_mb")
-    # ... and those kept as seconds: from the trial's start on its worker to the start of its first optimizer step.
-    SECONDS_ATTRS = ("trial_setup_seconds",)
+    ATTRS = ("micro_batch_size", "grad_accum", "peak_memory_mb", "peak_reserved_memory_mb", "resident_memory_mb")
+    # ... and those kept as fractional numbers: seconds from the trial's start on its worker to the start of its
+    # first optimizer step; the training's tokens per second and, on a CUDA GPU, its model FLOPs utilisation.
+    SECONDS_ATTRS = ("trial_setup_seconds", "tokens_per_second", "mfu")
     # Curves kept on the Optuna trial (user attr "curves") for `hpo diagnose` and reports.
     CURVES = ("train_loss", "eval_loss", "learning_rate")
 

@@ -178,6 +178,10 @@ class TrainJob:
     is capped at that share of the card's memory (:func:`hpo.train.accelerator.memory_fraction`)."""
     packing: bool = False
     """sft: pack examples into max_length blocks (see :mod:`hpo.train.sft`)."""
+    group_by_length: bool = False
+    """sft without packing: batches of examples of similar length."""
+    fused_optimizer: bool = False
+    """AdamW's fused kernel."""
     generation_examples: int = 32
     """sft: eval examples scored by greedy generation."""
     max_new_tokens: int = 32
@@ -227,6 +231,8 @@ class TrainJob:
             attn_implementation=sweep.attn_implementation,
             gpu_share=sweep.worker_resources["GPU"],
             packing=sweep.packing,
+            group_by_length=sweep.group_by_length,
+            fused_optimizer=sweep.fused_optimizer,
             generation_examples=sweep.generation_examples,
             max_new_tokens=sweep.max_new_tokens,
             chat_template=sweep.chat_template,

@@ -186,24 +186,26 @@ def _set_gradient_checkpointing(base: Any, enabled: bool) -> None:
         base.activation_checkpointing_disable()
 
 
-def make_optimizer(model: Any, trainable: list, p: Any) -> torch.optim.Optimizer:
-    """AdamW over the trainable weights at ``p.learning_rate``. With ``p.loraplus_lr_ratio`` > 0,
-    LoRA+ (Hayou et al. 2024) through peft's ``create_loraplus_optimizer``: the lora_B matrices
-    (and, as peft does, 1-D trainable weights such as biases) learn at ratio x the rate, the
-    rest (lora_A, the task head's matrices) at the rate; 1-D weights get no weight decay."""
+def make_optimizer(model: Any, trainable: list, p: Any, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights at ``p.learning_rate`` (``fused``: its fused kernel). With
+    ``p.loraplus_lr_ratio`` > 0, LoRA+ (Hayou et al. 2024) through peft's ``create_loraplus_optimizer``:
+    the lora_B matrices (and, as peft does, 1-D trainable weights such as biases) learn at ratio x
+    the rate, the rest (lora_A, the task head's matrices) at the rate; 1-D weights get no weight decay."""
+    options = {"fused": True} if fused else {}
     if not p.loraplus_lr_ratio:
-        return torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.weight_decay)
+        return torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.weight_decay, **options)
     from peft.optimizers import create_loraplus_optimizer
 
     return create_loraplus_optimizer(model, torch.optim.AdamW, lr=p.learning_rate,
-                                     loraplus_lr_ratio=p.loraplus_lr_ratio, loraplus_weight_decay=p.weight_decay)
+                                     loraplus_lr_ratio=p.loraplus_lr_ratio, loraplus_weight_decay=p.weight_decay,
+                                     **options)
 
 
 def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, report: Reporter,
            run: _Run) -> dict[str, float]:
     p = job.params
     trainable = [w for w in model.parameters() if w.requires_grad]
-    optimizer = make_optimizer(model, trainable, p)
+    optimizer = make_optimizer(model, trainable, p, fused=job.fused_optimizer)
     warmup = int(p.warmup_ratio * job.max_steps)
 
     def schedule(step: int) -> float:  # linear warmup, then linear decay to 0
@@ -213,7 +215,9 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     augment = _augmenter(job) if job.task == "classification" and p.augments else None
-    batches = _batches(train_set, p.batch_size, job.seed, tokenizer, job.task, augment, job.max_length)
+    lengths = [len(e.input_ids) for e in train_set.examples] if job.task == "sft" and job.group_by_length \
+        and not job.packing else None
+    batches = _batches(train_set, p.batch_size, job.seed, tokenizer, job.task, augment, job.max_length, lengths)
     losses: list[float] = []
     metrics: dict[str, float] = {}
     watch = _BestWatch(job.patience, job.restore_best, job.watch, job.watch_mode, job.min_steps)
@@ -500,13 +504,34 @@ def _evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any, size: in
 
 
 def _batches(train_set: Any, batch_size: int, seed: int, tokenizer: Any, task: str,
-             augment: Callable[[str], str] | None = None, max_length: int = 0):
-    """Endless seeded shuffled batches: each epoch a new permutation of the training set."""
+             augment: Callable[[str], str] | None = None, max_length: int = 0, lengths: list[int] | None = None):
+    """Endless seeded shuffled batches: each epoch a new permutation of the training set.
+    With ``lengths`` (``group_by_length``), batches of similar lengths: see :func:`grouped_by_length`."""
     generator = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(train_set), generator=generator).tolist()
+        if lengths is not None:
+            order = grouped_by_length(order, lengths, batch_size, generator)
         for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
             yield _collate(train_set, order[start : start + batch_size], tokenizer, task, augment, max_length)
+
+
+def grouped_by_length(order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator,
+                      mega: int = 50) -> list[int]:
+    """An epoch's shuffled ``order`` rearranged so that each batch holds examples of similar
+    length, as transformers' ``LengthGroupedSampler`` does: chunks of ``mega`` batches, each
+    sorted by length (longest first), cut into batches whose order is then shuffled (the
+    longest batch first, so an out-of-memory error shows at the first step)."""
+    chunk = mega * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: -lengths[i])
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    full = [b for b in batches if len(b) == batch_size] or batches
+    longest = max(range(len(full)), key=lambda i: lengths[full[i][0]])
+    full[0], full[longest] = full[longest], full[0]
+    rest = [full[0]] + [full[1:][i] for i in torch.randperm(len(full) - 1, generator=generator).tolist()]
+    return [i for batch in rest for i in batch]
 
 
 def _collate(dataset: Any, indices: Any, tokenizer: Any, task: str,
