@@ -186,7 +186,7 @@ class OptunaBridge(Searcher):
         # Tune pickles searchers (tuner.pkl); the study is the state that matters, and the
         # recorder holds connections and a live display.
         state = self.__dict__.copy()
-        state["recorder"] = None
+        state["recorder"] = state["first"] = None
         return state
 
     def save(self, checkpoint_path: str) -> None:
