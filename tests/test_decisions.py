@@ -175,9 +175,13 @@ def test_waits_for_another_live_process_then_finishes(tmp_path: Path, tracking_u
     other = Ledger(optuna.load_study(study_name=sweep.name, storage=open_storage(sweep.url)),
                    lambda t: {"x": t.suggest_float("x", 0, 1)}, target=2)
     theirs = [other.claim(), other.claim()]
-    assert sweep.bridge.suggest("a") is None, "short, with another live process's trials running: wait"
+    # Short, with another live process's trials running: this Tune run ends (no idle worker
+    # of ours holds a slot their trials may need), and the sweep waits on the study.
+    assert sweep.bridge.suggest("a") == "FINISHED" and sweep.recorder.elsewhere and not sweep.recorder.done
     other.tell(theirs[0].number, TrialState.COMPLETE, value=1.0)
     other.tell(theirs[1].number, TrialState.FAIL, reason="interrupted")  # its rerun is ours to run
+    asked = sweep.recorder.wait_for_a_trial()
+    sweep.bridge = OptunaBridge(sweep.recorder, sweep.scheduler, "score", "max", first=asked)  # the next Tune run
     number = sweep.start("a")
     assert number == 2 and sweep.trial(number).user_attrs["retry_of"] == theirs[1].number
     sweep.result("a", 1, score=1.0)
@@ -193,13 +197,40 @@ def test_takes_over_a_dead_drivers_trials(tmp_path: Path, tracking_uri: str) -> 
     other = Ledger(optuna.load_study(study_name=sweep.name, storage=open_storage(sweep.url)),
                    lambda t: {"x": t.suggest_float("x", 0, 1)}, target=1)
     theirs = other.claim()
-    assert sweep.bridge.suggest("a") is None
+    assert sweep.bridge.suggest("a") == "FINISHED" and sweep.recorder.elsewhere
     other.running.clear()  # its driver dies
     sweep.study._storage.set_trial_system_attr(theirs.trial._trial_id, DRIVER_ATTR, _dead_identity())
-    sweep.recorder._last_reclaim = 0.0  # the next tick of Tune's loop reclaims
-    sweep.recorder.tick()
+    sweep.recorder._last_reclaim = 0.0  # the waiting sweep's first look reclaims
+    sweep.bridge = OptunaBridge(sweep.recorder, sweep.scheduler, "score", "max",
+                                first=sweep.recorder.wait_for_a_trial())
     number = sweep.start("a")
     assert sweep.trial(number).user_attrs["retry_of"] == theirs.number
+    other.close()
+    sweep.ledger.close()
+
+
+def test_a_run_with_nothing_more_of_its_own_ends_when_others_fill_the_study(tmp_path: Path,
+                                                                           tracking_uri: str) -> None:
+    """Issue 19, item 0: with only this process's trials running, Tune waits (its workers are
+    reused for what comes next); once another process's trials fill the rest of the study, this
+    run asks for no more trials (FINISHED: Tune drops its idle workers, ends when ours end)."""
+    sweep = Sweep(tmp_path, tracking_uri, target=3)
+    mine = [sweep.start("a"), sweep.start("b")]
+    sweep.bridge.on_trial_complete("a", result={"step": 1, "score": 1.0, "done": True})
+    assert sweep.bridge.suggest("c") is not None, "its own trials only: a new one"
+    sweep.bridge.on_trial_complete("c", result={"step": 1, "score": 1.0, "done": True})
+    assert sweep.bridge.suggest("d") is None and not sweep.recorder.elsewhere, "only its own trial runs: wait"
+    sweep.ledger.target = 4  # a shared study: another process claims the fourth trial
+    other = Ledger(optuna.load_study(study_name=sweep.name, storage=open_storage(sweep.url)),
+                   lambda t: {"x": t.suggest_float("x", 0, 1)}, target=4)
+    theirs = other.claim()
+    sweep.recorder.POLL = 0.0
+    assert sweep.bridge.suggest("d") == "FINISHED" and sweep.recorder.elsewhere and not sweep.recorder.done
+    sweep.result("b", 1, score=2.0)  # its own running trial still ends truthfully
+    sweep.bridge.on_trial_complete("b", result={"step": 1, "score": 2.0, "done": True})
+    assert sweep.trial(mine[1]).state == TrialState.COMPLETE
+    other.tell(theirs.number, TrialState.COMPLETE, value=1.0)
+    assert sweep.recorder.wait_for_a_trial() is None and sweep.recorder.done and not sweep.recorder.elsewhere
     other.close()
     sweep.ledger.close()
 

@@ -245,6 +245,51 @@ def test_driver_identity_is_judged_safely() -> None:
     assert not driver_is_dead(f"{host}:{pid}:gone")
 
 
+HIDDEN = """
+import os, sys
+import psutil
+from hpo.record.liveness import driver_is_dead
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)  # nobody: with hidepid=2 it sees only its own processes in /proc
+live, dead = sys.argv[1:]
+pid = int(live.split(":")[3])
+try:
+    psutil.Process(pid)
+    hidden = False
+except psutil.NoSuchProcess:
+    hidden = True
+print(hidden, driver_is_dead(live), driver_is_dead(dead))
+"""
+
+
+def test_another_users_driver_hidden_by_hidepid_is_not_dead(tmp_path: Path) -> None:
+    """Issue 19, item 15: with /proc mounted hidepid=2, another user's live driver has no /proc
+    entry (psutil: NoSuchProcess), and its trials were reclaimed as a dead driver's. Signal 0
+    answers EPERM for it: alive. A real hidepid=2 proc mount, in a mount namespace of its own
+    (root needed: skipped elsewhere), read by a process that drops to the user nobody."""
+    probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t proc -o hidepid=2 proc /proc"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0 or os.geteuid() != 0:
+        pytest.skip(f"needs root to mount a hidepid=2 /proc in a mount namespace ({probe.stderr.strip()[:200]})")
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.2)
+        live = driver_id(driver.pid)
+        result = subprocess.run(["unshare", "--mount", "sh", "-c",
+                                 'mount -t proc -o hidepid=2 proc /proc && exec "$0" -c "$1" "$2" "$3"',
+                                 sys.executable, HIDDEN, live, dead_driver()],
+                                capture_output=True, text=True, timeout=60, env=hpo_env(), cwd=tmp_path)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert result.returncode == 0, result.stdout + result.stderr
+    hidden, live_dead, dead_dead = result.stdout.split()
+    assert hidden == "True", "the driver's /proc entry is hidden from the reader"
+    assert live_dead == "False", "a live driver hidden by hidepid=2 counted as dead"
+    assert dead_dead == "True", "a driver that exited is still known dead"
+
+
 def test_transient_errors_are_retried_a_bounded_number_of_times() -> None:
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import OperationalError

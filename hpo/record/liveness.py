@@ -10,7 +10,9 @@ A trial in the study records the driver that runs it (``hpo:driver``), as
 
 :func:`driver_is_dead` answers True only when sure (same host, boot and namespace, and the
 pid is gone or belongs to a younger process). A process that cannot be read
-(``AccessDenied``), or one elsewhere, counts as alive: its heartbeat's age decides.
+(``AccessDenied``), or one elsewhere, counts as alive: its heartbeat's age decides. So does
+one hidden from this user (``/proc`` mounted ``hidepid=2``: psutil finds no such process,
+while ``os.kill(pid, 0)`` answers EPERM, "it exists, and is not yours").
 
 :class:`Heartbeats` records each running trial's heartbeat from a daemon thread with its
 own database connection, so nothing the driver's loop waits on (the study lock, MLflow,
@@ -115,9 +117,24 @@ def driver_is_dead(text: str) -> bool:
         import psutil
 
         started = psutil.Process(driver.pid).create_time()
-    except Exception as error:  # noqa: BLE001
-        return type(error).__name__ == "NoSuchProcess"  # AccessDenied, ZombieProcess...: not known dead
+    except Exception as error:  # noqa: BLE001 - AccessDenied, ZombieProcess...: not known dead
+        return type(error).__name__ == "NoSuchProcess" and not _pid_exists(driver.pid)
     return abs(started - driver.start) > START_TOLERANCE
+
+
+def _pid_exists(pid: int) -> bool:
+    """Whether a process has this pid, by signal 0 (not ``/proc``, which ``hidepid=2`` thins
+    out to the caller's own processes): EPERM means one runs, another user's; only ESRCH
+    means none. A pid below 1 names no one process (signal 0 would test a group): True."""
+    if pid < 1:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError (EPERM) above all
+        return True
+    return True
 
 
 def is_this_process(text: str) -> bool:

@@ -53,6 +53,12 @@ class NoTrial(enum.Enum):
     """Not now: trials run here, or in another live process, while the study is short; ask again."""
     DONE = "done"
     """No more: the study is full, --timeout passed, or the sweep stopped asking (``stop_reason``)."""
+    ELSEWHERE = "elsewhere"
+    """Nothing to start here: other live processes' running trials (with this process's own
+    running ones) fill the study. Hold no resources meanwhile: the scheduler ends its run once
+    this process's own trials end (so idle workers kept for reuse give their slots back at
+    once, e.g. to the other processes' trials waiting for them), then
+    :meth:`Recorder.wait_for_a_trial` waits on the study."""
 
 
 class Display(Protocol):
@@ -109,6 +115,8 @@ class Recorder:
         self._last_reclaim = time.monotonic()
         self._last_claim = 0.0
         self._waiting_since: float | None = None
+        self.elsewhere = False
+        """The last answer of :meth:`next_trial` was ``ELSEWHERE`` (see :meth:`wait_for_a_trial`)."""
         self.done = False
         """The recorder said ``NoTrial.DONE``: the study is full, or --timeout passed (``timed_out``)."""
         self.timed_out = False
@@ -122,9 +130,10 @@ class Recorder:
         self._logged: dict[int, set[str]] = {}  # MLflow params of each running trial's run (they never change)
 
     def next_trial(self) -> AskedTrial | NoTrial:
-        """The next trial to run, or :class:`NoTrial` ``WAIT`` (trials run here or in another
-        live process while the study is short) or ``DONE``. Transient storage and MLflow errors
-        are retried with a bounded back-off; what still fails is raised."""
+        """The next trial to run, or :class:`NoTrial` ``WAIT`` (only this process's trials run
+        while the study is short), ``ELSEWHERE`` (other live processes' trials fill it) or
+        ``DONE``. Transient storage and MLflow errors are retried with a bounded back-off; what
+        still fails is raised."""
         if self.stop_reason is not None or self.interrupt_requested:
             return NoTrial.DONE
         if self.deadline is not None and time.time() >= self.deadline:
@@ -134,23 +143,26 @@ class Recorder:
             return NoTrial.DONE
         now = time.monotonic()
         if self._waiting_since is not None and now - self._last_claim < self.POLL:
-            return NoTrial.WAIT  # waiting for other drivers' trials: poll the study, don't hammer it
+            return NoTrial.ELSEWHERE  # waiting for other drivers' trials: poll the study, don't hammer it
         self._last_claim = now
         asked = retry_transient(self.ledger.claim, what="asking for the next trial")
         if asked is None:
-            if self.ledger.running:
-                return NoTrial.WAIT
-            if retry_transient(self.ledger.finished) >= self.ledger.target:
-                self.done = True
+            if not self.ledger.running and retry_transient(self.ledger.finished) >= self.ledger.target:
+                self.done, self.elsewhere = True, False
                 return NoTrial.DONE
             if retry_transient(self.ledger.others_running):
                 # Another process's trials fill the study: they may finish (then the study
                 # is done) or their driver may die (reclaim re-queues them, and we run them).
+                # Meanwhile this process holds no worker it has nothing to run on.
                 self._waiting_since = self._waiting_since or now
+                self.elsewhere = True
+                return NoTrial.ELSEWHERE
+            self._waiting_since, self.elsewhere = None, False
+            if self.ledger.running:
                 return NoTrial.WAIT
             self.done = True
             return NoTrial.DONE
-        self._waiting_since = None
+        self._waiting_since, self.elsewhere = None, False
         self.started += 1
         params = {**asked.trial.params, **{k: v for k, v in asked.params.items() if k not in asked.trial.params}}
         if self.job_params is not None:
@@ -162,6 +174,21 @@ class Recorder:
             self.on_end(asked.number, Outcome("interrupted"))
             return NoTrial.DONE
         return asked
+
+    def wait_for_a_trial(self) -> AskedTrial | None:
+        """After the scheduler's run ended on ``ELSEWHERE``: look at the study every ``POLL``
+        seconds (reclaiming dead drivers' trials, redrawing the display, as :meth:`tick` does)
+        until a trial can start here -- another process's trial failed, or its driver died and
+        its trials were re-queued -- and return it (claimed: the next run must start it), or
+        None once the study is full, --timeout passed or Ctrl-C came (``next_trial`` said DONE)."""
+        while True:
+            self.tick()
+            asked = self.next_trial()
+            if asked is NoTrial.DONE:
+                return None
+            if not isinstance(asked, NoTrial):
+                return asked
+            time.sleep(self.POLL)
 
     def stop(self, reason: str) -> None:
         """Ask for no more trials (running ones finish): ``reason`` is why the study ends short."""

@@ -4,7 +4,8 @@ every result back to the driver's :class:`~hpo.record.recorder.Recorder`.
 How a trial flows (Tune calls all of this in one driver thread):
 
 1. ``OptunaBridge.suggest`` asks the recorder for the next trial (Optuna ``ask`` +
-   ``space(trial)``), or says to wait, or that the sweep is done.
+   ``space(trial)``), or says to wait, or that the sweep is done -- or, when other
+   processes' running trials fill a shared study, ends Tune's run (see :func:`run`).
 2. A worker runs :func:`run_trial`: the module's ``train`` or the built-in recipe, whose
    checked ``report(step, metrics)`` (:class:`hpo.Report`) becomes ``tune.report``.
    Exceptions become an error result, so the reason reaches the driver; a non-finite
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -57,6 +59,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from hpo.errors import HpoError, is_out_of_memory
+from hpo.record.ledger import AskedTrial
 from hpo.record.recorder import NoTrial, Outcome, Recorder
 from hpo.run.cluster import HELD_KEY, TIME_KEY, held_resources
 from hpo.space import TrainFn
@@ -169,10 +172,13 @@ class _NoStop(FIFOScheduler):
 class OptunaBridge(Searcher):
     """Tune searcher whose trials are Optuna trials; all writes go through the recorder."""
 
-    def __init__(self, recorder: Recorder, scheduler: _ASHA | _NoStop, metric: str, mode: str):
+    def __init__(self, recorder: Recorder, scheduler: _ASHA | _NoStop, metric: str, mode: str,
+                 first: AskedTrial | None = None):
         super().__init__(metric=metric, mode=mode)
         self.recorder = recorder
         self.scheduler = scheduler
+        self.first = first
+        """A trial the recorder claimed before this run (:meth:`Recorder.wait_for_a_trial`): the first suggestion."""
         self.numbers: dict[str, int] = {}
         self.held: dict[str, dict[str, Any]] = {}
 
@@ -180,7 +186,7 @@ class OptunaBridge(Searcher):
         # Tune pickles searchers (tuner.pkl); the study is the state that matters, and the
         # recorder holds connections and a live display.
         state = self.__dict__.copy()
-        state["recorder"] = None
+        state["recorder"] = state["first"] = None
         return state
 
     def save(self, checkpoint_path: str) -> None:
@@ -193,8 +199,12 @@ class OptunaBridge(Searcher):
         return True
 
     def suggest(self, trial_id: str) -> dict | str | None:
+        """The next trial's config; None: ask again; ``FINISHED``: no more trials in this run,
+        both when the sweep is done and when other processes' trials fill the study (``ELSEWHERE``):
+        Tune then keeps no idle worker for reuse (its cache is emptied at the end of each step
+        once the search is finished), and ends its run when this process's own trials end."""
         try:
-            asked = self.recorder.next_trial()
+            asked, self.first = self.first or self.recorder.next_trial(), None
         except Exception as error:  # noqa: BLE001 - retried already (transient errors); the sweep ends short
             logger.debug("hpo: asking for the next trial failed", exc_info=True)
             self.recorder.stop(f"asking for the next trial failed ({type(error).__name__}: "
@@ -202,7 +212,7 @@ class OptunaBridge(Searcher):
             return Searcher.FINISHED
         if asked is NoTrial.WAIT:
             return None
-        if asked is NoTrial.DONE:
+        if asked is NoTrial.DONE or asked is NoTrial.ELSEWHERE:
             return Searcher.FINISHED
         self.numbers[trial_id] = asked.number
         return {"number": asked.number, "params": asked.params}
@@ -309,8 +319,9 @@ def ctrl_c_stops_the_sweep(recorder: Recorder) -> Iterator[None]:
     :class:`_Interrupted`); a second SIGINT raises ``KeyboardInterrupt`` (a hard stop).
     Tune's own SIGINT handler is off meanwhile (``TUNE_DISABLE_SIGINT_HANDLER``): it only sets
     an event that Tune reads between the turns of its loop, and one turn can last up to 600 s
-    (``TuneController._update_trial_queue(blocking=True)`` while no trial runs here, e.g. while
-    another process's trials fill the study), asking the searcher for trials all along.
+    (``TuneController._update_trial_queue(blocking=True)`` while no trial runs here and the
+    searcher answers "wait"), asking the searcher for trials all along; and while other
+    processes' trials fill the study, hpo waits outside Tune (:meth:`Recorder.wait_for_a_trial`).
     Outside the main thread, where no handler can be set, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -358,6 +369,15 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
         storage_path: str, name: str, worker_logs: bool = False, score: Any = None) -> None:
     """Start (or join) Ray and run trials until the recorder says the sweep is done.
 
+    One Tune run lasts while this process has trials to run. When other processes' running
+    trials fill a shared study (``NoTrial.ELSEWHERE``), the run ends once this process's own
+    trials end, and with it the workers Tune keeps for reuse: idle, they would hold their
+    placement groups while the other processes' trials wait for a slot (until Tune's
+    600 s wait for a trial gave up). The process then waits on the study
+    (:meth:`Recorder.wait_for_a_trial`) and starts a new run for any trial that turns up
+    there (one failed, or its driver died): a new run loads the base model again, the price
+    of giving the slots back.
+
     Workers' output stays in Ray's log files unless ``worker_logs``: the live view stays
     readable, and Ray's own shutdown noise from idle reused workers is not shown. A trial's
     exception reaches the study either way (its ``error`` attr).
@@ -385,33 +405,41 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
         )
     else:
         scheduler = _NoStop()
-    searcher = OptunaBridge(recorder, scheduler, sweep.metrics[0], sweep.mode)
     spec = TrialSpec(sweep, train, score)
-    callbacks: list[tune.Callback] = [_Heartbeat(recorder)]
-    if sweep.workers_per_trial == 1:
-        trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), sweep.trial_resources)
-    else:  # a light driver per trial; its Ray Train workers reserve the resources (hpo.run.distributed)
-        from hpo.run import distributed
+    first: AskedTrial | None = None
+    started = time.strftime('%Y%m%d-%H%M%S')
+    for turn in itertools.count(1):
+        searcher = OptunaBridge(recorder, scheduler, sweep.metrics[0], sweep.mode, first=first)
+        callbacks: list[tune.Callback] = [_Heartbeat(recorder)]
+        if sweep.workers_per_trial == 1:
+            trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), sweep.trial_resources)
+        else:  # a light driver per trial; its Ray Train workers reserve the resources (hpo.run.distributed)
+            from hpo.run import distributed
 
-        trainable = tune.with_resources(tune.with_parameters(distributed.run_distributed_trial, spec=spec),
-                                        {"CPU": 0.01})
-        callbacks.append(distributed.ReleaseWorkerGroups())
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler, num_samples=-1,
-            max_concurrent_trials=concurrency, reuse_actors=sweep.workers_per_trial == 1,
-        ),
-        run_config=tune.RunConfig(
-            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=storage_path,
-            verbose=0,
-            callbacks=callbacks,
-            stop=_Interrupted(recorder),
-            failure_config=tune.FailureConfig(max_failures=0),
-        ),
-    )
-    tuner.fit()
+            trainable = tune.with_resources(tune.with_parameters(distributed.run_distributed_trial, spec=spec),
+                                            {"CPU": 0.01})
+            callbacks.append(distributed.ReleaseWorkerGroups())
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, scheduler=scheduler, num_samples=-1,
+                max_concurrent_trials=concurrency, reuse_actors=sweep.workers_per_trial == 1,
+            ),
+            run_config=tune.RunConfig(
+                name=f"{name}-{started}" + (f"-{turn}" if turn > 1 else ""),
+                storage_path=storage_path,
+                verbose=0,
+                callbacks=callbacks,
+                stop=_Interrupted(recorder),
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+        tuner.fit()
+        if not recorder.elsewhere:
+            return
+        first = recorder.wait_for_a_trial()
+        if first is None:
+            return
 
 
 def _start_ray(address: str | None, worker_logs: bool) -> Any:
