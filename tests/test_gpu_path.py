@@ -45,16 +45,24 @@ def sft_job(model: Path, data: Path, **fields) -> TrainJob:
                                        "max_grad_norm": 1e9})
 
 
-def gradients_of_one_step(job: TrainJob, monkeypatch, split_to: int | None = None) -> dict[str, torch.Tensor]:
-    """The trainable weights' gradients of the first step (read where the recipe clips them);
-    ``split_to``: pieces larger than that many rows fail with an injected OOM."""
-    seen: dict[str, torch.Tensor] = {}
+def first_gradients(seen: dict[str, torch.Tensor]):
+    """A ``clip_grad_norm_`` that keeps, in ``seen``, the gradients of the first step it clips
+    (the recipe clips once per step, after the backward passes and the ranks' all-reduce)."""
     real_clip = torch.nn.utils.clip_grad_norm_
 
     def clip(weights, *args, **kwargs):
         if not seen:
             seen.update({str(i): w.grad.detach().clone() for i, w in enumerate(weights)})
         return real_clip(weights, *args, **kwargs)
+
+    return clip
+
+
+def gradients_of_one_step(job: TrainJob, monkeypatch, split_to: int | None = None) -> dict[str, torch.Tensor]:
+    """The trainable weights' gradients of the first step; ``split_to``: pieces larger than
+    that many rows fail with an injected OOM."""
+    seen: dict[str, torch.Tensor] = {}
+    clip = first_gradients(seen)
 
     def forward(model, batch):
         if split_to is not None and batch["input_ids"].shape[0] > split_to:
@@ -110,14 +118,7 @@ def _rank(rank: int, world: int, job: TrainJob, folder: str, port: int) -> None:
             with torch.no_grad():
                 frozen[0] += 2.0 ** -20  # exact in fp32; too small to move the gradients past the tolerance
         seen: dict[str, torch.Tensor] = {}
-        real_clip = torch.nn.utils.clip_grad_norm_
-
-        def clip(weights, *args, **kwargs):
-            if not seen:
-                seen.update({str(i): w.grad.detach().clone() for i, w in enumerate(weights)})
-            return real_clip(weights, *args, **kwargs)
-
-        torch.nn.utils.clip_grad_norm_ = clip
+        torch.nn.utils.clip_grad_norm_ = first_gradients(seen)
         training.fine_tune(job, lambda step, metrics: None)
         seen["frozen_after"] = frozen.detach()[:1].clone()
         save_file(seen, f"{folder}/rank{rank}.safetensors")
