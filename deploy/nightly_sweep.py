@@ -115,8 +115,9 @@ def command(argv: list[str]) -> list[str]:
         raise NightlyError(f"{', '.join(placeholders)}: still the example's 'change-me' placeholder "
                            "(deploy/k8s/secrets.example.yaml, docker/.env.example); set the real secrets")
     study = options.study or Path(options.module).stem
-    # the hpo of this interpreter: the one whose options were just read
-    base = [sys.executable, "-m", "hpo", "search", options.module, "--study", study, "--timeout", f"{options.timeout:g}"]
+    # the hpo of this interpreter: the one whose options were just read; -P keeps the current
+    # folder off sys.path (an hpo.py there would run with the secrets in its environment)
+    base = [sys.executable, "-P", "-m", "hpo", "search", options.module, "--study", study, "--timeout", f"{options.timeout:g}"]
     if has_more_option():
         print(f"hpo-nightly: study {study!r}: {options.more} more finished trials tonight, "
               f"no new trial after {options.timeout:g} s", flush=True)

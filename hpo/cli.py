@@ -391,7 +391,18 @@ def ui(
     env["MLFLOW_BACKEND_STORE_URI"] = uri
     # MLflow's job runner (GenAI jobs, which sweeps never use) would start 7 more Python processes
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
+    # Never code from the current folder, where an mlflow.py or uvicorn.py would run with the
+    # store password in its environment: -P and PYTHONSAFEPATH (for the `python -m uvicorn`
+    # MLflow starts) keep the folder off sys.path, and uvicorn's --app-dir (else "", the
+    # folder, put first) is the folder that holds the installed mlflow.
+    env["PYTHONSAFEPATH"] = "1"
+    import importlib.util
+    import shlex
+    from pathlib import Path
+
+    packages = Path(importlib.util.find_spec("mlflow").origin).parents[1]  # type: ignore[union-attr, arg-type]
+    command = [sys.executable, "-P", "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
+               "--uvicorn-opts", f"--app-dir {shlex.quote(str(packages))}"]
     os.execve(sys.executable, command, env)
 
 
@@ -418,7 +429,9 @@ def _secrets_off_the_command_line() -> None:
         index += 1
     if moved:
         sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "hpo", *kept], {**os.environ, **moved})
+        # -P: `-m` would put the current folder first on sys.path, so an hpo.py there
+        # would run instead, with the password in its environment
+        os.execve(sys.executable, [sys.executable, "-P", "-m", "hpo", *kept], {**os.environ, **moved})
 
 
 def _scrub_known_secrets(text: str) -> str:

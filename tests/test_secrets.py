@@ -225,3 +225,41 @@ def test_each_password_shape_never_leaks(tmp_path: Path, postgres_url: str) -> N
                                     if p.is_file() and p.stat().st_size < 20_000_000)
     leaks = {place: [s for s in secrets if s in text] for place, text in texts.items()}
     assert not {place: found for place, found in leaks.items() if found}
+
+
+PLANTED = "import pathlib, sys\npathlib.Path('planted-{name}-ran').write_text(' '.join(sys.argv))\nraise SystemExit(99)\n"
+
+
+@pytest.mark.postgres
+def test_re_exec_never_runs_code_from_the_current_folder(tmp_path: Path) -> None:
+    """An hpo.py and an mlflow.py in the current folder: the re-exec that moves a password
+    off the command line, `hpo ui`'s MLflow server and the nightly wrapper's `hpo search`
+    run the installed packages (python -P), never those files."""
+    for name in ("hpo", "mlflow"):
+        (tmp_path / f"{name}.py").write_text(PLANTED.format(name=name))
+    hpo_script = Path(sys.executable).parent / "hpo"  # as a user runs it: sys.path[0] is the script's folder
+    moved = subprocess.run([str(hpo_script), "status", "--storage", "postgresql://postgres:Planted-Pw-7@127.0.0.1:1/none"],
+                           cwd=tmp_path, env=hpo_env(), capture_output=True, text=True, timeout=120)
+    assert not (tmp_path / "planted-hpo-ran").exists() and moved.returncode == 2, moved.stdout + moved.stderr
+    assert moved.stderr.startswith("error:") and "Planted-Pw-7" not in moved.stderr
+
+    nightly = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "deploy" / "nightly_sweep.py"),
+                              "missing.py", "--more", "1", "--timeout", "5"],
+                             cwd=tmp_path, env=hpo_env(), capture_output=True, text=True, timeout=120)
+    assert not (tmp_path / "planted-hpo-ran").exists() and nightly.returncode == 2, nightly.stdout + nightly.stderr
+    assert "missing.py" in nightly.stderr
+
+    port = free_port()
+    ui = subprocess.Popen([str(hpo_script), "ui", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                           "--port", str(port)], cwd=tmp_path, env=hpo_env(), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and ui.poll() is None and not (tmp_path / "planted-mlflow-ran").exists():
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                break
+            time.sleep(0.3)
+        assert not (tmp_path / "planted-mlflow-ran").exists(), "hpo ui ran ./mlflow.py"
+        assert ui.poll() is None, "the real MLflow server serves"
+    finally:
+        stop(ui)
