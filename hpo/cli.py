@@ -61,7 +61,7 @@ def search(
     worker_logs: Annotated[bool, typer.Option("--worker-logs", help="Show what trials print (otherwise it stays in Ray's log files).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the study (the default when it exists; kept for scripts).")] = False,
     more: Annotated[int | None, typer.Option("--more", min=1, help="Run K more finished trials than the study holds now (nightly runs; instead of --trials).")] = None,
-    warm_start: Annotated[str | None, typer.Option("--warm-start", help="STUDY[@STORAGE]: first enqueue that earlier study's best configs (those that fit this space), once per study.")] = None,
+    warm_start: Annotated[str | None, typer.Option("--warm-start", envvar="HPO_WARM_START", help="STUDY[@STORAGE]: first enqueue that earlier study's best configs (those that fit this space), once per study.")] = None,
     warm_start_top: Annotated[int, typer.Option("--warm-start-top", min=1, help="How many of the earlier study's best configs --warm-start enqueues.")] = 5,
 ) -> None:
     """Run a sweep: sample trials, train them on Ray, stop weak ones early, record everything."""
@@ -407,7 +407,15 @@ def ui(
 
 
 # Options whose URL may hold a password, and the environment variable each also reads.
-_SECRET_OPTIONS = {"--storage": "HPO_STORAGE", "--tracking-uri": "MLFLOW_TRACKING_URI"}
+_SECRET_OPTIONS = {"--storage": "HPO_STORAGE", "--tracking-uri": "MLFLOW_TRACKING_URI", "--warm-start": "HPO_WARM_START"}
+
+
+def _url_in(value: str | None, name: str) -> str | None:
+    """The URL an option's (or its variable's) value holds: ``STUDY@URL`` of --warm-start
+    after the first ``@``."""
+    if value and name in ("--warm-start", "HPO_WARM_START"):
+        return value.partition("@")[2] or None
+    return value
 
 
 def _secrets_off_the_command_line() -> None:
@@ -421,7 +429,7 @@ def _secrets_off_the_command_line() -> None:
     while index < len(args):
         flag, _, inline = args[index].partition("=")
         value = inline if inline else (args[index + 1] if index + 1 < len(args) else "")
-        if flag in _SECRET_OPTIONS and url_secrets(value):
+        if flag in _SECRET_OPTIONS and url_secrets(_url_in(value, flag)):
             moved[_SECRET_OPTIONS[flag]] = value
             index += 1 if inline else 2
             continue
@@ -438,7 +446,8 @@ def _scrub_known_secrets(text: str) -> str:
     """``text`` without the secrets of the storage URL and tracking URI this process uses."""
     from hpo.errors import scrub
 
-    urls = [os.environ.get(name) for name in _SECRET_OPTIONS.values()] + [a for a in sys.argv if "://" in a]
+    urls = [_url_in(os.environ.get(name), name) for name in _SECRET_OPTIONS.values()]
+    urls += [part for a in sys.argv if "://" in a for part in (a, a.partition("@")[2])]  # STUDY@URL too
     text = scrub(text, *urls)
     password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
     return text.replace(password, "***") if password else text

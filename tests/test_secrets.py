@@ -263,3 +263,72 @@ def test_re_exec_never_runs_code_from_the_current_folder(tmp_path: Path) -> None
         assert ui.poll() is None, "the real MLflow server serves"
     finally:
         stop(ui)
+
+
+EXPOSED = '''
+import hpo
+
+sweep = hpo.Sweep(metric="score", direction="maximize", trials=1, max_steps=1, eval_every=1,
+                  pruner="none", sampler="random", seed=0, concurrency=1)
+
+
+def space(trial):
+    return {"x": trial.suggest_float("x", 0.0, 1.0)}
+
+
+def train(params, report):
+    import os
+
+    import psutil
+
+    secrets = SECRETS
+    found = [f"the environment's {k}" for k, v in os.environ.items() if any(s in v for s in secrets)]
+    for process in psutil.process_iter(["cmdline"]):
+        if any(s in " ".join(process.info["cmdline"] or []) for s in secrets):
+            found.append(f"the command line of pid {process.pid}")
+    if found:
+        raise RuntimeError("a secret in " + ", ".join(found))
+    report(1, {"score": params["x"]})
+'''
+
+
+def exposed_module(folder: Path, secrets: list[str]) -> None:
+    """``folder/exposed.py``: a one-trial sweep whose trial fails when any of ``secrets`` is
+    in its worker's environment or on any process's command line on this host."""
+    (folder / "exposed.py").write_text(EXPOSED.replace("SECRETS", repr(secrets)))
+
+
+def trial_states(folder: Path) -> list[tuple[str, str | None]]:
+    status = run_hpo(["status", "--study", "exposed", "--json"], folder)
+    assert status.returncode == 0, status.stderr
+    return [(t["state"], t["reason"]) for t in json.loads(status.stdout)["trials"]]
+
+
+@pytest.mark.postgres
+def test_warm_start_storage_password_leaves_the_command_line(tmp_path: Path, postgres_url: str) -> None:
+    """--warm-start STUDY@postgresql://user:PASSWORD@... goes into HPO_WARM_START at start
+    (as --storage does): no process shows it and no worker inherits it; the earlier study's
+    best config is enqueued all the same."""
+    import optuna
+
+    password = f"Warm-{uuid.uuid4().hex[:12]}"
+    source = postgres_url.replace("pg-Secret-42", password)  # trust auth: any password connects
+    earlier = optuna.create_study(study_name="src", storage=source, direction="maximize")
+    earlier.enqueue_trial({"x": 0.25})
+    earlier.optimize(lambda trial: trial.suggest_float("x", 0.0, 1.0), n_trials=1)
+    exposed_module(tmp_path, [password])
+    sweep = run_hpo(["search", "exposed.py", "--warm-start", f"src@{source}"], tmp_path)
+    assert password not in sweep.stdout + sweep.stderr
+    assert "warm start from src@postgresql://postgres:***@" in sweep.stdout, sweep.stdout + sweep.stderr
+    assert trial_states(tmp_path) == [("COMPLETE", None)], sweep.stdout + sweep.stderr
+
+
+def test_token_and_database_passwords_never_reach_a_local_rays_workers(tmp_path: Path) -> None:
+    """MLFLOW_TRACKING_TOKEN and PGPASSWORD (and MYSQL_PWD) are the driver's: a trial's
+    worker does not inherit them."""
+    secrets = {name: f"{name.split('_')[-1]}-{uuid.uuid4().hex[:12]}"
+               for name in ("MLFLOW_TRACKING_TOKEN", "PGPASSWORD", "MYSQL_PWD")}
+    exposed_module(tmp_path, list(secrets.values()))
+    sweep = run_hpo(["search", "exposed.py"], tmp_path, env=secrets)
+    assert trial_states(tmp_path) == [("COMPLETE", None)], sweep.stdout + sweep.stderr
+    assert sweep.returncode == 0
