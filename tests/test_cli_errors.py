@@ -52,6 +52,8 @@ def test_syntax_error_and_missing_space(tmp_path: Path) -> None:
         (["--set", "label_column=stars"], ("train.tsv: no column 'stars'", "--set label_column")),
         (["--set", "model=./no/such/model"], ("no such folder", "--set model=")),
         (["--trials", "0"], ("trials=0 must be a whole number of at least 1",)),
+        (["--set", "seed=-1"], ("seed=-1 must be a whole number from 0 to 4294967295", "--set seed=")),
+        (["--set", f"seed={2**32}"], ("seed=4294967296 must be a whole number from 0", "--set seed=")),
     ],
 )
 def test_bad_overrides(tmp_path: Path, flags: list[str], words: tuple[str, ...]) -> None:
