@@ -275,3 +275,29 @@ def test_transient_errors_are_retried_a_bounded_number_of_times() -> None:
     with pytest.raises(ConnectionResetError):
         retry_transient(down, attempts=4, first_wait=0.01)
     assert len(calls) == 4, "gives up after the last attempt"
+
+
+def test_an_error_while_claiming_fails_the_trial_and_leaves_nothing_running(tmp_path: Path) -> None:
+    """A space whose value the study cannot store (a set) used to leave the claimed trial
+    RUNNING for ever; now the claim fails it (reason ``claim``, not counted) and raises.
+    An error inside space itself fails it with reason ``space``."""
+    study = optuna.create_study(study_name="s", storage=open_storage(f"sqlite:///{tmp_path / 'hpo.db'}"))
+
+    def unstorable(trial: optuna.Trial) -> dict:
+        return {"x": trial.suggest_float("x", 0.0, 1.0), "tags": {"a", "b"}}
+
+    def broken(trial: optuna.Trial) -> dict:
+        raise RuntimeError("no space today")
+
+    for space_function, error, reason in ((unstorable, TypeError, "claim"), (broken, RuntimeError, "space")):
+        ledger = Ledger(study, space_function, target=5)
+        try:
+            with pytest.raises(error):
+                ledger.claim()
+        finally:
+            ledger.close()
+        trial = study.get_trials(deepcopy=False)[-1]
+        assert (trial.state, trial.user_attrs["reason"]) == (TrialState.FAIL, reason)
+        assert error.__name__ in trial.user_attrs["error"]
+    assert not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    assert ledger.finished() == 1, "a failed claim does not count; a space error does"

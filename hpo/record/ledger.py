@@ -45,7 +45,7 @@ from hpo.record.study import GRACE_PERIOD, HEARTBEAT_INTERVAL
 __all__ = ["AskedTrial", "Ledger", "StudyLock", "Told", "backend", "counts_towards_target", "driver_id"]
 logger = logging.getLogger(__name__)
 DRIVER_ATTR = "hpo:driver"
-NOT_COUNTED = ("interrupted", "superseded")
+NOT_COUNTED = ("interrupted", "superseded", "claim")
 RERUN = ("interrupted",)
 MAX_ATTEMPTS = 3
 """Attempts of one config that may end interrupted (worker or driver killed) before the
@@ -141,23 +141,38 @@ class Ledger:
             return self._ask()
 
     def _ask(self) -> AskedTrial:
+        """Ask, record the driver and a heartbeat, sample ``space``, store the config. Any
+        error on the way fails the trial (reason ``space`` when ``space`` raised, else
+        ``claim``, which does not count) and is raised: a claim never leaves a RUNNING trial."""
         trial = self.study.ask()
         storage = self.study._storage
-        _write(lambda: storage.set_trial_system_attr(trial._trial_id, DRIVER_ATTR, self.driver))
-        self.heartbeat(trial)
+        step = "claim"
         try:
+            _write(lambda: storage.set_trial_system_attr(trial._trial_id, DRIVER_ATTR, self.driver))
+            self.heartbeat(trial)
+            step = "space"
             params = self.space(trial)
+            step = "claim"
+            trial.set_user_attr("config", {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()})
         except Exception as error:
-            trial.set_user_attr("reason", "space")
-            trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
-            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            self._fail_claim(trial, step, error)
             raise
-        trial.set_user_attr("config", {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()})
         asked = AskedTrial(trial.number, params, trial, attempt=int(trial.user_attrs.get("attempt", 1)))
         self.running[trial.number] = asked
         if self.heartbeats is not None:
             self.heartbeats.add(trial._trial_id)
         return asked
+
+    def _fail_claim(self, trial: optuna.Trial, reason: str, error: Exception) -> None:
+        """FAIL a trial whose claim went wrong; if even that fails, a later reclaim does it."""
+        try:
+            _write(lambda: trial.set_user_attr("reason", reason))
+            _write(lambda: trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000]))
+            _write(lambda: self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
+        except Exception:  # noqa: BLE001 - the claim's own error is the one to raise
+            logger.warning("hpo: trial %s could not be failed after its claim went wrong; a reclaim fails it",
+                           trial.number, exc_info=True)
+            self.abandoned.add(trial.number)
 
     # while running ------------------------------------------------------------------
     def heartbeat(self, trial: optuna.Trial) -> None:
