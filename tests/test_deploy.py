@@ -152,6 +152,9 @@ def test_cron_line_for_a_plain_host() -> None:
     minute, hour, day, month, weekday, user, command = fields
     assert minute.isdigit() and hour.isdigit() and (day, month, weekday) == ("*", "*", "*") and user == "hpo"
     assert "deploy/nightly_sweep.py" in command and "flock -n" in command
+    home = command.split("cd ", 1)[1].split()[0]
+    lock = command.split("flock -n ", 1)[1].split()[0]
+    assert lock.startswith(home + "/"), f"the lock {lock} lies in the service's own folder {home}, not /tmp"
     for option in ("--more", "--timeout", "--env-file", "--study"):
         assert option in command
     assert "://" not in command and "PASSWORD" not in command, "secrets stay in the env file"
