@@ -206,6 +206,20 @@ class TestLedgerOnEveryStorage:
         assert ledger.finished() == 1 and ledger.claim() is None
         assert len({tuple(t.params.items()) for t in ledger.study.get_trials()}) == 1
 
+    def test_ctrl_c_is_not_an_attempt(self, storage_url: str) -> None:
+        """Trials stopped by Ctrl-C (crashed=False) run again as the same attempt, however
+        often; only crashes count towards interrupted_too_often."""
+        ledger = new_ledger(storage_url, target=1, create=True)
+        for _ in range(4):
+            asked = ledger.claim()
+            assert asked.attempt == 1
+            told = ledger.tell(asked.number, TrialState.FAIL, reason="interrupted", crashed=False)
+            assert (told.again, told.reason) == (True, "interrupted")
+        for expected in (True, True, False):  # then three crashes
+            asked = ledger.claim()
+            assert ledger.tell(asked.number, TrialState.FAIL, reason="interrupted").again is expected
+        assert ledger.study.get_trials()[-1].user_attrs["reason"] == "interrupted_too_often"
+
 
 def test_sqlite_urls_naming_one_file_share_one_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
