@@ -121,3 +121,43 @@ def test_bad_data_through_the_cli(tmp_path: Path, content: str, words: tuple[str
     if "review" in words[0]:
         flags += ["--set", "text_column=review"]
     assert_clean_error(run_hpo(["search", LORA, *flags], cwd=tmp_path), "train.tsv", *words, cwd=tmp_path)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path):
+    """An empty folder hpo cannot write: mode 555 for a normal user; for root, whom modes do
+    not stop, a read-only tmpfs mounted there (skipped where root may not mount)."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"root cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize(("stores", "words"), [
+    ([], ("--storage sqlite:///hpo.db: cannot write", "point --storage at one")),
+    (["--storage", "sqlite:///{elsewhere}/hpo.db"], ("--tracking-uri sqlite:///mlflow.db: cannot write",
+                                                     "point --tracking-uri at one")),
+    (["--storage", "sqlite:///{elsewhere}/hpo.db", "--tracking-uri", "sqlite:///{elsewhere}/mlflow.db"],
+     ("cannot write hpo's working folder", "run hpo from a folder you can write")),
+])
+def test_a_read_only_folder_names_what_cannot_be_written(read_only_folder: Path, tmp_path: Path,
+                                                         stores: list[str], words: tuple[str, ...]) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    flags = [flag.format(elsewhere=elsewhere) for flag in stores]
+    assert_clean_error(run_hpo(["search", LORA, "--trials", "1", *flags], cwd=read_only_folder), *words,
+                       cwd=read_only_folder)
+    assert list(elsewhere.iterdir()) == [], "nothing written anywhere"
