@@ -439,7 +439,11 @@ def _secrets_off_the_command_line() -> None:
         sys.stdout.flush()
         # -P: `-m` would put the current folder first on sys.path, so an hpo.py there
         # would run instead, with the password in its environment
-        os.execve(sys.executable, [sys.executable, "-P", "-m", "hpo", *kept], {**os.environ, **moved})
+        env = {**os.environ, **moved}
+        home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if home == os.getcwd():  # `python -m hpo` in a checkout: the same hpo again, not an installed one
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")]))
+        os.execve(sys.executable, [sys.executable, "-P", "-m", "hpo", *kept], env)
 
 
 def _scrub_known_secrets(text: str) -> str:

@@ -332,3 +332,17 @@ def test_token_and_database_passwords_never_reach_a_local_rays_workers(tmp_path:
     sweep = run_hpo(["search", "exposed.py"], tmp_path, env=secrets)
     assert trial_states(tmp_path) == [("COMPLETE", None)], sweep.stdout + sweep.stderr
     assert sweep.returncode == 0
+
+
+def test_re_exec_from_a_checkout_runs_that_checkouts_hpo() -> None:
+    """`python -m hpo` in a checkout runs that checkout's hpo; the re-exec with -P must run
+    the same one again, not an hpo installed elsewhere (nor fail to find any)."""
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in hpo_env().items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-m", "hpo", "--debug", "status", "--storage",
+                             "postgresql://postgres:Checkout-Pw-3@127.0.0.1:1/none"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    files = {line.split('"')[1] for line in result.stderr.splitlines() if line.strip().startswith('File "')}
+    hpo_files = {f for f in files if "/hpo/" in f and "site-packages" not in f}
+    assert hpo_files and all(f.startswith(f"{REPO}/hpo/") for f in hpo_files), result.stderr[-3000:]
