@@ -12,7 +12,8 @@ and then *becomes* `hpo search` (exec): its exit status, output and signals are 
 off by a harder limit (the RayJob's activeDeadlineSeconds, a kill) are re-run on the next
 night, which resumes the same study.
 
-Secrets never travel on a command line: the storage URL comes from HPO_STORAGE, the MLflow
+Secrets never travel on a command line: the storage URL comes from HPO_STORAGE (an earlier
+study to warm-start from, on a storage with a password, from HPO_WARM_START), the MLflow
 server and its credentials from MLFLOW_TRACKING_URI / MLFLOW_TRACKING_USERNAME /
 MLFLOW_TRACKING_PASSWORD, as Kubernetes Secrets set them, or from `--env-file` (KEY=VALUE
 lines; refused when other users may read it) for a cron job on a plain host.
@@ -29,7 +30,7 @@ import stat
 import sys
 from pathlib import Path
 
-SECRET_VARIABLES = ("HPO_STORAGE", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN")
+SECRET_VARIABLES = ("HPO_STORAGE", "HPO_WARM_START", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN")
 
 
 class NightlyError(Exception):
@@ -102,6 +103,14 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         raise NightlyError("--trials: give --more K instead; the night's target is the study's finished trials plus K")
     if any(arg == "--storage" or arg.startswith("--storage=") for arg in rest):
         raise NightlyError("--storage: pass the storage URL in HPO_STORAGE (it holds a password), not on the command line")
+    from hpo.errors import url_secrets
+
+    for index, arg in enumerate(rest):
+        if arg == "--warm-start" or arg.startswith("--warm-start="):
+            value = arg.partition("=")[2] or (rest[index + 1] if index + 1 < len(rest) else "")
+            if url_secrets(value.partition("@")[2]):
+                raise NightlyError("--warm-start: its storage URL holds a password; set HPO_WARM_START=STUDY@URL "
+                                   "(in --env-file) instead of putting it on the command line")
     return options, rest
 
 
@@ -115,8 +124,9 @@ def command(argv: list[str]) -> list[str]:
         raise NightlyError(f"{', '.join(placeholders)}: still the example's 'change-me' placeholder "
                            "(deploy/k8s/secrets.example.yaml, docker/.env.example); set the real secrets")
     study = options.study or Path(options.module).stem
-    # the hpo of this interpreter: the one whose options were just read
-    base = [sys.executable, "-m", "hpo", "search", options.module, "--study", study, "--timeout", f"{options.timeout:g}"]
+    # the hpo of this interpreter: the one whose options were just read; -P keeps the current
+    # folder off sys.path (an hpo.py there would run with the secrets in its environment)
+    base = [sys.executable, "-P", "-m", "hpo", "search", options.module, "--study", study, "--timeout", f"{options.timeout:g}"]
     if has_more_option():
         print(f"hpo-nightly: study {study!r}: {options.more} more finished trials tonight, "
               f"no new trial after {options.timeout:g} s", flush=True)

@@ -61,7 +61,7 @@ def search(
     worker_logs: Annotated[bool, typer.Option("--worker-logs", help="Show what trials print (otherwise it stays in Ray's log files).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the study (the default when it exists; kept for scripts).")] = False,
     more: Annotated[int | None, typer.Option("--more", min=1, help="Run K more finished trials than the study holds now (nightly runs; instead of --trials).")] = None,
-    warm_start: Annotated[str | None, typer.Option("--warm-start", help="STUDY[@STORAGE]: first enqueue that earlier study's best configs (those that fit this space), once per study.")] = None,
+    warm_start: Annotated[str | None, typer.Option("--warm-start", envvar="HPO_WARM_START", help="STUDY[@STORAGE]: first enqueue that earlier study's best configs (those that fit this space), once per study.")] = None,
     warm_start_top: Annotated[int, typer.Option("--warm-start-top", min=1, help="How many of the earlier study's best configs --warm-start enqueues.")] = 5,
 ) -> None:
     """Run a sweep: sample trials, train them on Ray, stop weak ones early, record everything."""
@@ -391,12 +391,31 @@ def ui(
     env["MLFLOW_BACKEND_STORE_URI"] = uri
     # MLflow's job runner (GenAI jobs, which sweeps never use) would start 7 more Python processes
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
+    # Never code from the current folder, where an mlflow.py or uvicorn.py would run with the
+    # store password in its environment: -P and PYTHONSAFEPATH (for the `python -m uvicorn`
+    # MLflow starts) keep the folder off sys.path, and uvicorn's --app-dir (else "", the
+    # folder, put first) is the folder that holds the installed mlflow.
+    env["PYTHONSAFEPATH"] = "1"
+    import importlib.util
+    import shlex
+    from pathlib import Path
+
+    packages = Path(importlib.util.find_spec("mlflow").origin).parents[1]  # type: ignore[union-attr, arg-type]
+    command = [sys.executable, "-P", "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
+               "--uvicorn-opts", f"--app-dir {shlex.quote(str(packages))}"]
     os.execve(sys.executable, command, env)
 
 
 # Options whose URL may hold a password, and the environment variable each also reads.
-_SECRET_OPTIONS = {"--storage": "HPO_STORAGE", "--tracking-uri": "MLFLOW_TRACKING_URI"}
+_SECRET_OPTIONS = {"--storage": "HPO_STORAGE", "--tracking-uri": "MLFLOW_TRACKING_URI", "--warm-start": "HPO_WARM_START"}
+
+
+def _url_in(value: str | None, name: str) -> str | None:
+    """The URL an option's (or its variable's) value holds: ``STUDY@URL`` of --warm-start
+    after the first ``@``."""
+    if value and name in ("--warm-start", "HPO_WARM_START"):
+        return value.partition("@")[2] or None
+    return value
 
 
 def _secrets_off_the_command_line() -> None:
@@ -410,7 +429,7 @@ def _secrets_off_the_command_line() -> None:
     while index < len(args):
         flag, _, inline = args[index].partition("=")
         value = inline if inline else (args[index + 1] if index + 1 < len(args) else "")
-        if flag in _SECRET_OPTIONS and url_secrets(value):
+        if flag in _SECRET_OPTIONS and url_secrets(_url_in(value, flag)):
             moved[_SECRET_OPTIONS[flag]] = value
             index += 1 if inline else 2
             continue
@@ -418,14 +437,21 @@ def _secrets_off_the_command_line() -> None:
         index += 1
     if moved:
         sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "hpo", *kept], {**os.environ, **moved})
+        # -P: `-m` would put the current folder first on sys.path, so an hpo.py there
+        # would run instead, with the password in its environment
+        env = {**os.environ, **moved}
+        home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if home == os.getcwd():  # `python -m hpo` in a checkout: the same hpo again, not an installed one
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")]))
+        os.execve(sys.executable, [sys.executable, "-P", "-m", "hpo", *kept], env)
 
 
 def _scrub_known_secrets(text: str) -> str:
     """``text`` without the secrets of the storage URL and tracking URI this process uses."""
     from hpo.errors import scrub
 
-    urls = [os.environ.get(name) for name in _SECRET_OPTIONS.values()] + [a for a in sys.argv if "://" in a]
+    urls = [_url_in(os.environ.get(name), name) for name in _SECRET_OPTIONS.values()]
+    urls += [part for a in sys.argv if "://" in a for part in (a, a.partition("@")[2])]  # STUDY@URL too
     text = scrub(text, *urls)
     password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
     return text.replace(password, "***") if password else text

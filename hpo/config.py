@@ -46,6 +46,7 @@ KNOWN_DIRECTIONS = {
 }
 DIRECTIONS = ("maximize", "minimize")
 DATA_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -230,8 +231,9 @@ class Sweep:
             yield _bad("gpus_per_trial", self.gpus_per_trial, "must be 0 or a positive number")
         elif self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
             yield _bad("gpus_per_trial", self.gpus_per_trial, "above 1 must be a whole number")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            yield _bad("seed", self.seed, "must be a whole number")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            # numpy (and so transformers' set_seed) takes seeds 0..2**32-1 only
+            yield _bad("seed", self.seed, f"must be a whole number from 0 to {MAX_SEED}")
         yield from self._accelerator_problems()
         yield from _worker_problems(self)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import sys
 import traceback
 from collections.abc import Callable
@@ -147,6 +148,13 @@ def call_space(search_space: SearchSpace, trial: Any) -> dict:
     bad_keys = [k for k in params if not isinstance(k, str)]
     if bad_keys:
         raise HpoError(f"{path}: space(trial) returned non-string keys {bad_keys!r}")
+    for key, value in params.items():  # the study stores the config as JSON
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise HpoError(f"{path}: space(trial) returned {key}={value!r} ({type(value).__name__}), which the "
+                           "study cannot store as JSON; return numbers, strings, booleans, None, "
+                           "or lists and dicts of them") from None
     if search_space.train is None:
         from hpo.train.recipe import check_params
 

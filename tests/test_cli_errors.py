@@ -59,6 +59,8 @@ def test_syntax_error_and_missing_space(tmp_path: Path) -> None:
         (["--set", "gpus_per_trial=1", "--set", "device=cuda:1"],
          ("device='cuda:1' is not a GPU a trial sees", "1 GPU(s)", "--set device=cuda")),
         (["--set", "gpus_per_trial=2"], ("gpus_per_trial=2", "idle", "--set workers_per_trial=2")),
+        (["--set", "seed=-1"], ("seed=-1 must be a whole number from 0 to 4294967295", "--set seed=")),
+        (["--set", f"seed={2**32}"], ("seed=4294967296 must be a whole number from 0", "--set seed=")),
     ],
 )
 def test_bad_overrides(tmp_path: Path, flags: list[str], words: tuple[str, ...]) -> None:
@@ -126,3 +128,43 @@ def test_bad_data_through_the_cli(tmp_path: Path, content: str, words: tuple[str
     if "review" in words[0]:
         flags += ["--set", "text_column=review"]
     assert_clean_error(run_hpo(["search", LORA, *flags], cwd=tmp_path), "train.tsv", *words, cwd=tmp_path)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path):
+    """An empty folder hpo cannot write: mode 555 for a normal user; for root, whom modes do
+    not stop, a read-only tmpfs mounted there (skipped where root may not mount)."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"root cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize(("stores", "words"), [
+    ([], ("--storage sqlite:///hpo.db: cannot write", "point --storage at one")),
+    (["--storage", "sqlite:///{elsewhere}/hpo.db"], ("--tracking-uri sqlite:///mlflow.db: cannot write",
+                                                     "point --tracking-uri at one")),
+    (["--storage", "sqlite:///{elsewhere}/hpo.db", "--tracking-uri", "sqlite:///{elsewhere}/mlflow.db"],
+     ("cannot write hpo's working folder", "run hpo from a folder you can write")),
+])
+def test_a_read_only_folder_names_what_cannot_be_written(read_only_folder: Path, tmp_path: Path,
+                                                         stores: list[str], words: tuple[str, ...]) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    flags = [flag.format(elsewhere=elsewhere) for flag in stores]
+    assert_clean_error(run_hpo(["search", LORA, "--trials", "1", *flags], cwd=read_only_folder), *words,
+                       cwd=read_only_folder)
+    assert list(elsewhere.iterdir()) == [], "nothing written anywhere"

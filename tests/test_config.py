@@ -29,6 +29,8 @@ def test_defaults_follow_the_task() -> None:
         ("gpus_per_trial", 1.5, "above 1 must be a whole number"),
         ("timeout", -1.0, "must be a positive number of seconds"),
         ("eval_fraction", 1.0, "must lie between 0 and 1"),
+        ("seed", -1, "seed=-1 must be a whole number from 0 to 4294967295"),
+        ("seed", 2**32, "seed=4294967296 must be a whole number from 0 to 4294967295"),
     ],
 )
 def test_bad_values_name_the_field_and_the_flag(field: str, value: object, words: str) -> None:

@@ -152,6 +152,9 @@ def test_cron_line_for_a_plain_host() -> None:
     minute, hour, day, month, weekday, user, command = fields
     assert minute.isdigit() and hour.isdigit() and (day, month, weekday) == ("*", "*", "*") and user == "hpo"
     assert "deploy/nightly_sweep.py" in command and "flock -n" in command
+    home = command.split("cd ", 1)[1].split()[0]
+    lock = command.split("flock -n ", 1)[1].split()[0]
+    assert lock.startswith(home + "/"), f"the lock {lock} lies in the service's own folder {home}, not /tmp"
     for option in ("--more", "--timeout", "--env-file", "--study"):
         assert option in command
     assert "://" not in command and "PASSWORD" not in command, "secrets stay in the env file"
@@ -201,6 +204,8 @@ def test_nightly_asks_for_k_more_finished_trials_of_the_same_study(tmp_path: Pat
     (["m.py", "--more", "4", "--timeout", "60", "--storage", "postgresql://u:pw@db/x"], "--storage: pass the storage URL in HPO_STORAGE"),
     (["m.py", "--more", "4", "--timeout", "60", "--trials", "9"], "--trials: give --more K instead"),
     (["m.py", "--more", "0", "--timeout", "60"], "--more 0: must be at least 1"),
+    (["m.py", "--more", "4", "--timeout", "60", "--warm-start", "old@postgresql://u:pw@db/x"], "--warm-start: its storage URL holds a password"),
+    (["m.py", "--more", "4", "--timeout", "60", "--warm-start=old@postgresql://u:pw@db/x"], "--warm-start: its storage URL holds a password"),
 ])
 def test_nightly_refuses_bad_input_in_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:

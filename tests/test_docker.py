@@ -25,13 +25,13 @@ import yaml
 from tests.conftest import REPO, hpo_env, stop_group
 
 DOCKER = REPO / "docker"
-SECRETS = ["POSTGRES_PASSWORD", "OPTUNA_DB_PASSWORD", "MLFLOW_DB_PASSWORD", "MLFLOW_ADMIN_PASSWORD",
-           "MLFLOW_HPO_PASSWORD", "MLFLOW_FLASK_SECRET_KEY", "RAY_AUTH_TOKEN"]
+SECRETS = ["POSTGRES_PASSWORD", "OPTUNA_DB_PASSWORD", "OPTUNA_DASHBOARD_DB_PASSWORD", "MLFLOW_DB_PASSWORD",
+           "MLFLOW_ADMIN_PASSWORD", "MLFLOW_HPO_PASSWORD", "MLFLOW_FLASK_SECRET_KEY", "RAY_AUTH_TOKEN"]
 # which service may hold which secret: the Ray nodes never see the superuser or the MLflow admin
 SECRETS_OF = {
-    "postgres": {"POSTGRES_PASSWORD", "OPTUNA_DB_PASSWORD", "MLFLOW_DB_PASSWORD"},
+    "postgres": {"POSTGRES_PASSWORD", "OPTUNA_DB_PASSWORD", "OPTUNA_DASHBOARD_DB_PASSWORD", "MLFLOW_DB_PASSWORD"},
     "mlflow": {"MLFLOW_DB_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_HPO_PASSWORD", "MLFLOW_FLASK_SECRET_KEY"},
-    "optuna-dashboard": {"OPTUNA_DB_PASSWORD"},
+    "optuna-dashboard": {"OPTUNA_DASHBOARD_DB_PASSWORD"},  # the read-only role
     "ray-head": {"RAY_AUTH_TOKEN", "OPTUNA_DB_PASSWORD", "MLFLOW_HPO_PASSWORD"},
     "ray-worker": {"RAY_AUTH_TOKEN"},
     "hpo": {"RAY_AUTH_TOKEN", "OPTUNA_DB_PASSWORD", "MLFLOW_HPO_PASSWORD"},
@@ -78,6 +78,15 @@ def test_compose_file_is_valid_and_each_service_gets_only_its_secrets(tmp_path: 
             assert environment["RAY_AUTH_MODE"] == "token"
 
     head = services["ray-head"]
+    # the head holds the drivers' credentials: it offers no CPU or GPU, so no trial runs there
+    assert "--num-cpus=0" in head["command"] and "--num-gpus=0" in head["command"], head["command"]
+    assert not [v for v in services["ray-worker"]["environment"].values() if "://" in str(v)]
+    # optuna-dashboard (no login) shares a network with PostgreSQL only, never with the Ray nodes
+    dashboard_networks = set(services["optuna-dashboard"]["networks"])
+    assert dashboard_networks == {"studies"}, dashboard_networks
+    assert not dashboard_networks & set(services["ray-worker"].get("networks", {"default": None}))
+    assert "studies" in services["postgres"]["networks"]
+    assert services["optuna-dashboard"]["environment"]["HPO_STORAGE"].startswith("postgresql+psycopg://optuna_dashboard:")
     assert [str(p) for p in head["ports"]] == ["127.0.0.1:8265:8265/tcp"], "only the token-protected dashboard/job API"
     assert not any(str(p).split(":")[-2] in ("6379", "10001") for s in services.values() for p in s.get("ports", []))
     assert "postgresql+psycopg://optuna:" in services["hpo"]["environment"]["HPO_STORAGE"], "the optuna role, not the superuser"
@@ -166,9 +175,10 @@ def init_roles():
     prefix = f"hpo_ops_{uuid.uuid4().hex[:8]}"
     names = {"OPTUNA_DB_USER": f"{prefix}_optuna", "OPTUNA_DB_NAME": f"{prefix}_optuna",
              "MLFLOW_DB_USER": f"{prefix}_mlflow", "MLFLOW_DB_NAME": f"{prefix}_mlflow",
-             "MLFLOW_AUTH_DB_NAME": f"{prefix}_mlflow_auth"}
+             "MLFLOW_AUTH_DB_NAME": f"{prefix}_mlflow_auth", "OPTUNA_DASHBOARD_DB_USER": f"{prefix}_dashboard"}
     env = {**names, "PGHOST": "127.0.0.1", "PGUSER": "postgres", "PGDATABASE": "test",
-           "OPTUNA_DB_PASSWORD": "optuna-" + uuid.uuid4().hex, "MLFLOW_DB_PASSWORD": "mlflow-" + uuid.uuid4().hex}
+           "OPTUNA_DB_PASSWORD": "optuna-" + uuid.uuid4().hex, "MLFLOW_DB_PASSWORD": "mlflow-" + uuid.uuid4().hex,
+           "OPTUNA_DASHBOARD_DB_PASSWORD": "dashboard-" + uuid.uuid4().hex}
     result = run_script("postgres-init.sh", dict(env))
     try:
         assert result.returncode == 0, result.stderr
@@ -177,7 +187,8 @@ def init_roles():
     finally:
         psql(*[f'DROP DATABASE IF EXISTS "{names[key]}" WITH (FORCE)'
                for key in ("OPTUNA_DB_NAME", "MLFLOW_DB_NAME", "MLFLOW_AUTH_DB_NAME")],
-             *[f'DROP ROLE IF EXISTS "{names[key]}"' for key in ("OPTUNA_DB_USER", "MLFLOW_DB_USER")])
+             *[f'DROP ROLE IF EXISTS "{names[key]}"' for key in ("OPTUNA_DASHBOARD_DB_USER", "OPTUNA_DB_USER",
+                                                                  "MLFLOW_DB_USER")])
 
 
 @pytest.mark.postgres
@@ -198,6 +209,48 @@ def test_postgres_init_creates_roles_that_are_not_superusers(init_roles: dict[st
         assert denied.returncode != 0 and ("permission denied" in denied.stderr or "must be superuser" in denied.stderr), forbidden
     other = psql("SELECT 1", user=mlflow, dbname=init_roles["OPTUNA_DB_NAME"])
     assert other.returncode != 0 and "CONNECT privilege" in other.stderr, "each role reaches its own databases only"
+
+
+@pytest.mark.postgres
+def test_optuna_dashboard_role_reads_the_studies_and_changes_nothing(init_roles: dict[str, str], tmp_path: Path) -> None:
+    """optuna-dashboard has no login and its API deletes studies and tells trials: the
+    compose service connects as the read-only role the init script makes. Through the real
+    `hpo dashboard` on that role, a study the optuna role wrote is listed, its delete fails
+    and the study is still there; the role cannot write with SQL either."""
+    import optuna
+
+    database, owner, reader = (init_roles[k] for k in ("OPTUNA_DB_NAME", "OPTUNA_DB_USER", "OPTUNA_DASHBOARD_DB_USER"))
+    study = optuna.create_study(study_name="nightly", storage=f"postgresql+psycopg://{owner}@127.0.0.1:5432/{database}")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "hpo", "dashboard", "--port", str(port), "--storage",
+                               f"postgresql+psycopg://{reader}@127.0.0.1:5432/{database}"], cwd=tmp_path,
+                              env=hpo_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    base = f"http://127.0.0.1:{port}/api/studies"
+    try:
+        deadline = time.monotonic() + 120
+        while status_of(base) != 200:
+            assert server.poll() is None and time.monotonic() < deadline, server.communicate()[0][-3000:]
+            time.sleep(0.3)
+        with urllib.request.urlopen(base, timeout=30) as response:
+            listed = json.loads(response.read())["study_summaries"]
+        assert [s["study_name"] for s in listed] == ["nightly"]
+        delete = urllib.request.Request(f"{base}/{listed[0]['study_id']}", method="DELETE")
+        try:
+            with urllib.request.urlopen(delete, timeout=30) as response:
+                answer = response.status
+        except urllib.error.HTTPError as error:
+            answer = error.code
+        assert answer >= 400, "the dashboard deleted the study"
+    finally:
+        stop_group(server)
+    assert len(optuna.load_study(study_name="nightly", storage=study._storage).trials) == 2
+    for write in ("DELETE FROM trials", "UPDATE studies SET study_name = 'x'", "CREATE TABLE notes (id int)"):
+        denied = psql(write, user=reader, dbname=database)
+        assert denied.returncode != 0 and "permission denied" in denied.stderr, write
+    read = psql("SELECT count(*) FROM trials", user=reader, dbname=database)
+    assert read.returncode == 0 and read.stdout.split() == ["2"], read.stderr
 
 
 def free_port() -> int:

@@ -282,6 +282,7 @@ def test_one_ctrl_c_starts_no_new_trial_and_exits_130(tmp_path: Path) -> None:
     reruns = [t for t in trials if t.number not in running]
     assert {t.state for t in reruns} <= {TrialState.WAITING}, "only the reruns of the stopped trials are queued"
     assert sorted(t.user_attrs["retry_of"] for t in reruns) == sorted(running)
+    assert [t.user_attrs["attempt"] for t in reruns] == [1] * len(running), "a Ctrl-C is not an attempt"
 
     runs = mlflow_runs(tmp_path, "long")
     assert not [r for r in runs if r.info.status == "RUNNING"]

@@ -206,6 +206,20 @@ class TestLedgerOnEveryStorage:
         assert ledger.finished() == 1 and ledger.claim() is None
         assert len({tuple(t.params.items()) for t in ledger.study.get_trials()}) == 1
 
+    def test_ctrl_c_is_not_an_attempt(self, storage_url: str) -> None:
+        """Trials stopped by Ctrl-C (crashed=False) run again as the same attempt, however
+        often; only crashes count towards interrupted_too_often."""
+        ledger = new_ledger(storage_url, target=1, create=True)
+        for _ in range(4):
+            asked = ledger.claim()
+            assert asked.attempt == 1
+            told = ledger.tell(asked.number, TrialState.FAIL, reason="interrupted", crashed=False)
+            assert (told.again, told.reason) == (True, "interrupted")
+        for expected in (True, True, False):  # then three crashes
+            asked = ledger.claim()
+            assert ledger.tell(asked.number, TrialState.FAIL, reason="interrupted").again is expected
+        assert ledger.study.get_trials()[-1].user_attrs["reason"] == "interrupted_too_often"
+
 
 def test_sqlite_urls_naming_one_file_share_one_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -320,3 +334,29 @@ def test_transient_errors_are_retried_a_bounded_number_of_times() -> None:
     with pytest.raises(ConnectionResetError):
         retry_transient(down, attempts=4, first_wait=0.01)
     assert len(calls) == 4, "gives up after the last attempt"
+
+
+def test_an_error_while_claiming_fails_the_trial_and_leaves_nothing_running(tmp_path: Path) -> None:
+    """A space whose value the study cannot store (a set) used to leave the claimed trial
+    RUNNING for ever; now the claim fails it (reason ``claim``, not counted) and raises.
+    An error inside space itself fails it with reason ``space``."""
+    study = optuna.create_study(study_name="s", storage=open_storage(f"sqlite:///{tmp_path / 'hpo.db'}"))
+
+    def unstorable(trial: optuna.Trial) -> dict:
+        return {"x": trial.suggest_float("x", 0.0, 1.0), "tags": {"a", "b"}}
+
+    def broken(trial: optuna.Trial) -> dict:
+        raise RuntimeError("no space today")
+
+    for space_function, error, reason in ((unstorable, TypeError, "claim"), (broken, RuntimeError, "space")):
+        ledger = Ledger(study, space_function, target=5)
+        try:
+            with pytest.raises(error):
+                ledger.claim()
+        finally:
+            ledger.close()
+        trial = study.get_trials(deepcopy=False)[-1]
+        assert (trial.state, trial.user_attrs["reason"]) == (TrialState.FAIL, reason)
+        assert error.__name__ in trial.user_attrs["error"]
+    assert not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    assert ledger.finished() == 1, "a failed claim does not count; a space error does"

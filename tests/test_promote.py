@@ -164,6 +164,25 @@ def test_promote_refuses_clearly(lora_study: Path) -> None:
     assert result.returncode == 2 and "max_steps=-1" in result.stderr
 
 
+def test_promote_checks_test_data_before_training(lora_study: Path) -> None:
+    """A missing or unreadable test_data is refused in one line naming test_data before any
+    training starts: no MLflow run, no output, no staging folder."""
+    client = MlflowClient(f"sqlite:///{lora_study / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lora").experiment_id
+    runs_before = len(client.search_runs([experiment]))
+    (lora_study / "bad-labels.tsv").write_text("label\tsentence\npositive\tgreat film\n")
+    for test_data, said in (("missing.tsv", "no such file"), ("bad-labels.tsv", "is not an integer")):
+        started = time.monotonic()
+        result = run_hpo(["promote", "--output", "never", "--set", f"test_data={test_data}"], cwd=lora_study)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.startswith("error: hpo promote: test_data: ") and said in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and "train_data/eval_data" not in result.stderr
+        assert "training" not in result.stdout, "refused before training"
+        print(f"{test_data}: refused after {time.monotonic() - started:.1f} s")
+    assert len(client.search_runs([experiment])) == runs_before, "no promote run was started"
+    assert not (lora_study / "never").exists() and not list(lora_study.glob(".never*"))
+
+
 def test_promote_a_causal_lm_merged_and_reproducibly(tmp_path: Path) -> None:
     search = run_hpo(["search", str(SEARCH_SPACES / "causal_lm_lora.py"), "--trials", "2", "--set", "max_steps=10",
                       "--set", "eval_every=5", "--set", "max_length=64", "--set", "pruner=none"], cwd=tmp_path)

@@ -131,3 +131,11 @@ def test_the_shipped_modules_sample_with_the_default_sampler() -> None:
             trial = study.ask()
             spaces.call_space(loaded, trial)
             study.tell(trial, 0.5)
+
+
+@pytest.mark.parametrize("name", ["tpe-qmc", "random", "qmc"])
+def test_a_seed_near_the_limit_plus_a_run_index_still_samples(name: str) -> None:
+    """A resumed sweep seeds its sampler with seed + run index, which may pass numpy's 2**32."""
+    study = optuna.create_study(sampler=make_sampler(name, 2**32 - 1 + 3, 4))
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    assert len(study.trials) == 2

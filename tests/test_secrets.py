@@ -225,3 +225,124 @@ def test_each_password_shape_never_leaks(tmp_path: Path, postgres_url: str) -> N
                                     if p.is_file() and p.stat().st_size < 20_000_000)
     leaks = {place: [s for s in secrets if s in text] for place, text in texts.items()}
     assert not {place: found for place, found in leaks.items() if found}
+
+
+PLANTED = "import pathlib, sys\npathlib.Path('planted-{name}-ran').write_text(' '.join(sys.argv))\nraise SystemExit(99)\n"
+
+
+@pytest.mark.postgres
+def test_re_exec_never_runs_code_from_the_current_folder(tmp_path: Path) -> None:
+    """An hpo.py and an mlflow.py in the current folder: the re-exec that moves a password
+    off the command line, `hpo ui`'s MLflow server and the nightly wrapper's `hpo search`
+    run the installed packages (python -P), never those files."""
+    for name in ("hpo", "mlflow"):
+        (tmp_path / f"{name}.py").write_text(PLANTED.format(name=name))
+    hpo_script = Path(sys.executable).parent / "hpo"  # as a user runs it: sys.path[0] is the script's folder
+    moved = subprocess.run([str(hpo_script), "status", "--storage", "postgresql://postgres:Planted-Pw-7@127.0.0.1:1/none"],
+                           cwd=tmp_path, env=hpo_env(), capture_output=True, text=True, timeout=120)
+    assert not (tmp_path / "planted-hpo-ran").exists() and moved.returncode == 2, moved.stdout + moved.stderr
+    assert moved.stderr.startswith("error:") and "Planted-Pw-7" not in moved.stderr
+
+    nightly = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "deploy" / "nightly_sweep.py"),
+                              "missing.py", "--more", "1", "--timeout", "5"],
+                             cwd=tmp_path, env=hpo_env(), capture_output=True, text=True, timeout=120)
+    assert not (tmp_path / "planted-hpo-ran").exists() and nightly.returncode == 2, nightly.stdout + nightly.stderr
+    assert "missing.py" in nightly.stderr
+
+    port = free_port()
+    ui = subprocess.Popen([str(hpo_script), "ui", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                           "--port", str(port)], cwd=tmp_path, env=hpo_env(), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and ui.poll() is None and not (tmp_path / "planted-mlflow-ran").exists():
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                break
+            time.sleep(0.3)
+        assert not (tmp_path / "planted-mlflow-ran").exists(), "hpo ui ran ./mlflow.py"
+        assert ui.poll() is None, "the real MLflow server serves"
+    finally:
+        stop(ui)
+
+
+EXPOSED = '''
+import hpo
+
+sweep = hpo.Sweep(metric="score", direction="maximize", trials=1, max_steps=1, eval_every=1,
+                  pruner="none", sampler="random", seed=0, concurrency=1)
+
+
+def space(trial):
+    return {"x": trial.suggest_float("x", 0.0, 1.0)}
+
+
+def train(params, report):
+    import os
+
+    import psutil
+
+    secrets = SECRETS
+    found = [f"the environment's {k}" for k, v in os.environ.items() if any(s in v for s in secrets)]
+    for process in psutil.process_iter(["cmdline"]):
+        if any(s in " ".join(process.info["cmdline"] or []) for s in secrets):
+            found.append(f"the command line of pid {process.pid}")
+    if found:
+        raise RuntimeError("a secret in " + ", ".join(found))
+    report(1, {"score": params["x"]})
+'''
+
+
+def exposed_module(folder: Path, secrets: list[str]) -> None:
+    """``folder/exposed.py``: a one-trial sweep whose trial fails when any of ``secrets`` is
+    in its worker's environment or on any process's command line on this host."""
+    (folder / "exposed.py").write_text(EXPOSED.replace("SECRETS", repr(secrets)))
+
+
+def trial_states(folder: Path) -> list[tuple[str, str | None]]:
+    status = run_hpo(["status", "--study", "exposed", "--json"], folder)
+    assert status.returncode == 0, status.stderr
+    return [(t["state"], t["reason"]) for t in json.loads(status.stdout)["trials"]]
+
+
+@pytest.mark.postgres
+def test_warm_start_storage_password_leaves_the_command_line(tmp_path: Path, postgres_url: str) -> None:
+    """--warm-start STUDY@postgresql://user:PASSWORD@... goes into HPO_WARM_START at start
+    (as --storage does): no process shows it and no worker inherits it; the earlier study's
+    best config is enqueued all the same."""
+    import optuna
+
+    password = f"Warm-{uuid.uuid4().hex[:12]}"
+    source = postgres_url.replace("pg-Secret-42", password)  # trust auth: any password connects
+    earlier = optuna.create_study(study_name="src", storage=source, direction="maximize")
+    earlier.enqueue_trial({"x": 0.25})
+    earlier.optimize(lambda trial: trial.suggest_float("x", 0.0, 1.0), n_trials=1)
+    exposed_module(tmp_path, [password])
+    sweep = run_hpo(["search", "exposed.py", "--warm-start", f"src@{source}"], tmp_path)
+    assert password not in sweep.stdout + sweep.stderr
+    assert "warm start from src@postgresql://postgres:***@" in sweep.stdout, sweep.stdout + sweep.stderr
+    assert trial_states(tmp_path) == [("COMPLETE", None)], sweep.stdout + sweep.stderr
+
+
+def test_token_and_database_passwords_never_reach_a_local_rays_workers(tmp_path: Path) -> None:
+    """MLFLOW_TRACKING_TOKEN and PGPASSWORD (and MYSQL_PWD) are the driver's: a trial's
+    worker does not inherit them."""
+    secrets = {name: f"{name.split('_')[-1]}-{uuid.uuid4().hex[:12]}"
+               for name in ("MLFLOW_TRACKING_TOKEN", "PGPASSWORD", "MYSQL_PWD")}
+    exposed_module(tmp_path, list(secrets.values()))
+    sweep = run_hpo(["search", "exposed.py"], tmp_path, env=secrets)
+    assert trial_states(tmp_path) == [("COMPLETE", None)], sweep.stdout + sweep.stderr
+    assert sweep.returncode == 0
+
+
+def test_re_exec_from_a_checkout_runs_that_checkouts_hpo() -> None:
+    """`python -m hpo` in a checkout runs that checkout's hpo; the re-exec with -P must run
+    the same one again, not an hpo installed elsewhere (nor fail to find any)."""
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in hpo_env().items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-m", "hpo", "--debug", "status", "--storage",
+                             "postgresql://postgres:Checkout-Pw-3@127.0.0.1:1/none"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    files = {line.split('"')[1] for line in result.stderr.splitlines() if line.strip().startswith('File "')}
+    hpo_files = {f for f in files if "/hpo/" in f and "site-packages" not in f}
+    assert hpo_files and all(f.startswith(f"{REPO}/hpo/") for f in hpo_files), result.stderr[-3000:]

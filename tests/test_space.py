@@ -86,6 +86,7 @@ def test_bad_modules(tmp_path: Path, body: str, words: str) -> None:
         ("return {'learning_rate': trial.suggest_float('learning_rate', 0.0, 1e-2, log=True)}", "raised ValueError"),
         ("return {'learing_rate': trial.suggest_float('learing_rate', 1e-4, 1e-2)}", "'learing_rate', which the built-in recipe does not know"),
         ("return {'batch_size': 0}", "batch_size=0, expected a positive number"),
+        ("return {'target_modules': {'query'}}", "target_modules={'query'} (set), which the study cannot store as JSON"),
     ],
 )
 def test_bad_spaces_are_caught_by_one_sample(tmp_path: Path, space_body: str, words: str) -> None:

@@ -102,3 +102,29 @@ def test_the_postgresql_pool_is_sized_for_the_concurrency(postgres_url: str) -> 
     small = studies.open_storage(postgres_url, concurrency=2)
     assert (small.engine.pool.size(), small.engine.pool._max_overflow) == (5, 10), "never below SQLAlchemy's default"
     assert studies.pool_size(None)["pool_recycle"] == 3600
+
+
+def test_a_warm_start_killed_part_way_enqueues_each_config_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver dies after the first enqueue, before the study records the warm start
+    (the death is simulated: the second enqueue raises SystemExit, as a kill would stop it
+    there). The next run enqueues the rest, not the first one again."""
+    storage = f"sqlite:///{tmp_path / 'hpo.db'}"
+    source = earlier(storage)
+    study = optuna.create_study(study_name="new", storage=studies.open_storage(storage), direction="minimize")
+    enqueue, calls = optuna.Study.enqueue_trial, []
+
+    def dies_on_the_second(self: optuna.Study, *args: object, **kwargs: object) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise SystemExit("killed")
+        enqueue(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", dies_on_the_second)
+    with pytest.raises(SystemExit):
+        warm_start(study, source, "earlier@hpo.db", top=5, space=space, room=3)
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", enqueue)
+    resumed = optuna.load_study(study_name="new", storage=studies.open_storage(storage))
+    result = warm_start(resumed, source, "earlier@hpo.db", top=5, space=space, room=3)
+    assert not result.already and [n for n, _ in result.enqueued] == [0, 1, 2]
+    origins = [t.user_attrs["warm_start"] for t in resumed.get_trials(states=(TrialState.WAITING,))]
+    assert sorted(origins) == [f"earlier@hpo.db trial {n}" for n in (0, 1, 2)], "each config once"

@@ -18,7 +18,8 @@ may share a study (on one machine or many); they coordinate through the storage:
   result is kept, as a new finished trial with the same params (``late_result_of``), and
   the queued rerun, if not started yet, is withdrawn (reason ``superseded``).
 * **retries**: an interrupted trial runs again, at most ``MAX_ATTEMPTS`` attempts of one
-  config (then FAIL, reason ``interrupted_too_often``, counted); a trial that failed
+  config (then FAIL, reason ``interrupted_too_often``, counted); only crashes (a killed
+  worker or driver) count as attempts, not a Ctrl-C that stopped it; a trial that failed
   (error, oom, ...) runs again up to ``retries`` times. Attempts run again are kept (FAIL)
   but not counted.
 
@@ -45,7 +46,7 @@ from hpo.record.study import GRACE_PERIOD, HEARTBEAT_INTERVAL
 __all__ = ["AskedTrial", "Ledger", "StudyLock", "Told", "backend", "counts_towards_target", "driver_id"]
 logger = logging.getLogger(__name__)
 DRIVER_ATTR = "hpo:driver"
-NOT_COUNTED = ("interrupted", "superseded")
+NOT_COUNTED = ("interrupted", "superseded", "claim")
 RERUN = ("interrupted",)
 MAX_ATTEMPTS = 3
 """Attempts of one config that may end interrupted (worker or driver killed) before the
@@ -141,23 +142,38 @@ class Ledger:
             return self._ask()
 
     def _ask(self) -> AskedTrial:
+        """Ask, record the driver and a heartbeat, sample ``space``, store the config. Any
+        error on the way fails the trial (reason ``space`` when ``space`` raised, else
+        ``claim``, which does not count) and is raised: a claim never leaves a RUNNING trial."""
         trial = self.study.ask()
         storage = self.study._storage
-        _write(lambda: storage.set_trial_system_attr(trial._trial_id, DRIVER_ATTR, self.driver))
-        self.heartbeat(trial)
+        step = "claim"
         try:
+            _write(lambda: storage.set_trial_system_attr(trial._trial_id, DRIVER_ATTR, self.driver))
+            self.heartbeat(trial)
+            step = "space"
             params = self.space(trial)
+            step = "claim"
+            trial.set_user_attr("config", {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()})
         except Exception as error:
-            trial.set_user_attr("reason", "space")
-            trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
-            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            self._fail_claim(trial, step, error)
             raise
-        trial.set_user_attr("config", {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()})
         asked = AskedTrial(trial.number, params, trial, attempt=int(trial.user_attrs.get("attempt", 1)))
         self.running[trial.number] = asked
         if self.heartbeats is not None:
             self.heartbeats.add(trial._trial_id)
         return asked
+
+    def _fail_claim(self, trial: optuna.Trial, reason: str, error: Exception) -> None:
+        """FAIL a trial whose claim went wrong; if even that fails, a later reclaim does it."""
+        try:
+            _write(lambda: trial.set_user_attr("reason", reason))
+            _write(lambda: trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000]))
+            _write(lambda: self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
+        except Exception:  # noqa: BLE001 - the claim's own error is the one to raise
+            logger.warning("hpo: trial %s could not be failed after its claim went wrong; a reclaim fails it",
+                           trial.number, exc_info=True)
+            self.abandoned.add(trial.number)
 
     # while running ------------------------------------------------------------------
     def heartbeat(self, trial: optuna.Trial) -> None:
@@ -194,25 +210,27 @@ class Ledger:
 
     # the end ------------------------------------------------------------------------
     def tell(self, number: int, state: TrialState, value: float | list[float] | None = None, reason: str | None = None,
-             error: str | None = None, attrs: dict[str, Any] | None = None) -> Told:
+             error: str | None = None, attrs: dict[str, Any] | None = None, *, crashed: bool = True) -> Told:
         """Record the trial's end: COMPLETE with ``value`` (a list: one per objective), PRUNED (Optuna keeps the last
         intermediate value) or FAIL with ``reason``/``error`` user attrs. Interrupted trials
         (within ``max_attempts``) and failed ones (within ``retries``) are enqueued again.
+        An interrupted trial that did not crash (``crashed=False``: Ctrl-C stopped it) is
+        enqueued again as the same attempt: only crashes count towards ``max_attempts``.
         A trial a reclaimer failed meanwhile keeps its result as a new trial (``kept_as``)."""
         asked = self.running.pop(number)
         if self.heartbeats is not None:
             self.heartbeats.discard(asked.trial._trial_id)
         try:
-            return self._tell(asked, state, value, reason, error, attrs)
+            return self._tell(asked, state, value, reason, error, attrs, crashed)
         except Exception:
             self.abandoned.add(number)  # a later reclaim (ours or another's) fails and re-queues it
             raise
 
     def _tell(self, asked: AskedTrial, state: TrialState, value: float | None, reason: str | None,
-              error: str | None, attrs: dict[str, Any] | None) -> Told:
+              error: str | None, attrs: dict[str, Any] | None, crashed: bool = True) -> Told:
         trial = asked.trial
         attempt = asked.attempt  # no read first: a trial finished meanwhile refuses the first write below
-        if state == TrialState.FAIL and reason in RERUN and attempt >= self.max_attempts:
+        if state == TrialState.FAIL and reason in RERUN and crashed and attempt >= self.max_attempts:
             reason = "interrupted_too_often"
             error = f"interrupted {attempt} times (a worker or driver died each time); not run again"
         again = state == TrialState.FAIL and (reason in RERUN or (reason != "interrupted_too_often"
@@ -235,7 +253,7 @@ class Ledger:
                 return Told(state, reason, again=False)  # our own write, retried after a lost answer
             return self._keep_late(asked, frozen, state, value, reason, attrs)
         if again:
-            self._enqueue_again(self._frozen(trial))
+            self._enqueue_again(self._frozen(trial), counted=crashed or reason not in RERUN)
         return Told(state, reason, again=again)
 
     def _keep_late(self, asked: AskedTrial, frozen: FrozenTrial, state: TrialState, value: float | None,
@@ -279,10 +297,11 @@ class Ledger:
     def _frozen(self, trial: optuna.Trial) -> FrozenTrial:
         return retry_transient(lambda: self.study._storage.get_trial(trial._trial_id), what="reading the study")
 
-    def _enqueue_again(self, trial: FrozenTrial) -> None:
+    def _enqueue_again(self, trial: FrozenTrial, counted: bool = True) -> None:
+        """Queue ``trial``'s params to run again, as its next attempt (``counted``) or the same one."""
         attempt = int(trial.user_attrs.get("attempt", 1))
         _write(lambda: self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number,
-                                                                          "attempt": attempt + 1},
+                                                                          "attempt": attempt + (1 if counted else 0)},
                                                 skip_if_exists=False))
 
     def reclaim(self) -> list[int]:

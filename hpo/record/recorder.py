@@ -278,7 +278,9 @@ class Recorder:
             attrs["pruned_at"] = outcome.step
             reason = f"stopped early by the pruner at step {outcome.step}"
         elif kind == "interrupted":
-            call = {"state": TrialState.FAIL, "reason": "interrupted", "error": error}
+            # after a Ctrl-C the trial was stopped, not crashed: its rerun is the same attempt
+            call = {"state": TrialState.FAIL, "reason": "interrupted", "error": error,
+                    "crashed": not self.interrupt_requested}
         else:
             call = {"state": TrialState.FAIL, "reason": reason or "error", "error": error}
         told: Told | None = None

@@ -41,7 +41,9 @@ def startup_trials(trials: int) -> int:
 
 def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
     """The sampler ``name`` (one of :data:`SAMPLERS`), seeded, sized for a ``trials`` budget.
-    Raises HpoError for an unknown name, or for ``cmaes`` without its package."""
+    Raises HpoError for an unknown name, or for ``cmaes`` without its package. The seed
+    wraps at 2**32 (numpy's limit): a sweep's seed plus its run index may pass it."""
+    seed %= 2**32
     startup = startup_trials(trials)
     if name == "tpe-qmc":
         return QmcStartSampler(_tpe(seed, startup), startup, seed=seed)

@@ -4,6 +4,7 @@ MLflow (the MLflow side, :mod:`hpo.record.tracking`, imports this and not :mod:`
 
 * :func:`check_local`, :func:`connect_once`: a URL that parses, an SQLite file's folder, a
   database server that answers; nothing created (an SQLite file is not opened).
+  :func:`check_writable`: an SQLite file a sweep can write (its folder too).
 * :func:`retry_when_locked`: SQLite's 'database is locked' (and other given words), retried.
 * :func:`is_transient`, :func:`retry_transient`: dropped connections, lock waits and an MLflow
   server's 5xx answers, retried with a bounded back-off.
@@ -33,6 +34,29 @@ def check_local(url: str, flag: str) -> bool:
     if folder and not os.path.isdir(folder):
         raise HpoError(f"{flag} {redact_url(url)}: the folder {folder} does not exist")
     return True
+
+
+def check_writable(url: str, flag: str) -> None:
+    """For a sweep, which writes both stores: an SQLite file (and the journal, WAL and lock
+    files SQLite and MLflow put beside it) needs its folder writable, and the file itself
+    when it exists. Checked with access(2), writing nothing. Raises HpoError naming
+    ``flag`` and how to point it elsewhere. Other URLs: nothing to check here."""
+    if not url.startswith("sqlite"):
+        return
+    path = os.path.abspath(url.split("///", 1)[-1])
+    for target in (os.path.dirname(path), path):
+        if os.path.exists(target) and not os.access(target, os.W_OK):
+            raise HpoError(f"{flag} {redact_url(url)}: cannot write {target} ({why_not_writable(target)}); run hpo "
+                           f"from a folder you can write, or point {flag} at one, e.g. {flag} "
+                           f"sqlite:///{os.path.join(os.path.expanduser('~'), os.path.basename(path))}")
+
+
+def why_not_writable(path: str) -> str:
+    """'read-only file system' or 'permission denied', for a path access(2) refused."""
+    try:
+        return "read-only file system" if os.statvfs(path).f_flag & os.ST_RDONLY else "permission denied"
+    except OSError as error:
+        return error.strerror or "not writable"
 
 
 def connect_once(url: str) -> None:

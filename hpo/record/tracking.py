@@ -37,6 +37,9 @@ RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+# Other variables that hold a secret as a whole: MLflow's bearer token, the passwords
+# libpq and the MySQL client read. Only the driver uses them.
+SECRET_VARS = ("MLFLOW_TRACKING_TOKEN", "PGPASSWORD", "MYSQL_PWD")
 
 
 def use_credentials(uri: str) -> str:
@@ -73,7 +76,9 @@ def without_credentials() -> Iterator[None]:
     not inherit them; only the driver writes Optuna and MLflow."""
     from hpo.errors import url_secrets
 
-    names = [*CREDENTIAL_VARS, *(n for n in ("HPO_STORAGE", "MLFLOW_TRACKING_URI") if url_secrets(os.environ.get(n)))]
+    urls = {"HPO_STORAGE": os.environ.get("HPO_STORAGE"), "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI"),
+            "HPO_WARM_START": os.environ.get("HPO_WARM_START", "").partition("@")[2]}  # STUDY@URL
+    names = [*CREDENTIAL_VARS, *SECRET_VARS, *(name for name, url in urls.items() if url_secrets(url))]
     saved = {name: os.environ.pop(name) for name in names if name in os.environ}
     try:
         yield

@@ -10,6 +10,10 @@ the path the enqueued values lead to), or whose value lies outside this space's
 distribution (range, step, choices), is dropped and sampled afresh, and each drop is
 reported with its reason. A config with nothing left is skipped. The study remembers
 that it was warm-started (a study system attr), so a resumed sweep never enqueues twice.
+Each enqueued trial carries its origin (the ``warm_start`` user attr, written with the trial
+in one storage call), and a config whose origin is already in the study is not enqueued
+again: a driver killed between two enqueues, before the study attr was written, is
+resumed by enqueueing only the rest.
 Call :func:`warm_start` in the driver, under the study lock, before trials start.
 """
 
@@ -113,6 +117,8 @@ def warm_start(study: optuna.Study, source_study: optuna.Study, source_label: st
     if storage.get_study_system_attrs(study_id).get(DONE_ATTR):
         result.already = True
         return result
+    # configs a run killed part-way through enqueued already (their origin is in the study)
+    present = {t.user_attrs.get("warm_start") for t in study.get_trials(deepcopy=False)}
     best = best_configs(source_study, top)
     if not best:
         result.skipped.append(f"everything: study {source_study.study_name!r} has no COMPLETE trial")
@@ -125,8 +131,9 @@ def warm_start(study: optuna.Study, source_study: optuna.Study, source_label: st
         if not kept:
             result.skipped.append(f"trial {trial.number}: no parameter fits this space")
             continue
-        study.enqueue_trial(kept, user_attrs={"warm_start": f"{source_label} trial {trial.number}"},
-                            skip_if_exists=False)
+        origin = f"{source_label} trial {trial.number}"
+        if origin not in present:
+            study.enqueue_trial(kept, user_attrs={"warm_start": origin}, skip_if_exists=False)
         result.enqueued.append((trial.number, kept))
     storage.set_study_system_attr(study_id, DONE_ATTR, {"source": source_label,
                                                         "trials": [n for n, _ in result.enqueued]})

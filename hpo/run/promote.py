@@ -126,6 +126,7 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
     from hpo.record.tracking import check_tracking
     from hpo.train.recipe import TrainJob
 
+    _check_data(sweep)
     params = trial.user_attrs.get("config") or trial.params
     job = TrainJob.from_sweep(sweep, params)
     job = dataclasses.replace(
@@ -222,6 +223,26 @@ def _final_sweep(recorded: SweepRecord, overrides: list[str]) -> tuple[Sweep, Fi
     except HpoError as error:
         raise HpoError(f"hpo promote: {error}") from None
     return resolve_paths(sweep, Path.cwd()), schedule
+
+
+def _check_data(sweep: Sweep) -> None:
+    """Read every data source the final run will use (training, validation, test) before
+    anything is trained or recorded: a bad ``test_data`` found only after training would
+    throw the trained model away. The error names the field to fix."""
+    from hpo.train import data, sft
+
+    for name in ("train_data", "eval_data", "test_data"):
+        source = getattr(sweep, name)
+        if not source:
+            continue
+        try:
+            if sweep.task == "sft":
+                sft.read(source)
+            else:
+                data.read(source, sweep.task, sweep.text_column, sweep.label_column)
+        except HpoError as error:
+            message = str(error).replace("check --set train_data/eval_data", f"fix --set {name}=...")
+            raise HpoError(f"hpo promote: {name}: {message}") from None
 
 
 def _staging_folder(output: Path) -> Path:

@@ -171,6 +171,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
 
     threading.Thread(target=study_report.preload, name="hpo-report-imports", daemon=True).start()
 
+    _check_writable(options)  # a read-only folder: said at once
     # Ray's resources and the trial's device before either store is written
     scheduling.preflight(sweep, address=options.address or os.environ.get("RAY_ADDRESS"),
                          recipe=search_space.train is None, worker_logs=options.worker_logs)
@@ -296,6 +297,22 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
                                                **({"pareto_front": ",".join(str(p["number"]) for p in result.front)}
                                                   if result.front else {})})
     return result
+
+
+def _check_writable(options: SearchOptions) -> None:
+    """Both stores' SQLite files and the working folder (.hpo: Ray's results, the report)
+    can be written, before anything is: from a read-only folder a sweep used to fail with
+    an unexpected PermissionError after the study existed."""
+    from hpo.record.stores import check_writable, why_not_writable
+    from hpo.record.tracking import DEFAULT_TRACKING_URI
+
+    check_writable(options.storage or studies.DEFAULT_STORAGE, "--storage")
+    check_writable(options.tracking_uri or DEFAULT_TRACKING_URI, "--tracking-uri")
+    workdir = Path(options.workdir).resolve()
+    existing = next(folder for folder in (workdir, *workdir.parents) if folder.exists())
+    if not os.access(existing, os.W_OK):
+        raise HpoError(f"{workdir}: cannot write hpo's working folder (Ray's results, the study report) in "
+                       f"{existing} ({why_not_writable(str(existing))}); run hpo from a folder you can write")
 
 
 def _flush_mirror(study: Any, tracker: Any, metric: str, job: Any, console: Console) -> None:

@@ -17,11 +17,19 @@ later call (any process) finds the folder and returns at once. Workers that race
 file lock, and the rename makes a half-written folder impossible to see. The conversion says
 so in one line on stderr; transformers' progress bars stay off (in a log, or before
 ``hpo check-data``'s report, each redraw would be a line).
+
+The cache heals itself: the folder is named after the GGUF file's content (a SHA-256 prefix,
+computed once per process and file version), so a new version of the file is converted
+afresh; under the lock, staging folders of killed conversions are removed, and so is a
+folder without ``config.json`` (left by anything but a finished rename), instead of every
+trial converting again and failing to rename over it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import importlib.util
 import io
 import shutil
@@ -48,8 +56,10 @@ def package_file(package: str, file_name: str) -> Path | None:
     return None
 
 
-def converted(gguf_path: Path, target: Path) -> Path:
-    """The safetensors folder for ``gguf_path`` at ``target``, converting it if absent."""
+def converted(gguf_path: Path, base: Path) -> Path:
+    """The safetensors folder for ``gguf_path``: ``base`` with the file's content key
+    appended (``base.name-<key>``), converting it if absent or incomplete."""
+    target = base.with_name(f"{base.name}-{content_key(gguf_path)}")
     if (target / "config.json").is_file():
         return target
     from filelock import FileLock
@@ -58,6 +68,7 @@ def converted(gguf_path: Path, target: Path) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():  # another process converted it while we waited
             return target
+        _remove_leftovers(target)
         print(f"converting {gguf_path.name} into {target} (once; about 30 s)", file=sys.stderr, flush=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
         try:
@@ -67,6 +78,29 @@ def converted(gguf_path: Path, target: Path) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return target
+
+
+def content_key(gguf_path: Path) -> str:
+    """A short SHA-256 of the file's content (hashed once per process and file version)."""
+    stat = gguf_path.stat()
+    return _digest(str(gguf_path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Under ``target``'s lock (so no live conversion of it): staging folders of killed
+    conversions, and a ``target`` without ``config.json``, which no finished rename left."""
+    for staging in target.parent.glob(f".{target.name}-*"):
+        shutil.rmtree(staging, ignore_errors=True)
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
 
 
 def _convert(gguf_path: Path, folder: Path) -> None:
