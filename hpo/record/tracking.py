@@ -12,6 +12,7 @@ import contextlib
 import os
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,7 +92,6 @@ def check_tracking(uri: str | None) -> None:
         return
     if uri.startswith(("http://", "https://")):
         import base64
-        import urllib.request
 
         uri = use_credentials(uri)
         request = urllib.request.Request(uri.rstrip("/") + "/health")
@@ -100,7 +100,7 @@ def check_tracking(uri: str | None) -> None:
             token = base64.b64encode(f"{user}:{password}".encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
         try:
-            with urllib.request.urlopen(request, timeout=10):
+            with urllib.request.build_opener(_SameOriginAuth).open(request, timeout=10):
                 return
         except Exception as error:  # noqa: BLE001 - URLError, HTTPError, timeouts
             reason = _scrub(str(error), original)
@@ -116,6 +116,28 @@ def check_tracking(uri: str | None) -> None:
                 f"--tracking-uri {redact(uri)}: cannot open the MLflow store ({type(error).__name__}); "
                 "check the URL, that the server runs, and the credentials"
             ) from None
+
+
+class _SameOriginAuth(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect as urllib does, but drops the ``Authorization`` header when it leads
+    to another origin (scheme, host or port): the password goes to the tracking server only,
+    never to wherever it redirects (requests, which MLflow's own client uses, does the same)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 - urllib's signature
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(new.full_url) != _origin(req.full_url):
+            for name in [n for n in new.headers if n.lower() == "authorization"]:
+                del new.headers[name]
+            new.unredirected_hdrs.pop("Authorization", None)
+        return new
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or default
 
 
 def _scrub(text: str, uri: str) -> str:
