@@ -396,7 +396,7 @@ class SweepTracker(_Tracker):
     def end_sweep(self, status: str = "FINISHED", summary: dict[str, Any] | None = None) -> None:
         """Close the sweep's parent run with ``status`` and the ``summary`` tags. Never raises
         (it runs in the sweep's ``finally``): a failure is a warning, and the next ``hpo search``
-        on the study reopens and closes the run."""
+        on the study that runs trials reopens and closes the run."""
         from mlflow.entities import RunTag
 
         self.writer.give_up_when_down()
@@ -414,8 +414,9 @@ class SweepTracker(_Tracker):
         try:
             self.end_call(close, "closing the sweep's MLflow run")
         except Exception as error:  # noqa: BLE001 - the trials are recorded in the study; this is the mirror
-            logger.warning("hpo: the sweep's MLflow run %s was not closed (%s: %s); the next `hpo search` on study "
-                           "%r closes it", parent, type(error).__name__, _first_line(error), self.study_name)
+            logger.warning("hpo: the sweep's MLflow run %s was not closed (%s: %s); it shows RUNNING until the next "
+                           "`hpo search` on study %r that runs trials closes it", parent, type(error).__name__,
+                           _first_line(error), self.study_name)
 
     def log_report(self, files: list[Any], run_id: str | None = None) -> None:
         """Log the study report's ``files`` (the paths :func:`hpo.analysis.study_report.write_report` wrote,
