@@ -370,9 +370,10 @@ def ui(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 5000,
 ) -> None:
     """Serve the MLflow UI on the tracking store (one worker)."""
-    from hpo.record.tracking import DEFAULT_TRACKING_URI, redact, sweep_links, ui_link
+    from hpo.record.tracking import DEFAULT_TRACKING_URI, check_tracking, redact, sweep_links, ui_link
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
+    check_tracking(uri)  # a server that does not answer: one line, exit 2 (not minutes in MLflow's retries)
     served = uri.startswith(("http://", "https://"))
     base = redact(uri) if served else f"http://{host}:{port}"
     if served:

@@ -75,6 +75,21 @@ def test_unreachable_storage_hides_the_password(tmp_path: Path) -> None:
     assert time.monotonic() - started < 60
 
 
+def test_ui_on_a_tracking_server_that_does_not_answer(tmp_path: Path) -> None:
+    """Checked before anything is printed: one line, exit 2, in seconds (it used to print the
+    link, then spend minutes in MLflow's retries)."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    result = run_hpo(["ui", "--tracking-uri", f"http://bob:s3cret-pw@127.0.0.1:{port}"], cwd=tmp_path, timeout=90)
+    assert_clean_error(result, f"--tracking-uri http://bob:***@127.0.0.1:{port}", "does not answer", cwd=tmp_path)
+    assert result.stdout == "" and "s3cret-pw" not in result.stderr
+    assert time.monotonic() - started < 30
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     result = run_hpo(["--debug", "search", "nowhere.py"], cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" in result.stderr

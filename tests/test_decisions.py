@@ -280,6 +280,58 @@ def test_what_a_dead_driver_left_unwritten_in_mlflow_is_written_from_the_study(s
     assert mirror_gaps(sweep.study, sweep.tracker, metric="score") == [], "nothing left to write"
 
 
+def test_gap_filling_repairs_a_closed_run_that_disagrees_with_the_study(sweep: Sweep) -> None:
+    """What the old writer left after a store that refused one write (issue 19): the trial's run
+    FINISHED, still tagged hpo.state=RUNNING, without its objective nor its curve. A closed run is
+    not taken as complete: every run that disagrees with the study is written from it."""
+    from hpo.record.recorder import mirror_gaps
+
+    trial = sweep.ledger.claim()
+    sweep.study._storage.set_trial_system_attr(trial.trial._trial_id, DRIVER_ATTR, _dead_identity())
+    sweep.ledger.record_intermediate(trial.number, 1, 0.25)
+    sweep.ledger.tell(trial.number, TrialState.COMPLETE, value=0.25,
+                      attrs={"last_step": 1, "curves": {"score": [[1, 0.25]]}})
+    client = MlflowClient(sweep.tracker.uri)
+    left = client.create_run(sweep.tracker.experiment_id, run_name=f"trial-{trial.number}",
+                             tags=sweep.tracker._trial_tags(trial.number, "RUNNING"))
+    client.log_param(left.info.run_id, "x", str(trial.params["x"]))
+    client.set_terminated(left.info.run_id, "FINISHED")
+
+    assert mirror_gaps(sweep.study, sweep.tracker, metric="score") == [trial.number]
+    run = client.get_run(left.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["hpo.state"] == "COMPLETE"
+    assert run.data.tags["hpo.objective"] == "0.25" and run.data.metrics == {"score": 0.25}
+    assert mirror_gaps(sweep.study, sweep.tracker, metric="score") == [], "a run that agrees is left alone"
+
+
+def test_a_write_the_store_refuses_fails_alone(sweep: Sweep) -> None:
+    """A metric name MLflow refuses (the worker's Report refuses it too; here it reaches the
+    tracker directly) fails that one write: the store is not taken as down, the next trial's
+    run is written at once, and the refused trial's run is written from the study at the end."""
+    import time
+
+    from hpo.record.recorder import mirror_gaps
+
+    started = time.monotonic()
+    first = sweep.start("a")
+    sweep.result("a", 1, score=0.5, **{"acc@5": 0.9})
+    sweep.bridge.on_trial_complete("a", result={"step": 1, "score": 0.5, "done": True})
+    second = sweep.start("b")
+    sweep.result("b", 1, score=0.75)
+    sweep.bridge.on_trial_complete("b", result={"step": 1, "score": 0.75, "done": True})
+    sweep.tracker.flush()
+    assert time.monotonic() - started < 20
+    run = sweep.run(second)
+    assert run.info.status == "FINISHED" and run.data.tags["hpo.state"] == "COMPLETE"
+    assert run.data.tags["hpo.objective"] == "0.75" and run.data.metrics == {"score": 0.75}
+    assert sweep.tracker.unwritten == {first} and not sweep.tracker.down
+
+    assert mirror_gaps(sweep.study, sweep.tracker, metric="score", only=sweep.tracker.unwritten) == [first]
+    run = sweep.run(first)
+    assert run.info.status == "FINISHED" and run.data.tags["hpo.state"] == "COMPLETE"
+    assert run.data.tags["hpo.objective"] == "0.5" and run.data.metrics["score"] == 0.5
+
+
 def _dead_identity() -> str:
     import subprocess
     import sys

@@ -80,3 +80,31 @@ def test_a_broken_template_falls_back_to_mlflow(tmp_path: Path, monkeypatch: pyt
     tracker = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "study")
     assert tracker.client.get_experiment(tracker.experiment_id).name == "study"
     assert _schema(tmp_path / "mlflow.db") == _schema(tmp_path / "warm.db")
+
+
+def test_a_store_made_meanwhile_is_never_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow (another process, not holding hpo's lock) makes the store between seed's look and
+    its copy: the copy is not put in place, the store MLflow made and what it holds stay."""
+    store = tmp_path / "mlflow.db"
+    real_template = mlflow_store._template
+
+    def template_then_mlflow_makes_the_store() -> Path:
+        made = real_template()
+        mlflow.MlflowClient(f"sqlite:///{store}").create_experiment("theirs")
+        return made
+
+    monkeypatch.setattr(mlflow_store, "_template", template_then_mlflow_makes_the_store)
+    assert not mlflow_store.seed(f"sqlite:///{store}")
+    assert mlflow.MlflowClient(f"sqlite:///{store}").get_experiment_by_name("theirs") is not None
+    assert not any(p.name.startswith(".mlflow-seed-") for p in tmp_path.iterdir())  # no partial copy left
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask022", "umask002"])
+def test_a_seeded_store_follows_the_umask(tmp_path: Path, umask: int) -> None:
+    """The store gets the mode MLflow's own file would (0666 less the umask), not mkstemp's 0600."""
+    previous = os.umask(umask)
+    try:
+        assert mlflow_store.seed(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "mlflow.db").stat().st_mode & 0o777 == 0o666 & ~umask

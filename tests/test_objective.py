@@ -78,6 +78,33 @@ def test_report_requires_the_prune_metric_in_every_call() -> None:
     same(1, {"eval_loss": 0.3})
 
 
+NAMES = ["acc@5", "eval_accuracy", "eval/acc top:1", "a b", "a/../b", "/abs", "..", "a//b", "x" * 251,
+         "x" * 250, "précision"]
+
+
+def test_report_refuses_metric_names_mlflow_refuses_at_the_first_call() -> None:
+    """A name MLflow would refuse (its whole log_batch with it) fails the trial at its first
+    report, in one line that names it and a name to use instead; nothing reaches the sink."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_metric
+
+    sent: list[tuple[int, dict]] = []
+    report = Report("eval_accuracy", lambda step, values: sent.append((step, values)))
+    with pytest.raises(ReportError) as error:
+        report(1, {"eval_accuracy": 0.5, "acc@5": 0.9})
+    assert str(error.value).count("\n") == 0 and "'acc@5' is one MLflow refuses" in str(error.value)
+    assert "e.g. 'acc_5'" in str(error.value) and sent == []
+    from hpo.train.reporter import is_valid_name
+
+    for name in NAMES:  # the rule restated in hpo.train.reporter is MLflow's own (stricter only on a final newline)
+        try:
+            _validate_metric(name, 1.0, 0, 1)
+            accepted = True
+        except MlflowException:
+            accepted = False
+        assert is_valid_name(name) == accepted, name
+
+
 class _Quiet:
     def trial_started(self, number: int, params: dict[str, Any]) -> None: ...
     def trial_result(self, number: int, step: int, value: float | None) -> None: ...

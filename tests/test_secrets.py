@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from urllib.parse import quote
@@ -102,6 +102,54 @@ def test_http_credentials_go_in_a_header_never_in_the_url(monkeypatch: pytest.Mo
     with pytest.raises(HpoError) as error:  # no port: urllib used to quote 'hunter2@localhost'
         check_tracking("https://bob:hunter2@localhost")
     assert "hunter2" not in str(error.value) and "https://bob:***@localhost" in str(error.value)
+
+
+def test_the_health_check_sends_the_password_to_the_tracking_server_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracking server that redirects /health to another host (here 'localhost' for
+    '127.0.0.1', another port) does not get the Basic auth forwarded there; a redirect on the
+    server itself keeps it."""
+    from hpo.record.tracking import check_tracking
+
+    seen: list[tuple[str, str, str | None]] = []
+
+    def server(name: str, answer: Callable[[BaseHTTPRequestHandler], None]) -> HTTPServer:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                seen.append((name, self.path, self.headers.get("Authorization")))
+                answer(self)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        started = HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=started.serve_forever, daemon=True).start()
+        return started
+
+    def ok(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.end_headers()
+
+    elsewhere = server("elsewhere", ok)
+
+    def redirect(handler: BaseHTTPRequestHandler) -> None:  # /health -> /healthz (here) -> another host
+        handler.send_response(302)
+        handler.send_header("Location", "/healthz" if handler.path == "/health"
+                            else f"http://localhost:{elsewhere.server_port}/health")
+        handler.end_headers()
+
+    tracking = server("tracking", redirect)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-Pw")
+    try:
+        check_tracking(f"http://127.0.0.1:{tracking.server_port}")
+    finally:
+        tracking.shutdown()
+        elsewhere.shutdown()
+    import base64
+
+    basic = "Basic " + base64.b64encode(b"bob:s3cret-Pw").decode()
+    assert seen == [("tracking", "/health", basic), ("tracking", "/healthz", basic),
+                    ("elsewhere", "/health", None)], seen
 
 
 @contextlib.contextmanager

@@ -15,10 +15,13 @@ store it was made for (``./mlruns`` resolved when the store is first opened). Th
 kept without it, and MLflow creates it, with this store's own location, the first time it opens
 the copy (``SqlAlchemyStore._initialize_store_state``), exactly as for a store it made itself.
 
-Safe under concurrency and failure: the template and the copy are each written to a temporary
-file and moved into place with one ``os.replace``, so a reader sees a whole file or none; the
-caller holds the store's file lock (:func:`hpo.record.sqlite.sqlite_file_lock`). Anything that
-goes wrong here only means MLflow makes the store itself, as before. Knows nothing of Optuna.
+Safe under concurrency and failure: the copy is written to a temporary file beside the store
+and put in place with ``os.link``, which fails when the store's name exists: a store that MLflow
+(or anyone) made there meanwhile is never replaced, and a reader sees a whole file or none. The
+copy is created with mode 0666 less the umask, as MLflow's own file would be (not mkstemp's
+0600). The caller holds the store's file lock (:func:`hpo.record.sqlite.sqlite_file_lock`).
+Anything that goes wrong here only means MLflow makes the store itself, as before. Knows
+nothing of Optuna.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import uuid
 from pathlib import Path
 
 from hpo.record.sqlite import sqlite_path
@@ -43,13 +47,15 @@ def seed(uri: str) -> bool:
         return False
     try:
         template = _template()
-        fd, partial = tempfile.mkstemp(prefix=".mlflow-seed-", suffix=".db", dir=os.path.dirname(target))
-        os.close(fd)
+        partial = os.path.join(os.path.dirname(target), f".mlflow-seed-{uuid.uuid4().hex}.db")
         try:
-            shutil.copyfile(template, partial)
-            os.replace(partial, target)
+            # O_EXCL: a fresh file of our own; mode 0666 less the umask, like a file MLflow creates
+            with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as copy, \
+                    open(template, "rb") as source:
+                shutil.copyfileobj(source, copy)
+            os.link(partial, target)  # FileExistsError if a store appeared meanwhile: it is kept
         finally:
-            if os.path.exists(partial):
+            if os.path.lexists(partial):
                 os.unlink(partial)
         return True
     except Exception as error:  # noqa: BLE001 - MLflow makes the store itself, as without a template

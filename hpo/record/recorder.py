@@ -26,9 +26,11 @@ from optuna.trial import TrialState
 from hpo.record.ledger import AskedTrial, Ledger, Told
 from hpo.record.stores import retry_transient
 from hpo.record.study import GRACE_PERIOD
-from hpo.record.tracking import SweepTracker, TrialEnd
+from hpo.record.tracking import TAG_STATE, SweepTracker, TrialEnd, run_status
 
 logger = logging.getLogger(__name__)
+KEPT_AS_TAG = "hpo.kept_as_trial"
+"""On the run of a trial another process failed while it ran here: the trial its result was kept as."""
 
 
 @dataclass(frozen=True)
@@ -319,7 +321,7 @@ class Recorder:
             console = getattr(self.display, "console", None)
             if console is not None:
                 console.print(f"[bold yellow]warning:[/] {message}", highlight=False)
-            self.tracker.tag_trial(number, "hpo.kept_as_trial", str(told.kept_as))
+            self.tracker.tag_trial(number, KEPT_AS_TAG, str(told.kept_as))
         single = value if state == "COMPLETE" and not isinstance(value, list) else None
         self.tracker.end_trial(number, state, reason=shown, value=single)
         if isinstance(value, list):  # several objectives: the display shows the first
@@ -373,10 +375,13 @@ def mirror_gaps(study: Any, tracker: SweepTracker, *, metric: str,
                 job_params: Callable[[dict[str, Any]], dict[str, Any]] | None = None, only: set[int] | None = None,
                 grace: float = GRACE_PERIOD) -> list[int]:
     """Bring the study's MLflow trial runs in line with the study (the truth) after a driver
-    died with writes it had not made yet (:mod:`hpo.record.writer`): every finished trial gets its
-    run -- made if missing, with the params and the metric curves the study keeps -- tagged
-    and closed with its state, so no run stays RUNNING for a trial that is not running. A
-    closed run is complete (a driver's writes run in order, the close last).
+    died with writes it had not made yet, or could not make them (:mod:`hpo.record.writer`: the
+    store was down, or refused a write): every finished trial whose run is missing or disagrees
+    with the study (:func:`run_agrees`: still RUNNING, another status or ``hpo.state``, no or
+    another ``hpo.objective``, a sampled param or a curve missing) gets its run -- made if
+    missing, with the params and the metric curves the study keeps -- tagged and closed with its
+    state, so no run stays RUNNING for a trial that is not running, nor closed with the wrong
+    state or without its values.
 
     Trials of a live driver are left to it, and so are those another machine's driver
     finished less than ``grace`` seconds ago. ``only``: just these trials, whatever their
@@ -387,6 +392,7 @@ def mirror_gaps(study: Any, tracker: SweepTracker, *, metric: str,
 
     runs = tracker.trial_run_index()
     trials = study.get_trials(deepcopy=False)
+    by_number = {trial.number: trial for trial in trials}
     written = []
     for trial in trials:
         run = runs.get(trial.number)
@@ -395,8 +401,11 @@ def mirror_gaps(study: Any, tracker: SweepTracker, *, metric: str,
         if run is None and (trial.user_attrs.get("late_result_of") is not None
                             or trial.user_attrs.get("reason") in ("superseded", "space")):
             continue  # never ran as itself: its result is on the run of the trial it names
+        kept = run.data.tags.get(KEPT_AS_TAG, "") if run is not None else ""
+        source = by_number.get(int(kept), trial) if kept.isdigit() else trial  # the run holds the kept result
+        end = _trial_end(source, metric, job_params)
         if only is None:
-            if run is not None and run.info.status != "RUNNING":
+            if run is not None and run_agrees(run, source, end):
                 continue
             driver = trial.system_attrs.get(DRIVER_ATTR)
             if driver and known_alive(driver):
@@ -405,7 +414,7 @@ def mirror_gaps(study: Any, tracker: SweepTracker, *, metric: str,
             judged_dead = trial.user_attrs.get("reason") in ("interrupted", "interrupted_too_often")
             if not (judged_dead or (driver and driver_is_dead(driver))) and time.time() - ended < grace:
                 continue  # another machine's driver may still be writing it
-        tracker.fill_trial(trial.number, run, _trial_end(trial, metric, job_params))
+        tracker.fill_trial(trial.number, run, end)
         written.append(trial.number)
     numbers = {trial.number for trial in trials}
     for number, run in runs.items():  # a run whose trial the study does not hold
@@ -413,6 +422,21 @@ def mirror_gaps(study: Any, tracker: SweepTracker, *, metric: str,
             tracker.fill_trial(number, run, TrialEnd("FAIL", "interrupted"))
             written.append(number)
     return sorted(written)
+
+
+def run_agrees(run: Any, trial: Any, end: TrialEnd) -> bool:
+    """Whether a trial's MLflow ``run`` holds what the study says of the finished ``trial``
+    (``end``, :func:`_trial_end`): closed with the status and ``hpo.state`` of its state, the
+    ``hpo.objective`` of a COMPLETE trial, every sampled param and every curve the study keeps."""
+    tags = run.data.tags
+    if run.info.status != run_status(end.state, end.reason) or tags.get(TAG_STATE) != end.state:
+        return False
+    if isinstance(end.value, (int, float)) and tags.get("hpo.objective") != repr(float(end.value)):
+        return False
+    if any(str(key) not in run.data.params for key, value in trial.params.items() if value is not None):
+        return False
+    return all(key in run.data.metrics for key, points in end.curves.items()
+               if any(isinstance(value, (int, float)) and not isinstance(value, bool) for _, value in points))
 
 
 def _trial_end(trial: Any, metric: str, job_params: Callable[[dict[str, Any]], dict[str, Any]] | None) -> TrialEnd:
@@ -443,6 +467,7 @@ def _trial_end(trial: Any, metric: str, job_params: Callable[[dict[str, Any]], d
     for key in (*Recorder.ATTRS, *Recorder.SECONDS_ATTRS):
         if key in attrs and key not in curves:
             curves[key] = [(int(last), attrs[key])]
-    return TrialEnd(state, shown, value=trial.value if state == "COMPLETE" else None, params=params, curves=curves,
+    single = trial.values[0] if state == "COMPLETE" and trial.values and len(trial.values) == 1 else None
+    return TrialEnd(state, shown, value=single, params=params, curves=curves,
                     started=int(trial.datetime_start.timestamp() * 1000) if trial.datetime_start else None,
                     ended=int(trial.datetime_complete.timestamp() * 1000) if trial.datetime_complete else None)

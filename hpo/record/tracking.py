@@ -9,9 +9,11 @@ A resumed sweep reopens its study's parent run, so nested runs stay under one pa
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,7 @@ from hpo.errors import HpoError, scrub
 from hpo.errors import redact_url as redact
 from hpo.record.stores import check_local, connect_once
 
+logger = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG_STUDY = "hpo.study"
 TAG_ROLE = "hpo.role"
@@ -96,7 +99,6 @@ def check_tracking(uri: str | None) -> None:
         return
     if uri.startswith(("http://", "https://")):
         import base64
-        import urllib.request
 
         uri = use_credentials(uri)
         request = urllib.request.Request(uri.rstrip("/") + "/health")
@@ -105,7 +107,7 @@ def check_tracking(uri: str | None) -> None:
             token = base64.b64encode(f"{user}:{password}".encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
         try:
-            with urllib.request.urlopen(request, timeout=10):
+            with urllib.request.build_opener(_SameOriginAuth).open(request, timeout=10):
                 return
         except Exception as error:  # noqa: BLE001 - URLError, HTTPError, timeouts
             reason = _scrub(str(error), original)
@@ -121,6 +123,28 @@ def check_tracking(uri: str | None) -> None:
                 f"--tracking-uri {redact(uri)}: cannot open the MLflow store ({type(error).__name__}); "
                 "check the URL, that the server runs, and the credentials"
             ) from None
+
+
+class _SameOriginAuth(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect as urllib does, but drops the ``Authorization`` header when it leads
+    to another origin (scheme, host or port): the password goes to the tracking server only,
+    never to wherever it redirects (requests, which MLflow's own client uses, does the same)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 - urllib's signature
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(new.full_url) != _origin(req.full_url):
+            for name in [n for n in new.headers if n.lower() == "authorization"]:
+                del new.headers[name]
+            new.unredirected_hdrs.pop("Authorization", None)
+        return new
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or default
 
 
 def _scrub(text: str, uri: str) -> str:
@@ -169,6 +193,19 @@ class _Tracker:
             self.client.log_batch(run_id, params=items[start : start + 100])
 
 
+MIRROR_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+"""A sweep's client budget against an MLflow server (MLflow's own defaults: 7 retries, back-off
+factor 2, 120 s timeout, make one call to a dead server take about 4 minutes): a call gives up
+after about 3 s when the server refuses connections, after 30 s when it does not answer at
+all. The writer retries on top within its own budget (:class:`hpo.record.writer.Writer`), and
+what is still missed is written from the study. Set any of them to override."""
+
+
+class MlflowDown(Exception):
+    """The MLflow store did not answer a call of the sweep's end (or an earlier one): not tried again."""
+
+
 class SweepTracker(_Tracker):
     """Writes a sweep's runs. Called from the driver's one thread; the trial runs' writes
     (:meth:`start_trial` ... :meth:`end_trial`) go through a :class:`~hpo.record.writer.Writer`, in
@@ -179,6 +216,9 @@ class SweepTracker(_Tracker):
     def __init__(self, tracking_uri: str | None, study_name: str):
         from hpo.record.writer import Writer
 
+        if (tracking_uri or DEFAULT_TRACKING_URI).startswith(("http://", "https://")):
+            for name, value in MIRROR_HTTP_DEFAULTS.items():
+                os.environ.setdefault(name, value)
         super().__init__(tracking_uri, study_name)
         self.parent_run_id: str | None = None
         self.trial_runs: dict[int, str] = {}
@@ -187,8 +227,11 @@ class SweepTracker(_Tracker):
         self.unwritten: set[int] = set()
         """Trials with a write that failed after its retries (see :func:`hpo.record.recorder.mirror_gaps`)."""
         self._pending: dict[int, tuple[list[Any], list[Any], list[Any]]] = {}
-        """Trial number -> (metrics, params, tags) submitted to the writer, not taken by it yet."""
+        """Trial number -> (metrics, params, tags) submitted to the writer, not written yet."""
+        self._queued: set[int] = set()
+        """Trials with a batch write in the writer's queue that has not started yet."""
         self._pending_lock = threading.Lock()
+        self._down = False
 
     def start_sweep(self, params: dict[str, Any], tags: dict[str, str]) -> str:
         """Open (or reopen, on resume) the study's parent run; returns its id."""
@@ -225,34 +268,58 @@ class SweepTracker(_Tracker):
 
     def _add(self, number: int, metrics: list[Any] = (), params: list[Any] = (), tags: list[Any] = ()) -> None:
         """Metrics, params and tags for the trial's run: joined to those still waiting for the
-        writer, else submitted as a new batch."""
+        writer, else submitted as a new batch. A batch the writer could not write (skipped while
+        the store was down, or failed) is kept: it goes with the trial's next write."""
         if not (metrics or params or tags):
             return
         with self._pending_lock:
-            waiting = self._pending.get(number)
-            if waiting is None:
-                waiting = self._pending[number] = ([], [], [])
-            fresh = not any(waiting)
+            waiting = self._pending.setdefault(number, ([], [], []))
             waiting[0].extend(metrics)
             waiting[1].extend(params)
             waiting[2].extend(tags)
-        if not fresh:
-            return
-        taken: tuple[list[Any], list[Any], list[Any]] | None = None
+            if number in self._queued:
+                return
+            self._queued.add(number)
+
+        def missed() -> None:
+            with self._pending_lock:
+                self._queued.discard(number)
+            self.unwritten.add(number)
 
         def write() -> None:
-            nonlocal taken
-            if taken is None:  # once: a retry writes what the first try took
-                with self._pending_lock:
-                    taken = self._pending.pop(number, ([], [], []))
+            with self._pending_lock:
+                self._queued.discard(number)
             run_id = self.trial_runs.get(number)
             if run_id is not None:
-                self._log_batch(run_id, *taken)
+                self._write_pending(number, run_id)
 
-        self.writer.submit(write, f"logging to the MLflow run of trial {number}", lambda: self.unwritten.add(number))
+        self.writer.submit(write, f"logging to the MLflow run of trial {number}", missed)
+
+    def _write_pending(self, number: int, run_id: str) -> None:
+        """What waits for the trial's run, in one ``log_batch`` (or several). If the store is
+        down (a transient error) it is put back for the trial's next write; one the store refused
+        is dropped (the trial's run is written from the study at the sweep's end)."""
+        from hpo.record.stores import is_transient
+
+        with self._pending_lock:
+            taken = self._pending.pop(number, None)
+        if taken is None or not any(taken):
+            return
+        try:
+            self._log_batch(run_id, *taken)
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            with self._pending_lock:  # kept, ahead of what came meanwhile: the next write of the trial takes it
+                later = self._pending.get(number, ([], [], []))
+                self._pending[number] = (taken[0] + later[0], taken[1] + later[1], taken[2] + later[2])
+            raise
 
     def _log_batch(self, run_id: str, metrics: list[Any], params: list[Any], tags: list[Any]) -> None:
-        """One ``log_batch`` when MLflow's limits allow (1000 values, 100 params, 100 tags), else several."""
+        """One ``log_batch`` when MLflow's limits allow (1000 values, 100 params, 100 tags), else several.
+        A param given twice goes once (MLflow refuses a batch that repeats a key); a tag's last value wins."""
+        params = list({param.key: param for param in reversed(params)}.values())[::-1]
+        tags = list({tag.key: tag for tag in tags}.values())
         while metrics or params or tags:
             some_params, params = params[:100], params[100:]
             some_tags, tags = tags[:100], tags[100:]
@@ -290,6 +357,7 @@ class SweepTracker(_Tracker):
         self._add(number, tags=_end_tags(state, reason, value))
 
         def write(run_id: str) -> None:
+            self._write_pending(number, run_id)  # whatever an earlier write could not write goes first
             self._terminate(run_id, state, reason, ended)
             self.trial_runs.pop(number, None)
 
@@ -303,26 +371,68 @@ class SweepTracker(_Tracker):
         """End the run with the MLflow status of the Optuna ``state`` (:func:`run_status`)."""
         self.client.set_terminated(run_id, status=run_status(state, reason), end_time=ended)
 
-    def flush(self) -> None:
-        """Wait until the trial runs' writes submitted so far are written (or failed)."""
+    def flush(self, final: bool = False) -> None:
+        """Wait until the trial runs' writes submitted so far are written (or failed); ``final``:
+        the sweep is ending, so a store that is down is not tried again (see :class:`~hpo.record.writer.Writer`)."""
+        if final:
+            self.writer.give_up_when_down()
         self.writer.flush()
 
+    @property
+    def down(self) -> bool:
+        """Whether the store did not answer the last write, or a call of the sweep's end (:meth:`end_call`)."""
+        return self._down or self.writer.down
+
+    def end_call(self, call: Any, what: str) -> Any:
+        """``call()``, one of the sweep's end (gap filling, the report, the sweep run's close):
+        not tried when the store is known to be down (:class:`MlflowDown`); one that fails with
+        a transient error marks it down, so the other end calls are not tried."""
+        from hpo.record.stores import is_transient
+
+        if self.down:
+            raise MlflowDown(f"{what}: the MLflow store {self.shown_uri} did not answer")
+        try:
+            return call()
+        except Exception as error:
+            if is_transient(error):
+                self._down = True
+            raise
+
     def end_sweep(self, status: str = "FINISHED", summary: dict[str, Any] | None = None) -> None:
+        """Close the sweep's parent run with ``status`` and the ``summary`` tags. Never raises
+        (it runs in the sweep's ``finally``): a failure is a warning, and the next ``hpo search``
+        on the study that runs trials reopens and closes the run."""
+        from mlflow.entities import RunTag
+
+        self.writer.give_up_when_down()
         self.writer.close()
         if self.parent_run_id is None:
             return
-        if summary:
-            for key, value in summary.items():
-                self.client.set_tag(self.parent_run_id, f"hpo.{key}", str(value))
-        self.client.set_terminated(self.parent_run_id, status=status)
+        parent = self.parent_run_id
+        tags = [RunTag(f"hpo.{key}", str(value)) for key, value in (summary or {}).items()]
+
+        def close() -> None:
+            if tags:
+                self.client.log_batch(parent, tags=tags)
+            self.client.set_terminated(parent, status=status)
+
+        try:
+            self.end_call(close, "closing the sweep's MLflow run")
+        except Exception as error:  # noqa: BLE001 - the trials are recorded in the study; this is the mirror
+            logger.warning("hpo: the sweep's MLflow run %s was not closed (%s: %s); it shows RUNNING until the next "
+                           "`hpo search` on study %r that runs trials closes it", parent, type(error).__name__,
+                           _first_line(error), self.study_name)
 
     def log_report(self, files: list[Any], run_id: str | None = None) -> None:
         """Log the study report's ``files`` (the paths :func:`hpo.analysis.study_report.write_report` wrote,
         nothing else of their folder) under ``report/`` of the parent run (or ``run_id``)."""
         target = run_id or self.parent_run_id
         if target:
-            for path in files:
-                self.client.log_artifact(target, str(path), artifact_path="report")
+            def log() -> None:
+                for path in files:
+                    self.client.log_artifact(target, str(path), artifact_path="report")
+
+            self.end_call(log, "logging the study report")
 
     def find_sweep_run(self) -> str | None:
         found = self._search("sweep", max_results=1)
@@ -533,3 +643,7 @@ class _RetryWhenLocked:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0][:200] if str(error) else ""

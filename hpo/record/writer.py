@@ -4,11 +4,18 @@ The sweep's driver records every trial twice: in the Optuna study (the truth, wr
 once, in Tune's loop thread) and in MLflow (a mirror). Waiting for MLflow in the loop made
 it a large share of the bookkeeping per trial, so :class:`Writer` runs the mirror's writes
 on a daemon thread, in the order they were submitted, each retried on transient errors
-(:func:`hpo.record.stores.retry_transient`, about 15 s). One that still fails means the store is
-down: it and the writes of the next ``PAUSE`` seconds are handed to their ``on_failure``
-untried (a store that is down does not make the sweep wait ~15 s for each write in turn),
-then one write is tried, once, and so on until one succeeds. The sweep writes the records
-so missed from the study at its end (:func:`hpo.record.recorder.mirror_gaps`), or the next one does.
+(:func:`hpo.record.stores.is_transient`: ``ATTEMPTS`` tries, about 15 s, within ``BUDGET`` seconds).
+
+A write that fails otherwise (the store answered and refused it: an invalid name, a
+conflicting param) fails alone: it is handed to its ``on_failure`` and the next write is
+tried as usual. One that still fails with a transient error means the store is down: it
+and the writes of the next ``PAUSE`` seconds are handed to their ``on_failure`` untried (a
+store that is down does not make the sweep wait ~15 s for each write in turn), then one
+write is tried, once, and so on until one succeeds. Once :meth:`Writer.give_up_when_down`
+was called (the sweep is ending), a store that is down is not tried again at all: the
+writes left are handed to their ``on_failure`` at once, so the end of a sweep waits for at
+most one write's retries. The sweep writes the records so missed from the study at its end
+(:func:`hpo.record.recorder.mirror_gaps`), or the next one does.
 
 Nothing is lost by it: :meth:`Writer.flush` waits for every submitted write (the sweep
 calls it before it ends, Ctrl-C included), and what a killed driver had not written yet is
@@ -31,7 +38,12 @@ class Writer:
     """An ordered queue of writes and the daemon thread that runs them (started on first use)."""
 
     PAUSE = 60.0
-    """Seconds without trying to write after a write failed."""
+    """Seconds without trying to write after a write failed with a transient error."""
+    ATTEMPTS = 6
+    """Tries of a write while the store is up (back-off 0.5, 1, 2, 4, 8 s between them) ..."""
+    BUDGET = 30.0
+    """... but no new try once this many seconds went by: a store that does not answer at all
+    (each call waits for the client's timeout) costs the sweep about this long, once."""
 
     def __init__(self, name: str):
         self.name = name
@@ -43,6 +55,17 @@ class Writer:
         """Writes not made (handed to their ``on_failure``)."""
         self._down_until: float | None = None
         """While the store is down: when to try it again."""
+        self._give_up = False
+
+    @property
+    def down(self) -> bool:
+        """Whether the last write tried failed with a transient error after its retries (the store is down)."""
+        return self._down_until is not None
+
+    def give_up_when_down(self) -> None:
+        """From now on a store that is down is not tried again: the writes left are handed to
+        their ``on_failure`` at once (the sweep is ending; they are written from the study)."""
+        self._give_up = True
 
     def submit(self, write: Callable[[], object], what: str, on_failure: Callable[[], object] | None = None) -> None:
         """Run ``write()`` after every write submitted before it; ``what`` names it in warnings,
@@ -68,7 +91,7 @@ class Writer:
         self._thread = None
 
     def _run(self) -> None:
-        from hpo.record.stores import retry_transient
+        from hpo.record.stores import is_transient
 
         while True:
             item = self._queue.get()
@@ -78,22 +101,56 @@ class Writer:
                 write, what, on_failure = item
                 down = self._down_until is not None
                 try:
-                    if down and time.monotonic() < self._down_until:
-                        raise RuntimeError("the store is down")
-                    retry_transient(write, what=what, attempts=1 if down else 6)
-                    if down:
+                    if down and (self._give_up or time.monotonic() < self._down_until):
+                        raise _Skipped()
+                    if not down:
+                        self._retry(write, what)
+                    else:  # one try after the pause
+                        write()
                         self._down_until = None
                         logger.warning("hpo: %s worked again; the records missed meanwhile are written from the "
                                        "study when the sweep ends", what)
                 except Exception as error:  # noqa: BLE001 - counted; the gap is filled from the study
-                    if not down:
-                        logger.warning("hpo: %s failed (%s: %s); trying again in %.0f s, the records missed meanwhile "
-                                       "are written from the study when the sweep ends", what, type(error).__name__,
-                                       str(error).splitlines()[0][:200] if str(error) else "", self.PAUSE)
-                    if not down or time.monotonic() >= self._down_until:
-                        self._down_until = time.monotonic() + self.PAUSE
                     self.failed += 1
+                    if isinstance(error, _Skipped):
+                        pass
+                    elif not is_transient(error):  # the store answered and refused this write: it fails alone
+                        self._down_until = None
+                        logger.warning("hpo: %s failed (%s: %s); the store refused it, it is written from the study "
+                                       "when the sweep ends", what, type(error).__name__, _first_line(error))
+                    else:
+                        if not down:
+                            logger.warning("hpo: %s failed (%s: %s); trying again in %.0f s, the records missed "
+                                           "meanwhile are written from the study when the sweep ends", what,
+                                           type(error).__name__, _first_line(error), self.PAUSE)
+                        self._down_until = time.monotonic() + self.PAUSE
                     if on_failure is not None:
                         on_failure()
             finally:
                 self._queue.task_done()
+
+    def _retry(self, write: Callable[[], object], what: str) -> None:
+        """``write()``, tried again on transient errors within ``ATTEMPTS`` and ``BUDGET``."""
+        from hpo.record.stores import is_transient
+
+        started = time.monotonic()
+        for attempt in range(self.ATTEMPTS):
+            try:
+                write()
+                return
+            except Exception as error:
+                wait = min(8.0, 0.5 * 2**attempt)
+                if (attempt == self.ATTEMPTS - 1 or not is_transient(error)
+                        or time.monotonic() - started + wait >= self.BUDGET):
+                    raise
+                logger.warning("hpo: %s failed (%s: %s); retrying in %.1f s", what, type(error).__name__,
+                               _first_line(error)[:160], wait)
+                time.sleep(wait)
+
+
+class _Skipped(Exception):
+    """A write not tried: the store is down."""
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0][:200] if str(error) else ""

@@ -317,17 +317,22 @@ def _check_writable(options: SearchOptions) -> None:
 
 def _flush_mirror(study: Any, tracker: Any, metric: str, job: Any, console: Console) -> None:
     """Wait for the MLflow writes of this run's trials; rewrite from the study the runs of
-    trials whose writes failed (a warning if that fails too: the next run tries again)."""
+    trials whose writes failed (a warning if that fails too: the next run tries again). A
+    store that is down is not waited for (see :meth:`hpo.record.tracking.SweepTracker.end_call`)."""
     from hpo.record.recorder import mirror_gaps
 
-    tracker.flush()
+    tracker.flush(final=True)
     if tracker.unwritten:
+        numbers = sorted(tracker.unwritten)
         try:
-            mirror_gaps(study, tracker, metric=metric, job_params=job, only=set(tracker.unwritten))
+            tracker.end_call(lambda: mirror_gaps(study, tracker, metric=metric, job_params=job, only=set(numbers)),
+                             "writing trial runs from the study")
             tracker.unwritten.clear()
         except Exception as error:  # noqa: BLE001 - the study holds the truth; the next run writes it
-            console.print(f"[yellow]warning:[/] the MLflow runs of trials {sorted(tracker.unwritten)} could not be "
-                          f"written ({type(error).__name__}); the next `hpo search` on this study writes them")
+            said = str(error).splitlines()[0][:200] if str(error) else ""
+            console.print(f"[yellow]warning:[/] the MLflow runs of trials {numbers} could not be written "
+                          f"({type(error).__name__}: {said}); the study holds them, and the next `hpo search` on "
+                          f"study {study.study_name!r} writes them from it", highlight=False)
 
 
 def _ending(result: SearchResult, recorder: Any, finished: int, target: int) -> None:
@@ -375,9 +380,15 @@ def _write_study_report(study: Any, tracker: Any, workdir: Path, console: Consol
         from hpo.names import folder_for
 
         folder = folder_for(workdir / "reports", study.study_name).resolve()
-        tracker.log_report(write_report(study, folder))
-        return folder / "report.html"
+        files = write_report(study, folder)
     except Exception as error:  # noqa: BLE001 - the trials are recorded; the pictures are a bonus
         console.print(f"[yellow]warning:[/] the study report could not be written ({type(error).__name__}: {error}); "
                       f"`hpo report --study {study.study_name}` tries again")
         return None
+    try:
+        tracker.log_report(files)
+    except Exception as error:  # noqa: BLE001 - the report is on disk; MLflow gets it later
+        said = str(error).splitlines()[0][:200] if str(error) else ""
+        console.print(f"[yellow]warning:[/] the study report is in {folder} but not in MLflow ({type(error).__name__}: "
+                      f"{said}); `hpo report --study {study.study_name}` logs it", highlight=False)
+    return folder / "report.html"

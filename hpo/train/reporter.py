@@ -16,6 +16,9 @@ The contract:
   ``training_iteration``, ``time_*``, ``timestamp``, ``pid``, ``hostname``, ``node_ip``,
   ``date``, ``config/*``, ``hpo_*``, ...) are refused: they would be overwritten or
   dropped on the way to Optuna and MLflow;
+* metric names are ones MLflow accepts (letters, digits, ``_ - . : /`` and spaces, at most 250
+  characters, not a path such as ``a/../b`` or ``/a``): ``acc@5`` is refused at the first call
+  that holds it, not found missing from the trial's MLflow run after the sweep;
 * a non-finite objective, ``train_loss`` or ``eval_loss`` is still recorded (the curve
   shows where it diverged), then :class:`NonFiniteMetric` is raised: the trial ends as
   FAIL with reason ``nan``.
@@ -28,6 +31,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import posixpath
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +43,10 @@ RESERVED_KEYS = frozenset({
     "timesteps_total", "config",
 })
 RESERVED_PREFIXES = ("time_", "config/", "hpo_")
+# MLflow's rule for metric and param names (mlflow.utils.validation: _validate_metric_name,
+# MAX_ENTITY_KEY_LENGTH), restated here: hpo/train knows nothing of MLflow.
+NAME_CHARACTERS = re.compile(r"[/\w.\- :]+")
+MAX_NAME_LENGTH = 250
 CHECKED_FOR_NAN = ("train_loss", "eval_loss")
 
 Sink = Callable[[int, dict[str, float]], None]
@@ -95,6 +104,10 @@ class Report:
         for key, value in metrics.items():
             if not isinstance(key, str):
                 raise ReportError(f"report(step={step}): metric names must be strings, got {key!r}")
+            if not is_valid_name(key):
+                raise ReportError(f"report(step={step}): the metric name {key!r} is one MLflow refuses (names hold "
+                                  "letters, digits, '_', '-', '.', ':', '/' and spaces, at most 250 characters, and are "
+                                  f"not paths such as 'a/../b' or '/a'); rename it, e.g. {suggest_name(key)!r}")
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ReportError(f"report(step={step}): {key}={value!r} is a {type(value).__name__}; "
                                   "metric values must be numbers (use .item() on a tensor)")
@@ -104,3 +117,17 @@ class Report:
 
 def is_reserved(key: Any) -> bool:
     return isinstance(key, str) and (key in RESERVED_KEYS or key.startswith(RESERVED_PREFIXES))
+
+
+def is_valid_name(key: str) -> bool:
+    """Whether MLflow accepts ``key`` as a metric name (it refuses the whole batch otherwise)."""
+    normal = posixpath.normpath(key)
+    return (bool(NAME_CHARACTERS.fullmatch(key)) and len(key) <= MAX_NAME_LENGTH
+            and normal == key and normal != "." and not normal.startswith(("..", "/")))
+
+
+def suggest_name(key: str) -> str:
+    """``key`` with what MLflow refuses replaced: each other character by ``_``, path parts dropped."""
+    parts = [re.sub(r"[^/\w.\- :]", "_", part) for part in key.split("/")]
+    name = "/".join(part for part in parts if part not in ("", ".", ".."))
+    return name[:MAX_NAME_LENGTH] or "metric"

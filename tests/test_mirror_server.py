@@ -1,0 +1,175 @@
+"""The MLflow mirror against a real `mlflow server` that dies: a trial's batches written while
+it was down are kept and go once it answers again, and a server dead at the sweep's end costs
+the sweep a bounded wait, a warning, exit 0 and its summary; the next sweep writes the runs."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import hpo_env, stop_group
+
+pytestmark = pytest.mark.slow
+
+
+class Server:
+    """`mlflow server` on a fixed port and SQLite store, stopped and started again at will."""
+
+    def __init__(self, root: Path):
+        from hpo.record import mlflow_store
+
+        self.root = root
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.store = f"sqlite:///{root / 'mlflow.db'}"
+        mlflow_store.seed(self.store)  # no migrations to wait for
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = (self.root / "server.log").open("a")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.store, "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            cwd=self.root, env=hpo_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}), stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.process.poll() is None, (self.root / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the MLflow server did not start in 120 s"
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.25)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            stop_group(self.process, timeout=10)
+        self.process = None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    started = Server(tmp_path_factory.mktemp("mlflow-server"))
+    started.start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def trial_runs(uri: str, study: str) -> dict[int, object]:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(study)
+    runs = client.search_runs([experiment.experiment_id], "tags.`hpo.role` = 'trial'")
+    return {int(run.data.tags["hpo.trial_number"]): run for run in runs}
+
+
+def test_batches_written_while_the_server_was_down_are_kept(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 2 fails (the server is dead), step 3 comes while the writer pauses and is skipped;
+    once the server answers again the trial's close takes both, with the end tags, before the
+    status: the run is not FINISHED with hpo.state=RUNNING and a hole in its curve."""
+    from hpo.record.tracking import SweepTracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead server fails each call at once
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    study = f"kept-{uuid.uuid4().hex[:6]}"
+    tracker = SweepTracker(server.uri, study)
+    tracker.start_sweep({}, {})
+    tracker.writer.ATTEMPTS, tracker.writer.PAUSE = 1, 3.0
+    tracker.start_trial(0, {"x": 0.5})
+    tracker.log_metrics(0, 1, {"score": 1.0})
+    tracker.flush()
+    server.stop()
+    try:
+        tracker.log_metrics(0, 2, {"score": 2.0})
+        tracker.flush()  # failed: the store is down for PAUSE seconds
+        tracker.log_metrics(0, 3, {"score": 3.0})
+        tracker.flush()  # skipped
+    finally:
+        server.start()  # > PAUSE seconds: the next write is tried
+    tracker.end_trial(0, "COMPLETE", value=3.0)
+    tracker.flush()
+    run = trial_runs(server.uri, study)[0]
+    assert run.info.status == "FINISHED" and run.data.tags["hpo.state"] == "COMPLETE"
+    assert run.data.tags["hpo.objective"] == "3.0"
+    history = MlflowClient(server.uri).get_metric_history(run.info.run_id, "score")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    tracker.end_sweep()
+
+
+MODULE = '''
+import time
+import hpo
+
+sweep = hpo.Sweep(metric="score", direction="maximize", trials=2, max_steps=6, eval_every=1,
+                  pruner="none", sampler="random", seed=0, concurrency=1)
+
+
+def space(trial):
+    return {"x": trial.suggest_float("x", 0.0, 1.0)}
+
+
+def train(params, report):
+    with open(MARKER, "a") as marker:
+        marker.write("started\\n")
+    for step in range(1, 7):
+        time.sleep(1.0)
+        report(step, {"score": params["x"] + step})
+'''
+
+
+def test_a_server_dead_at_the_sweeps_end_costs_a_bounded_wait_and_a_warning(server: Server, tmp_path: Path) -> None:
+    """The server dies while the last trial trains. The sweep ends within a bounded time (it
+    used to hang ~30 minutes in MLflow's retries, then fail with exit 1 and no summary), exits
+    0 with its summary and says which runs the next `hpo search` writes; that one does."""
+    marker = tmp_path / "started.txt"
+    module = tmp_path / "dies.py"
+    module.write_text(MODULE.replace("MARKER", repr(str(marker))))
+    study = f"dies-{uuid.uuid4().hex[:6]}"
+    env = {k: v for k, v in hpo_env().items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}
+    args = [sys.executable, "-m", "hpo", "search", str(module), "--study", study, "--tracking-uri", server.uri]
+    process = subprocess.Popen(args, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (marker.is_file() and marker.read_text().count("started") >= 2):
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "the second trial did not start in 180 s"
+            time.sleep(0.2)
+        server.stop()
+        killed = time.monotonic()
+        out, _ = process.communicate(timeout=240)
+        ended = time.monotonic() - killed
+    except BaseException:
+        stop_group(process, timeout=10)
+        raise
+    finally:
+        if server.process is None:
+            server.start()
+    print(f"\nfrom the server's death to the sweep's exit: {ended:.1f} s (the last trial trained ~6 s of it)")
+    assert process.returncode == 0, out[-4000:]
+    assert "2 complete" in out, out[-4000:]
+    assert f"the next `hpo search` on study {study!r} writes them" in " ".join(out.split()), out[-4000:]
+    assert "Traceback" not in out
+    assert ended < 75, f"{ended:.0f} s from the server's death to the exit"
+
+    again = subprocess.run(args, cwd=tmp_path, env=env, text=True, capture_output=True, timeout=240)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already has 2 finished trials" in again.stdout
+    runs = trial_runs(server.uri, study)
+    assert sorted(runs) == [0, 1]
+    for run in runs.values():
+        assert run.info.status == "FINISHED" and run.data.tags["hpo.state"] == "COMPLETE"
+        assert "hpo.objective" in run.data.tags and run.data.metrics["score"] >= 6
