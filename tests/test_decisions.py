@@ -332,6 +332,25 @@ def test_a_write_the_store_refuses_fails_alone(sweep: Sweep) -> None:
     assert run.data.tags["hpo.objective"] == "0.5" and run.data.metrics["score"] == 0.5
 
 
+def test_gap_filling_writes_a_multi_objective_trials_run(tmp_path: Path, tracking_uri: str) -> None:
+    """A COMPLETE trial of a multi-objective study has no single value (Optuna's trial.value
+    raises): its run is written, closed FINISHED, without an hpo.objective tag."""
+    from hpo.record.recorder import mirror_gaps
+
+    name = f"m{uuid.uuid4().hex[:8]}"
+    study = optuna.create_study(study_name=name, storage=open_storage(f"sqlite:///{tmp_path / 'hpo.db'}"),
+                                directions=["maximize", "minimize"])
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study.tell(trial, [0.9, 0.1])
+    tracker = SweepTracker(tracking_uri, name)
+    tracker.start_sweep({}, {})
+    assert mirror_gaps(study, tracker, metric="a,b", grace=0) == [trial.number]
+    run = MlflowClient(tracker.uri).search_runs([tracker.experiment_id], "tags.`hpo.role` = 'trial'")[0]
+    assert run.info.status == "FINISHED" and run.data.tags["hpo.state"] == "COMPLETE"
+    assert "hpo.objective" not in run.data.tags and "x" in run.data.params
+    assert mirror_gaps(study, tracker, metric="a,b", grace=0) == []
+
+
 def _dead_identity() -> str:
     import subprocess
     import sys

@@ -87,7 +87,7 @@ def test_batches_written_while_the_server_was_down_are_kept(server: Server, monk
     study = f"kept-{uuid.uuid4().hex[:6]}"
     tracker = SweepTracker(server.uri, study)
     tracker.start_sweep({}, {})
-    tracker.writer.ATTEMPTS, tracker.writer.PAUSE = 1, 3.0
+    tracker.writer.ATTEMPTS, tracker.writer.PAUSE = 1, 2.0
     tracker.start_trial(0, {"x": 0.5})
     tracker.log_metrics(0, 1, {"score": 1.0})
     tracker.flush()
@@ -98,7 +98,8 @@ def test_batches_written_while_the_server_was_down_are_kept(server: Server, monk
         tracker.log_metrics(0, 3, {"score": 3.0})
         tracker.flush()  # skipped
     finally:
-        server.start()  # > PAUSE seconds: the next write is tried
+        server.start()
+    time.sleep(tracker.writer.PAUSE)  # the pause is over: the next write is tried
     tracker.end_trial(0, "COMPLETE", value=3.0)
     tracker.flush()
     run = trial_runs(server.uri, study)[0]
