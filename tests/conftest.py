@@ -72,13 +72,16 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The suite assumes a CPU (exact comparisons, fp32 kernels): on a GPU machine every test but
-    the ``gpu`` ones runs with the GPUs hidden (``CUDA_VISIBLE_DEVICES=""``, before torch looks),
-    so trials, subprocesses and Ray workers train on the CPU as they do in CI. ``pytest -m gpu``
-    keeps them visible for tests/test_gpu.py."""
+    """The suite assumes a CPU (exact comparisons, fp32 kernels): on a machine with an NVIDIA GPU
+    every test but the ``gpu`` ones runs with the GPUs hidden (``CUDA_VISIBLE_DEVICES=""``,
+    before torch looks), so trials, subprocesses and Ray workers train on the CPU as they do in
+    CI. ``pytest -m gpu`` keeps them visible for tests/test_gpu.py. Elsewhere nothing changes (an
+    empty CUDA_VISIBLE_DEVICES makes ``ray start --num-gpus N`` refuse simulated GPUs)."""
     import re
+    import shutil
 
-    if not re.search(r"(?<!not )\bgpu\b", config.getoption("markexpr", "") or ""):
+    has_gpu = Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
+    if has_gpu and not re.search(r"(?<!not )\bgpu\b", config.getoption("markexpr", "") or ""):
         os.environ.setdefault("HPO_TEST_HIDDEN_GPUS", os.environ.get("CUDA_VISIBLE_DEVICES", "all"))
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 

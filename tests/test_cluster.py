@@ -83,6 +83,8 @@ def ray_cluster():
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
     env = hpo_env({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"})
+    if env.get("CUDA_VISIBLE_DEVICES") == "":  # GPUs hidden on a GPU machine (conftest): Ray simulates 4 here
+        del env["CUDA_VISIBLE_DEVICES"]
     port = free_port()
     common = ["--temp-dir", str(folder / "ray"), "--disable-usage-stats", "--dashboard-agent-listen-port",
               str(free_port()), "--metrics-export-port", str(free_port())]
@@ -227,8 +229,8 @@ def test_drivers_sharing_a_study_release_their_idle_workers(two_slots, tmp_path:
     workers for reuse, holding both CPUs in their placement groups, and the other trial started
     only when Tune's 600 s wait for a next trial gave up: ~10 minutes for seconds of work. Now a
     process with nothing of its own to run gives its workers back at once; the sweeps end within
-    a minute, and no trial waits for a slot longer than a few seconds. (Some 40 s a case here,
-    on 2 busy cores: 2-3 drivers each starting Python, Ray and Tune.)"""
+    a minute on an idle machine (30-40 s a case here: 2-3 drivers each starting Python, Ray and
+    Tune on 2 cores; the assertion allows 90 s for the suite's other worker)."""
     address, env = two_slots
     module = tmp_path / "shared.py"
     module.write_text(SHARED)
@@ -240,7 +242,7 @@ def test_drivers_sharing_a_study_release_their_idle_workers(two_slots, tmp_path:
     outputs: list[str] = []
     try:
         for process in processes:
-            outputs.append(process.communicate(timeout=max(1.0, started + 90 - time.time()))[0])
+            outputs.append(process.communicate(timeout=max(1.0, started + 120 - time.time()))[0])
     except subprocess.TimeoutExpired:
         pass
     finally:
@@ -252,7 +254,9 @@ def test_drivers_sharing_a_study_release_their_idle_workers(two_slots, tmp_path:
     study = optuna.load_study(study_name="shared", storage=postgres_url)
     waited = {t.number: round(t.user_attrs["resources"]["start"] - t.datetime_start.timestamp(), 1)
               for t in study.get_trials() if "resources" in t.user_attrs}
-    assert took < 60, (f"the sweeps took {took:.0f} s; seconds from claiming each trial to its start on a "
+    # Alone, a case takes 30-40 s; the suite runs it beside another worker's tests on 2 cores
+    # (61 s seen under load 8). The defect took over 600 s: 90 s tells them apart with room.
+    assert took < 90, (f"the sweeps took {took:.0f} s; seconds from claiming each trial to its start on a "
                        f"worker: {waited}; states: {[t.state.name for t in study.get_trials()]}\n"
                        + "\n".join(out[-2000:] for out in outputs))
     for process, out in zip(processes, outputs, strict=True):
