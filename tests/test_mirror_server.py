@@ -109,6 +109,56 @@ def test_batches_written_while_the_server_was_down_are_kept(server: Server, monk
     tracker.end_sweep()
 
 
+def test_a_server_back_before_the_writers_pause_ends_gets_the_sweeps_end(server: Server,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server dies (a write fails: the writer pauses), then answers again before the pause
+    ran out, and the sweep ends (hpo.run.sweep's end: the mirror flushed, the missed runs
+    written from the study, the sweep's run closed): the end's writes go. They were skipped as
+    if the server were still down: the trial's run left RUNNING without its last point, and the
+    sweep's run RUNNING until a later sweep ran trials (a sweep with nothing to run does not)."""
+    import io
+
+    import optuna
+    from rich.console import Console
+
+    from hpo.record.tracking import SweepTracker
+    from hpo.run.sweep import _flush_mirror
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead server fails each call at once
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    study = f"back-{uuid.uuid4().hex[:6]}"
+    tracker = SweepTracker(server.uri, study)
+    parent = tracker.start_sweep({}, {})
+    tracker.writer.ATTEMPTS, tracker.writer.PAUSE = 1, 600.0
+    tracker.start_trial(0, {"x": 0.5})
+    tracker.log_metrics(0, 1, {"score": 1.0})
+    tracker.flush()
+    server.stop()
+    try:
+        tracker.log_metrics(0, 2, {"score": 2.0})
+        tracker.flush()  # failed: the writer does not try for PAUSE seconds
+        assert tracker.down
+    finally:
+        server.start()
+    tracker.end_trial(0, "COMPLETE", value=2.0)  # skipped: the writer's pause is not over
+    truth = optuna.create_study(direction="maximize")  # what the study holds of trial 0
+    truth.add_trial(optuna.trial.create_trial(
+        params={"x": 0.5}, distributions={"x": optuna.distributions.FloatDistribution(0, 1)}, value=2.0,
+        intermediate_values={1: 1.0, 2: 2.0}))
+    said = io.StringIO()
+    _flush_mirror(truth, tracker, "score", None, Console(file=said))  # the sweep's end, well within the pause
+    tracker.end_sweep("FINISHED", summary={"finished": 1})
+    assert "could not be written" not in said.getvalue(), said.getvalue()
+    client = MlflowClient(server.uri)
+    run = trial_runs(server.uri, study)[0]
+    assert run.info.status == "FINISHED" and run.data.tags["hpo.state"] == "COMPLETE"
+    assert run.data.tags["hpo.objective"] == "2.0"
+    history = client.get_metric_history(run.info.run_id, "score")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0)]
+    sweep_run = client.get_run(parent)
+    assert sweep_run.info.status == "FINISHED" and sweep_run.data.tags["hpo.finished"] == "1"
+
+
 MODULE = '''
 import time
 import hpo

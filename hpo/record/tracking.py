@@ -98,17 +98,11 @@ def check_tracking(uri: str | None) -> None:
     if check_local(uri, "--tracking-uri"):
         return
     if uri.startswith(("http://", "https://")):
-        import base64
-
-        uri = use_credentials(uri)
-        request = urllib.request.Request(uri.rstrip("/") + "/health")
-        user, password = os.environ.get(CREDENTIAL_VARS[0]), os.environ.get(CREDENTIAL_VARS[1])
-        if user and password:
-            token = base64.b64encode(f"{user}:{password}".encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
         try:
-            with urllib.request.build_opener(_SameOriginAuth).open(request, timeout=10):
-                return
+            _health(use_credentials(uri), timeout=10)
+            return
+        except HpoError:
+            raise
         except Exception as error:  # noqa: BLE001 - URLError, HTTPError, timeouts
             reason = _scrub(str(error), original)
             raise HpoError(
@@ -123,6 +117,20 @@ def check_tracking(uri: str | None) -> None:
                 f"--tracking-uri {redact(uri)}: cannot open the MLflow store ({type(error).__name__}); "
                 "check the URL, that the server runs, and the credentials"
             ) from None
+
+
+def _health(uri: str, timeout: float) -> None:
+    """GET the MLflow server's ``/health`` (with this process's Basic auth credentials, never
+    sent to another origin on a redirect); raises if it does not answer within ``timeout``."""
+    import base64
+
+    request = urllib.request.Request(uri.rstrip("/") + "/health")
+    user, password = os.environ.get(CREDENTIAL_VARS[0]), os.environ.get(CREDENTIAL_VARS[1])
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.build_opener(_SameOriginAuth).open(request, timeout=timeout):
+        return
 
 
 class _SameOriginAuth(urllib.request.HTTPRedirectHandler):
@@ -373,10 +381,26 @@ class SweepTracker(_Tracker):
 
     def flush(self, final: bool = False) -> None:
         """Wait until the trial runs' writes submitted so far are written (or failed); ``final``:
-        the sweep is ending, so a store that is down is not tried again (see :class:`~hpo.record.writer.Writer`)."""
+        the sweep is ending, so a store that is down is not tried again (see :class:`~hpo.record.writer.Writer`).
+        A server that answers its health check again (restarted within the writer's pause) is
+        written to as usual: the sweep's end does not leave its runs to the next sweep for it."""
         if final:
+            if self.writer.down and self._answers():
+                logger.warning("hpo: the MLflow server %s answers again; writing what the sweep could not",
+                               self.shown_uri)
+                self.writer.up_again()
             self.writer.give_up_when_down()
         self.writer.flush()
+
+    def _answers(self) -> bool:
+        """Whether the MLflow server answers its health check within 3 s (other stores are not probed: False)."""
+        if not self.uri.startswith(("http://", "https://")):
+            return False
+        try:
+            _health(self.uri, timeout=3)
+            return True
+        except Exception:  # noqa: BLE001 - URLError, HTTPError, timeouts: still down
+            return False
 
     @property
     def down(self) -> bool:
