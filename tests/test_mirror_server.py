@@ -213,6 +213,7 @@ def test_a_server_dead_at_the_sweeps_end_costs_a_bounded_wait_and_a_warning(serv
     assert "2 complete" in out, out[-4000:]
     assert f"the next `hpo search` on study {study!r} writes them" in " ".join(out.split()), out[-4000:]
     assert "Traceback" not in out
+    assert "View run" not in out, "MLflow's own two lines per closed run stay out of the sweep's output"
     assert ended < 75, f"{ended:.0f} s from the server's death to the exit"
 
     again = subprocess.run(args, cwd=tmp_path, env=env, text=True, capture_output=True, timeout=240)

@@ -227,6 +227,10 @@ class SweepTracker(_Tracker):
         if (tracking_uri or DEFAULT_TRACKING_URI).startswith(("http://", "https://")):
             for name, value in MIRROR_HTTP_DEFAULTS.items():
                 os.environ.setdefault(name, value)
+            # MLflow's client prints two "View run/experiment at" lines to stdout for every run it
+            # closes on a server (from the writer's thread, into the sweep's display) and reads the
+            # run back for them: one more call per trial. The sweep prints its own links.
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         super().__init__(tracking_uri, study_name)
         self.parent_run_id: str | None = None
         self.trial_runs: dict[int, str] = {}
