@@ -29,6 +29,8 @@ TAG_ROLE = "hpo.role"
 TAG_TRIAL = "hpo.trial_number"
 TAG_STATE = "hpo.state"
 TAG_REASON = "hpo.reason"
+CREATE_KEY_TAG = "hpo.create_key"
+"""A key of one create_run call (see :meth:`_Tracker._create_run`)."""
 # MLflow 3 marks an experiment's kind with this tag; "custom_model_development" is model
 # training (runs table), not the GenAI overview. The UI's workflow switch also follows the
 # ``workflowType=machine_learning`` query parameter of experiment links (see :func:`ui_link`).
@@ -183,6 +185,33 @@ class _Tracker:
             self.client = _RetryWhenLocked(MlflowClient(tracking_uri=self.uri))
             self.experiment_id = _experiment_id(self.client, self.uri, study_name)
 
+    def _create_run(self, run_name: str, tags: dict[str, str], start_time: int | None = None) -> Any:
+        """A new run in the study's experiment, made once even when its answer was lost.
+
+        MLflow's client retries a POST whose answer did not come (its urllib3 ``Retry`` allows
+        every method): a server that made the run, then restarted, or answered after the client's
+        timeout, makes the same run twice, and the one hpo did not get back stayed RUNNING for
+        good. Each create carries a key of its own (tag ``hpo.create_key``); the runs found with
+        it besides the one returned are deleted. That check is best effort: if it fails, a
+        warning (the run itself was made). A local store (no HTTP between) is not checked."""
+        import uuid
+
+        if not self.uri.startswith(("http://", "https://")):
+            return self.client.create_run(self.experiment_id, start_time=start_time, run_name=run_name, tags=tags)
+        key = uuid.uuid4().hex
+        run = self.client.create_run(self.experiment_id, start_time=start_time, run_name=run_name,
+                                     tags={**tags, CREATE_KEY_TAG: key})
+        try:
+            made = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{CREATE_KEY_TAG}` = '{key}'",
+                                           max_results=10)
+            for twin in made:
+                if twin.info.run_id != run.info.run_id:
+                    self.client.delete_run(twin.info.run_id)
+        except Exception as error:  # noqa: BLE001 - the run was made; a twin, if any, stays
+            logger.warning("hpo: could not check that MLflow run %s was made once (%s: %s)", run.info.run_id,
+                           type(error).__name__, _first_line(error))
+        return run
+
     def _search(self, role: str, trial_number: int | None = None, max_results: int = 1) -> list[Any]:
         """This study's runs of ``role`` (sweep, trial, promote), or only trial ``trial_number``'s."""
         wanted = f"tags.`{TAG_STUDY}` = '{self.study_name}' and tags.`{TAG_ROLE}` = '{role}'"
@@ -251,11 +280,7 @@ class SweepTracker(_Tracker):
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
         else:
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=self.study_name,
-                tags={TAG_ROLE: "sweep", TAG_STUDY: self.study_name, **tags},
-            )
+            run = self._create_run(self.study_name, {TAG_ROLE: "sweep", TAG_STUDY: self.study_name, **tags})
             run_id = run.info.run_id
             self._log_params(run_id, params)
         self.parent_run_id = run_id
@@ -271,8 +296,7 @@ class SweepTracker(_Tracker):
 
         def write() -> None:
             if number not in self.trial_runs:  # a retry after a lost answer must not make a second run
-                run = self.client.create_run(self.experiment_id, start_time=started, run_name=f"trial-{number}",
-                                             tags=tags)
+                run = self._create_run(f"trial-{number}", tags, start_time=started)
                 self.trial_runs[number] = run.info.run_id
 
         self.writer.submit(write, f"starting the MLflow run of trial {number}", lambda: self.unwritten.add(number))
@@ -484,8 +508,7 @@ class SweepTracker(_Tracker):
         if run is None:
             parent = self.parent_run_id or self.find_sweep_run()
             tags = {**self._trial_tags(number, "RUNNING"), "mlflow.parentRunId": parent or ""}
-            run = self.client.create_run(self.experiment_id, start_time=end.started, run_name=f"trial-{number}",
-                                         tags=tags)
+            run = self._create_run(f"trial-{number}", tags, start_time=end.started)
             have_params: set[str] = set()
         else:
             have_params = set(run.data.params)
@@ -607,7 +630,7 @@ class PromoteTracker(_Tracker):
         trial_runs = self._search("trial", trial_number, max_results=1)
         tags = {TAG_ROLE: "promote", TAG_STUDY: self.study_name, TAG_TRIAL: str(trial_number),
                 "hpo.sweep_run_id": parent_run_id or "", "hpo.trial_run_id": trial_runs[0].info.run_id if trial_runs else ""}
-        run = self.client.create_run(self.experiment_id, run_name=f"promote-trial-{trial_number}", tags=tags)
+        run = self._create_run(f"promote-trial-{trial_number}", tags)
         self.run_id, self.trial_number = run.info.run_id, trial_number
         self._log_params(self.run_id, params)
         return self.run_id
