@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -110,6 +111,134 @@ def test_batches_written_while_the_server_was_down_are_kept(server: Server, monk
     tracker.end_sweep()
 
 
+def test_a_server_back_before_the_writers_pause_ends_gets_the_sweeps_end(server: Server,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server dies (a write fails: the writer pauses), then answers again before the pause
+    ran out, and the sweep ends (hpo.run.sweep's end: the mirror flushed, the missed runs
+    written from the study, the sweep's run closed): the end's writes go. They were skipped as
+    if the server were still down: the trial's run left RUNNING without its last point, and the
+    sweep's run RUNNING until a later sweep ran trials (a sweep with nothing to run does not)."""
+    import io
+
+    import optuna
+    from rich.console import Console
+
+    from hpo.record.tracking import SweepTracker
+    from hpo.run.sweep import _flush_mirror
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead server fails each call at once
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    study = f"back-{uuid.uuid4().hex[:6]}"
+    tracker = SweepTracker(server.uri, study)
+    parent = tracker.start_sweep({}, {})
+    tracker.writer.ATTEMPTS, tracker.writer.PAUSE = 1, 600.0
+    tracker.start_trial(0, {"x": 0.5})
+    tracker.log_metrics(0, 1, {"score": 1.0})
+    tracker.flush()
+    server.stop()
+    try:
+        tracker.log_metrics(0, 2, {"score": 2.0})
+        tracker.flush()  # failed: the writer does not try for PAUSE seconds
+        assert tracker.down
+    finally:
+        server.start()
+    tracker.end_trial(0, "COMPLETE", value=2.0)  # skipped: the writer's pause is not over
+    truth = optuna.create_study(direction="maximize")  # what the study holds of trial 0
+    truth.add_trial(optuna.trial.create_trial(
+        params={"x": 0.5}, distributions={"x": optuna.distributions.FloatDistribution(0, 1)}, value=2.0,
+        intermediate_values={1: 1.0, 2: 2.0}))
+    said = io.StringIO()
+    _flush_mirror(truth, tracker, "score", None, Console(file=said))  # the sweep's end, well within the pause
+    tracker.end_sweep("FINISHED", summary={"finished": 1})
+    assert "could not be written" not in said.getvalue(), said.getvalue()
+    client = MlflowClient(server.uri)
+    run = trial_runs(server.uri, study)[0]
+    assert run.info.status == "FINISHED" and run.data.tags["hpo.state"] == "COMPLETE"
+    assert run.data.tags["hpo.objective"] == "2.0"
+    history = client.get_metric_history(run.info.run_id, "score")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0)]
+    sweep_run = client.get_run(parent)
+    assert sweep_run.info.status == "FINISHED" and sweep_run.data.tags["hpo.finished"] == "1"
+
+
+class LosingProxy:
+    """A TCP proxy in front of the server that loses the answer to chosen ``runs/create`` calls:
+    it passes the request on, reads the server's answer (the run is made), and closes the
+    client's connection instead of sending it (a server restarted, or slower than the client's
+    timeout, in the middle of a call). One request per connection (``Connection: close``)."""
+
+    def __init__(self, server: Server, lose: set[int]):
+        self.server, self.lose, self.creates, self.lost = server, lose, 0, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._pass, args=(client,), daemon=True).start()
+
+    def _pass(self, client: socket.socket) -> None:
+        with client, socket.create_connection(("127.0.0.1", self.server.port)) as upstream:
+            request = b""
+            while b"\r\n\r\n" not in request or len(request.partition(b"\r\n\r\n")[2]) < _length(request):
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                request += chunk
+            head, _, body = request.partition(b"\r\n\r\n")
+            lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
+            upstream.sendall(b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n" + body)
+            answer = b""
+            while chunk := upstream.recv(65536):
+                answer += chunk
+            if b"/runs/create " in lines[0]:
+                self.creates += 1
+                if self.creates in self.lose:
+                    self.lost += 1
+                    return  # made, and the answer is lost
+            client.sendall(answer)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _length(request: bytes) -> int:
+    for line in request.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 0
+
+
+def test_a_run_whose_answer_was_lost_is_made_once(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answers to the sweep run's and to a trial run's create are lost: MLflow's client
+    sends the POST again and the server makes each run twice. Each run is there once (the twin
+    deleted), closed; the twins stayed RUNNING for good (the sweep used the run it got back)."""
+    from hpo.record.tracking import SweepTracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    proxy = LosingProxy(server, lose={1, 2})  # the sweep run's create, then trial 0's
+    study = f"twice-{uuid.uuid4().hex[:6]}"
+    try:
+        tracker = SweepTracker(proxy.uri, study)
+        tracker.start_sweep({}, {})
+        tracker.start_trial(0, {"x": 0.5})
+        tracker.log_metrics(0, 1, {"score": 1.0})
+        tracker.end_trial(0, "COMPLETE", value=1.0)
+        tracker.flush(final=True)
+        tracker.end_sweep()
+    finally:
+        proxy.close()
+    assert proxy.lost == 2, "the answers were lost (else this test proves nothing)"
+    client = MlflowClient(server.uri)
+    runs = client.search_runs([client.get_experiment_by_name(study).experiment_id])
+    assert sorted((r.data.tags["hpo.role"], r.info.status) for r in runs) == [("sweep", "FINISHED"),
+                                                                                ("trial", "FINISHED")]
+
+
 MODULE = '''
 import time
 import hpo
@@ -164,6 +293,7 @@ def test_a_server_dead_at_the_sweeps_end_costs_a_bounded_wait_and_a_warning(serv
     assert "2 complete" in out, out[-4000:]
     assert f"the next `hpo search` on study {study!r} writes them" in " ".join(out.split()), out[-4000:]
     assert "Traceback" not in out
+    assert "View run" not in out, "MLflow's own two lines per closed run stay out of the sweep's output"
     assert ended < 75, f"{ended:.0f} s from the server's death to the exit"
 
     again = subprocess.run(args, cwd=tmp_path, env=env, text=True, capture_output=True, timeout=240)

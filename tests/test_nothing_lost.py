@@ -218,14 +218,60 @@ def test_eight_processes_on_one_mariadb_study(tmp_path: Path, mariadb_url: str, 
 
 
 def test_chaos_short_schedule_loses_nothing(tmp_path: Path) -> None:
+    """The soak's short form: against a real MLflow server, the server killed and started again
+    while trials run, then a driver killed just after a trial ended (while it writes the study
+    and MLflow), then a worker: nothing lost, and every trial's MLflow run agrees with the study."""
     run = subprocess.run([sys.executable, str(REPO / "bench" / "chaos.py"), "--trials", "8", "--kills", "2",
-                          "--seed", "1", "--seconds", "0.1", "--max-delay", "2", "--workdir", str(tmp_path)],
+                          "--server-kills", "1", "--seed", "1", "--seconds", "0.1", "--max-delay", "2",
+                          "--max-down", "3", "--workdir", str(tmp_path)],
                          capture_output=True, text=True, env=hpo_env(), timeout=600)
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["losses"] == 0, report
     assert report["kills"] == 2 and report["driver_kills"] == 1 and report["worker_kills"] == 1 and report["resumes"] >= 1
+    assert report["server_kills"] == 1 and report["mid_write_kills"] == 1, report
     assert report["trials"] == 8 and report["running"] == 0 and report["mlflow_running"] == 0, report
+    assert report["mlflow_disagree"] == 0 and report["mlflow_duplicate_runs"] == 0, report
+    assert report["mlflow_trial_runs"] == report["optuna_trials"], "one run per trial"
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_the_chaos_check_sees_a_run_that_disagrees_with_the_study(tmp_path: Path) -> None:
+    """bench/chaos.py's own check of a trial's MLflow run against the study (not hpo's): it
+    passes a run that agrees, and names what is wrong with one that does not."""
+    from hpo.record import mlflow_store
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_store.seed(store)
+    client = MlflowClient(store)
+    experiment = client.create_experiment("check")
+    trial = optuna.trial.create_trial(params={"x": 0.5, "y": 7}, distributions={
+        "x": optuna.distributions.FloatDistribution(0, 1), "y": optuna.distributions.IntDistribution(0, 1000)},
+        value=510.0, intermediate_values={3: 510.0})
+
+    def run(status: str = "FINISHED", state: str = "COMPLETE", value: str = "510.0", score: float = 510.0,
+            y: str = "7"):  # noqa: ANN202
+        made = client.create_run(experiment, tags={"hpo.role": "trial", "hpo.trial_number": "0", "hpo.state": state,
+                                                   "hpo.objective": value})
+        client.log_param(made.info.run_id, "x", "0.5")
+        client.log_param(made.info.run_id, "y", y)
+        client.log_metric(made.info.run_id, "score", score, step=3)
+        if status != "RUNNING":
+            client.set_terminated(made.info.run_id, status=status)
+        return client.get_run(made.info.run_id)
+
+    good = run()
+    assert chaos.disagreement(trial, [good], {0: trial}) == ""
+    assert chaos.disagreement(trial, [], {0: trial}) == "no run"
+    assert chaos.disagreement(trial, [good, run()], {0: trial}) == "2 runs"
+    assert chaos.disagreement(trial, [run(status="RUNNING")], {0: trial}) == "status RUNNING, not FINISHED"
+    assert chaos.disagreement(trial, [run(state="RUNNING")], {0: trial}) == "hpo.state RUNNING, not COMPLETE"
+    assert chaos.disagreement(trial, [run(value="3.0")], {0: trial}) == "hpo.objective 3.0, not 510.0"
+    assert chaos.disagreement(trial, [run(score=2.0)], {0: trial}) == "last score 2.0, not 510.0"
+    assert chaos.disagreement(trial, [run(y="8")], {0: trial}) == "param y 8, not 7"
+    interrupted = optuna.trial.create_trial(state=TrialState.FAIL, params=trial.params,
+                                            distributions=trial.distributions, user_attrs={"reason": "interrupted"})
+    assert chaos.disagreement(interrupted, [run(status="FAILED", state="FAIL")], {0: interrupted}) == \
+        "status FAILED, not KILLED"
 
 
 HOLD_LOCK = """

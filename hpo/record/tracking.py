@@ -29,6 +29,8 @@ TAG_ROLE = "hpo.role"
 TAG_TRIAL = "hpo.trial_number"
 TAG_STATE = "hpo.state"
 TAG_REASON = "hpo.reason"
+CREATE_KEY_TAG = "hpo.create_key"
+"""A key of one create_run call (see :meth:`_Tracker._create_run`)."""
 # MLflow 3 marks an experiment's kind with this tag; "custom_model_development" is model
 # training (runs table), not the GenAI overview. The UI's workflow switch also follows the
 # ``workflowType=machine_learning`` query parameter of experiment links (see :func:`ui_link`).
@@ -98,17 +100,11 @@ def check_tracking(uri: str | None) -> None:
     if check_local(uri, "--tracking-uri"):
         return
     if uri.startswith(("http://", "https://")):
-        import base64
-
-        uri = use_credentials(uri)
-        request = urllib.request.Request(uri.rstrip("/") + "/health")
-        user, password = os.environ.get(CREDENTIAL_VARS[0]), os.environ.get(CREDENTIAL_VARS[1])
-        if user and password:
-            token = base64.b64encode(f"{user}:{password}".encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
         try:
-            with urllib.request.build_opener(_SameOriginAuth).open(request, timeout=10):
-                return
+            _health(use_credentials(uri), timeout=10)
+            return
+        except HpoError:
+            raise
         except Exception as error:  # noqa: BLE001 - URLError, HTTPError, timeouts
             reason = _scrub(str(error), original)
             raise HpoError(
@@ -123,6 +119,20 @@ def check_tracking(uri: str | None) -> None:
                 f"--tracking-uri {redact(uri)}: cannot open the MLflow store ({type(error).__name__}); "
                 "check the URL, that the server runs, and the credentials"
             ) from None
+
+
+def _health(uri: str, timeout: float) -> None:
+    """GET the MLflow server's ``/health`` (with this process's Basic auth credentials, never
+    sent to another origin on a redirect); raises if it does not answer within ``timeout``."""
+    import base64
+
+    request = urllib.request.Request(uri.rstrip("/") + "/health")
+    user, password = os.environ.get(CREDENTIAL_VARS[0]), os.environ.get(CREDENTIAL_VARS[1])
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.build_opener(_SameOriginAuth).open(request, timeout=timeout):
+        return
 
 
 class _SameOriginAuth(urllib.request.HTTPRedirectHandler):
@@ -175,6 +185,33 @@ class _Tracker:
             self.client = _RetryWhenLocked(MlflowClient(tracking_uri=self.uri))
             self.experiment_id = _experiment_id(self.client, self.uri, study_name)
 
+    def _create_run(self, run_name: str, tags: dict[str, str], start_time: int | None = None) -> Any:
+        """A new run in the study's experiment, made once even when its answer was lost.
+
+        MLflow's client retries a POST whose answer did not come (its urllib3 ``Retry`` allows
+        every method): a server that made the run, then restarted, or answered after the client's
+        timeout, makes the same run twice, and the one hpo did not get back stayed RUNNING for
+        good. Each create carries a key of its own (tag ``hpo.create_key``); the runs found with
+        it besides the one returned are deleted. That check is best effort: if it fails, a
+        warning (the run itself was made). A local store (no HTTP between) is not checked."""
+        import uuid
+
+        if not self.uri.startswith(("http://", "https://")):
+            return self.client.create_run(self.experiment_id, start_time=start_time, run_name=run_name, tags=tags)
+        key = uuid.uuid4().hex
+        run = self.client.create_run(self.experiment_id, start_time=start_time, run_name=run_name,
+                                     tags={**tags, CREATE_KEY_TAG: key})
+        try:
+            made = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{CREATE_KEY_TAG}` = '{key}'",
+                                           max_results=10)
+            for twin in made:
+                if twin.info.run_id != run.info.run_id:
+                    self.client.delete_run(twin.info.run_id)
+        except Exception as error:  # noqa: BLE001 - the run was made; a twin, if any, stays
+            logger.warning("hpo: could not check that MLflow run %s was made once (%s: %s)", run.info.run_id,
+                           type(error).__name__, _first_line(error))
+        return run
+
     def _search(self, role: str, trial_number: int | None = None, max_results: int = 1) -> list[Any]:
         """This study's runs of ``role`` (sweep, trial, promote), or only trial ``trial_number``'s."""
         wanted = f"tags.`{TAG_STUDY}` = '{self.study_name}' and tags.`{TAG_ROLE}` = '{role}'"
@@ -219,6 +256,10 @@ class SweepTracker(_Tracker):
         if (tracking_uri or DEFAULT_TRACKING_URI).startswith(("http://", "https://")):
             for name, value in MIRROR_HTTP_DEFAULTS.items():
                 os.environ.setdefault(name, value)
+            # MLflow's client prints two "View run/experiment at" lines to stdout for every run it
+            # closes on a server (from the writer's thread, into the sweep's display) and reads the
+            # run back for them: one more call per trial. The sweep prints its own links.
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         super().__init__(tracking_uri, study_name)
         self.parent_run_id: str | None = None
         self.trial_runs: dict[int, str] = {}
@@ -239,11 +280,7 @@ class SweepTracker(_Tracker):
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
         else:
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=self.study_name,
-                tags={TAG_ROLE: "sweep", TAG_STUDY: self.study_name, **tags},
-            )
+            run = self._create_run(self.study_name, {TAG_ROLE: "sweep", TAG_STUDY: self.study_name, **tags})
             run_id = run.info.run_id
             self._log_params(run_id, params)
         self.parent_run_id = run_id
@@ -259,8 +296,7 @@ class SweepTracker(_Tracker):
 
         def write() -> None:
             if number not in self.trial_runs:  # a retry after a lost answer must not make a second run
-                run = self.client.create_run(self.experiment_id, start_time=started, run_name=f"trial-{number}",
-                                             tags=tags)
+                run = self._create_run(f"trial-{number}", tags, start_time=started)
                 self.trial_runs[number] = run.info.run_id
 
         self.writer.submit(write, f"starting the MLflow run of trial {number}", lambda: self.unwritten.add(number))
@@ -373,10 +409,26 @@ class SweepTracker(_Tracker):
 
     def flush(self, final: bool = False) -> None:
         """Wait until the trial runs' writes submitted so far are written (or failed); ``final``:
-        the sweep is ending, so a store that is down is not tried again (see :class:`~hpo.record.writer.Writer`)."""
+        the sweep is ending, so a store that is down is not tried again (see :class:`~hpo.record.writer.Writer`).
+        A server that answers its health check again (restarted within the writer's pause) is
+        written to as usual: the sweep's end does not leave its runs to the next sweep for it."""
         if final:
+            if self.writer.down and self._answers():
+                logger.warning("hpo: the MLflow server %s answers again; writing what the sweep could not",
+                               self.shown_uri)
+                self.writer.up_again()
             self.writer.give_up_when_down()
         self.writer.flush()
+
+    def _answers(self) -> bool:
+        """Whether the MLflow server answers its health check within 3 s (other stores are not probed: False)."""
+        if not self.uri.startswith(("http://", "https://")):
+            return False
+        try:
+            _health(self.uri, timeout=3)
+            return True
+        except Exception:  # noqa: BLE001 - URLError, HTTPError, timeouts: still down
+            return False
 
     @property
     def down(self) -> bool:
@@ -456,8 +508,7 @@ class SweepTracker(_Tracker):
         if run is None:
             parent = self.parent_run_id or self.find_sweep_run()
             tags = {**self._trial_tags(number, "RUNNING"), "mlflow.parentRunId": parent or ""}
-            run = self.client.create_run(self.experiment_id, start_time=end.started, run_name=f"trial-{number}",
-                                         tags=tags)
+            run = self._create_run(f"trial-{number}", tags, start_time=end.started)
             have_params: set[str] = set()
         else:
             have_params = set(run.data.params)
@@ -579,7 +630,7 @@ class PromoteTracker(_Tracker):
         trial_runs = self._search("trial", trial_number, max_results=1)
         tags = {TAG_ROLE: "promote", TAG_STUDY: self.study_name, TAG_TRIAL: str(trial_number),
                 "hpo.sweep_run_id": parent_run_id or "", "hpo.trial_run_id": trial_runs[0].info.run_id if trial_runs else ""}
-        run = self.client.create_run(self.experiment_id, run_name=f"promote-trial-{trial_number}", tags=tags)
+        run = self._create_run(f"promote-trial-{trial_number}", tags)
         self.run_id, self.trial_number = run.info.run_id, trial_number
         self._log_params(self.run_id, params)
         return self.run_id

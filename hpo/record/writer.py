@@ -67,6 +67,11 @@ class Writer:
         their ``on_failure`` at once (the sweep is ending; they are written from the study)."""
         self._give_up = True
 
+    def up_again(self) -> None:
+        """The store answers again (the caller checked): the next write is tried as usual,
+        before the pause that followed its failure runs out."""
+        self._down_until = None
+
     def submit(self, write: Callable[[], object], what: str, on_failure: Callable[[], object] | None = None) -> None:
         """Run ``write()`` after every write submitted before it; ``what`` names it in warnings,
         ``on_failure()`` is called (on the writer's thread) if it still fails after its retries."""
