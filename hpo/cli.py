@@ -128,6 +128,8 @@ def check_data(
     write_clean: Annotated[str | None, typer.Option("--write-clean", help="With --labels: write a copy of the training file without the suspect rows to this .tsv/.csv/.jsonl (the original is never touched).")] = None,
     relabel: Annotated[bool, typer.Option("--relabel", help="With --write-clean: keep the suspect rows, with the suggested label.")] = False,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="Log the CSVs to MLflow here (under checks/ of the study's sweep run, or of a new check-data run).")] = None,
+    study: Annotated[str | None, typer.Option("--study", callback=_checked_study, help="With --labels: the strong probe, the study's best trial cross-fitted over 5 folds through the recipe (the study's data; --set max_steps=N shortens each fold).")] = None,
+    storage: Storage = None,
 ) -> None:
     """Check the data before a sweep: empty texts, duplicates, leakage, labels, imbalance, lengths; sft: answers.
 
@@ -138,7 +140,16 @@ def check_data(
     from hpo.config import Sweep, parse_overrides, resolve_paths
     from hpo.run.sweep import check_data as run_check
 
-    if module:
+    strong = None
+    if study:
+        if not labels:
+            raise HpoError("hpo check-data --study: the strong probe looks for wrong labels; add --labels")
+        from hpo.analysis.label_probe import best_trial_setup
+        from hpo.record import study as studies
+
+        sweep, params, trial_number = best_trial_setup(studies.load(storage, study), set_ or [])
+        strong = (params, trial_number)
+    elif module:
         from hpo import space as spaces
 
         sweep = spaces.load(module, set_ or []).sweep
@@ -166,9 +177,9 @@ def check_data(
         except Exception as error:  # noqa: BLE001 - fall back to the estimate, and say so
             err_console.print(f"note: no tokenizer for {sweep.model!r} ({type(error).__name__}); estimating lengths")
     report = run_check(sweep, loaded_tokenizer)
-    name = Path(module).stem if module else Path(sweep.train_data).stem
+    name = study or (Path(module).stem if module else Path(sweep.train_data).stem)
     deeper = _deeper_checks(sweep, labels, paraphrases, Path(out) if out else Path(".hpo") / "checks" / name,
-                            write_clean, relabel) if (labels or paraphrases) and not report.errors else {}
+                            write_clean, relabel, strong) if (labels or paraphrases) and not report.errors else {}
     if tracking_uri and deeper.get("files"):
         from hpo.record.tracking import check_tracking, log_data_checks
 
@@ -199,8 +210,9 @@ def check_data(
 
 
 def _deeper_checks(sweep: Any, labels: bool, paraphrases: bool, folder: Any, write_clean: str | None,
-                   relabel: bool) -> dict:
-    """``--labels`` and ``--paraphrases``: their results, the CSVs written, and the clean copy."""
+                   relabel: bool, strong: tuple[dict, int] | None = None) -> dict:
+    """``--labels`` and ``--paraphrases``: their results, the CSVs written, and the clean copy;
+    ``strong`` (the best trial's params and number) makes the label probe the strong one."""
     results: dict[str, Any] = {"files": []}
     if labels:
         from hpo.analysis.label_issues import check_labels
@@ -215,8 +227,16 @@ def _deeper_checks(sweep: Any, labels: bool, paraphrases: bool, folder: Any, wri
             if Path(write_clean).resolve() in {Path(s).resolve() for s in (sweep.train_data, sweep.eval_data) if s}:
                 raise HpoError(f"--write-clean {write_clean}: that is a data file itself; the original is never "
                                "overwritten: name another file")
+        probe = None
+        if strong is not None:
+            from hpo.analysis.label_probe import strong_probe
+
+            def probe(texts: list[str], labels: list[int]) -> Any:
+                err_console.print(f"strong probe: trial {strong[1]}'s params, 5 folds of {sweep.max_steps} steps each",
+                                  highlight=False)
+                return strong_probe(sweep, strong[0], texts, labels)
         found = check_labels(sweep.train_data, sweep.eval_data, model=sweep.model, text_column=sweep.text_column,
-                             label_column=sweep.label_column)
+                             label_column=sweep.label_column, strong=probe)
         results["labels"] = found
         results["files"].append(found.write_csv(folder / "label_issues.csv"))
         if write_clean:

@@ -123,3 +123,53 @@ def test_labels_need_classification(tmp_path: Path) -> None:
                       "--labels"], tmp_path)
     assert result.returncode == 2
     assert "task is 'causal_lm'; wrong labels are looked for in classification data only" in result.stderr
+
+
+def _recorded_study(tmp_path: Path, data: Path, model: Path, *, complete: bool = True) -> str:
+    """A real SQLite study as `hpo search` leaves it: the sweep record and one best trial."""
+    import dataclasses
+
+    import optuna
+
+    from hpo.config import Sweep
+    from hpo.record.sweep_record import SweepRecord
+
+    storage = f"sqlite:///{tmp_path / 'hpo.db'}"
+    study = optuna.create_study(study_name="reviews", storage=storage, direction="minimize")
+    sweep = dataclasses.replace(Sweep(), train_data=str(data), model=str(model), max_steps=40, eval_every=10)
+    SweepRecord(module="reviews.py", sweep=sweep.to_dict()).save(study)
+    if complete:
+        trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)})
+        study.tell(trial, 0.5)
+    return storage
+
+
+def test_strong_probe_cross_fits_the_best_trial_through_the_recipe(tmp_path: Path, tiny_bert: Path) -> None:
+    """``--study`` trains the best trial's params on 4 of 5 folds and scores the fifth, for every
+    fold (a tiny random BERT and 3 steps: this checks the plumbing, not the probe's quality)."""
+    data = _small_file(tmp_path / "reviews.tsv", {3, 20})
+    storage = _recorded_study(tmp_path, data, tiny_bert)
+    started = time.perf_counter()
+    result = run_hpo(["check-data", "--labels", "--study", "reviews", "--storage", storage, "--set", "max_steps=3",
+                      "--no-tokenizer", "--json"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "strong probe: trial 0's params, 5 folds of 3 steps each" in result.stderr
+    import json
+
+    found = json.loads(result.stdout)["labels"]
+    assert found["probe"] == "strong" and found["rows"] == 80
+    assert (tmp_path / ".hpo" / "checks" / "reviews" / "label_issues.csv").is_file()
+    for suspect in found["suspects"]:
+        assert suspect["source"] == str(data) and 0 <= suspect["label_quality"] <= suspect["confidence"] <= 1
+    print(f"strong probe plumbing: {time.perf_counter() - started:.0f} s")
+
+
+@pytest.mark.parametrize(("complete", "args", "message"), [
+    (True, [], "the strong probe looks for wrong labels; add --labels"),
+    (False, ["--labels"], "--study reviews: no single best COMPLETE trial to cross-fit"),
+])
+def test_strong_probe_refusals(tmp_path: Path, complete: bool, args: list[str], message: str) -> None:
+    data = _small_file(tmp_path / "reviews.tsv", set())
+    storage = _recorded_study(tmp_path, data, tmp_path, complete=complete)
+    result = run_hpo(["check-data", "--study", "reviews", "--storage", storage, "--no-tokenizer", *args], tmp_path)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1

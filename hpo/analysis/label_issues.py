@@ -105,10 +105,11 @@ class LabelIssues:
 
 
 def check_labels(train_source: str, eval_source: str | None, *, model: str, text_column: str | None = None,
-                 label_column: str | None = None, seed: int = 0) -> LabelIssues:
+                 label_column: str | None = None, seed: int = 0, strong: Any = None) -> LabelIssues:
     """Read the labelled rows of the training file (and of the eval file) and run the quick probe
-    over them together. Rows whose label is not an integer 0..K-1 are left out (``hpo check-data``
-    reports them as errors)."""
+    over them together, or ``strong(texts, labels)`` (the out-of-fold probabilities of
+    :func:`hpo.analysis.label_probe.strong_probe`). Rows whose label is not an integer 0..K-1
+    are left out (``hpo check-data`` reports them as errors)."""
     import time
 
     from hpo.train import data
@@ -125,8 +126,13 @@ def check_labels(train_source: str, eval_source: str | None, *, model: str, text
                 places.append((source, number))
     classes = sorted(set(labels))  # the probe's columns are the classes present, in order
     index = [classes.index(label) for label in labels]
-    probabilities = quick_probe(texts, index, model, seed=seed)
-    found = find_issues(probabilities, index, texts, places, probe="quick", seconds=time.perf_counter() - started)
+    if strong is None:
+        probabilities = quick_probe(texts, index, model, seed=seed)
+    else:
+        _check_classes(index, FOLDS)
+        probabilities = strong(texts, index)
+    found = find_issues(probabilities, index, texts, places, probe="strong" if strong else "quick",
+                        seconds=time.perf_counter() - started)
     found.suspects = [replace(s, given_label=classes[s.given_label], suggested_label=classes[s.suggested_label])
                       for s in found.suspects]
     return found
