@@ -84,3 +84,31 @@ def test_check_data_paraphrases_pairs_csv_and_warning(tmp_path: Path) -> None:
     found = {(p["kind"], p["scope"], p["train_row"], p["other_row"]) for p in pairs}
     assert found == {("near_duplicate", "train", "1", "11"), ("paraphrase", "train-eval", "12", "1")}
     assert all(0.7 <= float(p["similarity"]) <= 1 for p in pairs)
+
+
+def test_sft_prompts_and_causal_lm_paragraphs_are_paired(tmp_path: Path) -> None:
+    """The same check reads sft prompts and causal-LM paragraphs (MinHash only: model=None)."""
+    import json
+
+    from hpo.analysis.near_duplicates import check_pairs
+
+    prompts = [f"explain how the {thing} in the old {place} works step by step" for thing, place in
+               zip(("pump", "clock", "loom", "press", "kiln"), ("mill", "tower", "barn", "shop", "yard"), strict=True)]
+    train = [*prompts, "explain how the pump in the old mill works step by step please"]  # row 6 ~ row 1
+    evaluation = ["explain how the old clock in the tower works, step by step", "what is the capital of peru"]
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", evaluation)):
+        (tmp_path / name).write_text("".join(json.dumps({"prompt": p, "completion": "ok"}) + "\n" for p in rows))
+    found = check_pairs(str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl"), task="sft", model=None)
+    assert {(p.scope, p.first_row, p.second_row) for p in found.pairs} == {("train", 1, 6), ("train-eval", 2, 1)}
+    assert found.leaked == [1] and found.warning().startswith("eval score suspect: 1 of 2 validation rows (50.0%)")
+
+    paragraphs = ["The light keeper rose early, lit the lamp and wrote the weather in the log book.",
+                  "Ships passed the point at dusk, their horns low over the grey water.",
+                  "In winter the village emptied and only the baker kept his ovens warm.",
+                  "A storm in March tore half the roof away; the keeper mended it alone.",
+                  "The light keeper rose early, lit the lamp and wrote the weather in the big log book."]
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(paragraphs) + "\n")
+    found = check_pairs(str(book), None, task="causal_lm", model=None, eval_fraction=0.2)
+    assert [(p.kind, p.scope) for p in found.pairs] == [("near_duplicate", "train-eval")]
+    assert found.pairs[0].first_text.startswith("The light keeper") and "big log book" in found.pairs[0].second_text
