@@ -127,7 +127,7 @@ def check_data(
     out: Annotated[str | None, typer.Option("--out", help="Folder for the CSVs of --labels/--paraphrases (default: .hpo/checks/NAME).")] = None,
     write_clean: Annotated[str | None, typer.Option("--write-clean", help="With --labels: write a copy of the training file without the suspect rows to this .tsv/.csv/.jsonl (the original is never touched).")] = None,
     relabel: Annotated[bool, typer.Option("--relabel", help="With --write-clean: keep the suspect rows, with the suggested label.")] = False,
-    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="Log the CSVs to MLflow here (under checks/ of the study's sweep run, or of a new check-data run).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="Log the CSVs to MLflow here (under checks/ of the study's sweep run, or of a new check-data run); with --study, default: the sweep's own.")] = None,
     study: Annotated[str | None, typer.Option("--study", callback=_checked_study, help="With --labels: the strong probe, the study's best trial cross-fitted over 5 folds through the recipe (the study's data; --set max_steps=N shortens each fold).")] = None,
     storage: Storage = None,
 ) -> None:
@@ -147,8 +147,9 @@ def check_data(
         from hpo.analysis.label_probe import best_trial_setup
         from hpo.record import study as studies
 
-        sweep, params, trial_number = best_trial_setup(studies.load(storage, study), set_ or [])
+        sweep, params, trial_number, recorded_uri = best_trial_setup(studies.load(storage, study), set_ or [])
         strong = (params, trial_number)
+        tracking_uri = tracking_uri or recorded_uri  # the suspects go beside the sweep's own report
     elif module:
         from hpo import space as spaces
 

@@ -137,7 +137,8 @@ def _recorded_study(tmp_path: Path, data: Path, model: Path, *, complete: bool =
     storage = f"sqlite:///{tmp_path / 'hpo.db'}"
     study = optuna.create_study(study_name="reviews", storage=storage, direction="minimize")
     sweep = dataclasses.replace(Sweep(), train_data=str(data), model=str(model), max_steps=40, eval_every=10)
-    SweepRecord(module="reviews.py", sweep=sweep.to_dict()).save(study)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    SweepRecord(module="reviews.py", sweep=sweep.to_dict(), tracking_uri=uri).save(study)
     if complete:
         trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)})
         study.tell(trial, 0.5)
@@ -147,8 +148,15 @@ def _recorded_study(tmp_path: Path, data: Path, model: Path, *, complete: bool =
 def test_strong_probe_cross_fits_the_best_trial_through_the_recipe(tmp_path: Path, tiny_bert: Path) -> None:
     """``--study`` trains the best trial's params on 4 of 5 folds and scores the fifth, for every
     fold (a tiny random BERT and 3 steps: this checks the plumbing, not the probe's quality)."""
+    from mlflow.tracking import MlflowClient
+
+    from hpo.record.tracking import SweepTracker
+
     data = _small_file(tmp_path / "reviews.tsv", {3, 20})
     storage = _recorded_study(tmp_path, data, tiny_bert)
+    tracker = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "reviews")
+    sweep_run = tracker.start_sweep({}, {})
+    tracker.end_sweep()
     started = time.perf_counter()
     result = run_hpo(["check-data", "--labels", "--study", "reviews", "--storage", storage, "--set", "max_steps=3",
                       "--no-tokenizer", "--json"], tmp_path)
@@ -159,6 +167,9 @@ def test_strong_probe_cross_fits_the_best_trial_through_the_recipe(tmp_path: Pat
     found = json.loads(result.stdout)["labels"]
     assert found["probe"] == "strong" and found["rows"] == 80
     assert (tmp_path / ".hpo" / "checks" / "reviews" / "label_issues.csv").is_file()
+    assert json.loads(result.stdout)["mlflow_run"] == sweep_run  # the sweep's own run, from its record
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [a.path for a in client.list_artifacts(sweep_run, "checks")] == ["checks/label_issues.csv"]
     for suspect in found["suspects"]:
         assert suspect["source"] == str(data) and 0 <= suspect["label_quality"] <= suspect["confidence"] <= 1
     print(f"strong probe plumbing: {time.perf_counter() - started:.0f} s")

@@ -72,9 +72,10 @@ def _predict(model: Any, tokenizer: Any, texts: list[str], max_length: int, batc
     return np.concatenate(out)
 
 
-def best_trial_setup(study: Any, overrides: list[str]) -> tuple[Any, dict[str, Any], int]:
+def best_trial_setup(study: Any, overrides: list[str]) -> tuple[Any, dict[str, Any], int, str | None]:
     """The sweep as the study ran it (``--set`` on top: ``max_steps`` shortens each fold's run),
-    the best trial's params and its number. Raises HpoError for a study ``hpo search`` did not
+    the best trial's params, its number, and the sweep's MLflow tracking URI (None when the
+    record hides a password in it). Raises HpoError for a study ``hpo search`` did not
     make, one trained by the module's own ``train``, or one with no COMPLETE trial."""
     from hpo.config import Sweep, parse_overrides
     from hpo.errors import HpoError
@@ -98,4 +99,5 @@ def best_trial_setup(study: Any, overrides: list[str]) -> tuple[Any, dict[str, A
         sweep = dataclasses.replace(Sweep(**recorded.sweep), **chosen)
     except (TypeError, ValueError) as error:
         raise HpoError(f"--study {study.study_name}: its recorded sweep cannot be rebuilt ({error})") from None
-    return sweep, best["config"], best["number"]
+    uri = recorded.tracking_uri if recorded.tracking_uri and "***" not in recorded.tracking_uri else None
+    return sweep, best["config"], best["number"], uri
