@@ -207,6 +207,8 @@ def check_data(
         if "mlflow_run" in deeper:
             console.print(f"logged to MLflow run {deeper['mlflow_run']} under checks/", highlight=False)
     if report.errors:
+        if labels or paraphrases:
+            err_console.print("note: --labels/--paraphrases did not run: fix the errors above first", highlight=False)
         raise typer.Exit(1)
 
 

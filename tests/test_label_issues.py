@@ -184,3 +184,12 @@ def test_strong_probe_refusals(tmp_path: Path, complete: bool, args: list[str], 
     storage = _recorded_study(tmp_path, data, tmp_path, complete=complete)
     result = run_hpo(["check-data", "--study", "reviews", "--storage", storage, "--no-tokenizer", *args], tmp_path)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_class_smaller_than_the_folds_is_refused_in_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "reviews.tsv"
+    data.write_text("label\ttext\n" + "".join(f"{int(i < 3)}\t{NEGATIVE[i % 8]} number {i}\n" for i in range(60)))
+    result = run_hpo(["check-data", "--set", f"train_data={data}", "--no-tokenizer", "--labels"], tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "label check: class 1 has 3 rows, fewer than the 5 folds the probe cross-fits over" in result.stderr
+    assert not (tmp_path / ".hpo").exists()
