@@ -122,15 +122,35 @@ def check_data(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a sweep field: KEY=VALUE (repeatable).")] = None,
     as_json: AsJson = False,
     tokenizer: Annotated[bool, typer.Option("--tokenizer/--no-tokenizer", help="Count tokens with the model's tokenizer (exact) or estimate from words (fast).")] = True,
+    labels: Annotated[bool, typer.Option("--labels", help="Also look for wrong labels (classification): confident learning on a quick probe over the base model's embeddings.")] = False,
+    paraphrases: Annotated[bool, typer.Option("--paraphrases", help="Also look for near-duplicates (MinHash) and paraphrases (embeddings) within train and between train and eval.")] = False,
+    out: Annotated[str | None, typer.Option("--out", help="Folder for the CSVs of --labels/--paraphrases (default: .hpo/checks/NAME).")] = None,
+    write_clean: Annotated[str | None, typer.Option("--write-clean", help="With --labels: write a copy of the training file without the suspect rows to this .tsv/.csv/.jsonl (the original is never touched).")] = None,
+    relabel: Annotated[bool, typer.Option("--relabel", help="With --write-clean: keep the suspect rows, with the suggested label.")] = False,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="Log the CSVs to MLflow here (under checks/ of the study's sweep run, or of a new check-data run); with --study, default: the sweep's own.")] = None,
+    study: Annotated[str | None, typer.Option("--study", callback=_checked_study, help="With --labels: the strong probe, the study's best trial cross-fitted over 5 folds through the recipe (the study's data; --set max_steps=N shortens each fold).")] = None,
+    storage: Storage = None,
 ) -> None:
-    """Check the data before a sweep: empty texts, duplicates, leakage, labels, imbalance, lengths; sft: answers."""
+    """Check the data before a sweep: empty texts, duplicates, leakage, labels, imbalance, lengths; sft: answers.
+
+    --labels and --paraphrases embed the texts with the base model (seconds per thousand rows on a CPU)."""
     import dataclasses
     from pathlib import Path
 
     from hpo.config import Sweep, parse_overrides, resolve_paths
     from hpo.run.sweep import check_data as run_check
 
-    if module:
+    strong = None
+    if study:
+        if not labels:
+            raise HpoError("hpo check-data --study: the strong probe looks for wrong labels; add --labels")
+        from hpo.analysis.label_probe import best_trial_setup
+        from hpo.record import study as studies
+
+        sweep, params, trial_number, recorded_uri = best_trial_setup(studies.load(storage, study), set_ or [])
+        strong = (params, trial_number)
+        tracking_uri = tracking_uri or recorded_uri  # the suspects go beside the sweep's own report
+    elif module:
         from hpo import space as spaces
 
         sweep = spaces.load(module, set_ or []).sweep
@@ -141,6 +161,12 @@ def check_data(
             raise HpoError(f"hpo check-data: {error}") from None
     if not sweep.train_data:
         raise HpoError("hpo check-data: no data to check; give a module or --set train_data=... [--set eval_data=...]")
+    if labels and sweep.task != "classification":
+        raise HpoError(f"hpo check-data --labels: task is {sweep.task!r}; wrong labels are looked for in classification data only")
+    if (write_clean or relabel) and not labels:
+        raise HpoError("hpo check-data: --write-clean and --relabel need --labels (they act on the suspect rows it finds)")
+    if relabel and not write_clean:
+        raise HpoError("hpo check-data --relabel: give --write-clean FILE, the copy to write (the original is never touched)")
     loaded_tokenizer = None
     if tokenizer:
         from hpo.train import models
@@ -152,16 +178,84 @@ def check_data(
         except Exception as error:  # noqa: BLE001 - fall back to the estimate, and say so
             err_console.print(f"note: no tokenizer for {sweep.model!r} ({type(error).__name__}); estimating lengths")
     report = run_check(sweep, loaded_tokenizer)
+    name = study or (Path(module).stem if module else Path(sweep.train_data).stem)
+    deeper = _deeper_checks(sweep, labels, paraphrases, Path(out) if out else Path(".hpo") / "checks" / name,
+                            write_clean, relabel, strong) if (labels or paraphrases) and not report.errors else {}
+    if tracking_uri and deeper.get("files"):
+        from hpo.record.tracking import check_tracking, log_data_checks
+
+        check_tracking(tracking_uri)
+        deeper["mlflow_run"] = log_data_checks(tracking_uri, name, deeper["files"])
     if as_json:
-        print(json.dumps(report.to_dict(), default=str))
+        extra = {key: deeper[key].to_dict() for key in ("labels", "paraphrases") if key in deeper}
+        print(json.dumps({**report.to_dict(), **extra, **{k: v for k, v in deeper.items() if k in ("clean", "mlflow_run")},
+                          "files": [str(f) for f in deeper.get("files", [])]}, default=str))
     else:
         from rich.text import Text
 
         styles = {"error": "bold red", "warning": "yellow", "info": "dim"}
         for line in report.lines():
             console.print(Text(line, style=styles.get(line.split(":", 1)[0], "")))
+        for key in ("labels", "paraphrases"):
+            if key in deeper:
+                for line in deeper[key].lines():
+                    console.print(Text(line, style="yellow" if line.startswith("eval score suspect") else ""))
+        for path in deeper.get("files", []):
+            console.print(f"wrote {path}", highlight=False)
+        if "clean" in deeper:
+            console.print(deeper["clean"], highlight=False)
+        if "mlflow_run" in deeper:
+            console.print(f"logged to MLflow run {deeper['mlflow_run']} under checks/", highlight=False)
     if report.errors:
+        if labels or paraphrases:
+            err_console.print("note: --labels/--paraphrases did not run: fix the errors above first", highlight=False)
         raise typer.Exit(1)
+
+
+def _deeper_checks(sweep: Any, labels: bool, paraphrases: bool, folder: Any, write_clean: str | None,
+                   relabel: bool, strong: tuple[dict, int] | None = None) -> dict:
+    """``--labels`` and ``--paraphrases``: their results, the CSVs written, and the clean copy;
+    ``strong`` (the best trial's params and number) makes the label probe the strong one."""
+    results: dict[str, Any] = {"files": []}
+    if labels:
+        from hpo.analysis.label_issues import check_labels
+        from hpo.analysis.label_issues import write_clean as write_copy
+        from hpo.train import data
+
+        if write_clean:  # a bad target fails before minutes of embedding
+            from pathlib import Path
+
+            if Path(write_clean).suffix.lower() not in (".tsv", ".csv", ".jsonl"):
+                raise HpoError(f"--write-clean {write_clean}: name a .tsv, .csv or .jsonl file")
+            if Path(write_clean).resolve() in {Path(s).resolve() for s in (sweep.train_data, sweep.eval_data) if s}:
+                raise HpoError(f"--write-clean {write_clean}: that is a data file itself; the original is never "
+                               "overwritten: name another file")
+        probe = None
+        if strong is not None:
+            from hpo.analysis.label_probe import strong_probe
+
+            def probe(texts: list[str], labels: list[int]) -> Any:
+                err_console.print(f"strong probe: trial {strong[1]}'s params, 5 folds of {sweep.max_steps} steps each",
+                                  highlight=False)
+                return strong_probe(sweep, strong[0], texts, labels)
+        found = check_labels(sweep.train_data, sweep.eval_data, model=sweep.model, text_column=sweep.text_column,
+                             label_column=sweep.label_column, strong=probe)
+        results["labels"] = found
+        results["files"].append(found.write_csv(folder / "label_issues.csv"))
+        if write_clean:
+            column = data.read_raw(sweep.train_data, "classification", sweep.text_column, sweep.label_column).label_column
+            changed = write_copy(sweep.train_data, write_clean, found.suspects, column, relabel)
+            results["clean"] = (f"wrote {write_clean}: {sweep.train_data} with {changed} suspect rows "
+                                f"{'relabelled' if relabel else 'left out'}")
+    if paraphrases:
+        from hpo.analysis.near_duplicates import check_pairs
+
+        pairs = check_pairs(sweep.train_data, sweep.eval_data, task=sweep.task, model=sweep.model,
+                            text_column=sweep.text_column, label_column=sweep.label_column,
+                            eval_fraction=sweep.eval_fraction)
+        results["paraphrases"] = pairs
+        results["files"].append(pairs.write_csv(folder / "near_duplicates.csv"))
+    return results
 
 
 @app.command()

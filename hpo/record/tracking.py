@@ -698,3 +698,18 @@ def _is_number(value: Any) -> bool:
 
 def _first_line(error: BaseException) -> str:
     return str(error).splitlines()[0][:200] if str(error) else ""
+
+
+def log_data_checks(tracking_uri: str | None, study_name: str, files: list[Any]) -> str:
+    """Log ``hpo check-data``'s files (the label and near-duplicate CSVs) under ``checks/`` of the
+    study's sweep run, or, before any sweep, of a new finished run named ``check-data`` in the
+    study's experiment; returns the run's id."""
+    tracker = _Tracker(tracking_uri, study_name)
+    found = tracker._search("sweep")
+    run_id = found[0].info.run_id if found else tracker.client.create_run(
+        tracker.experiment_id, run_name="check-data", tags={TAG_ROLE: "check-data", TAG_STUDY: study_name}).info.run_id
+    for path in files:
+        tracker.client.log_artifact(run_id, str(path), artifact_path="checks")
+    if not found:
+        tracker.client.set_terminated(run_id, status="FINISHED")
+    return run_id
