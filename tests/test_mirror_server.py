@@ -77,21 +77,28 @@ def trial_runs(uri: str, study: str) -> dict[int, object]:
     return {int(run.data.tags["hpo.trial_number"]): run for run in runs}
 
 
+def tracker_with_a_trial(server: Server, monkeypatch: pytest.MonkeyPatch, prefix: str, pause: float):
+    """(tracker, study, sweep run id): a sweep and its trial 0 with step 1 written; the writer
+    tries once, then pauses ``pause`` seconds; a dead server fails each MLflow call at once."""
+    from hpo.record.tracking import SweepTracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    study = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    tracker = SweepTracker(server.uri, study)
+    parent = tracker.start_sweep({}, {})
+    tracker.writer.ATTEMPTS, tracker.writer.PAUSE = 1, pause
+    tracker.start_trial(0, {"x": 0.5})
+    tracker.log_metrics(0, 1, {"score": 1.0})
+    tracker.flush()
+    return tracker, study, parent
+
+
 def test_batches_written_while_the_server_was_down_are_kept(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """Step 2 fails (the server is dead), step 3 comes while the writer pauses and is skipped;
     once the server answers again the trial's close takes both, with the end tags, before the
     status: the run is not FINISHED with hpo.state=RUNNING and a hole in its curve."""
-    from hpo.record.tracking import SweepTracker
-
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead server fails each call at once
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    study = f"kept-{uuid.uuid4().hex[:6]}"
-    tracker = SweepTracker(server.uri, study)
-    tracker.start_sweep({}, {})
-    tracker.writer.ATTEMPTS, tracker.writer.PAUSE = 1, 2.0
-    tracker.start_trial(0, {"x": 0.5})
-    tracker.log_metrics(0, 1, {"score": 1.0})
-    tracker.flush()
+    tracker, study, _ = tracker_with_a_trial(server, monkeypatch, "kept", pause=2.0)
     server.stop()
     try:
         tracker.log_metrics(0, 2, {"score": 2.0})
@@ -123,18 +130,8 @@ def test_a_server_back_before_the_writers_pause_ends_gets_the_sweeps_end(server:
     import optuna
     from rich.console import Console
 
-    from hpo.record.tracking import SweepTracker
     from hpo.run.sweep import _flush_mirror
-
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead server fails each call at once
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    study = f"back-{uuid.uuid4().hex[:6]}"
-    tracker = SweepTracker(server.uri, study)
-    parent = tracker.start_sweep({}, {})
-    tracker.writer.ATTEMPTS, tracker.writer.PAUSE = 1, 600.0
-    tracker.start_trial(0, {"x": 0.5})
-    tracker.log_metrics(0, 1, {"score": 1.0})
-    tracker.flush()
+    tracker, study, parent = tracker_with_a_trial(server, monkeypatch, "back", pause=600.0)
     server.stop()
     try:
         tracker.log_metrics(0, 2, {"score": 2.0})
