@@ -286,8 +286,7 @@ class Sweep:
             yield _bad("device", self.device, "needs a GPU reserved for each trial: --set gpus_per_trial=1 "
                        "(or 0.5 to share one), or --set device=auto")
         elif self.device.startswith("cuda:") and self._placement_known() \
-                and int(self.device[5:]) >= max(1, math.ceil(self.worker_resources["GPU"])):
-            visible = max(1, math.ceil(self.worker_resources["GPU"]))
+                and int(self.device[5:]) >= (visible := max(1, math.ceil(self.worker_resources["GPU"]))):
             yield _bad("device", self.device, f"is not a GPU a trial sees: Ray gives each trial worker {visible} "
                        f"GPU(s), numbered from cuda:0 whatever their index on the machine; use --set device=cuda "
                        "(or auto), and choose the machine's GPUs with CUDA_VISIBLE_DEVICES before `ray start`")
@@ -311,6 +310,12 @@ class Sweep:
         return (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1
                 and _is_number(self.gpus_per_trial) and _is_number(self.cpus_per_trial)
                 and all(v is None or _is_number(v) for v in (self.gpus_per_worker, self.cpus_per_worker)))
+
+    @property
+    def gpu_field(self) -> str:
+        """The field that sets a worker's GPUs, for messages: ``gpus_per_worker`` when given, else
+        ``gpus_per_trial``."""
+        return "gpus_per_worker" if self.gpus_per_worker is not None else "gpus_per_trial"
 
     @property
     def worker_resources(self) -> dict[str, float]:
@@ -399,7 +404,7 @@ def _worker_problems(sweep: Sweep) -> typing.Iterator[str]:
     per_worker = sweep.gpus_per_worker if sweep.gpus_per_worker is not None else (
         sweep.gpus_per_trial / workers if _is_number(sweep.gpus_per_trial) else 0)
     if workers > 1 and _is_number(per_worker) and 0 < per_worker < 1:
-        field = "gpus_per_worker" if sweep.gpus_per_worker is not None else "gpus_per_trial"
+        field = sweep.gpu_field
         yield _bad(field, getattr(sweep, field),
                    f"gives each of the workers_per_trial={workers} workers {per_worker:g} GPU: the ranks of one "
                    "trial would share a GPU, which NCCL refuses ('Duplicate GPU detected'); give every worker a "

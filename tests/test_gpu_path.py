@@ -252,10 +252,12 @@ def test_flops_formula_and_the_cost_metrics(tiny_llama: Path, tmp_path: Path) ->
 
     h100 = accelerator.DeviceFacts("cuda", 0, "NVIDIA H100 80GB HBM3", (9, 0), visible=1)
     counter.add_batch(torch.tensor([100, 100]))
-    values = cost.throughput(2000, 0.5, counter, h100, "bf16")
-    assert values["tokens_per_second"] == 4000
+    values = cost.throughput(counter, 0.5, h100, "bf16")
+    assert counter.tokens == 200 and values["tokens_per_second"] == 400
     assert values["mfu"] == pytest.approx(counter.per_token(100) * 200 / 0.5 / 989e12)
-    assert "mfu" not in cost.throughput(2000, 0.5, counter, accelerator.DeviceFacts("cpu"), "fp32")
+    # two ranks (each counts the whole batch) on two GPUs: the same work over twice the peak
+    assert cost.throughput(counter, 0.5, h100, "bf16", gpus=2)["mfu"] == pytest.approx(values["mfu"] / 2)
+    assert "mfu" not in cost.throughput(counter, 0.5, accelerator.DeviceFacts("cpu"), "fp32")
     assert cost.peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12 and cost.peak_flops("Tesla T4", "bf16") is None
 
     reports: list[dict] = []

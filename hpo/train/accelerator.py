@@ -103,8 +103,6 @@ def choose_precision(requested: str, device: DeviceFacts) -> str:
 
 def resolve_precision(requested: str, device: torch.device) -> str:
     """:func:`choose_precision` for a torch device."""
-    if requested == "auto" and device.type != "cuda":
-        return "fp32"
     return choose_precision(requested, facts(device))
 
 
@@ -132,17 +130,16 @@ def memory_fraction(gpus_per_worker: float) -> float | None:
     return None
 
 
-def configure(device: torch.device, precision: str, gpus_per_worker: float = 0.0) -> None:
+def configure(device: DeviceFacts, precision: str, gpus_per_worker: float = 0.0) -> None:
     """Once per trial in the worker, before the model is placed: TF32 for fp32 on Ampere and
     later, and the process's memory cap on a shared GPU (:func:`memory_fraction`)."""
-    if device.type != "cuda":
+    if device.kind != "cuda":
         return
-    device_facts = facts(device)
-    if allow_tf32(device_facts, precision):
+    if allow_tf32(device, precision):
         torch.set_float32_matmul_precision("high")
     fraction = memory_fraction(gpus_per_worker)
     if fraction is not None:
-        torch.cuda.set_per_process_memory_fraction(fraction, device_facts.index)
+        torch.cuda.set_per_process_memory_fraction(fraction, device.index)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

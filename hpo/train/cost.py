@@ -17,9 +17,9 @@ each per token and layer forward; their backward computes the gradients of both 
 twice the forward). Full fine-tuning (``N_train = N``, ``c = 0``) gives the familiar
 ``6N + 12 L d S``.
 
-MFU = tokens per second x F / the card's peak dense FLOP/s in the training precision
-(:data:`PEAK_TFLOPS`; fp32 counts TF32's rate on cards where TF32 is used). A card not in
-the table reports no ``mfu``.
+MFU = tokens per second x F / the peak dense FLOP/s of the trial's GPUs in the training
+precision (:data:`PEAK_TFLOPS` x the data-parallel ranks, each on its own GPU; fp32 counts
+TF32's rate on cards where TF32 is used). A card not in the table reports no ``mfu``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def peak_flops(device_name: str, precision: str) -> float | None:
 
 
 class FlopCounter:
-    """Counts the FLOPs of the tokens a trial trains on (module docstring's formula)."""
+    """Counts the tokens a trial trains on and their FLOPs (module docstring's formula)."""
 
     def __init__(self, model: Any, checkpointing: bool):
         self.matmul_params, self.trainable = _matmul_params(model)
@@ -64,6 +64,7 @@ class FlopCounter:
         self.layers = _config_value(config, ("num_hidden_layers", "n_layer"))
         self.width = _config_value(config, ("hidden_size", "n_embd", "d_model"))
         self.recompute = 1 if checkpointing else 0
+        self.tokens = 0
         self.flops = 0.0
 
     def per_token(self, row_length: float) -> float:
@@ -72,21 +73,23 @@ class FlopCounter:
         return linear + attention
 
     def add_batch(self, row_tokens: torch.Tensor) -> None:
-        """Add one training batch, given each row's real tokens."""
-        tokens = float(row_tokens.sum())
+        """Add one training batch (the whole sampled batch), given each row's real tokens."""
+        tokens = int(row_tokens.sum())
+        self.tokens += tokens
         if tokens:
             self.flops += tokens * self.per_token(tokens / len(row_tokens))
 
 
-def throughput(tokens: int, seconds: float, counter: FlopCounter, device: Any, precision: str) -> dict[str, float]:
-    """``tokens_per_second`` since training started and, on a CUDA card in the table, ``mfu``."""
+def throughput(counter: FlopCounter, seconds: float, device: Any, precision: str, gpus: int = 1) -> dict[str, float]:
+    """``tokens_per_second`` since training started and, on a CUDA card in the table, ``mfu``
+    over the ``gpus`` that trained the counted batches (a multi-worker trial's ranks)."""
     if seconds <= 0:
         return {}
-    values = {"tokens_per_second": tokens / seconds}
+    values = {"tokens_per_second": counter.tokens / seconds}
     if device.kind == "cuda":
         peak = peak_flops(device.name, precision)
         if peak:
-            values["mfu"] = counter.flops / seconds / peak
+            values["mfu"] = counter.flops / seconds / (peak * gpus)
     return values
 
 

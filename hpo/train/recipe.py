@@ -112,7 +112,7 @@ def check_placement(sweep: Sweep) -> str | None:
     (spread a trial over GPUs with ``workers_per_trial``: one worker per GPU, data-parallel)."""
     gpus = sweep.worker_resources["GPU"]
     if gpus >= 2:
-        field = "gpus_per_worker" if sweep.gpus_per_worker is not None else "gpus_per_trial"
+        field = sweep.gpu_field
         return (f"sweep field {field}={getattr(sweep, field)!r} gives one worker {gpus:g} GPUs, but the built-in "
                 "recipe trains a worker's model on one GPU and would leave the others idle; train on all of them "
                 f"data-parallel with --set workers_per_trial={int(gpus)} (one GPU each), or reserve one GPU "

@@ -78,7 +78,8 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
 
     device = accelerator.resolve_device(job.device)
     precision = accelerator.resolve_precision(job.precision, device)
-    accelerator.configure(device, precision, job.gpu_share)
+    device_facts = accelerator.facts(device)
+    accelerator.configure(device_facts, precision, job.gpu_share)
     tokenizer = _tokenizer(job.model)
     train_set, eval_set, num_labels = _datasets(job, tokenizer)
     base = _base_model(job, num_labels, tokenizer, device, precision)
@@ -87,6 +88,7 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
         base.config.use_cache = False  # a KV cache in training turns off packed sequences' own attention
     run = _Run(device, precision, accelerator.grad_scaler(device, precision), accelerator.MemoryMeter(device),
                accelerator.current_memory(device))
+    run.facts = device_facts
     run.started = started
     run.meter.start()
 
@@ -145,6 +147,8 @@ class _Run:
                  resident: int):
         self.device, self.precision, self.scaler, self.meter, self.resident = device, precision, scaler, meter, resident
         self.started = time.perf_counter()
+        self.facts = accelerator.DeviceFacts(device.type)
+        """The device's facts (kind, name, compute capability), read once per run."""
         self.setup_seconds: float | None = None
         """From the start to the start of the first optimizer step; reported once, then None."""
         self.trainable_params = 0
@@ -225,15 +229,13 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
     runner, rank, world = _data_parallel(model)
     flops = cost.FlopCounter(model, job.gradient_checkpointing)
     padding_free = job.task == "sft" and job.packing and sft.wants_padding_free(job.attn_implementation)
-    tokens = 0
     started = time.perf_counter()
     model.train()
     for step in range(1, job.max_steps + 1):
         batch = next(batches)
         if step == 1:  # training starts: what came before was setup
             run.setup_seconds = time.perf_counter() - run.started
-        tokens += int(batch[ROW_TOKENS].sum())  # the whole batch (every rank drew it)
-        flops.add_batch(batch[ROW_TOKENS])
+        flops.add_batch(batch[ROW_TOKENS])  # the whole batch: every rank drew it
         normalise = _loss_normaliser(batch, job.task, world)
         pieces = functools.partial(_accumulate, runner, _shard(batch, rank, world), run=run, normalise=normalise,
                                    padding_free=padding_free)  # pieces(micro) -> the step's loss
@@ -258,8 +260,7 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
             metrics["grad_accum"] = math.ceil(p.batch_size / micro)
             metrics["learning_rate"] = scheduler.get_last_lr()[0]
             metrics["train_seconds"] = _synchronised_seconds(run.device, started)
-            metrics.update(cost.throughput(tokens, metrics["train_seconds"], flops, accelerator.facts(run.device),
-                                           run.precision))
+            metrics.update(cost.throughput(flops, metrics["train_seconds"], run.facts, run.precision, gpus=world))
             metrics.update(run.memory())
             if run.setup_seconds is not None:
                 metrics["trial_setup_seconds"], run.setup_seconds = run.setup_seconds, None
@@ -711,12 +712,11 @@ def load_base(job: TrainJob, num_labels: int, tokenizer: Any, device: torch.devi
     transformers.logging.disable_progress_bar()
     path = models.resolve(job.model)
     options: dict[str, Any] = {"dtype": accelerator.DTYPES[precision], "attn_implementation": job.attn_implementation}
+    if device.type == "cuda":  # quantized or not, loaded straight onto the GPU
+        options["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
     if quantization != "none":
         options["dtype"] = accelerator.quantization_compute_dtype(precision, accelerator.facts(device))
         options["quantization_config"] = _quantization_config(quantization, options["dtype"], job.task)
-        options["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
-    elif device.type == "cuda":
-        options["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
     if job.task == "classification":
         model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **options)
     else:
