@@ -29,7 +29,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
+import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -95,7 +95,7 @@ class LabelIssues:
     def write_csv(self, path: Path) -> Path:
         """All suspects, ranked, as CSV (columns ``CSV_FIELDS``)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _replacing(path) as handle:
+        with replacing(path) as handle:
             writer = csv.writer(handle)
             writer.writerow(CSV_FIELDS)
             for rank, s in enumerate(self.suspects, start=1):
@@ -209,7 +209,7 @@ def write_clean(source: str, target: str, suspects: list[Suspect], label_column:
         elif relabel:
             kept.append({**row, label_column: suspect.suggested_label})
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _replacing(out) as handle:
+    with replacing(out) as handle:
         if out.suffix.lower() == ".jsonl":
             for row in kept:
                 handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
@@ -233,23 +233,22 @@ def _check_classes(labels: list[int], folds: int) -> None:
                        "the probe cross-fits over; add rows of that class or drop it")
 
 
-class _replacing:
-    """Open a temporary file beside ``path``; on success it replaces ``path``, on error it goes."""
+class replacing:
+    """Open a new file beside ``path``; on success it replaces ``path``, on error it goes. Created
+    with ``O_EXCL`` and mode 0666 less the umask, as a plain ``open`` would make ``path``."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def __enter__(self) -> Any:
-        handle, self.temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        self.temporary = self.path.parent / f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        handle = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         self.handle = os.fdopen(handle, "w", newline="", encoding="utf-8")
         return self.handle
 
     def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
         self.handle.close()
         if kind is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.temporary, 0o666 & ~umask)  # mkstemp's 0600 is for the temporary only
             os.replace(self.temporary, self.path)
         else:
             os.unlink(self.temporary)

@@ -89,10 +89,10 @@ class Pairs:
     def write_csv(self, path: Any) -> Any:
         import csv
 
-        from hpo.analysis.label_issues import _replacing
+        from hpo.analysis.label_issues import replacing
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _replacing(path) as handle:
+        with replacing(path) as handle:
             writer = csv.writer(handle)
             writer.writerow(("kind", "scope", "similarity", "train_row", "other_row", "train_text", "other_text"))
             for p in self.pairs:
