@@ -204,6 +204,24 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def wait_until_up(url: str, process: subprocess.Popen, log: Path, seconds: float, what: str,
+                  interval: float = 0.25, timeout: float = 2) -> None:
+    """Poll ``url`` (a server's ``/health``) until it answers; fail with the log's tail if the
+    server process died, or with ``what did not start in N s`` past ``seconds``."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{what} did not start in {seconds:.0f} s"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout):
+                return
+        except OSError:
+            time.sleep(interval)
+
+
 def stop_group(process: subprocess.Popen, timeout: float = 20) -> None:
     """End a server started with ``start_new_session=True`` and everything it started:
     SIGTERM to its process group, SIGKILL after ``timeout`` seconds."""

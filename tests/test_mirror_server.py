@@ -9,14 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import hpo_env, stop_group
+from tests.conftest import hpo_env, stop_group, wait_until_up
 
 pytestmark = pytest.mark.slow
 
@@ -44,15 +43,7 @@ class Server:
             cwd=self.root, env=hpo_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}), stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.process.poll() is None, (self.root / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the MLflow server did not start in 120 s"
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.25)
+        wait_until_up(f"{self.uri}/health", self.process, self.root / "server.log", 120, "the MLflow server")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import SEARCH_SPACES, hpo_env, run_hpo, stop_group
+from tests.conftest import SEARCH_SPACES, hpo_env, run_hpo, stop_group, wait_until_up
 
 pytestmark = pytest.mark.slow
 ADMIN_PASSWORD = "admin-Pw-7731"
@@ -69,15 +69,8 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory):
     base = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     try:
-        deadline = started + 180  # migrations of two SQLite stores, on a busy machine
-        while True:
-            assert server.poll() is None, (root / "server.log").read_text()
-            assert time.monotonic() < deadline, "the MLflow server did not start in 180 s"
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5):
-                    break
-            except OSError:
-                time.sleep(0.5)
+        # 180 s: migrations of two SQLite stores, on a busy machine
+        wait_until_up(f"{base}/health", server, root / "server.log", 180, "the MLflow server", interval=0.5, timeout=5)
         print(f"\nMLflow server with auth answered after {time.monotonic() - started:.1f} s")
         api(base, "/api/2.0/mlflow/users/create", {"username": "hpo", "password": HPO_PASSWORD}, "admin", ADMIN_PASSWORD)
         experiment = api(base, "/api/2.0/mlflow/experiments/create", {"name": STUDY}, "admin", ADMIN_PASSWORD)
