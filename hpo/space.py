@@ -1,6 +1,6 @@
 """Loading a search-space module from a path and checking its contract.
 
-The contract (also in README.md and ``search_spaces/lora.py``):
+The contract (also in docs/guides/search-spaces.md and ``search_spaces/lora.py``):
 
 * ``space(trial) -> dict``: define-by-run, samples with ``trial.suggest_*``; the dict is
   what one trial trains with (for the built-in recipe: learning_rate, batch_size, ...).

@@ -10,9 +10,8 @@ The contract every search-space module follows:
   trials, max_steps, eval_every, pruner, sampler, seed, resources per trial). Any field
   can be overridden with ``--set FIELD=VALUE``; relative paths here are relative to this file.
 * ``space(trial) -> dict``: define-by-run; sample with Optuna's ``trial.suggest_*``. The
-  dict is what one trial trains with. For the built-in recipe its keys are learning_rate,
-  batch_size, weight_decay, lora_r, lora_alpha, lora_dropout, warmup_ratio,
-  max_grad_norm, target_modules.
+  dict is what one trial trains with. For the built-in recipe its keys are the fields of
+  ``hpo.train.recipe.TrainParams`` (each documented there and in docs/reference/train-params.md).
 * optional ``train(params, report)``: your own training instead of the built-in recipe.
   Call ``report(step, {"eval_accuracy": ..., ...})`` after each evaluation; the sweep's
   ``metric`` must be among the keys. The call ends the trial early when the pruner
@@ -47,7 +46,7 @@ Why these ranges (published LoRA results, not guesses):
   accuracy of most configs sits near the majority-class share, so ASHA's first rung compares
   ties and stops the fast learners (on 2,000 SST-2 rows at step 20 of 60, the config with the
   lowest loss, 0.673 against 0.690-0.692, had the lowest accuracy, 0.510, and was stopped);
-  the loss already ranks them. Over 12 configs (bench/fidelity.py, README's Performance), the
+  the loss already ranks them. Over 12 configs (bench/fidelity.py, docs/benchmarks.md), the
   rank correlation with the final accuracy at step 20 of 120 was 0.74 for eval_loss and -0.04
   for eval_accuracy.
 """

@@ -43,7 +43,7 @@ RULES: list[tuple[tuple[str, ...], frozenset[str], str]] = [
 ]
 
 
-# The layout (README "Layout"): each subpackage keeps to one side of the boundaries, whatever
+# The layout (docs/concepts/architecture.md, "Layout"): each subpackage keeps to one side of the boundaries, whatever
 # modules it holds (the rules above name the modules that were there when they were written).
 def _subpackage(name: str) -> tuple[str, ...]:
     """Every module of one subpackage of hpo/, by dotted name, its ``__init__`` included (the

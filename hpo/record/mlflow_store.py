@@ -3,7 +3,7 @@
 MLflow makes a new SQLite store by running every schema migration of its history (alembic,
 about 60 revisions), paid by the first ``hpo search`` in every new folder and by every test
 that starts from an empty folder: about 0.5 s of a one-trial sweep's 10.6 s wall on a 2-core
-machine (README, Performance; importing alembic and its scripts stays, since MLflow checks the
+machine (docs/benchmarks.md; importing alembic and its scripts stays, since MLflow checks the
 revision on every open). The result is always the same
 empty schema, so :func:`seed` builds it once per MLflow version under
 ``$HPO_CACHE/mlflow-store/`` -- MLflow's own migrations, run by MLflow -- and copies it to
