@@ -189,7 +189,7 @@ def test_promote_a_causal_lm_merged_and_reproducibly(tmp_path: Path) -> None:
     assert search.returncode == 0, search.stdout + search.stderr
     runs = {}
     for name, extra in (("a", []), ("b", []), ("c", ["--seed", "7"])):
-        result = run_hpo(["promote", "--output", name, "--merge", "--set", "max_steps=20", *extra], cwd=tmp_path)
+        result = run_hpo(["promote", "--output", name, "--merge", "--set", "max_steps=6", *extra], cwd=tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
         runs[name] = json.loads((tmp_path / name / "hpo_promote.json").read_text())["metrics"]
     assert runs["a"]["eval_loss"] == runs["b"]["eval_loss"], "same trial, same seed: same model"
