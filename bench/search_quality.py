@@ -61,6 +61,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -212,15 +213,16 @@ def run_trainer(args, paths, seed: int, out: Path) -> list[dict]:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=paths["num_labels"])
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
-        # the whole config the trial's choices give (constants of space() included), as the recipe reads it
-        chosen = spaces.call_space(loaded, optuna.trial.FixedTrial(trial.params)) if trial is not None else {}
+        # Trainer calls model_init before hp_space: space() samples here (the live trial keeps its choices,
+        # so hp_space gets the same), else every trial's LoRA would be the defaults
+        chosen = spaces.call_space(loaded, trial) if trial is not None else {}
         p = TrainParams(**{k: v for k, v in chosen.items() if k in PARAM_NAMES})
         config = LoraConfig(task_type=TaskType.SEQ_CLS, r=int(p.lora_r), lora_alpha=p.lora_alpha,
                             lora_dropout=p.lora_dropout,
                             target_modules=list(p.target_modules) if p.target_modules else None)
         return get_peft_model(model, config)
 
-    def hp_space(trial):  # what TrainingArguments does not know (lora_r, lora_dropout), model_init reads
+    def hp_space(trial):  # what TrainingArguments does not know (the LoRA settings), model_init reads
         params = spaces.call_space(loaded, trial)
         params["per_device_train_batch_size"] = params.pop("batch_size")
         return params
@@ -414,6 +416,9 @@ def main() -> None:
     if args.one:
         way, seed = args.one[0], int(args.one[1])
         out = folder / f"{way}-{seed}.json"
+        # a fresh run of this (way, seed): what an earlier, unfinished one left (its study) would be resumed or clash
+        shutil.rmtree(folder / f"{way}-{seed}", ignore_errors=True)
+        (folder / f"{way}-{seed}.db").unlink(missing_ok=True)
         started = time.time()
         trials = {"hpo": run_hpo, "trainer": run_trainer, "raytune": run_raytune}[way](args, paths, seed, out)
         out.write_text(json.dumps({"trials": trials, "seconds": round(time.time() - started, 1)}))
