@@ -26,6 +26,9 @@ flash-attn, a second GPU) says ``skipped`` with the reason. The sections:
   each capped at half its memory.
 * ``throughput``: ``bench/throughput.py`` on the GPU (the recipe against transformers'
   Trainer, same precision), with tokens/s and MFU.
+* ``lean_loss``: the same 10 sft steps with the plain loss and each memory-lean one
+  (``chunked``; ``liger`` and ``cce`` where installed: ``pip install -e '.[lean]'``): eval_loss
+  agrees, the peak memory is lower.
 * ``pytest_gpu``: ``pytest -m gpu`` (the suite's GPU tests).
 """
 
@@ -48,12 +51,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATES = REPO / "search_spaces" / "data" / "dates"
 SECTIONS = ("env", "warm_trials", "precision", "quantization", "packing", "oom", "cuda_n", "shared_gpu",
-            "throughput", "pytest_gpu")
-BUDGET_SECONDS = {"env": 10, "warm_trials": 60, "precision": 60, "quantization": 60, "packing": 30, "oom": 40,
-                  "cuda_n": 20, "shared_gpu": 90, "throughput": 50, "pytest_gpu": 60}
+            "throughput", "lean_loss", "pytest_gpu")
+BUDGET_SECONDS = {"env": 10, "warm_trials": 50, "precision": 45, "quantization": 50, "packing": 30, "oom": 40,
+                  "cuda_n": 20, "shared_gpu": 85, "throughput": 50, "lean_loss": 35, "pytest_gpu": 65}
 """Each section's share of the 8 minutes: a section still running at its end is stopped and failed."""
 NEEDED = ("torch", "transformers", "peft", "ray.tune", "optuna", "mlflow", "hpo")
-OPTIONAL = ("bitsandbytes", "flash_attn", "liger_kernel")
+OPTIONAL = ("bitsandbytes", "flash_attn", "liger_kernel", "cut_cross_entropy")
 
 
 class Skipped(Exception):
@@ -284,6 +287,22 @@ def section_throughput(args) -> dict:
         return {"ok": False, "stderr": result.stderr[-1500:]}
     line = json.loads(result.stdout.strip().splitlines()[-1])
     return {"ok": line["ratio"] >= 0.95, **line}
+
+
+def section_lean_loss(args) -> dict:
+    from hpo.train import lean_loss
+
+    kinds = ["off", "chunked"] + [k for k in lean_loss.PACKAGES if DEVICE == "cuda" and lean_loss.installed(k)]
+    steps = 10 if DEVICE == "cuda" else 2
+    finals = {kind: train(sft_job(args.model, steps, batch_size=16, lean_loss=kind)) for kind in kinds}
+    plain = finals["off"]
+    same = all(abs(f["eval_loss"] - plain["eval_loss"]) <= 0.02 * plain["eval_loss"] for f in finals.values())
+    leaner = all(f["peak_memory_mb"] < plain["peak_memory_mb"] for kind, f in finals.items() if kind != "off")
+    not_run = {kind: "needs a CUDA GPU" if DEVICE != "cuda" else f"pip install {pip}"
+               for kind, (_, pip) in lean_loss.PACKAGES.items() if kind not in kinds}
+    return {"ok": same and leaner, "not_run": not_run,
+            **{kind: {"eval_loss": f["eval_loss"], "train_loss": f["train_loss"], "peak_memory_mb": f["peak_memory_mb"],
+                      "tokens_per_second": round(f["tokens_per_second"])} for kind, f in finals.items()}}
 
 
 def section_pytest_gpu(args) -> dict:

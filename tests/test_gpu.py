@@ -3,7 +3,8 @@ runs it as its last section). Everywhere else each test is skipped with that rea
 of the suite hides the GPUs (tests/conftest.py) and covers these code paths on the CPU.
 
 Placement on the GPU Ray gives a trial, bf16 only on a card that has it natively, 4-bit and
-8-bit bases, two trials sharing one GPU (each capped at half its memory), and a real
+8-bit bases, the memory-lean losses (liger-kernel's and cut-cross-entropy's Triton kernels where
+installed), two trials sharing one GPU (each capped at half its memory), and a real
 out-of-memory error recovered by halving the micro-batch.
 """
 
@@ -87,6 +88,20 @@ def test_quantized_bases_train(tiny_llama: Path, tmp_path: Path, quantization: s
 
     final, settings = train(sft_job(tiny_llama, sft_data(tmp_path), quantization=quantization))
     assert settings["quantization"] == quantization and math.isfinite(final["eval_loss"])
+
+
+@pytest.mark.parametrize("kind", ["chunked", "liger", "cce"])
+def test_a_lean_loss_trains_as_the_plain_loss(tiny_llama: Path, tmp_path: Path, kind: str) -> None:
+    from hpo.train import lean_loss
+
+    if not lean_loss.installed(kind):
+        pytest.skip(f"{lean_loss.PACKAGES[kind][1]} is not installed (pip install -e '.[lean]')")
+    data = sft_data(tmp_path)
+    plain, _ = train(sft_job(tiny_llama, data))
+    lean, settings = train(sft_job(tiny_llama, data, lean_loss=kind))
+    assert settings["lean_loss"] == kind
+    for name in ("train_loss", "eval_loss"):
+        assert lean[name] == pytest.approx(plain[name], rel=0.02), (name, lean[name], plain[name])
 
 
 def test_a_real_oom_is_recovered_with_smaller_micro_batches(tiny_llama: Path, tmp_path: Path) -> None:

@@ -50,7 +50,8 @@ def test_the_gguf_is_converted_once_into_a_plain_safetensors_folder(tmp_path: Pa
 def sft_study(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("sft-sweep")
     module = write_module(cwd, tiny_llama, DATES / "train.jsonl", score=True)
-    result = run_hpo(["search", str(module)], cwd=cwd)
+    # the memory-lean loss chosen on the command line (tests/test_lean_loss.py: the plain loss's gradients)
+    result = run_hpo(["search", str(module), "--set", "lean_loss=chunked"], cwd=cwd)
     assert result.returncode == 0, result.stdout + result.stderr
     return cwd
 
@@ -62,6 +63,7 @@ def test_an_sft_sweep_on_ray_records_the_generation_scores(sft_study: Path) -> N
     assert len(trials) == 3 and states <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
     assert optuna.trial.TrialState.COMPLETE in states
     for trial in trials:
+        assert trial.user_attrs["lean_loss"] == "chunked"
         curves = trial.user_attrs["curves"]
         steps = sorted(trial.intermediate_values)
         assert steps and [step for step, _ in curves["eval_exact_match"]] == steps

@@ -457,7 +457,7 @@ def preflight(sweep: Any, *, address: str | None, recipe: bool, worker_logs: boo
 
     Raises HpoError, one line: a ``gpus_per_trial``/``cpus_per_trial`` above every node's
     (the largest node's numbers are given), or -- for the built-in recipe, when the sweep asks
-    for a device, precision or quantization a worker may lack -- what a probe task holding
+    for a device, precision, quantization or lean loss a worker may lack -- what a probe task holding
     one trial's resources found (:func:`hpo.train.accelerator.problems`).
     """
     ray = _start_ray(address, worker_logs)
@@ -471,7 +471,8 @@ def preflight(sweep: Any, *, address: str | None, recipe: bool, worker_logs: boo
                 f"sweep field {field}={wanted:g}: no node of the Ray cluster has that many "
                 f"({'the largest has' if len(nodes) > 1 else 'it has'} {largest.get('GPU', 0.0):g} GPU, "
                 f"{largest.get('CPU', 0.0):g} CPU); lower it with --set {field}=... or add such a node")
-    if recipe and (sweep.device != "auto" or sweep.precision in ("bf16", "fp16") or sweep.quantization != "none"):
+    if recipe and (sweep.device != "auto" or sweep.precision in ("bf16", "fp16") or sweep.quantization != "none"
+                   or sweep.lean_loss in ("liger", "cce")):
         found = _probe(ray, sweep)
         if found:
             raise HpoError(found[0])
@@ -482,14 +483,14 @@ def _probe(ray: Any, sweep: Any) -> list[str]:
     the GPUs Ray would give one worker of a trial: a multi-worker trial's total may fit no
     node); a cluster too busy to answer in time is not an error."""
 
-    def probe(device: str, precision: str, quantization: str) -> list[str]:
+    def probe(device: str, precision: str, quantization: str, lean_loss: str) -> list[str]:
         from hpo.train import accelerator
 
-        return accelerator.problems(device, precision, quantization)
+        return accelerator.problems(device, precision, quantization, lean_loss)
 
     per_worker = sweep.worker_resources  # what each rank of a multi-worker trial sees, not the trial's total
     task = ray.remote(num_cpus=per_worker["CPU"], num_gpus=per_worker["GPU"])(probe)
-    ref = task.remote(sweep.device, sweep.precision, sweep.quantization)
+    ref = task.remote(sweep.device, sweep.precision, sweep.quantization, sweep.lean_loss)
     try:
         return ray.get(ref, timeout=PROBE_TIMEOUT)
     except ray.exceptions.GetTimeoutError:

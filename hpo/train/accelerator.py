@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from hpo.train import lean_loss as lean
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -180,7 +182,7 @@ def describe(device: torch.device) -> dict[str, str]:
     return described
 
 
-def problems(device: str, precision: str, quantization: str) -> list[str]:
+def problems(device: str, precision: str, quantization: str, lean_loss: str = "off") -> list[str]:
     """What this worker cannot run of the sweep's settings, one fix-it line each.
 
     Called inside a Ray task holding one worker's resources, so it sees what a trial would.
@@ -192,12 +194,14 @@ def problems(device: str, precision: str, quantization: str) -> list[str]:
     mps = getattr(torch.backends, "mps", None)
     if device == "mps" and not (mps is not None and mps.is_available()):
         return ["sweep field device='mps': this worker has no Apple MPS device; use --set device=auto"]
-    return problems_of(facts(resolve_device(device)), device, precision, quantization, bitsandbytes_installed())
+    return problems_of(facts(resolve_device(device)), device, precision, quantization, bitsandbytes_installed(),
+                       lean_loss, lean.installed(lean_loss))
 
 
 def problems_of(found: DeviceFacts, device: str, precision: str, quantization: str,
-                bitsandbytes: bool) -> list[str]:
-    """:func:`problems` as a pure function of the worker's device facts."""
+                bitsandbytes: bool, lean_loss: str = "off", lean_package: bool = True) -> list[str]:
+    """:func:`problems` as a pure function of the worker's device facts (and of whether
+    bitsandbytes and ``lean_loss``'s package import there)."""
     lines: list[str] = []
     if found.kind == "cuda" and found.index is not None and found.index >= found.visible:
         lines.append(f"sweep field device={device!r}: the trial's worker sees {found.visible} CUDA device(s), "
@@ -221,6 +225,9 @@ def problems_of(found: DeviceFacts, device: str, precision: str, quantization: s
             lines.append(f"sweep field quantization={quantization!r} needs a CUDA GPU (bitsandbytes), but the "
                          f"trial's device is {found.label}; give trials a GPU (--set gpus_per_trial=1) or "
                          "--set quantization=none")
+    lean_problem = lean.problem(lean_loss, found.kind, lean_package)
+    if lean_problem:
+        lines.append(lean_problem)
     return lines
 
 

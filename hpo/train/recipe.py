@@ -182,6 +182,8 @@ class TrainJob:
     """sft without packing: batches of examples of similar length."""
     fused_optimizer: bool = False
     """AdamW's fused kernel."""
+    lean_loss: str = "off"
+    """causal_lm and sft: ``off``, ``chunked``, ``liger`` or ``cce`` (see :mod:`hpo.train.lean_loss`)."""
     generation_examples: int = 32
     """sft: eval examples scored by greedy generation."""
     max_new_tokens: int = 32
@@ -233,6 +235,7 @@ class TrainJob:
             packing=sweep.packing,
             group_by_length=sweep.group_by_length,
             fused_optimizer=sweep.fused_optimizer,
+            lean_loss=sweep.lean_loss,
             generation_examples=sweep.generation_examples,
             max_new_tokens=sweep.max_new_tokens,
             chat_template=sweep.chat_template,

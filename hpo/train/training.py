@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import torch
 
 from hpo.errors import is_out_of_memory
-from hpo.train import accelerator, cost, data, models, sft
+from hpo.train import accelerator, cost, data, lean_loss, models, sft
 from hpo.train.recipe import TrainJob
 
 Reporter = Callable[[int, dict[str, float]], None]
@@ -97,7 +97,9 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
     hooks_before = _embedding_hooks(base)
     _set_gradient_checkpointing(base, job.gradient_checkpointing)
     model = get_peft_model(base, _lora_config(job, base.config.model_type))
+    restore_forward: Callable[[], None] | None = None
     try:
+        restore_forward = lean_loss.apply(base, job.lean_loss)  # the model's own forward is back in finally
         trainable = _upcast_trainable(model)
         run.trainable_params = trainable
         if on_start is not None:
@@ -112,6 +114,8 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
         traceback.clear_frames(error.__traceback__)
         raise
     finally:
+        if restore_forward is not None:
+            restore_forward()
         model.unload()  # the cached base is clean again for the next run on this worker
         _remove_new_embedding_hooks(base, hooks_before)  # peft's input-grad hook (checkpointing)
         del model  # the caller frees what is left (hpo.train.accelerator.release_memory)
@@ -165,6 +169,7 @@ def _settings(job: TrainJob, model: Any, run: _Run, trainable: int) -> dict[str,
     config = model.peft_config["default"]
     return {**accelerator.describe(run.device), "precision": run.precision, "quantization": job.quantization,
             "gradient_checkpointing": job.gradient_checkpointing, "attn_implementation": job.attn_implementation,
+            "lean_loss": job.lean_loss,
             "target_modules": ",".join(sorted(config.target_modules or ())), "trainable_params": trainable}
 
 
