@@ -137,7 +137,7 @@ def check_data(
     import dataclasses
     from pathlib import Path
 
-    from hpo.analysis.data_findings import checks_folder, write_checks
+    from hpo.analysis.data_findings import CHECKS_ROOT, checks_folder, write_checks
     from hpo.config import Sweep, parse_overrides, resolve_paths
     from hpo.run.sweep import check_data as run_check
 
@@ -211,7 +211,9 @@ def check_data(
             console.print(deeper["clean"], highlight=False)
         if "mlflow_run" in deeper:
             console.print(f"logged to MLflow run {deeper['mlflow_run']} under checks/", highlight=False)
-        console.print(f"recorded in {recorded} (hpo diagnose and hpo report read it for study {name})", highlight=False)
+        read = f"for study {folder.name}" if folder.resolve().parent == CHECKS_ROOT.resolve() else \
+            f"when it is at {checks_folder('STUDY') / recorded.name}"
+        console.print(f"recorded in {recorded} (hpo diagnose and hpo report read it {read})", highlight=False)
     if report.errors:
         if labels or paraphrases:
             err_console.print("note: --labels/--paraphrases did not run: fix the errors above first", highlight=False)
