@@ -8,6 +8,7 @@ import json
 import math
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import optuna
 import pytest
@@ -546,3 +547,49 @@ def test_an_empty_study_says_there_is_nothing_yet() -> None:
     assert diagnosis.trials == [] and diagnosis.importance == {} and diagnosis.edges == []
     assert diagnosis.advice[0].startswith("no finished trials to diagnose yet")
     json.dumps(diagnosis.to_dict(), allow_nan=False)
+
+
+# --- what hpo check-data recorded ---------------------------------------------------------------
+
+def test_recorded_data_checks_become_findings_with_the_rows_behind_them(tmp_path: Path) -> None:
+    """checks.json as hpo check-data writes it (its plain checks, --labels, --paraphrases) comes back
+    as data findings, each with its rows, in the diagnosis and its JSON."""
+    from hpo.analysis.checks_report import DataReport
+    from hpo.analysis.checks_report import Finding as DataFinding
+    from hpo.analysis.data_findings import with_data_checks, write_checks
+    from hpo.analysis.label_issues import LabelIssues, Suspect
+    from hpo.analysis.near_duplicates import Pair, Pairs
+
+    report = DataReport([DataFinding("warning", "duplicate", "train.tsv", "1 of 40 rows repeat an earlier one", 1,
+                                     [10])], {})
+    labels = LabelIssues("quick", 80, 0.9, [Suspect("train.tsv", 4, "a fine, moving film", 0, 1, 0.91, 0.09)], 1.0)
+    pairs = Pairs([Pair("paraphrase", "train-eval", 0.95, 7, 3, "the food was good", "good food it was")],
+                  eval_rows=20, eval_source="eval.tsv", seconds=0.5, leaked=[3])
+    write_checks(tmp_path / "planted", {**report.to_dict(), "labels": labels.to_dict(),
+                                        "paraphrases": pairs.to_dict(), "files": []}, "train.tsv", "eval.tsv")
+    sweep = {"train_data": "train.tsv", "eval_data": "eval.tsv"}
+    plain = diagnose_study(mixed_study())
+    diagnosis = with_data_checks(plain, tmp_path / "planted", sweep)
+    found = {f.kind: f for f in diagnosis.data_findings}
+    assert list(found) == ["duplicate", "label_issues", "near_duplicates", "eval_leakage"]
+    assert found["duplicate"].rows == [{"row": 10, "source": "train.tsv"}]
+    assert found["label_issues"].message == "1 rows may be mislabelled (quick probe over 80 rows, out-of-fold " \
+                                            "accuracy 90.0%)"
+    assert found["label_issues"].rows[0]["row"] == 4 and found["label_issues"].rows[0]["suggested_label"] == 1
+    assert found["near_duplicates"].rows[0]["second_row"] == 3
+    assert found["eval_leakage"].message == pairs.warning() and found["eval_leakage"].rows == [{"row": 3,
+                                                                                                  "split": "eval"}]
+    result = json.loads(json.dumps(diagnosis.to_dict(), allow_nan=False))
+    assert result["data_checks"]["found"] and "note" not in result["data_checks"]
+    assert [f["kind"] for f in result["data_findings"]] == list(found)
+    assert result["data_findings"][1]["rows"][0]["text"] == "a fine, moving film"
+    assert [f.scope for f in diagnosis.all_findings()][:len(result["study_findings"]) + 4] == \
+        ["study"] * len(result["study_findings"]) + ["data"] * 4
+
+    elsewhere = with_data_checks(plain, tmp_path / "planted", {"train_data": "other.tsv"})
+    assert "these checks read train.tsv / eval.tsv, but the study trained on other.tsv / None: they may not describe " \
+           "its data" == elsewhere.data_checks["note"]
+    missing = with_data_checks(plain, tmp_path / "nowhere")
+    assert missing.data_findings == [] and not missing.data_checks["found"]
+    assert missing.data_checks["note"].startswith(f"no `hpo check-data` results for study {missing.study} (looked for "
+                                                  f"{tmp_path / 'nowhere' / 'checks.json'})")
