@@ -448,7 +448,7 @@ def _diagnosis(loaded: Any, tracking_uri: str | None = None) -> Any:
             err_console.print(f"note: the data checks logged to MLflow were not read: {error}", highlight=False)
             run = None
         if run is not None:
-            return diagnose_with_checks(loaded, Path(folder) / "checks", f"MLflow run {run}, checks/{CHECKS_FILE}")
+            return diagnose_with_checks(loaded, Path(folder), f"MLflow run {run}, checks/{CHECKS_FILE}")
     return diagnose_with_checks(loaded)
 
 

@@ -150,7 +150,7 @@ def test_early_stopping_ends_a_trial_with_its_reason(tmp_path: Path, tiny_bert: 
     assert trial.value == trial.intermediate_values[stopped]
 
 
-def _planted_study(tmp_path: Path, train: Path, evals: Path) -> str:
+def _planted_study(tmp_path: Path, train: Path, evals: Path, tracking_uri: str | None = None) -> str:
     """A study named ``planted`` whose sweep trained on ``train``/``evals``: trials 0 and 1 overfit,
     2 shows early signs (the shipped demo's trial 0), 3 is healthy, 4 was pruned after one evaluation."""
     from hpo.record.sweep_record import SweepRecord
@@ -159,7 +159,7 @@ def _planted_study(tmp_path: Path, train: Path, evals: Path) -> str:
     storage = f"sqlite:///{tmp_path / 'hpo.db'}"
     study = optuna.create_study(study_name="planted", storage=storage, direction="maximize")
     SweepRecord(sweep={"metric": "eval_accuracy", "direction": "maximize", "max_steps": 200, "eval_every": 20,
-                       "train_data": str(train), "eval_data": str(evals)}).save(study)
+                       "train_data": str(train), "eval_data": str(evals)}, tracking_uri=tracking_uri).save(study)
     overfit = {"train_loss": pairs(OVERFIT_TRAIN), "eval_loss": pairs(OVERFIT_EVAL)}
     curves = [overfit, overfit, DEMO[0], DEMO[8], {"train_loss": [[20, 0.69]], "eval_loss": [[20, 0.7]]}]
     for number, trial_curves in enumerate(curves):
@@ -232,3 +232,34 @@ def test_diagnose_json_and_the_report_page_carry_every_finding_with_what_is_behi
             browser.evaluate(f"document.getElementById('{link[1:]}') !== null") for link in links)
         tables = browser.evaluate("[...document.querySelectorAll('#data table')].map(t => t.innerText)")
         assert "row\tsource\n10\ttrain.tsv" in tables[0] and "row\tsource\n1\teval.tsv" in tables[1], tables
+
+
+def test_diagnose_reads_the_data_checks_logged_to_the_sweeps_mlflow_run(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """No .hpo/checks/STUDY here (check-data ran elsewhere with --tracking-uri): hpo diagnose finds
+    checks.json under checks/ of the study's MLflow sweep run."""
+    from typer.testing import CliRunner
+
+    from hpo.analysis.data_findings import write_checks
+    from hpo.cli import app
+    from hpo.record.tracking import SweepTracker, log_data_checks
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train, evals = tmp_path / "train.tsv", tmp_path / "eval.tsv"
+    storage = _planted_study(tmp_path, train, evals, tracking_uri=uri)
+    tracker = SweepTracker(uri, "planted")
+    sweep_run = tracker.start_sweep({}, {})
+    tracker.end_sweep()
+    duplicate = {"severity": "warning", "code": "duplicate", "source": str(train), "message": "1 of 40 rows repeat",
+                 "count": 1, "rows": [10]}
+    recorded = write_checks(tmp_path / "elsewhere", {"findings": [duplicate]}, str(train), str(evals))
+    assert log_data_checks(uri, "planted", [recorded]) == sweep_run
+
+    diagnosed = CliRunner().invoke(app, ["diagnose", "--json", "--storage", storage])
+    assert diagnosed.exit_code == 0, diagnosed.stdout
+    result = json.loads(diagnosed.stdout)
+    assert result["data_checks"]["source"] == f"MLflow run {sweep_run}, checks/checks.json"
+    assert [(f["kind"], f["rows"]) for f in result["data_findings"]] == [("duplicate", [{"row": 10,
+                                                                                         "source": str(train)}])]
+    assert not (tmp_path / ".hpo").exists(), "diagnose writes nothing here"

@@ -702,12 +702,14 @@ def _first_line(error: BaseException) -> str:
 
 def fetch_data_checks(tracking_uri: str | None, study_name: str, folder: Any) -> str | None:
     """Download ``checks/checks.json`` (what :func:`log_data_checks` logged) of the study's sweep run,
-    else of its ``check-data`` run, to ``folder/checks/checks.json``; returns the run's id, or None
-    when there is none. Reads only: no experiment is made, and an SQLite store that is not there
-    is not created. Raises HpoError when the store cannot be reached (:func:`check_tracking`)."""
+    else of its ``check-data`` run, to ``folder/checks.json``; returns the run's id, or None when
+    there is none. Reads only: no experiment is made, and an SQLite store that is not there is not
+    created. Raises HpoError when the store cannot be reached (:func:`check_tracking`)."""
     from pathlib import Path
 
     from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no bar in the output
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
     check_tracking(uri)
