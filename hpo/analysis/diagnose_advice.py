@@ -101,16 +101,13 @@ def within_prior(edge: dict, prior: Prior | None) -> dict:
     """The edge with its suggestion kept inside ``prior``: None and ``held_by_prior`` when the
     bound already is where the prior stops, else clipped to the prior (``clipped_by_prior``)."""
     edge = {**edge, "prior": prior.to_dict() if prior else None, "held_by_prior": False, "clipped_by_prior": False}
-    wider = edge["suggestion"]
-    if prior is None or wider is None or prior.allows(wider):
+    wider, upper = edge["suggestion"], edge["bound"] == "upper"
+    limit = None if prior is None else prior.high if upper else prior.low
+    if limit is None or wider is None or (wider <= limit if upper else wider >= limit):
         return edge
-    limit = prior.high if edge["bound"] == "upper" else prior.low
-    if limit is None or (edge["value"] >= limit if edge["bound"] == "upper" else edge["value"] <= limit):
-        return {**edge, "suggestion": None, "held_by_prior": True}
-    if edge["scale"] == "choices":
-        return {**edge, "suggestion": None, "held_by_prior": True}  # the next choice lies past the prior
-    clipped = prior.clamp(wider)
-    return {**edge, "suggestion": round(clipped) if isinstance(wider, int) else clipped, "clipped_by_prior": True}
+    if (edge["value"] >= limit if upper else edge["value"] <= limit) or edge["scale"] == "choices":
+        return {**edge, "suggestion": None, "held_by_prior": True}  # at the prior already, or the next choice past it
+    return {**edge, "suggestion": round(limit) if isinstance(wider, int) else limit, "clipped_by_prior": True}
 
 
 def numeric_edge(name: str, distribution: Any, values: list[float]) -> dict | None:

@@ -63,7 +63,8 @@ KINDS = ("diverging", "overfitting", "underfitting", "slow_convergence", "early_
 
 @dataclass(frozen=True)
 class Finding:
-    """One thing a trial's curves show, with the numbers it rests on."""
+    """One thing the diagnosis found (in a trial's curves, the study or the data), with the numbers
+    it rests on and the trials or rows behind it."""
 
     kind: str
     """A trial's: one of ``KINDS``. The study's (``scope`` study) and the data's (``scope`` data)
