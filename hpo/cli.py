@@ -422,7 +422,7 @@ def diagnose(study: Study = None, storage: Storage = None, as_json: AsJson = Fal
     console.print("[bold]what to try next:[/]")
     for finding in result["study_findings"]:
         trials = finding["trials"]
-        behind = f" (trials {', '.join(map(str, trials))})" if trials else ""
+        behind = f" (trial{'s' if len(trials) > 1 else ''} {', '.join(map(str, trials))})" if trials else ""
         console.print(f"  - {finding['message']}{behind}", highlight=False)
 
 
