@@ -11,7 +11,8 @@ A search-space module imports only this package's light surface::
 
 from hpo.config import Sweep
 from hpo.errors import HpoError
+from hpo.priors import Prior
 from hpo.train.reporter import Report, ReportError
 
-__all__ = ["HpoError", "Report", "ReportError", "Sweep"]
+__all__ = ["HpoError", "Prior", "Report", "ReportError", "Sweep"]
 __version__ = "0.1.0"

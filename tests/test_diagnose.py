@@ -8,6 +8,7 @@ import json
 import math
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import optuna
 import pytest
@@ -15,6 +16,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from hpo.analysis.diagnose import Finding, StudyDiagnosis, diagnose_curves, diagnose_study
+from hpo.analysis.diagnose_thresholds import EARLY_OVERFIT_RISE, IMPORTANCE_MIN_TRIALS, OVERFIT_RISE
+from hpo.priors import Prior
 
 EVERY = 20
 Shape = Callable[[float], tuple[float, float]]
@@ -172,6 +175,109 @@ def test_stopping_before_max_steps_is_in_the_evidence() -> None:
     assert "stopped at step 80 of 200" in finding.message
 
 
+# --- findings that read true ------------------------------------------------------------------
+
+# Trials 0, 7 and 8 of the shipped demo (`hpo search search_spaces/lora.py`, seed 0, 2-core CPU).
+DEMO = {
+    0: {"train_loss": pairs([0.653, 0.3917, 0.1927, 0.0767, 0.0438, 0.029]),
+        "eval_loss": pairs([0.5369, 0.3909, 0.3931, 0.3328, 0.402, 0.4161])},
+    7: {"train_loss": pairs([0.5995, 0.3522, 0.1465, 0.0714, 0.0256, 0.0262]),
+        "eval_loss": pairs([0.5398, 0.2985, 0.3241, 0.3468, 0.4128, 0.4174])},
+    8: {"train_loss": pairs([0.6849, 0.5336, 0.2675, 0.1817, 0.1442, 0.134]),
+        "eval_loss": pairs([0.6601, 0.4262, 0.3539, 0.3818, 0.419, 0.3366])},
+}
+
+
+def test_an_eval_loss_that_ended_above_its_best_is_not_called_healthy() -> None:
+    """The demo's trial 0 was "healthy ... no sign of trouble, and still improving at the end"
+    while its eval_loss ended 25% above its best point (6% above its smoothed low)."""
+    [finding] = diagnose_curves(DEMO[0], max_steps=120)
+    assert finding.kind == "early_overfitting"
+    assert finding.evidence["best_eval_step"] == 80 and finding.evidence["best_eval_loss"] == 0.3328
+    assert finding.evidence["eval_low"] == pytest.approx(0.3909)  # the running median of 3 at step 60
+    assert EARLY_OVERFIT_RISE <= finding.evidence["eval_rise"] < OVERFIT_RISE
+    assert finding.evidence["eval_rise_from_best"] == pytest.approx(0.2503, abs=1e-3)
+    assert finding.message == ("eval_loss was best at step 80 (0.333; 0.391 smoothed) and ended 6% worse than that "
+                               "smoothed best (25% worse than the point): 0.416 at step 120 while train_loss kept "
+                               "falling 0.0767 -> 0.029: early signs of overfitting (overfitting from 8%)")
+    assert "still improving" not in finding.message
+
+
+def test_overfitting_gives_the_numbers_its_share_compares() -> None:
+    [finding] = diagnose_curves(DEMO[7], max_steps=120)
+    assert finding.kind == "overfitting"
+    # 29% is measured from the smoothed low (0.324), 40% from the lowest point (0.2985): both named
+    assert "best at step 40 (0.298; 0.324 smoothed) and ended 29% worse than that smoothed best (40% worse than the " \
+           "point): 0.417 at step 120" in finding.message
+    assert finding.evidence["eval_rise"] == pytest.approx(0.288, abs=1e-3)
+
+
+def test_healthy_says_which_curve_is_still_improving() -> None:
+    [finding] = diagnose_curves(DEMO[8], max_steps=120)
+    assert finding.kind == "healthy"
+    assert finding.evidence["still_improving"] == ["train_loss"]
+    assert finding.message == ("train_loss fell 80% (0.685 -> 0.134); eval_loss was best at its last evaluation (step "
+                               "120, 0.337): no sign of trouble; train_loss still improving at the end")
+
+
+@pytest.mark.parametrize(("rise", "kind"), [(0.02, "healthy"), (0.06, "early_overfitting"), (0.12, "overfitting")])
+def test_a_rise_off_the_low_is_named_by_the_thresholds(rise: float, kind: str) -> None:
+    """eval_loss settles at 0.40 and ends ``rise`` above it while train_loss keeps falling."""
+    evals = [0.70, 0.52, 0.43, 0.40, 0.40, 0.40, 0.40 * (1 + rise / 2), 0.40 * (1 + rise), 0.40 * (1 + rise)]
+    train = [0.70, 0.50, 0.40, 0.34, 0.30, 0.27, 0.25, 0.23, 0.21]
+    [finding] = diagnose_curves({"train_loss": pairs(train), "eval_loss": pairs(evals)})
+    assert finding.kind == kind
+    assert finding.evidence["eval_rise"] == pytest.approx(rise, abs=0.005)
+    shown = f"eval_loss was best at step 80 (0.4) and ended {round(100 * rise)}% worse than that best: " \
+            f"{0.4 * (1 + rise):.3g} at step 180"
+    assert shown in finding.message
+    if kind == "healthy":
+        assert "under the 4% that counts as an upturn: no sign of trouble" in finding.message
+
+
+def test_a_healthy_label_never_sits_on_an_upturn() -> None:
+    """Over noisy draws of good and overfitting runs: a curve called healthy ended under
+    EARLY_OVERFIT_RISE above its smoothed low, and the curves it calls still improving are
+    exactly those whose last half kept falling (``still_improving``)."""
+    healthy = 0
+    for kind in ("healthy", "overfitting"):
+        for seed in range(20):
+            for n in (5, 8, 12):
+                [finding] = diagnose_curves(make_curves(SHAPES[kind], n, noise=0.02, seed=seed))
+                if finding.kind != "healthy":
+                    continue
+                healthy += 1
+                assert finding.evidence.get("eval_rise", 0.0) < EARLY_OVERFIT_RISE
+                improving = finding.message.partition("no sign of trouble")[2]
+                assert [name for name in ("train_loss", "eval_loss") if name in improving] == \
+                    finding.evidence["still_improving"]
+    assert healthy >= 50
+
+
+def test_every_threshold_is_written_once_with_why() -> None:
+    """diagnose_thresholds holds the thresholds, each with a docstring; the rule and advice
+    modules define no numeric constant of their own (they import these)."""
+    import ast
+    import inspect
+
+    from hpo.analysis import diagnose_advice, diagnose_curve, diagnose_rules, diagnose_thresholds
+
+    body = ast.parse(inspect.getsource(diagnose_thresholds)).body
+    constants = [(node, body[i + 1] if i + 1 < len(body) else None) for i, node in enumerate(body)
+                 if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)]
+    assert len(constants) >= 13
+    for node, after in constants:
+        name = node.targets[0].id
+        assert isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+            and len(after.value.value.split()) >= 8, f"{name} has no docstring saying why"
+    for module in (diagnose_rules, diagnose_advice, diagnose_curve):
+        own = [n.targets[0].id for n in ast.parse(inspect.getsource(module)).body if isinstance(n, ast.Assign)
+               and isinstance(n.value, ast.Constant) and isinstance(n.value.value, (int, float))]
+        assert own == [], f"{module.__name__} defines thresholds of its own: {own}"
+    assert diagnose_rules.OVERFIT_RISE is diagnose_thresholds.OVERFIT_RISE
+    assert diagnose_advice.IMPORTANCE_MIN_TRIALS is diagnose_thresholds.IMPORTANCE_MIN_TRIALS
+
+
 # --- a study ---------------------------------------------------------------------------------
 
 DISTRIBUTIONS = {
@@ -270,11 +376,30 @@ def test_advice_is_concrete_and_most_shared_problem_first() -> None:
                for a in advice)
 
 
-def test_importance_covers_the_varying_params() -> None:
-    diagnosis = diagnose_study(mixed_study())
+def test_importance_on_few_trials_is_shown_with_its_count_but_names_no_parameter() -> None:
+    """The shipped demo said "the objective depends most on weight_decay (74%)" from 5 COMPLETE
+    trials; fANOVA ranks the right parameter first in under half of such studies."""
+    diagnosis = diagnose_study(mixed_study())  # 5 COMPLETE trials
     assert set(diagnosis.importance) == {"learning_rate", "weight_decay", "batch_size"}
     assert all(0.0 <= share <= 1.0 for share in diagnosis.importance.values())
-    assert any(a.startswith("the objective depends most on learning_rate") for a in diagnosis.advice)
+    assert (diagnosis.importance_trials, diagnosis.importance_trusted) == (5, False)
+    assert not any("depends most on" in a for a in diagnosis.advice)
+    [finding] = [f for f in diagnosis.study_findings if f.kind == "importance"]
+    assert finding.message == (f"parameter importance rests on 5 COMPLETE trials, fewer than the {IMPORTANCE_MIN_TRIALS} "
+                               "it takes to rank parameters reliably: no parameter is singled out yet (run more "
+                               "trials to learn which matter)")
+    assert finding.trials == [0, 1, 2, 5, 7] and finding.evidence["trusted"] is False
+    result = diagnosis.to_dict()
+    assert (result["importance_trials"], result["importance_trusted"]) == (5, False)
+
+
+def test_importance_on_enough_trials_names_the_parameters_and_its_count() -> None:
+    diagnosis = diagnose_study(edge_study())  # 12 COMPLETE trials; the objective grows with the learning rate
+    assert (diagnosis.importance_trials, diagnosis.importance_trusted) == (12, True)
+    assert max(diagnosis.importance, key=diagnosis.importance.__getitem__) == "learning_rate"
+    assert any(a.startswith("over 12 COMPLETE trials, the objective depends most on learning_rate") for a in
+               diagnosis.advice)
+    assert diagnose_study(edge_study()).importance == diagnosis.importance, "seeded: the same study, the same shares"
 
 
 def test_importance_needs_three_complete_trials_and_says_so() -> None:
@@ -311,14 +436,57 @@ def test_best_values_at_a_bound_give_edge_advice(direction: str) -> None:
     assert edges["learning_rate"]["bound"] == "upper" and edges["learning_rate"]["value"] == 5e-3
     assert edges["learning_rate"]["suggestion"] == pytest.approx(1.5e-2)
     assert edges["learning_rate"]["best_trials"] == [8, 4, 0]  # the best quarter, best first
-    assert "best learning_rate values lie at the upper bound 5e-03: widen the range (e.g. up to 1.5e-02)" \
+    best = "(the best 3 of 12 COMPLETE trials)"
+    assert f"best learning_rate values {best} lie at the upper bound 5e-03: widen the range (e.g. up to 1.5e-02)" \
         in diagnosis.advice
     assert edges["weight_decay"]["bound"] == "lower" and edges["weight_decay"]["suggestion"] is None
-    assert "best weight_decay values lie at the lower bound 0, which cannot be widened: consider fixing " \
+    assert f"best weight_decay values {best} lie at the lower bound 0, which cannot be widened: consider fixing " \
            "weight_decay at 0" in diagnosis.advice
     assert edges["batch_size"]["suggestion"] == 64
-    assert "best batch_size values all use the largest choice 32 of [8, 16, 32]: add larger choices (e.g. 64)" \
-        in diagnosis.advice
+    assert f"best batch_size values {best} all use the largest choice 32 of [8, 16, 32]: add larger choices " \
+           "(e.g. 64)" in diagnosis.advice
+    [finding] = [f for f in diagnosis.study_findings if f.kind == "range_edge" and f.evidence["param"] == "batch_size"]
+    assert finding.trials == [8, 4, 0]
+
+
+def record_priors(study: optuna.Study, **priors: Prior) -> None:
+    """What `hpo search` records for a module that declares ``priors``."""
+    study.set_user_attr("hpo", {**study.user_attrs["hpo"], "priors": {n: p.to_dict() for n, p in priors.items()}})
+
+
+def test_edge_advice_keeps_to_the_module_priors() -> None:
+    """The demo advised "add larger choices (e.g. 64)" for batch_size while its module's cited
+    prior says nothing above 32; a suggestion past a prior's bound is cut back to it."""
+    study = edge_study()
+    record_priors(study, batch_size=Prior(high=32, why="LoRA pays more than full fine-tuning for large batches"),
+                  learning_rate=Prior(high=1e-2, why="LoRA diverges above it here"))
+    diagnosis = diagnose_study(study)
+    edges = {e["param"]: e for e in diagnosis.edges}
+    assert edges["batch_size"]["held_by_prior"] and edges["batch_size"]["suggestion"] is None
+    assert "best batch_size values (the best 3 of 12 COMPLETE trials) all use the largest choice 32 of [8, 16, 32], " \
+           "where the module's prior stops (nothing above 32: LoRA pays more than full fine-tuning for large " \
+           "batches): keep the range" in diagnosis.advice
+    assert not any("larger choices" in a for a in diagnosis.advice)
+    assert edges["learning_rate"]["clipped_by_prior"] and edges["learning_rate"]["suggestion"] == 1e-2
+    assert "best learning_rate values (the best 3 of 12 COMPLETE trials) lie at the upper bound 5e-03: widen the " \
+           "range (e.g. up to 1e-02, the module's prior limit: LoRA diverges above it here)" in diagnosis.advice
+    assert diagnosis.to_dict()["priors"]["batch_size"] == {"low": None, "high": 32, "why": "LoRA pays more than "
+                                                           "full fine-tuning for large batches"}
+
+
+def test_overfitting_advice_raises_no_regulariser_past_its_prior() -> None:
+    study = new_study()
+    regularisers = {"weight_decay": FloatDistribution(0.0, 0.1), "lora_dropout": FloatDistribution(0.0, 0.15)}
+    for i, decay in enumerate((0.095, 0.098, 0.1)):
+        add(study, {"weight_decay": decay, "lora_dropout": 0.02 * (i + 1)}, value=0.8, distributions=regularisers,
+            curves={"train_loss": pairs(OVERFIT_TRAIN), "eval_loss": pairs(OVERFIT_EVAL)})
+    record_priors(study, weight_decay=Prior(high=0.1, why="a light regulariser for LoRA"),
+                  lora_dropout=Prior(high=0.15, why="a light regulariser for LoRA"))
+    [overfit] = [f for f in diagnose_study(study).study_findings if f.kind == "overfitting"]
+    assert overfit.message == ("3 of 3 trials overfit after ~100 steps: raise lora_dropout (within the module's "
+                               "priors: lora_dropout up to 0.15) or stop earlier (--set patience=2); weight_decay "
+                               "already near the module's prior limit (0.1): not raised")
+    assert overfit.trials == [0, 1, 2] and overfit.evidence["at_prior_limit"] == ["weight_decay"]
 
 
 def test_best_values_inside_the_range_give_no_edge() -> None:
@@ -365,7 +533,10 @@ def test_to_dict_has_the_documented_shape_and_is_strict_json() -> None:
     assert set(result) >= {"trials", "importance", "advice", "edges", "models"}
     entry = result["trials"][0]
     assert set(entry) >= {"number", "state", "findings"} and entry["state"] == "COMPLETE"
-    assert set(entry["findings"][0]) == {"kind", "message", "evidence"}
+    assert set(entry["findings"][0]) == {"kind", "message", "evidence", "trials", "rows", "scope"}
+    assert entry["findings"][0]["trials"] == [entry["number"]] and entry["findings"][0]["scope"] == "trial"
+    assert [f["message"] for f in result["study_findings"]] == result["advice"]
+    assert all(f["scope"] == "study" for f in result["study_findings"])
     nan_trial = next(t for t in result["trials"] if t["number"] == 3)
     assert nan_trial["findings"][0]["evidence"]["value"] == "nan"
     assert json.loads(text) == result
@@ -376,3 +547,49 @@ def test_an_empty_study_says_there_is_nothing_yet() -> None:
     assert diagnosis.trials == [] and diagnosis.importance == {} and diagnosis.edges == []
     assert diagnosis.advice[0].startswith("no finished trials to diagnose yet")
     json.dumps(diagnosis.to_dict(), allow_nan=False)
+
+
+# --- what hpo check-data recorded ---------------------------------------------------------------
+
+def test_recorded_data_checks_become_findings_with_the_rows_behind_them(tmp_path: Path) -> None:
+    """checks.json as hpo check-data writes it (its plain checks, --labels, --paraphrases) comes back
+    as data findings, each with its rows, in the diagnosis and its JSON."""
+    from hpo.analysis.checks_report import DataReport
+    from hpo.analysis.checks_report import Finding as DataFinding
+    from hpo.analysis.data_findings import with_data_checks, write_checks
+    from hpo.analysis.label_issues import LabelIssues, Suspect
+    from hpo.analysis.near_duplicates import Pair, Pairs
+
+    report = DataReport([DataFinding("warning", "duplicate", "train.tsv", "1 of 40 rows repeat an earlier one", 1,
+                                     [10])], {})
+    labels = LabelIssues("quick", 80, 0.9, [Suspect("train.tsv", 4, "a fine, moving film", 0, 1, 0.91, 0.09)], 1.0)
+    pairs = Pairs([Pair("paraphrase", "train-eval", 0.95, 7, 3, "the food was good", "good food it was")],
+                  eval_rows=20, eval_source="eval.tsv", seconds=0.5, leaked=[3])
+    write_checks(tmp_path / "planted", {**report.to_dict(), "labels": labels.to_dict(),
+                                        "paraphrases": pairs.to_dict(), "files": []}, "train.tsv", "eval.tsv")
+    sweep = {"train_data": "train.tsv", "eval_data": "eval.tsv"}
+    plain = diagnose_study(mixed_study())
+    diagnosis = with_data_checks(plain, tmp_path / "planted", sweep)
+    found = {f.kind: f for f in diagnosis.data_findings}
+    assert list(found) == ["duplicate", "label_issues", "near_duplicates", "eval_leakage"]
+    assert found["duplicate"].rows == [{"row": 10, "source": "train.tsv"}]
+    assert found["label_issues"].message == "1 rows may be mislabelled (quick probe over 80 rows, out-of-fold " \
+                                            "accuracy 90.0%)"
+    assert found["label_issues"].rows[0]["row"] == 4 and found["label_issues"].rows[0]["suggested_label"] == 1
+    assert found["near_duplicates"].rows[0]["second_row"] == 3
+    assert found["eval_leakage"].message == pairs.warning() and found["eval_leakage"].rows == [{"row": 3,
+                                                                                                  "split": "eval"}]
+    result = json.loads(json.dumps(diagnosis.to_dict(), allow_nan=False))
+    assert result["data_checks"]["found"] and "note" not in result["data_checks"]
+    assert [f["kind"] for f in result["data_findings"]] == list(found)
+    assert result["data_findings"][1]["rows"][0]["text"] == "a fine, moving film"
+    assert [f.scope for f in diagnosis.all_findings()][:len(result["study_findings"]) + 4] == \
+        ["study"] * len(result["study_findings"]) + ["data"] * 4
+
+    elsewhere = with_data_checks(plain, tmp_path / "planted", {"train_data": "other.tsv"})
+    assert "these checks read train.tsv / eval.tsv, but the study trained on other.tsv / None: they may not describe " \
+           "its data" == elsewhere.data_checks["note"]
+    missing = with_data_checks(plain, tmp_path / "nowhere")
+    assert missing.data_findings == [] and not missing.data_checks["found"]
+    assert missing.data_checks["note"].startswith(f"no `hpo check-data` results for study {missing.study} (looked for "
+                                                  f"{tmp_path / 'nowhere' / 'checks.json'})")

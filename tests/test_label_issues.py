@@ -89,7 +89,8 @@ def test_check_data_labels_table_csv_clean_copy_and_mlflow(tmp_path: Path) -> No
     client = MlflowClient(tracking_uri=uri)
     run_id = result.stdout.split("logged to MLflow run ")[1].split()[0]
     assert client.get_run(run_id).info.run_name == "check-data"
-    assert {a.path for a in client.list_artifacts(run_id, "checks")} == {"checks/label_issues.csv"}
+    assert {a.path for a in client.list_artifacts(run_id, "checks")} == {"checks/label_issues.csv",
+                                                                         "checks/checks.json"}
 
     relabelled = run_hpo(["check-data", "--set", f"train_data={data}", "--no-tokenizer", "--labels", "--json",
                           "--write-clean", str(tmp_path / "relabelled.tsv"), "--relabel"], tmp_path)
@@ -169,7 +170,8 @@ def test_strong_probe_cross_fits_the_best_trial_through_the_recipe(tmp_path: Pat
     assert (tmp_path / ".hpo" / "checks" / "reviews" / "label_issues.csv").is_file()
     assert json.loads(result.stdout)["mlflow_run"] == sweep_run  # the sweep's own run, from its record
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert [a.path for a in client.list_artifacts(sweep_run, "checks")] == ["checks/label_issues.csv"]
+    assert sorted(a.path for a in client.list_artifacts(sweep_run, "checks")) == ["checks/checks.json",
+                                                                                   "checks/label_issues.csv"]
     for suspect in found["suspects"]:
         assert suspect["source"] == str(data) and 0 <= suspect["label_quality"] <= suspect["confidence"] <= 1
     print(f"strong probe plumbing: {time.perf_counter() - started:.0f} s")

@@ -33,6 +33,23 @@ def test_every_shipped_module_loads_samples_and_builds_a_job(path: Path) -> None
         assert job.params.learning_rate == params["learning_rate"]
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_a_shipped_module_samples_within_its_own_priors(path: Path) -> None:
+    """A prior names a parameter the space samples, and the space never samples past it."""
+    loaded = spaces.load(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        params = spaces.call_space(loaded, study.ask())
+        for name, prior in loaded.priors.items():
+            assert name in params and prior.allows(params[name]), f"{path.name}: {name}={params.get(name)} vs {prior}"
+
+
+def test_lora_module_states_its_cited_priors() -> None:
+    priors = spaces.load(SEARCH_SPACES / "lora.py").priors
+    assert priors["batch_size"].high == 32 and "LoRA Without Regret" in priors["batch_size"].why
+    assert set(priors) == {"batch_size", "weight_decay", "lora_dropout"}
+
+
 def test_lora_module_samples_the_issue_parameters() -> None:
     params = spaces.sample_check(spaces.load(SEARCH_SPACES / "lora.py"))
     assert set(params) >= {"learning_rate", "batch_size", "lora_dropout", "weight_decay", "lora_r"}
@@ -69,6 +86,14 @@ GOOD_SWEEP = "import hpo\nsweep = hpo.Sweep(train_data='x.tsv')\n"
         ("import hpo\nsweep = hpo.Sweep(max_steps=-5)\n", "max_steps=-5 must be a whole number"),
         ("import missing_module_xyz\n", "space.py:1: raised ModuleNotFoundError at import"),
         ("raise SystemExit(3)\n", "raised SystemExit at import"),
+        (GOOD_SWEEP + "def space(trial):\n    return {}\npriors = ['batch_size']\n",
+         "`priors` is a list; expected a dict of parameter name -> hpo.Prior"),
+        (GOOD_SWEEP + "def space(trial):\n    return {}\npriors = {'batch_size': 32}\n",
+         "priors['batch_size'] is a int; expected hpo.Prior"),
+        (GOOD_SWEEP + "priors = {'lr': hpo.Prior(low=0.1, high=0.01, why='x')}\n",
+         "hpo.Prior: low=0.1 is above high=0.01; swap them"),
+        (GOOD_SWEEP + "priors = {'lr': hpo.Prior(high=1e-2)}\n", "hpo.Prior: why= is empty"),
+        (GOOD_SWEEP + "priors = {'lr': hpo.Prior(why='a paper')}\n", "hpo.Prior: give low=, high= or both"),
     ],
 )
 def test_bad_modules(tmp_path: Path, body: str, words: str) -> None:

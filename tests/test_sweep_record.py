@@ -27,8 +27,9 @@ def test_a_record_round_trips_through_the_study() -> None:
     assert SweepRecord.load(study) == record
     assert study.user_attrs["hpo"] == {**OLD_LAYOUT, "module": "m.py", "sweep": {"metric": "score", "max_steps": 4},
                                        "tracking_uri": "sqlite:///x.db", "mlflow_experiment_id": "1",
-                                       "mlflow_parent_run_id": "r", "custom_train": True, "version": VERSION}, \
-        "the same JSON keys as before, plus version"
+                                       "mlflow_parent_run_id": "r", "custom_train": True, "priors": {},
+                                       "version": VERSION}, \
+        "the same JSON keys as before, plus version and priors"
 
 
 def test_a_record_in_the_old_layout_loads() -> None:

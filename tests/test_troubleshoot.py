@@ -27,6 +27,9 @@ def space(trial):
     return {"lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True), "kind": KINDS[trial.number % len(KINDS)]}
 
 
+priors = {"lr": hpo.Prior(high=1e-2, why="a made-up bound for the test")}
+
+
 def curves(kind, t):
     """train and validation loss at fraction t of training, by known behaviour."""
     if kind == "overfit":   # validation bottoms out at 40% then climbs while training keeps falling
@@ -72,6 +75,8 @@ def test_diagnose_names_each_known_behaviour(tmp_path: Path) -> None:
     overfit = next(e for e in diagnosis["trials"] if kinds[e["number"]] == "overfit")
     assert overfit["findings"][0]["evidence"]["best_eval_step"] == 80
     assert diagnosis["advice"] and "importance" in diagnosis
+    assert diagnosis["priors"] == {"lr": {"low": None, "high": 1e-2, "why": "a made-up bound for the test"}}, \
+        "hpo search records the module's priors on the study"
 
     table = run_hpo(["diagnose"], cwd=tmp_path)
     assert "overfitting" in table.stdout and "what to try next" in table.stdout
@@ -143,3 +148,118 @@ def test_early_stopping_ends_a_trial_with_its_reason(tmp_path: Path, tiny_bert: 
     stopped = trial.user_attrs["stopped_early_at"]
     assert stopped < 40 and max(trial.intermediate_values) == stopped
     assert trial.value == trial.intermediate_values[stopped]
+
+
+def _planted_study(tmp_path: Path, train: Path, evals: Path, tracking_uri: str | None = None) -> str:
+    """A study named ``planted`` whose sweep trained on ``train``/``evals``: trials 0 and 1 overfit,
+    2 shows early signs (the shipped demo's trial 0), 3 is healthy, 4 was pruned after one evaluation."""
+    from hpo.record.sweep_record import SweepRecord
+    from tests.test_diagnose import DEMO, OVERFIT_EVAL, OVERFIT_TRAIN, pairs
+
+    storage = f"sqlite:///{tmp_path / 'hpo.db'}"
+    study = optuna.create_study(study_name="planted", storage=storage, direction="maximize")
+    SweepRecord(sweep={"metric": "eval_accuracy", "direction": "maximize", "max_steps": 200, "eval_every": 20,
+                       "train_data": str(train), "eval_data": str(evals)}, tracking_uri=tracking_uri).save(study)
+    overfit = {"train_loss": pairs(OVERFIT_TRAIN), "eval_loss": pairs(OVERFIT_EVAL)}
+    curves = [overfit, overfit, DEMO[0], DEMO[8], {"train_loss": [[20, 0.69]], "eval_loss": [[20, 0.7]]}]
+    for number, trial_curves in enumerate(curves):
+        pruned = number == 4
+        study.add_trial(optuna.trial.create_trial(
+            params={"learning_rate": 10 ** (-4 + number / 2)},
+            distributions={"learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)},
+            value=None if pruned else 0.8 + number / 100, user_attrs={"curves": trial_curves},
+            state=TrialState.PRUNED if pruned else TrialState.COMPLETE))
+    return storage
+
+
+def test_diagnose_json_and_the_report_page_carry_every_finding_with_what_is_behind_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hpo check-data records its findings for study ``planted``; hpo diagnose --json carries them
+    beside each trial's findings and the advice, each with its rows or trials; the report page
+    (headless Chromium) lists every one, advice linked to the trials behind it."""
+    from typer.testing import CliRunner
+
+    from hpo.cli import app
+    from tests.browser import Browser
+
+    monkeypatch.chdir(tmp_path)  # in process: the default checks folder is ./.hpo/checks
+    rows = ["label\ttext"] + [f"{i % 2}\tan ordinary review number {i} with several words" for i in range(40)]
+    rows[10] = "1\tan ordinary review number 3 with several words"  # row 10 repeats row 4
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    evals = ["label\ttext", "1\tan ordinary review number 7 with several words"]  # eval row 1 leaks (a warning
+    evals += [f"{i % 2}\ta review written only for the evaluation set, number {i}" for i in range(9)]  # at 1 in 10)
+    (tmp_path / "eval.tsv").write_text("\n".join(evals) + "\n")
+    checked = CliRunner().invoke(app, ["check-data", "--set", f"train_data={tmp_path / 'train.tsv'}", "--set",
+                                       f"eval_data={tmp_path / 'eval.tsv'}", "--no-tokenizer", "--out",
+                                       ".hpo/checks/planted"])
+    assert checked.exit_code == 0, checked.stdout
+    assert "recorded in .hpo/checks/planted/checks.json (hpo diagnose and hpo report read it for study planted)" \
+        in checked.stdout
+    storage = _planted_study(tmp_path, tmp_path / "train.tsv", tmp_path / "eval.tsv")
+
+    diagnosed = CliRunner().invoke(app, ["diagnose", "--json", "--storage", storage])
+    assert diagnosed.exit_code == 0, diagnosed.stdout
+    result = json.loads(diagnosed.stdout)
+    kinds = {t["number"]: [f["kind"] for f in t["findings"]] for t in result["trials"]}
+    assert kinds == {0: ["overfitting"], 1: ["overfitting"], 2: ["early_overfitting"], 3: ["healthy"], 4: []}
+    for trial in result["trials"]:
+        assert all(f["trials"] == [trial["number"]] and f["scope"] == "trial" for f in trial["findings"])
+    behind = {f["kind"]: f["trials"] for f in result["study_findings"]}
+    assert behind["overfitting"] == [0, 1] and behind["early_overfitting"] == [2]
+    assert behind["too_few_evaluations"] == [4] and behind["importance"] == [0, 1, 2, 3]
+    data = {f["kind"]: f for f in result["data_findings"]}
+    assert [r["row"] for r in data["duplicate"]["rows"]] == [10]
+    assert [r["row"] for r in data["leakage"]["rows"]] == [1]
+    assert result["data_checks"]["found"] and "note" not in result["data_checks"], "the same files the study used"
+
+    reported = CliRunner().invoke(app, ["report", "--storage", storage, "--output", "report"])
+    assert reported.exit_code == 0, reported.stdout
+    with Browser() as browser:
+        browser.open((tmp_path / "report" / "report.html").as_uri())
+        text = browser.wait_for(lambda t: "The data (hpo check-data)" in t and "Trials" in t, timeout=60,
+                                what="the report's findings")
+        for finding in result["study_findings"]:
+            numbers = finding["trials"]
+            assert f"{finding['message']} (trial{'s' if len(numbers) > 1 else ''} " \
+                   f"{', '.join(map(str, numbers))})" in text
+        for finding in result["data_findings"]:
+            assert finding["message"] in text
+        for trial in result["trials"]:
+            for finding in trial["findings"]:
+                assert f"{finding['kind']}: {finding['message']}" in text
+        links = browser.evaluate("[...document.querySelectorAll('#advice a')].map(a => a.getAttribute('href'))")
+        assert "#trial-2" in links and all(
+            browser.evaluate(f"document.getElementById('{link[1:]}') !== null") for link in links)
+        tables = browser.evaluate("[...document.querySelectorAll('#data table')].map(t => t.innerText)")
+        assert "row\tsource\n10\ttrain.tsv" in tables[0] and "row\tsource\n1\teval.tsv" in tables[1], tables
+
+
+def test_diagnose_reads_the_data_checks_logged_to_the_sweeps_mlflow_run(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """No .hpo/checks/STUDY here (check-data ran elsewhere with --tracking-uri): hpo diagnose finds
+    checks.json under checks/ of the study's MLflow sweep run."""
+    from typer.testing import CliRunner
+
+    from hpo.analysis.data_findings import write_checks
+    from hpo.cli import app
+    from hpo.record.tracking import SweepTracker, log_data_checks
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train, evals = tmp_path / "train.tsv", tmp_path / "eval.tsv"
+    storage = _planted_study(tmp_path, train, evals, tracking_uri=uri)
+    tracker = SweepTracker(uri, "planted")
+    sweep_run = tracker.start_sweep({}, {})
+    tracker.end_sweep()
+    duplicate = {"severity": "warning", "code": "duplicate", "source": str(train), "message": "1 of 40 rows repeat",
+                 "count": 1, "rows": [10]}
+    recorded = write_checks(tmp_path / "elsewhere", {"findings": [duplicate]}, str(train), str(evals))
+    assert log_data_checks(uri, "planted", [recorded]) == sweep_run
+
+    diagnosed = CliRunner().invoke(app, ["diagnose", "--json", "--storage", storage])
+    assert diagnosed.exit_code == 0, diagnosed.stdout
+    result = json.loads(diagnosed.stdout)
+    assert result["data_checks"]["source"] == f"MLflow run {sweep_run}, checks/checks.json"
+    assert [(f["kind"], f["rows"]) for f in result["data_findings"]] == [("duplicate", [{"row": 10,
+                                                                                         "source": str(train)}])]
+    assert not (tmp_path / ".hpo").exists(), "diagnose writes nothing here"

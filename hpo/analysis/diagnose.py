@@ -5,24 +5,34 @@ finished trial (COMPLETE, PRUNED, or FAIL with reason ``nan``) brings its ``curv
 attr (``{"train_loss": [[step, value], ...], "eval_loss": [...], "<metric>": [...]}``; when
 it is missing, its ``intermediate_values`` stand in as the objective's curve), ``reason``
 and ``config``; the study's ``hpo`` attr brings the sweep's ``metric``, ``direction`` and
-``max_steps``. :func:`diagnose_curves` is pure arithmetic on one trial's curves;
-:func:`diagnose_study` adds the study-wide view: importance, range edges, base models, advice.
+``max_steps``, and the module's priors. :func:`diagnose_curves` is pure arithmetic on one
+trial's curves; :func:`diagnose_study` adds the study-wide view: importance, range edges, base
+models, advice. Every finding carries the trials behind it (and a data check's, the rows):
+:meth:`StudyDiagnosis.all_findings` lists them in one place.
 
-The pieces: :mod:`hpo.analysis.diagnose_rules` holds the curve rules and their thresholds (one
-trial), :mod:`hpo.analysis.diagnose_curve` the arithmetic on one curve, :mod:`hpo.analysis.diagnose_advice`
-the study-wide view (importance, range edges, base models, advice).
+The pieces: :mod:`hpo.analysis.diagnose_thresholds` holds every threshold and why,
+:mod:`hpo.analysis.diagnose_rules` the curve rules (one trial), :mod:`hpo.analysis.diagnose_curve`
+the arithmetic on one curve, :mod:`hpo.analysis.diagnose_advice` the study-wide view, and
+:mod:`hpo.analysis.data_findings` the findings ``hpo check-data`` stored for the study.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from hpo.analysis.diagnose_advice import compare_models, param_importance, range_edges, study_advice
+from hpo.analysis.diagnose_advice import (
+    compare_models,
+    importance_trusted,
+    param_importance,
+    range_edges,
+    study_findings,
+)
 from hpo.analysis.diagnose_curve import first_value, to_points
 from hpo.analysis.diagnose_rules import KINDS, MIN_POINTS, Finding, diagnose_curves
 from hpo.formatting import json_safe
+from hpo.priors import stored_priors
 
 if TYPE_CHECKING:
     import optuna
@@ -67,15 +77,30 @@ class StudyDiagnosis:
     direction: str
     trials: list[TrialDiagnosis]
     importance: dict[str, float]
-    """Share of the objective's variation each parameter explains (Optuna's default evaluator)."""
+    """Share of the objective's variation each parameter explains (Optuna's fANOVA), over
+    ``importance_trials`` COMPLETE trials; advice names parameters from it only when
+    ``importance_trusted``."""
     edges: list[dict]
     """Parameters whose best values sit at a bound of their range: param, bound, value, suggestion..."""
     advice: list[str]
-    """What to try next, most pressing first."""
+    """What to try next, most pressing first: the messages of ``study_findings``."""
     models: dict[str, dict]
     """Per base model (a ``model`` param or config key): count (trials), complete, best, median, best_trial."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Trials not diagnosed, by state (and fail reason): running, failed with an error, ..."""
+    study_findings: list[Finding] = field(default_factory=list)
+    """The advice as findings (scope ``study``), each with the trials behind it and its evidence."""
+    importance_trials: int = 0
+    """The COMPLETE trials the importance rests on."""
+    importance_trusted: bool = False
+    """Whether that is enough to single out parameters (``IMPORTANCE_MIN_TRIALS``)."""
+    priors: dict[str, dict] = field(default_factory=dict)
+    """The module's priors as the study recorded them (:class:`hpo.priors.Prior` as dicts)."""
+    data_findings: list[Finding] = field(default_factory=list)
+    """What ``hpo check-data`` found in the study's data (scope ``data``, with the rows behind
+    each), when its results were found: :func:`hpo.analysis.data_findings.with_data_checks`."""
+    data_checks: dict = field(default_factory=dict)
+    """Where those came from (``source``, ``files``), or where they were looked for and a ``note``."""
 
     def counts(self) -> dict[str, int]:
         """How many trials have each finding kind."""
@@ -85,13 +110,20 @@ class StudyDiagnosis:
                 counts[kind] = counts.get(kind, 0) + 1
         return counts
 
+    def all_findings(self) -> list[Finding]:
+        """Every finding in one list: the study's advice first, then the data's, then each trial's."""
+        return [*self.study_findings, *self.data_findings, *(f for t in self.trials for f in t.findings)]
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (non-finite numbers as strings): ``json.dumps(..., allow_nan=False)`` works."""
         return json_safe({
             "study": self.study, "metric": self.metric, "direction": self.direction,
             "trials": [trial.to_dict() for trial in self.trials], "importance": self.importance,
+            "importance_trials": self.importance_trials, "importance_trusted": self.importance_trusted,
             "edges": self.edges, "advice": self.advice, "models": self.models, "counts": self.counts(),
-            "skipped": self.skipped,
+            "skipped": self.skipped, "study_findings": [f.to_dict() for f in self.study_findings],
+            "priors": self.priors, "data_findings": [f.to_dict() for f in self.data_findings],
+            "data_checks": self.data_checks,
         })
 
 
@@ -123,6 +155,7 @@ def diagnose_trial(trial: FrozenTrial, *, metric: str | None = None, direction: 
         findings = [Finding("diverging", f"the trial failed with a NaN/inf loss after step {last_step}: the "
                                          "learning rate is likely too high",
                             {"step": last_step, "reason": "nan", "error": trial.user_attrs.get("error")})]
+    findings = [replace(finding, trials=[trial.number]) for finding in findings]
     note = None
     if not findings:
         where = f" (last at step {last_step})" if last_step is not None else ""
@@ -136,8 +169,8 @@ def diagnose_trial(trial: FrozenTrial, *, metric: str | None = None, direction: 
 def diagnose_study(study: optuna.Study) -> StudyDiagnosis:
     """Diagnose every finished trial, then the study: importance, range edges, models, advice.
 
-    Reads the sweep's ``metric``, ``direction`` and ``max_steps`` from the study's ``hpo``
-    user attr (the study's own direction when it is missing). Writes nothing.
+    Reads the sweep's ``metric``, ``direction`` and ``max_steps`` and the module's priors from
+    the study's ``hpo`` user attr (the study's own direction when it is missing). Writes nothing.
     """
     from optuna.trial import TrialState
 
@@ -160,9 +193,11 @@ def diagnose_study(study: optuna.Study) -> StudyDiagnosis:
     complete = [t for t in finished if t.state == TrialState.COMPLETE and first_value(t) is not None
                 and math.isfinite(first_value(t))]
     importance, why_not = param_importance(study, complete)
-    edges = range_edges(complete, direction)
+    priors = stored_priors(record.priors if record else None)
+    edges = range_edges(complete, direction, priors)
     models = compare_models(trials, direction)
-    advice = study_advice(trials, sweep, importance, edges, models, direction, metric)
-    if why_not:
-        advice.append(why_not)
-    return StudyDiagnosis(study.study_name, metric, direction, trials, importance, edges, advice, models, skipped)
+    found = study_findings(trials, sweep, importance, edges, models, direction, metric,
+                           complete=[t.number for t in complete], priors=priors, importance_why_not=why_not)
+    return StudyDiagnosis(study.study_name, metric, direction, trials, importance, edges, [f.message for f in found],
+                          models, skipped, found, len(complete), importance_trusted(importance, len(complete)),
+                          {name: prior.to_dict() for name, prior in priors.items()})

@@ -1,44 +1,39 @@
 """The curve rules: what one trial's learning curves show (:func:`diagnose_curves`).
 
-Reading a curve. Thresholds are shares of the curve's own scale (its start level, or its
-lowest level), so they hold for a classification loss of 0.7 and a language-model loss of
-10. Curves have 3-30 noisy points, so levels, not points, are compared: a curve's start,
+The thresholds (``OVERFIT_RISE`` ...) and why they are what they are: :mod:`hpo.analysis.diagnose_thresholds`.
+Curves have 3-30 noisy points, so levels, not points, are compared: a curve's start,
 middle and end *level* is the median of k points there (k = 1 for 3-7 points, 2 for 8-11,
-3 for 12+), and lowest points are taken on a running median of 3 (5+ points). The rules,
+3 for 12+), and its *low* is taken on a running median of 3 (5+ points). The rules,
 checked in this order; the first that holds is the trial's finding:
 
 * ``diverging`` (learning rate too high): a NaN/inf in a loss curve (evidence ``step``: the
-  first one); or the training loss ends >= 10% (``DIVERGE_RISE``) of its start above its
-  start, or climbs back from its lowest level by >= 10% of its start, rising on the whole
-  from there (Kendall's tau >= 0.3) (``step``: where it turned up). A tenth of the whole
-  loss is far above the noise of a settled training loss, far below a real blow-up.
-  Without a training loss: the validation curve ends >= 10% above its start.
-* ``overfitting``: the validation loss ends >= 8% (``OVERFIT_RISE``) above its lowest
-  level, reached before the end, while the training loss ends below its level at that step.
-  8% is clear of the 2-3% wobble of a settled validation loss. Evidence:
-  ``best_eval_step`` (the lowest recorded value at the smoothed bottom), the losses there
-  and at the end, ``eval_rise``, ``train_loss_drop`` since the best step.
-* ``slow_convergence`` (learning rate too low): total drop < 35% (``SLOW_MAX_DROP``) of the
-  start, and training or validation loss is still falling: its last half removes >= 3%
-  (``SLOW_TAIL_DROP``) of the start, >= 0.25x (``SLOW_TAIL_RATIO``) what its first half
-  removed, and >= 2x (``SLOW_NOISE_FACTOR``) the curve's own point noise (median absolute
-  second difference); the other curve's last half falls too. A converged curve removes
-  almost nothing in its second half (ratio < 0.1); a linearly decaying learning rate makes
-  even a steadily learning run's ratio about 1/3, hence 0.25.
-* ``underfitting``: training and validation loss both end < 10% (``UNDERFIT_MAX_DROP``)
+  first one); or the training loss ends ``DIVERGE_RISE`` of its start above its start, or
+  climbs back from its lowest level by that much, rising on the whole from there
+  (``DIVERGE_STEADY_TAU``) (``step``: where it turned up). Without a training loss: the
+  validation curve ends ``DIVERGE_RISE`` above its start.
+* ``overfitting``: the validation loss ends ``OVERFIT_RISE`` or more above its low, reached
+  before the end, while the training loss ends below its level at that step. Evidence:
+  ``best_eval_step`` (the lowest recorded value at the smoothed low), the losses there and at
+  the end, ``eval_low`` (the smoothed low the rise is measured from), ``eval_rise``,
+  ``eval_rise_from_best`` (the same from the lowest point), ``train_loss_drop`` since then.
+* ``slow_convergence`` (learning rate too low): total drop under ``SLOW_MAX_DROP`` of the
+  start, and training or validation loss is still falling (its last half removes
+  ``SLOW_TAIL_DROP`` of the start, ``SLOW_TAIL_RATIO`` of what its first half removed and
+  ``SLOW_NOISE_FACTOR`` times its point noise); the other curve's last half falls too.
+* ``underfitting``: training and validation loss both end less than ``UNDERFIT_MAX_DROP``
   below their start, without that steady tail: stuck high and flat.
-* ``healthy``: none of these (its message says when the loss was still improving at the end).
+* ``early_overfitting``: the overfitting pattern with a rise of ``EARLY_OVERFIT_RISE`` or more
+  but under ``OVERFIT_RISE``: an upturn worth watching, not yet a clear one. Same evidence.
+* ``healthy``: none of these. Its message names each curve that was still improving at the
+  end, and where the validation curve was lowest and how far above that it ended.
 
-Measured on the synthetic shapes of tests/test_diagnose.py with 2% noise on every point,
-the intended kind comes out in >= 97% of draws for 5-30 points (>= 92% at 3% noise), except
-a too-low learning rate under a linear decay, which needs 8+ points (83% at 5); the tests
-check >= 90% of 50 draws per shape and length. The objective's curve stands in for
-``eval_loss`` when that is missing (a maximised metric turned upside down; evidence keys
-then carry its name: ``best_eval_accuracy``). Drops count from the first evaluation (after
-``eval_every`` steps), not from step 0; a pretrained model whose loss starts near its floor
-(a causal-LM fine-tune) drops little: read ``underfitting`` there with its evidence. With
-fewer than 3 finite points (``MIN_POINTS``) only NaN/inf is claimed; otherwise
-:func:`diagnose_curves` returns ``[]`` (never ``healthy``) and the trial's entry in
+A message and its evidence agree: a percentage is given with the two numbers it compares. The
+objective's curve stands in for ``eval_loss`` when that is missing (a maximised metric turned
+upside down; evidence keys then carry its name: ``best_eval_accuracy``). Drops count from the
+first evaluation (after ``eval_every`` steps), not from step 0; a pretrained model whose loss
+starts near its floor (a causal-LM fine-tune) drops little: read ``underfitting`` there with
+its evidence. With fewer than ``MIN_POINTS`` finite points only NaN/inf is claimed;
+otherwise :func:`diagnose_curves` returns ``[]`` (never ``healthy``) and the trial's entry in
 :class:`hpo.analysis.diagnose.StudyDiagnosis` says why in its ``note``.
 """
 
@@ -49,35 +44,46 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hpo.analysis.diagnose_curve import Curve, drops, kendall_tau, rounded, to_points
+from hpo.analysis.diagnose_thresholds import (
+    DIVERGE_RISE,
+    DIVERGE_STEADY_TAU,
+    EARLY_OVERFIT_RISE,
+    MIN_POINTS,
+    OVERFIT_RISE,
+    SLOW_MAX_DROP,
+    SLOW_NOISE_FACTOR,
+    SLOW_TAIL_DROP,
+    SLOW_TAIL_RATIO,
+    UNDERFIT_MAX_DROP,
+)
 from hpo.formatting import json_safe, num, percent
 
-# The thresholds, as shares of a curve's start (or lowest) level; the module docstring says why.
-MIN_POINTS = 3  # finite evaluations needed to judge a curve's shape
-DIVERGE_RISE = 0.10  # training loss ends this far above its start, or climbs back this far from its lowest
-DIVERGE_STEADY_TAU = 0.3  # ... rising on the whole from its lowest point (Kendall's tau)
-OVERFIT_RISE = 0.08  # validation loss ends this far above its lowest level
-SLOW_TAIL_DROP = 0.03  # a still-falling curve's last half removes at least this much
-SLOW_TAIL_RATIO = 0.25  # ... and at least this share of what its first half removed
-SLOW_NOISE_FACTOR = 2.0  # ... and at least this many times its point noise
-SLOW_MAX_DROP = 0.35  # slow: less than this dropped in all
-UNDERFIT_MAX_DROP = 0.10  # underfitting: less than this dropped, training and validation loss
-
-KINDS = ("diverging", "overfitting", "underfitting", "slow_convergence", "healthy")
+KINDS = ("diverging", "overfitting", "underfitting", "slow_convergence", "early_overfitting", "healthy")
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One thing a trial's curves show, with the numbers it rests on."""
+    """One thing the diagnosis found (in a trial's curves, the study or the data), with the numbers
+    it rests on and the trials or rows behind it."""
 
     kind: str
-    """``overfitting``, ``underfitting``, ``diverging``, ``slow_convergence`` or ``healthy``."""
+    """A trial's: one of ``KINDS``. The study's (``scope`` study) and the data's (``scope`` data)
+    name what they are about: ``importance``, ``range_edge``, ``label_issues``, ..."""
     message: str
     """One line for a person."""
     evidence: dict = field(default_factory=dict)
     """The steps and values behind it (may hold NaN/inf; :meth:`to_dict` makes them strings)."""
+    trials: list[int] = field(default_factory=list)
+    """The trials behind it, by number (a trial's own finding: that trial)."""
+    rows: list[dict] = field(default_factory=list)
+    """The data rows behind it (a data check's finding), each a dict naming its row: ``row`` (1-based,
+    as ``hpo check-data`` numbers rows), or ``first_row`` and ``second_row`` for a pair."""
+    scope: str = "trial"
+    """``trial`` (one trial's curves), ``study`` (what to try next) or ``data`` (``hpo check-data``)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "message": self.message, "evidence": json_safe(self.evidence)}
+        return {"kind": self.kind, "message": self.message, "evidence": json_safe(self.evidence),
+                "trials": list(self.trials), "rows": json_safe(self.rows), "scope": self.scope}
 
 
 def diagnose_curves(curves: dict[str, list[tuple[int, float]]], *, max_steps: int | None = None,
@@ -104,12 +110,13 @@ def diagnose_curves(curves: dict[str, list[tuple[int, float]]], *, max_steps: in
     elif train is None and val is None:
         return []
     elif train is not None:
-        found = diverging(train) or (overfitting(val, train) if val is not None else None) or slow_or_underfitting(train, val) \
-            or healthy(train, val)
+        found = diverging(train) or (overfitting(val, train, OVERFIT_RISE) if val is not None else None) \
+            or slow_or_underfitting(train, val) \
+            or (overfitting(val, train, EARLY_OVERFIT_RISE) if val is not None else None) or healthy(train, val)
     else:
         assert val is not None
-        found = diverging_without_train(val) or overfitting(val, None) or slow_or_underfitting(val, None) \
-            or healthy(val, None)
+        found = diverging_without_train(val) or overfitting(val, None, OVERFIT_RISE) \
+            or slow_or_underfitting(val, None) or overfitting(val, None, EARLY_OVERFIT_RISE) or healthy(val, None)
     last_step = max((s for pairs in (points.get("train_loss", []), points.get(val_name, [])) for s, _ in pairs),
                     default=None)
     evidence = {**found.evidence, "last_step": last_step, "max_steps": max_steps,
@@ -170,18 +177,17 @@ def diverging_without_train(val: Curve) -> Finding | None:
                                 "is likely too high", evidence)
 
 
-def overfitting(val: Curve, train: Curve | None) -> Finding | None:
-    """Validation loss bottoms out before the end and rises materially while training loss falls."""
-    best, best_level = val.bottom()
-    end = val.level("end")
-    rise = (end - best_level) / (abs(best_level) or 1.0)
-    if best >= len(val) - 1 or rise < OVERFIT_RISE:
+def overfitting(val: Curve, train: Curve | None, needed: float) -> Finding | None:
+    """Validation loss turns up from its low before the end by ``needed`` or more of it while
+    training loss falls: ``overfitting`` from ``OVERFIT_RISE``, ``early_overfitting`` below it."""
+    best, low, rise = upturn(val)
+    if best >= len(val) - 1 or rise < needed:
         return None
-    best_step = val.steps[best]
-    label = val.name
+    best_step, label = val.steps[best], val.name
     evidence: dict[str, Any] = {
         "curve": val.name, "best_eval_step": best_step, f"best_{label}": val.shown(val.values[best]),
-        "last_eval_step": val.steps[-1], f"last_{label}": val.shown(val.values[-1]), "eval_rise": rounded(rise),
+        "last_eval_step": val.steps[-1], f"last_{label}": val.shown(val.values[-1]), "eval_low": val.shown(low),
+        "eval_rise": rounded(rise), "eval_rise_from_best": rounded(worse(val.values[best], val.values[-1])),
         "train_loss_at_best": None, "last_train_loss": None, "train_loss_drop": None,
     }
     trend = "no training loss recorded to confirm"
@@ -192,9 +198,33 @@ def overfitting(val: Curve, train: Curve | None) -> Finding | None:
         evidence.update(train_loss_at_best=at_best, last_train_loss=train.values[-1],
                         train_loss_drop=rounded((at_best - train_end) / (abs(at_best) or 1.0)))
         trend = f"train_loss kept falling {num(at_best)} -> {num(train.values[-1])}"
-    return Finding("overfitting", f"{label} was best at step {best_step} ({num(val.shown(val.values[best]))}) and "
-                                  f"ended {percent(rise)} worse ({num(val.shown(val.values[-1]))} at step "
-                                  f"{val.steps[-1]}) while {trend}: overfitting", evidence)
+    if rise >= OVERFIT_RISE:
+        return Finding("overfitting", f"{upturn_text(val, best, low, rise)} while {trend}: overfitting", evidence)
+    return Finding("early_overfitting", f"{upturn_text(val, best, low, rise)} while {trend}: early signs of "
+                                        f"overfitting (overfitting from {percent(OVERFIT_RISE)})", evidence)
+
+
+def upturn(val: Curve) -> tuple[int, float, float]:
+    """Where the validation curve is lowest (the index of the lowest recorded point there), its
+    smoothed low, and how far its end level lies above that low, as a share of the low."""
+    best, low = val.bottom()
+    return best, low, (val.level("end") - low) / (abs(low) or 1.0)
+
+
+def worse(before: float, after: float) -> float:
+    """How much worse ``after`` is than ``before`` (oriented values), as a share of ``before``."""
+    return (after - before) / (abs(before) or 1.0)
+
+
+def upturn_text(val: Curve, best: int, low: float, rise: float) -> str:
+    """``eval_loss was best at step 40 (0.299; 0.324 smoothed) and ended 29% worse than that
+    smoothed best (40% worse than the point): 0.417 at step 120``: every share with its numbers."""
+    point, shown_low = val.shown(val.values[best]), val.shown(low)
+    smoothed = abs(low - val.values[best]) > 1e-12
+    base = f"{num(point)}; {num(shown_low)} smoothed" if smoothed else num(point)
+    from_point = f" ({percent(worse(val.values[best], val.values[-1]))} worse than the point)" if smoothed else ""
+    return (f"{val.name} was best at step {val.steps[best]} ({base}) and ended {percent(rise)} worse than that "
+            f"{'smoothed ' if smoothed else ''}best{from_point}: {num(val.shown(val.values[-1]))} at step {val.steps[-1]}")
 
 
 def slow_or_underfitting(primary: Curve, val: Curve | None) -> Finding | None:
@@ -232,9 +262,13 @@ def still_falling(curve: Curve) -> bool:
 
 
 def healthy(primary: Curve, val: Curve | None) -> Finding:
+    """No trouble: says how far the main curve moved, where the validation curve was best and
+    how far above that it ended, and which curves were still improving at the end."""
     shape = drops(primary)
+    improving = [curve.name for curve in (primary, val) if curve is not None and still_falling(curve)]
     evidence: dict[str, Any] = {"curve": primary.name, "start_loss": primary.shown(primary.values[0]),
-                                "last_loss": primary.shown(primary.values[-1]), "total_drop": shape["total_drop"]}
+                                "last_loss": primary.shown(primary.values[-1]), "total_drop": shape["total_drop"],
+                                "still_improving": improving}
     moved = "fell" if primary.sign > 0 else "rose"
     message = f"{primary.name} {moved} {percent(shape['total_drop'])} ({num(primary.shown(primary.values[0]))} -> " \
               f"{num(primary.shown(primary.values[-1]))})"
@@ -242,9 +276,18 @@ def healthy(primary: Curve, val: Curve | None) -> Finding:
         best = min(range(len(val)), key=lambda i: (val.values[i], i))
         evidence.update({"best_eval_step": val.steps[best], f"best_{val.name}": val.shown(val.values[best]),
                          f"last_{val.name}": val.shown(val.values[-1])})
-        message += f"; {val.name} was best at step {val.steps[best]} ({num(val.shown(val.values[best]))})"
-    if still_falling(primary):
-        return Finding("healthy", message + ": no sign of trouble, and still improving at the end", evidence)
+        if best == len(val) - 1:
+            message += f"; {val.name} was best at its last evaluation (step {val.steps[best]}, " \
+                       f"{num(val.shown(val.values[best]))})"
+        else:
+            _, low, rise = upturn(val)
+            evidence.update(eval_low=val.shown(low), eval_rise=rounded(rise))
+            message += f"; {upturn_text(val, best, low, rise)}" + (
+                f", under the {percent(EARLY_OVERFIT_RISE)} that counts as an upturn" if rise < EARLY_OVERFIT_RISE
+                else "")
+    if improving:
+        return Finding("healthy", f"{message}: no sign of trouble; {' and '.join(improving)} still improving at "
+                                  "the end", evidence)
     return Finding("healthy", message + ": no sign of trouble", evidence)
 
 

@@ -2,8 +2,9 @@
 
 ``write_report`` produces, in one folder:
 
-* ``report.html``: the diagnosis (advice, per-trial findings, base models compared) and
-  Optuna's interactive plots (optimization history, intermediate values, parallel
+* ``report.html``: the diagnosis, each finding with the trials or data rows behind it (what to
+  try next, what ``hpo check-data`` recorded for the study, each trial's findings, base models
+  compared) and Optuna's interactive plots (optimization history, intermediate values, parallel
   coordinates, parameter importances, slice; a multi-objective study's Pareto front, its other
   plots showing the first objective), with plotly.js embedded so it opens offline;
 * one PNG per plot (Optuna's matplotlib versions), for a quick look in the MLflow UI;
@@ -31,7 +32,7 @@ PLOTS = (
     ("optimization_history", "Optimization history: the objective per trial and the best so far"),
     ("intermediate_values", "Learning curves: the objective at each evaluation (pruned curves end early)"),
     ("parallel_coordinate", "Parallel coordinates: how parameters combine in good and bad trials"),
-    ("param_importances", "Parameter importances (fANOVA over COMPLETE trials)"),
+    ("param_importances", "Parameter importances (fANOVA over COMPLETE trials, as the diagnosis computes them)"),
     ("slice", "Slice: the objective against each parameter"),
 )
 PARETO = ("pareto_front", "Pareto front: each COMPLETE trial's objectives; the non-dominated ones highlighted")
@@ -55,9 +56,9 @@ def write_report(study: optuna.Study, folder: Path, diagnosis: dict[str, Any] | 
     """Write the report files into ``folder`` (created); returns the paths written."""
     folder.mkdir(parents=True, exist_ok=True)
     if diagnosis is None:
-        from hpo.analysis.diagnose import diagnose_study
+        from hpo.analysis.data_findings import diagnose_with_checks
 
-        diagnosis = diagnose_study(study).to_dict()
+        diagnosis = diagnose_with_checks(study).to_dict()
     written = [folder / "diagnosis.json"]
     written[0].write_text(json.dumps(diagnosis, indent=2, default=_jsonable) + "\n")
 
@@ -69,6 +70,10 @@ def write_report(study: optuna.Study, folder: Path, diagnosis: dict[str, Any] | 
                            "(the curves are in MLflow and `hpo diagnose`)")
             continue
         options = _first_objective(study) if multi and name not in ("pareto_front", "intermediate_values") else {}
+        if name == "param_importances":
+            from hpo.analysis.diagnose_advice import importance_evaluator
+
+            options = {**options, "evaluator": importance_evaluator()}
         figure = _plot(lambda name=name, options=options: getattr(optuna.visualization, f"plot_{name}")(study, **options),
                        name, skipped)
         if figure is not None:
@@ -134,13 +139,16 @@ def _page(study: optuna.Study, diagnosis: dict[str, Any], sections: list[tuple[s
     )
     if len(study.directions) > 1:
         best_html = _front_html(study)
-    advice = "".join(f"<li>{html.escape(str(a))}</li>" for a in diagnosis.get("advice", [])) or "<li>none</li>"
-    trial_rows = [
-        [t["number"], t.get("state", ""),
-         "; ".join(f"{f['kind']}: {f['message']}" for f in t.get("findings", [])) or t.get("note") or ""]
-        for t in diagnosis.get("trials", [])
-    ]
+    advice = "".join(f"<li>{html.escape(str(f['message']))}{_trial_links(f.get('trials', []))}</li>"
+                     for f in diagnosis.get("study_findings", [])) or "<li>none</li>"
+    trial_rows = "".join(
+        f'<tr id="trial-{t["number"]}"><td>{t["number"]}</td><td>{html.escape(t.get("state", ""))}</td><td>'
+        + ("<br>".join(f"<b>{html.escape(f['kind'])}</b>: {html.escape(f['message'])}" for f in t.get("findings", []))
+           or html.escape(t.get("note") or "")) + "</td></tr>"
+        for t in diagnosis.get("trials", []))
     importance = diagnosis.get("importance") or {}
+    rests = diagnosis.get("importance_trials", 0)
+    trust = "" if diagnosis.get("importance_trusted") else ": too few to trust, no parameter is singled out"
     models = diagnosis.get("models") or {}
     model_rows = [[m, v.get("count"), cell(v.get("best")), cell(v.get("median"))] for m, v in models.items()]
     plots = "".join(f"<h2>{html.escape(title)}</h2>{body}" for title, body in sections)
@@ -154,15 +162,57 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 <h1>Study {html.escape(study.study_name)} ({html.escape(_goal(study, str(metric)))})</h1>
 <p>{", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items()))}</p>
 {best_html}
-<h2>What to try next</h2><ul>{advice}</ul>
-<h2>Parameter importance</h2>{_table(["parameter", "importance"], [[k, cell(v)] for k, v in importance.items()])
-    if importance else "<p>Not enough COMPLETE trials.</p>"}
+<h2>What to try next</h2><ul id="advice">{advice}</ul>
+<h2>The data (hpo check-data)</h2><div id="data">{_data_html(diagnosis)}</div>
+<h2>Parameter importance (over {rests} COMPLETE trials{trust})</h2>{_table(["parameter", "importance"],
+    [[k, cell(v)] for k, v in importance.items()]) if importance else "<p>Not enough COMPLETE trials.</p>"}
 {"<h2>Base models</h2>" + _table(["model", "trials", "best", "median"], model_rows) if model_rows else ""}
-<h2>Trials</h2>{_table(["trial", "state", "findings"], trial_rows)}
+<h2>Trials</h2><table id="trials"><tr><th>trial</th><th>state</th><th>findings</th></tr>{trial_rows}</table>
 {plots}
 {"<h2>Plots skipped</h2><ul>" + skipped_html + "</ul>" if skipped else ""}
 </body></html>
 """
+
+
+def _trial_links(numbers: list[int]) -> str:
+    """`` (trials 0, 7)``, each a link to the trial's row below."""
+    if not numbers:
+        return ""
+    links = ", ".join(f'<a href="#trial-{int(n)}">{int(n)}</a>' for n in numbers)
+    return f' <span class="behind">(trial{"s" if len(numbers) > 1 else ""} {links})</span>'
+
+
+ROWS_SHOWN = 20
+"""Data rows shown under each data finding; the rest are in checks.json and the CSVs."""
+
+
+def _data_html(diagnosis: dict[str, Any]) -> str:
+    """Each data finding with the rows behind it (the first ``ROWS_SHOWN``), or where the checks were looked for."""
+    checks = diagnosis.get("data_checks") or {}
+    note = f"<p>{html.escape(checks['note'])}</p>" if checks.get("note") else ""
+    if not checks.get("found"):
+        return note or "<p>No hpo check-data results.</p>"
+    parts = [f"<p>From {html.escape(str(checks.get('source')))}, checked {html.escape(str(checks.get('checked_at')))}"
+             f" ({html.escape(str(checks.get('train_data')))}, {html.escape(str(checks.get('eval_data')))}).</p>", note]
+    for finding in diagnosis.get("data_findings", []):
+        rows = finding.get("rows") or []
+        more = f"<p>... {len(rows) - ROWS_SHOWN} more rows in checks.json</p>" if len(rows) > ROWS_SHOWN else ""
+        parts.append(f'<h3 class="data-finding">{html.escape(finding["kind"])}</h3>'
+                     f'<p>{html.escape(finding["message"])}</p>{_rows_table(rows[:ROWS_SHOWN])}{more}')
+    return "".join(parts) if diagnosis.get("data_findings") else "".join(parts) + "<p>Nothing found.</p>"
+
+
+def _rows_table(rows: list[dict]) -> str:
+    """Data rows as a table: row numbers first, file names without their folders, short numbers."""
+    columns = list(dict.fromkeys(["row", "first_row", "second_row", *(key for row in rows for key in row)]))
+    columns = [c for c in columns if any(c in row for row in rows)]
+
+    def shown(column: str, value: Any) -> Any:
+        if column == "source" and isinstance(value, str):
+            return Path(value).name
+        return short(value, 4) if isinstance(value, float) else value
+
+    return _table(columns, [[shown(c, row.get(c, "")) for c in columns] for row in rows]) if rows else ""
 
 
 def _goal(study: optuna.Study, metric: str) -> str:

@@ -13,9 +13,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-VERSION = 1
+VERSION = 2
 """1: the layout of version 0 (module, sweep, tracking_uri, mlflow_experiment_id,
-mlflow_parent_run_id, custom_train) with ``version`` added."""
+mlflow_parent_run_id, custom_train) with ``version`` added; 2: version 1 with ``priors``
+(a record without them loads with none)."""
 
 
 @dataclass
@@ -36,6 +37,9 @@ class SweepRecord:
     """The sweep's parent MLflow run (its trials' runs are its children)."""
     custom_train: bool = False
     """The module trained with its own ``train(params, report)`` rather than the built-in recipe."""
+    priors: dict[str, dict] = field(default_factory=dict)
+    """The module's priors (:class:`hpo.priors.Prior` as dicts: low, high, why), by parameter;
+    empty when it declared none (and in records written before there were priors)."""
     version: int = VERSION
     """The layout the record was written in; 0 for records written before this field."""
 

@@ -700,6 +700,34 @@ def _first_line(error: BaseException) -> str:
     return str(error).splitlines()[0][:200] if str(error) else ""
 
 
+def fetch_data_checks(tracking_uri: str | None, study_name: str, folder: Any) -> str | None:
+    """Download ``checks/checks.json`` (what :func:`log_data_checks` logged) of the study's sweep run,
+    else of its ``check-data`` run, to ``folder/checks.json``; returns the run's id, or None when
+    there is none. Reads only: no experiment is made, and an SQLite store that is not there is not
+    created. Raises HpoError when the store cannot be reached (:func:`check_tracking`)."""
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no bar in the output
+
+    uri = tracking_uri or DEFAULT_TRACKING_URI
+    check_tracking(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    client = MlflowClient(tracking_uri=use_credentials(uri))
+    experiment = client.get_experiment_by_name(study_name)
+    if experiment is None:
+        return None
+    for role in ("sweep", "check-data"):
+        wanted = f"tags.`{TAG_STUDY}` = '{study_name}' and tags.`{TAG_ROLE}` = '{role}'"
+        for run in client.search_runs([experiment.experiment_id], filter_string=wanted, max_results=5):
+            if any(a.path == "checks/checks.json" for a in client.list_artifacts(run.info.run_id, "checks")):
+                client.download_artifacts(run.info.run_id, "checks/checks.json", str(folder))
+                return run.info.run_id
+    return None
+
+
 def log_data_checks(tracking_uri: str | None, study_name: str, files: list[Any]) -> str:
     """Log ``hpo check-data``'s files (the label and near-duplicate CSVs) under ``checks/`` of the
     study's sweep run, or, before any sweep, of a new finished run named ``check-data`` in the

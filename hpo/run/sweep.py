@@ -243,7 +243,8 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         )
         SweepRecord(module=str(search_space.path), sweep=sweep_params, tracking_uri=result.tracking_uri,
                     mlflow_experiment_id=tracker.experiment_id, mlflow_parent_run_id=parent,
-                    custom_train=search_space.train is not None).save(study)
+                    custom_train=search_space.train is not None,
+                    priors={name: prior.to_dict() for name, prior in search_space.priors.items()}).save(study)
     console.print(f"[bold]hpo search[/] {search_space.path.name}: study [bold]{name}[/] in {result.storage}, "
                   f"MLflow {result.tracking_uri}; {sweep.trials - already} trials to go "
                   f"({sweep.max_steps} steps, evaluate every {sweep.eval_every}, pruner {sweep.pruner}"
