@@ -419,8 +419,8 @@ def refine(
 ) -> None:
     """Write the next search-space module from a study and its diagnosis: ranges narrowed or widened, unimportant
     parameters fixed, more steps or more regularisation, each change with its reason as a comment."""
-    from hpo.analysis.refine import describe
     from hpo.analysis.refine_module import describe_any, refine_study
+    from hpo.analysis.refine_ranges import describe
     from hpo.record import study as studies
 
     loaded = studies.load(storage, study)

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpo.analysis.refine import Change, Fixed, Plan, describe, plan_refinement
+from hpo.analysis.refine import Plan, plan_refinement
+from hpo.analysis.refine_ranges import Fixed, describe
+from hpo.analysis.refine_rules import Change
 from hpo.config import Sweep
 from hpo.errors import HpoError
 
