@@ -251,3 +251,22 @@ def test_the_refined_module_runs_warm_started_from_the_study(tmp_path: Path) -> 
         assert trial.params == {k: earlier[k] for k in ("lr", "x", "batch_size")}
         assert trial.user_attrs["config"]["noise"] == 0.05
         assert max(trial.intermediate_values) == 120
+
+
+def test_pruned_trials_are_evidence_ranked_below_the_complete_ones() -> None:
+    """3 COMPLETE trials are too few to narrow on their own; with 6 PRUNED ones (ASHA's usual
+    share) the 9 finished trials are enough, and a batch size only the pruned ones used goes."""
+    from hpo.analysis.refine import plan_refinement
+
+    study = optuna.create_study(direction="minimize")
+    study.set_user_attr("hpo", {"sweep": {"metric": "eval_loss", "direction": "minimize", "max_steps": 60}})
+    for params in BEST[:3]:
+        study.add_trial(create_trial(value=loss(params), params=params, distributions=DISTRIBUTIONS,
+                                     user_attrs={"curves": curves(loss(params), "overfit")}))
+    for params in (REST[k] for k in (5, 6, 8, 0, 1, 2)):  # batch size 8 on the three worst
+        study.add_trial(create_trial(state=TrialState.PRUNED, params=params, distributions=DISTRIBUTIONS,
+                                     intermediate_values={20: loss(params) + 0.3}))
+    changes = {change.name: change for change in plan_refinement(study, {"max_steps": 60}).params}
+    assert changes["x"].action == "narrow" and changes["x"].after.low > 0.0
+    assert changes["batch_size"].after.choices == (16, 32)
+    assert "none of those trials was in the better half of the 9 finished ones" in changes["batch_size"].reason

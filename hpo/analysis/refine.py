@@ -92,7 +92,15 @@ def read_evidence(complete: list[FrozenTrial], pruned: list[FrozenTrial], diagno
                   sweep: dict) -> Evidence:
     """The trials ranked, and whether the best of them mostly overfit or were still improving at the end."""
     ranked = sorted(complete, key=lambda t: float(first_value(t) or 0.0), reverse=diagnosis.direction == "maximize")
-    pruned = sorted(pruned, key=lambda t: -max(t.intermediate_values, default=0))
+    sign = -1.0 if diagnosis.direction == "maximize" else 1.0
+
+    def stopped(trial: FrozenTrial) -> tuple[int, float]:
+        """The later stopped first; at the same step, the better objective there first."""
+        step = max(trial.intermediate_values, default=0)
+        value = trial.intermediate_values.get(step, math.nan)
+        return -step, sign * value if math.isfinite(value) else math.inf
+
+    pruned = sorted(pruned, key=stopped)
     evidence = Evidence(ranked, pruned, diagnosis)
     top = evidence.top
     findings = {t.number: t.findings for t in diagnosis.trials}

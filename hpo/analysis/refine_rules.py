@@ -21,7 +21,8 @@
    half of the finished trials, is dropped.
 
 Finished trials are the COMPLETE ones, best first, then the PRUNED ones, ranked below them
-(the pruner stopped them for being worse at a rung; the later stopped first): with ASHA most
+(the pruner stopped them for being worse at a rung; the later stopped first, then the better
+objective at that step): with ASHA most
 trials of a small sweep are pruned, and they too say where the good region is not. The best
 trials are the best quarter of the finished ones (at least 2), all COMPLETE.
 
