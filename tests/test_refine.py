@@ -96,16 +96,14 @@ def planted(tmp_path: Path, shape: str = "improving", state: TrialState = TrialS
 
 
 def comments(text: str) -> list[str]:
-    """Each block of whole-line comments, joined into one line."""
+    """Each comment hpo refine wrote (``# refine: ...`` and its ``#   ...`` lines), as one line."""
     blocks: list[str] = []
-    inside = False
     for line in text.splitlines():
         body = line.strip()
-        if body.startswith("# ") and inside:
-            blocks[-1] += " " + body[2:]
-        elif body.startswith("# "):
-            blocks.append(body[2:])
-        inside = body.startswith("# ")
+        if body.startswith("# refine: "):
+            blocks.append(body.removeprefix("# refine: "))
+        elif body.startswith("#   ") and blocks:
+            blocks[-1] += " " + body[4:]
     return blocks
 
 
@@ -270,3 +268,16 @@ def test_pruned_trials_are_evidence_ranked_below_the_complete_ones() -> None:
     assert changes["x"].action == "narrow" and changes["x"].after.low > 0.0
     assert changes["batch_size"].after.choices == (16, 32)
     assert "none of those trials was in the better half of the 9 finished ones" in changes["batch_size"].reason
+
+
+def test_refining_a_refined_module_replaces_its_comments_instead_of_stacking_them(tmp_path: Path) -> None:
+    storage = planted(tmp_path)
+    study = optuna.load_study(study_name="planted", storage=storage)
+    first = refine_study(study, str(tmp_path / "round2.py")).path
+    second = refine_study(study, str(tmp_path / "round3.py"), module=str(first)).path
+    text = second.read_text()
+    before = [c for c in comments(first.read_text()) if not c.startswith("the study ran with --set seed")]
+    assert sorted(comments(text)) == sorted(before), "each comment once: the rewritten lines' replaced, the rest kept"
+    assert "# seed=7" not in text and "seed=7," in text, "round2.py says seed=7 itself: no --set to explain"
+    assert "# the user's own comment stays" in text and spaces.load(second).sweep.max_steps == 120
+    assert "The module it was written from, round2.py, said:" in " ".join(text.split()).replace(str(tmp_path) + "/", "")

@@ -108,17 +108,18 @@ def refined_source(source: str, source_path: Path, plan: Plan, recorded: dict, m
     edits: list[tuple[int, int, str]] = []
     calls = suggest_calls(tree)
     unapplied = []
+    reasons: dict[int, tuple[ast.Call, list[str]]] = {}  # by line: the comments that go above it
     for change in plan.params:
         if not change.changed:
             continue
         if not calls.get(change.name):
             unapplied.append(change.name)
         for call in calls.get(change.name, []):
-            start, end = text.span(call)
-            line = text.line_start(call)
-            edits.append((line, line, comment(f"{describe(change.before)} -> {describe(change.after)}: {change.reason}",
-                                              text.indent(call)) + "\n"))
-            edits.append((start, end, call_text(text, call, change.after)))
+            edits.append((*text.span(call), call_text(text, call, change.after)))
+            reasons.setdefault(call.lineno, (call, []))[1].append(
+                comment(f"{describe(change.before)} -> {describe(change.after)}: {change.reason}", text.indent(call)))
+    for call, lines in reasons.values():  # an earlier round's comment there is about the range replaced
+        edits.append((text.earlier_comment(call), text.line_start(call), "\n".join(lines) + "\n"))
     statement = sweep_statement(tree, source_path)
     start, end = text.span(statement.value)
     edits.append((start, end, sweep_text(text, statement.value, recorded, module_sweep, plan.sweep, path,
@@ -157,6 +158,16 @@ class Text:
 
     def line_start(self, node: Any) -> int:
         return self.starts[node.lineno - 1]
+
+    def earlier_comment(self, node: Any) -> int:
+        """Where the comment ``hpo refine`` wrote above ``node``'s line in an earlier round starts
+        (``# refine: ...`` and its ``#   ...`` lines); the line's own start when there is none."""
+        first = node.lineno - 1
+        while first > 0 and self.lines[first - 1].strip().startswith(("# refine: ", "#   ")):
+            first -= 1
+        while first < node.lineno - 1 and not self.lines[first].strip().startswith("# refine: "):
+            first += 1
+        return self.starts[first]
 
     def indent(self, node: Any) -> str:
         line = self.lines[node.lineno - 1]
@@ -289,9 +300,10 @@ def wrap(line: str) -> str:
 
 
 def comment(line: str, indent: str) -> str:
-    """``line`` as comment lines at ``indent`` (no newline after the last)."""
-    return "\n".join(f"{indent}# {part}" for part in textwrap.wrap(line, max(40, WIDTH - len(indent) - 2),
-                                                                    break_on_hyphens=False))
+    """``line`` as comment lines at ``indent`` (no newline after the last): ``# refine: ...``,
+    then ``#   ...`` (so that the next round finds it, and replaces it when it changes the line again)."""
+    parts = textwrap.wrap(f"refine: {line}", max(40, WIDTH - len(indent) - 4), break_on_hyphens=False)
+    return "\n".join(f"{indent}# {part}" if i == 0 else f"{indent}#   {part}" for i, part in enumerate(parts))
 
 
 def literal(value: Any) -> str:
