@@ -281,3 +281,21 @@ def test_refining_a_refined_module_replaces_its_comments_instead_of_stacking_the
     assert "# seed=7" not in text and "seed=7," in text, "round2.py says seed=7 itself: no --set to explain"
     assert "# the user's own comment stays" in text and spaces.load(second).sweep.max_steps == 120
     assert "The module it was written from, round2.py, said:" in " ".join(text.split()).replace(str(tmp_path) + "/", "")
+
+
+def test_a_complete_trial_that_learned_nothing_is_not_among_the_best() -> None:
+    """Seen on SST-2: ASHA lets the first trials through for want of rivals, so one that
+    learned nothing in its whole budget is COMPLETE; it ended worse than the median finished
+    trial, so the trust region is drawn around the one that learned, alone."""
+    from hpo.analysis.refine import plan_refinement
+
+    study = optuna.create_study(direction="minimize")
+    study.set_user_attr("hpo", {"sweep": {"metric": "eval_loss", "direction": "minimize", "max_steps": 60}})
+    for params in (BEST[0], REST[2]):  # losses 0.4 and 1.585 (x 0.3 and 0.875)
+        study.add_trial(create_trial(value=loss(params), params=params, distributions=DISTRIBUTIONS))
+    for params in (REST[k] for k in (5, 6, 8, 0, 1, 3)):
+        study.add_trial(create_trial(state=TrialState.PRUNED, params=params, distributions=DISTRIBUTIONS,
+                                     intermediate_values={20: loss(params) + 0.3}))
+    x = next(change for change in plan_refinement(study, {"max_steps": 60}).params if change.name == "x")
+    assert (x.action, x.after.low, x.after.high) == ("narrow", 0.1, 0.5)
+    assert x.reason.startswith("narrowed around the best trials (0: 0.3)")

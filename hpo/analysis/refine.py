@@ -8,8 +8,8 @@ no change (the rules are in :mod:`hpo.analysis.refine_rules`), and for the sweep
 
 The best trials are the best quarter of the finished ones, at least 2, all COMPLETE (see
 :mod:`hpo.analysis.refine_rules`). When at least half of them were still improving at the end (a
-validation curve still falling by ``diagnose_rules.still_falling``, or found slow or
-underfitting), ``max_steps`` grows ``STEPS_FACTOR`` times; when at least half of them
+validation curve still falling by ``diagnose_rules.still_falling``, or found slow to
+converge), ``max_steps`` grows ``STEPS_FACTOR`` times; when at least half of them
 overfit, the regularisers' ranges are raised and early stopping is switched on (``patience``
 ``PATIENCE``), unless more of them were still improving.
 """
@@ -128,11 +128,12 @@ def read_evidence(complete: list[FrozenTrial], pruned: list[FrozenTrial], diagno
 
 
 def improving_curve(trial: FrozenTrial, kinds: list[str], diagnosis: StudyDiagnosis) -> str | None:
-    """What says ``trial`` was still improving at its end: found slow or underfitting, or a
-    validation curve still falling (``diagnose_rules.still_falling``); None if nothing does."""
-    for kind in ("slow_convergence", "underfitting"):
-        if kind in kinds:
-            return f"found {kind}"
+    """What says ``trial`` was still improving at its end: found slow to converge, or a
+    validation curve still falling (``diagnose_rules.still_falling``); None if nothing does.
+    Found underfitting (flat from the start) does not count: more of the same steps teach such a
+    trial little; a higher learning rate does, which the ranges take care of."""
+    if "slow_convergence" in kinds:
+        return "found slow_convergence"
     curves = trial.user_attrs.get("curves")
     metric = diagnosis.metric or "objective"
     if not isinstance(curves, dict) or not curves:

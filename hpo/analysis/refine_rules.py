@@ -14,17 +14,23 @@
    on a value say it matters, whatever the importance says.
 3. **widen**: the best trials all sit at one bound (``range_edges``): that bound moves to
    the diagnosis' suggestion, the other side narrows as in 4.
-4. **narrow**: from ``NARROW_MIN_TRIALS`` finished trials on, the range shrinks to the span
-   of the best trials' values with ``NARROW_MARGIN`` of the old width to spare on each side
-   (in log space for a log range), unless that keeps ``NARROW_MIN_GAIN`` of it anyway.
-   Choices: a choice tried ``CHOICE_MIN_TRIES`` times or more, none of them in the better
-   half of the finished trials, is dropped.
+4. **narrow**: from ``NARROW_MIN_TRIALS`` finished trials on, the range shrinks to a trust
+   region around the best trials: the span of their values with ``NARROW_MARGIN`` of the old
+   width to spare on each side (in log space for a log range), unless that keeps
+   ``NARROW_MIN_GAIN`` of it anyway. The idea is TuRBO's (Eriksson et al., "Scalable Global
+   Optimization via Local Bayesian Optimization", NeurIPS 2019): search a box around the
+   incumbent, not the whole space; its box starts at 0.8 of each side, this one at 0.4 or more
+   (a second round, warm-started with the incumbent). Choices: a choice tried
+   ``CHOICE_MIN_TRIES`` times or more, none of them in the better half of the finished
+   trials, is dropped.
 
-Finished trials are the COMPLETE ones, best first, then the PRUNED ones, ranked below them
-(the pruner stopped them for being worse at a rung; the later stopped first, then the better
-objective at that step): with ASHA most
-trials of a small sweep are pruned, and they too say where the good region is not. The best
-trials are the best quarter of the finished ones (at least 2), all COMPLETE.
+Finished trials are ranked as Optuna's TPE ranks them: the COMPLETE ones, best first, then
+the PRUNED ones (the later stopped first, then the better objective at that step). With ASHA
+most trials of a small sweep are pruned, and they too say where the good region is not. The
+best trials are the COMPLETE ones among the best quarter of the finished ones (at least 2),
+less those that ended no better than the median finished trial's last evaluation (a trial
+that learned nothing in its whole budget, that the pruner let through for want of rivals,
+is not a best trial); the best COMPLETE trial always counts.
 
 The module's priors: a range keeps its scale (log or linear, step, integer); it grows only
 past a bound the best trials pressed against, one step (the diagnosis' suggestion, which
@@ -36,10 +42,12 @@ trials all at the largest batch size is said, not acted on).
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hpo.analysis.diagnose_advice import BEST_SHARE, REGULARISERS
+from hpo.analysis.diagnose_curve import first_value
 from hpo.analysis.refine_ranges import Fixed, from_unit, rebuild, round_significant, show, tidy, to_unit
 from hpo.formatting import num, percent, sci
 
@@ -58,7 +66,7 @@ FIX_BELOW = 0.05
 FIX_SPREAD = 0.5
 """...and the best trials' values of it must span at least this share of its range (log space for a log range)."""
 NARROW_MIN_TRIALS = 6
-"""COMPLETE trials before a range is narrowed: around 2 of 3 trials it would be a guess."""
+"""Finished trials before a range is narrowed: fewer do not show where the good region is not."""
 NARROW_MARGIN = 0.2
 """Share of the old width kept on each side of the best trials' span (so at least 40% stays)."""
 NARROW_MIN_GAIN = 0.8
@@ -103,7 +111,12 @@ class Evidence:
 
     @property
     def top(self) -> list[FrozenTrial]:
-        return self.ranked[:max(2, math.ceil(BEST_SHARE * len(self.finished)))]
+        """The best trials (see the module docstring), best first."""
+        sign = -1.0 if self.diagnosis.direction == "maximize" else 1.0
+        lasts = sorted(sign * v for v in map(last_value, self.finished) if v is not None and math.isfinite(v))
+        median = statistics.median(lasts) if lasts else math.inf
+        count = max(2, math.ceil(BEST_SHARE * len(self.finished)))
+        return [t for i, t in enumerate(self.ranked[:count]) if i == 0 or sign * float(first_value(t) or 0.0) < median]
 
     @property
     def finished(self) -> list[FrozenTrial]:
@@ -183,7 +196,7 @@ def range_change(name: str, distribution: Any, values: list[float], evidence: Ev
     show = sci if distribution.log else num
     spread = f"{evidence.numbers()}: " + (show(values[0]) if min(values) == max(values) else
                                           f"{show(min(values))}..{show(max(values))}")
-    narrowing = len(evidence.finished) >= NARROW_MIN_TRIALS and len(evidence.top) >= 2 and high > low
+    narrowing = len(evidence.finished) >= NARROW_MIN_TRIALS and high > low
     new_low, new_high = low, high
     if narrowing:
         positions = [to_unit(v, distribution) for v in values]
@@ -212,8 +225,7 @@ def range_change(name: str, distribution: Any, values: list[float], evidence: Ev
     if edge is not None:
         why = f"the best trials ({spread}) sit at its {edge['bound']} bound {show(edge['value'])}, which cannot be widened"
     elif not narrowing:
-        why = f"{len(evidence.finished)} finished trials, {len(evidence.ranked)} complete: narrowing needs " \
-              f"{NARROW_MIN_TRIALS}, 2 of them complete"
+        why = f"{len(evidence.finished)} finished trials: narrowing needs {NARROW_MIN_TRIALS}"
     else:
         why = f"the best trials ({spread}) span most of it"
     return Change(name, "keep", distribution, distribution, why)
@@ -248,3 +260,11 @@ def choices_change(name: str, distribution: Any, evidence: Evidence) -> Change:
     from optuna.distributions import CategoricalDistribution
 
     return Change(name, "drop choices", distribution, CategoricalDistribution(kept), reason, note)
+
+
+def last_value(trial: FrozenTrial) -> float | None:
+    """A finished trial's objective at its end: a COMPLETE trial's value, a PRUNED one's last report."""
+    if trial.values:
+        return first_value(trial)
+    step = max(trial.intermediate_values, default=None)
+    return None if step is None else trial.intermediate_values[step]
