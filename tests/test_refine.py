@@ -150,7 +150,7 @@ def test_refine_widens_narrows_fixes_and_raises_max_steps_with_reasons(tmp_path:
                             "best trials (0, 1, 2, 3) spread over 85% of its range") for r in reasons)
     assert "[8, 16, 32] -> [16, 32]: dropped 8 (4 tries): none of those trials was in the better half of the 16 " \
            "finished ones" in reasons
-    assert "the study ran with --set seed=... (the module says 0)" in reasons
+    assert "the study ran with --set seed=7 (the module says 0)" in reasons
     assert "60 -> 120: 4 of the 4 best trials were still improving when they ended at step 60 (eval_loss still " \
            "falling: trials 0, 1, 2, 3): 2x the steps" in reasons
     assert "# the user's own comment stays" in text and "def train(params, report, sweep):" in text

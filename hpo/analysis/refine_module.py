@@ -7,10 +7,11 @@ found with :mod:`ast`:
 * each ``trial.suggest_*("name", ...)`` call whose parameter the
   :class:`~hpo.analysis.refine.Plan` changes: the new range, or the fixed value in its
   place, with the reason as a comment on the line above;
-* ``sweep = hpo.Sweep(...)``: the settings the study ran with (its ``--set`` overrides
-  included, each said so; local paths relative to the new file; ``trials``, ``timeout``
-  and ``concurrency`` are the module's, not the run's), and the plan's ``max_steps`` or
-  ``patience`` with their reasons;
+* ``sweep = hpo.Sweep(...)``, one field a line: the settings the study ran with (its
+  ``--set`` overrides included, each said so; local paths relative to the new file;
+  ``trials``, ``timeout`` and ``concurrency`` are the module's, not the run's, and so is
+  ``extra``, which the study does not record), and the plan's ``max_steps`` or ``patience``
+  with their reasons (comments inside the old call are not kept);
 * the docstring: the study it came from and the command that continues it, what changed
   and why, then the original docstring, whose priors stay in view.
 
@@ -232,8 +233,8 @@ def sweep_text(text: Text, call: ast.Call, recorded: dict, module_sweep: Sweep, 
             return [f"    {name}={original},"] if original is not None else []
         value = relative(recorded[name], path.parent) if name in PATH_FIELDS else literal(recorded[name])
         if recorded[name] != module_values.get(name):
-            return [comment(f"the study ran with --set {name}=... (the module says {literal(module_values.get(name))})",
-                            "    "), f"    {name}={value},"]
+            return [comment(f"the study ran with --set {name}={recorded[name]} (the module says "
+                            f"{literal(module_values.get(name))})", "    "), f"    {name}={value},"]
         if original is None:
             return []
         return [f"    {name}={value if name in PATH_FIELDS and moved else original},"]
