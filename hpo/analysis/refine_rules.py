@@ -238,7 +238,8 @@ def choices_change(name: str, distribution: Any, evidence: Evidence) -> Change:
     note = None
     if edge is not None:
         word = "largest" if edge["bound"] == "upper" else "smallest"
-        note = (f"the best trials ({evidence.numbers()}) all used the {word} {name}, {num(edge['value'])}: no "
+        note = (f"the best trials ({', '.join(str(n) for n in edge['best_trials'])}) all used the {word} {name}, "
+                f"{num(edge['value'])}: no "
                 f"{'larger' if edge['bound'] == 'upper' else 'smaller'} choice (e.g. {num(edge['suggestion'])}) is "
                 "added, the choices are the module's own (its priors); add one by hand if they allow it")
     dropped: dict[Any, int] = {}
