@@ -286,7 +286,9 @@ def docstring(plan: Plan, source_path: Path, command: str, original: str | None,
 
 def describe_any(value: Any) -> str:
     """A distribution, a fixed value, or a sweep field's value, for the docstring."""
-    if isinstance(value, Fixed) or hasattr(value, "_contains"):
+    from optuna.distributions import BaseDistribution
+
+    if isinstance(value, (Fixed, BaseDistribution)):
         return describe(value)
     return literal(value)
 
