@@ -122,8 +122,9 @@ def read_evidence(complete: list[FrozenTrial], pruned: list[FrozenTrial], diagno
         shown = "; ".join(f"{curve}: trial{'s' if len(numbers) > 1 else ''} {', '.join(numbers)}"
                           for curve, numbers in by_curve.items())
         return Evidence(ranked, pruned, diagnosis, "improving",
-                        f"{len(improving)} of the {len(top)} best trials {'was' if len(improving) == 1 else 'were'} "
-                        f"still improving when they ended at step "
+                        f"{len(improving)} of the {len(top)} best trials "
+                        f"{'was still improving when it' if len(improving) == 1 else 'were still improving when they'} "
+                        f"ended at step "
                         f"{sweep.get('max_steps', '?')} ({shown})")
     return evidence
 
