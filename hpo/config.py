@@ -120,6 +120,14 @@ class Sweep:
     See hpo/record/samplers.py and bench/samplers.py."""
     seed: int = 0
     """Seed of the sampler and of every trial's training run."""
+    lr_probe: bool = False
+    """Before the study's first trial, a learning-rate range test (Smith 2017, read as fastai's ``lr_find``
+    reads it): one short run of the space's centre config on the base model with the rate rising
+    exponentially; ``learning_rate``'s range becomes the decade around where the loss fell fastest, within
+    the module's own range (the outer bound; the module is not edited). The study records what it chose and
+    why (user attr ``lr_probe``; the parent MLflow run too), and a resumed study reuses that. For the
+    built-in recipe with ``learning_rate`` drawn by ``trial.suggest_float``; costs about one trial. Off by
+    default. See :mod:`hpo.train.lr_probe`."""
     cpus_per_trial: float = 1.0
     """CPUs Ray reserves for each trial (torch uses that many threads)."""
     gpus_per_trial: float = 0.0
@@ -243,6 +251,8 @@ class Sweep:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
             # numpy (and so transformers' set_seed) takes seeds 0..2**32-1 only
             yield _bad("seed", self.seed, f"must be a whole number from 0 to {MAX_SEED}")
+        if not isinstance(self.lr_probe, bool):
+            yield _bad("lr_probe", self.lr_probe, "must be true or false")
         yield from self._accelerator_problems()
         yield from _worker_problems(self)
 
