@@ -45,7 +45,7 @@ def check(search_space: spaces.SearchSpace) -> tuple[float, float]:
     if search_space.train is not None:
         raise HpoError(f"{path}: sweep field lr_probe=true tests learning rates with the built-in recipe on the base "
                        f"model, but this module trains with its own train(params, report); {fix}")
-    trial = optuna.create_study(directions=list(search_space.sweep.directions)).ask()
+    trial = _throwaway_study(search_space).ask()
     params = spaces.call_space(search_space, trial)
     distribution = trial.distributions.get(spaces.LEARNING_RATE)
     if distribution is None:
@@ -134,8 +134,13 @@ class _Centre(optuna.samplers.BaseSampler):
 
 def centre_params(search_space: spaces.SearchSpace) -> dict[str, Any]:
     """The space's centre config (see :class:`_Centre`)."""
-    study = optuna.create_study(directions=list(search_space.sweep.directions), sampler=_Centre())
-    return spaces.call_space(search_space, study.ask())
+    return spaces.call_space(search_space, _throwaway_study(search_space, _Centre()).ask())
+
+
+def _throwaway_study(search_space: spaces.SearchSpace, sampler: Any = None) -> optuna.Study:
+    """An in-memory study to sample the space on (quietly: Optuna logs each study it creates)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(directions=list(search_space.sweep.directions), sampler=sampler)
 
 
 def _run_on_worker(job: Any, outer: tuple[float, float], resources: dict[str, float]) -> Curve:

@@ -256,7 +256,8 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     console.print(f"[bold]hpo search[/] {search_space.path.name}: study [bold]{name}[/] in {result.storage}, "
                   f"MLflow {result.tracking_uri}; {sweep.trials - already} trials to go "
                   f"({sweep.max_steps} steps, evaluate every {sweep.eval_every}, pruner {sweep.pruner}"
-                  f"{f' on {sweep.pruned_on}' if sweep.pruner == 'asha' and sweep.pruned_on != sweep.metric else ''}"
+                  f"{f' on {sweep.pruned_on}' if sweep.pruner != 'none' and sweep.pruned_on != sweep.metric else ''}"
+                  f"{_rungs(sweep)}"
                   f"{', a trial is worth its best evaluation' if sweep.objective == 'best' else ''}"
                   f"{f', Pareto front of {sweep.metric} ({sweep.direction})' if sweep.is_multi_objective else ''})")
 
@@ -306,6 +307,13 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
                                                **({"pareto_front": ",".join(str(p["number"]) for p in result.front)}
                                                   if result.front else {})})
     return result
+
+
+def _rungs(sweep: Any) -> str:
+    """Where ASHA judges trials, for the sweep's first line: `` from step 20`` (and its brackets)."""
+    if sweep.pruner == "none":
+        return ""
+    return f" from step {sweep.first_rung}" + (f", {sweep.brackets} brackets" if sweep.brackets > 1 else "")
 
 
 def _probe_learning_rate(study: Any, search_space: spaces.SearchSpace, ledger: Any, console: Console) -> Any:
