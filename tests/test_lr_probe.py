@@ -53,7 +53,9 @@ def test_a_loss_that_never_falls_keeps_the_modules_range() -> None:
     lrs = [schedule(step, OUTER) for step in range(STEPS)]
     choice = choose(Curve(lrs, [0.69 + 0.001 * i for i in range(STEPS)], "end"), OUTER)
     assert (choice.low, choice.high, choice.steepest) == (*OUTER, None) and not choice.narrowed
-    assert "never fell" in choice.reason
+    assert "no fall of the smoothed loss to read" in choice.reason
+    early = choose(Curve(lrs[:8], [0.7, 0.6, 0.5, 0.4, 1.0, 2.0, 3.0, 4.0], "diverged"), OUTER)
+    assert (early.low, early.high) == OUTER and "stopped where the loss diverged" in early.reason
     narrow = choose(falling_at(1e-3, (1e-3, 2e-3)), (1e-3, 2e-3))  # a module range under a decade: all of it
     assert (narrow.low, narrow.high) == (1e-3, 2e-3)
 

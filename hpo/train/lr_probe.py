@@ -25,7 +25,7 @@ at which the loss falls fastest. The range is the decade centred there (half a d
 about the spread between fastai's two classic suggestions, ``steep`` and ``minimum / 10``, and
 room for the noise of a 100-step test), cut to the module's own range, which stays the outer
 bound; a centre outside that range gives the decade at its nearer end. A curve along which the
-loss never falls keeps the module's range, and says so.
+loss never falls (or a test that diverged too soon to read) keeps the module's range, and says so.
 
 Runs on a worker (:func:`range_test`, torch); :func:`choose` is plain arithmetic, for the driver.
 """
@@ -122,14 +122,14 @@ def range_test(job: TrainJob, outer: tuple[float, float]) -> Curve:
         optimizer = training.make_optimizer(fresh.model, trainable, dataclasses.replace(p, learning_rate=first),
                                             fused=job.fused_optimizer)
         ramp = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, outer) / first)
-        batches = training._batches(fresh.train_set, p.batch_size, job.seed, fresh.tokenizer, job.task,
-                                    max_length=job.max_length)
+        batches = training.training_batches(job, fresh.train_set, fresh.tokenizer)
         micro = p.batch_size
         fresh.model.train()
         for step in range(STEPS):
             lr = schedule(step, outer)
             loss, micro = training.optimizer_step(fresh.model, next(batches), micro, optimizer, trainable,
-                                                  p.max_grad_norm, fresh.run, job.task)
+                                                  p.max_grad_norm, fresh.run, job.task,
+                                                  padding_free=training.is_padding_free(job))
             ramp.step()
             if not math.isfinite(loss):
                 stopped = "diverged"
@@ -166,8 +166,8 @@ def choose(curve: Curve, outer: tuple[float, float]) -> Choice:
               else "a range test that recorded no step")
     tested += ", stopped where the loss diverged" if curve.stopped == "diverged" else ""
     if centre is None:
-        return Choice(low, high, (low, high), None, f"the smoothed loss never fell in {tested}: the module's range "
-                      f"{low:.2g}..{high:.2g} is kept", curve)
+        return Choice(low, high, (low, high), None, f"no fall of the smoothed loss to read in {tested}: the "
+                      f"module's range {low:.2g}..{high:.2g} is kept", curve)
     width = min(10**WIDTH_DECADES, high / low)  # as a ratio high / low
     half = math.sqrt(width)
     if centre / half <= low:

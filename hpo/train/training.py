@@ -251,17 +251,14 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
         return max(0.0, (job.max_steps - step) / max(1, job.max_steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    augment = _augmenter(job) if job.task == "classification" and p.augments else None
-    lengths = [len(e.input_ids) for e in train_set.examples] if job.task == "sft" and job.group_by_length \
-        and not job.packing else None
-    batches = _batches(train_set, p.batch_size, job.seed, tokenizer, job.task, augment, job.max_length, lengths)
+    batches = training_batches(job, train_set, tokenizer)
     losses: list[float] = []
     metrics: dict[str, float] = {}
     watch = _BestWatch(job.patience, job.restore_best, job.watch, job.watch_mode, job.min_steps)
     micro = p.batch_size
     runner, rank, world = _data_parallel(model)
     flops = cost.FlopCounter(model, job.gradient_checkpointing)
-    padding_free = job.task == "sft" and job.packing and sft.wants_padding_free(job.attn_implementation)
+    padding_free = is_padding_free(job)
     started = time.perf_counter()
     model.train()
     for step in range(1, job.max_steps + 1):
@@ -290,6 +287,20 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
                 break
             model.train()
     return watch.finish(step, metrics, model, lambda: evaluate(job, model, tokenizer, eval_set))
+
+
+def training_batches(job: TrainJob, train_set: Any, tokenizer: Any) -> Iterator[dict[str, Any]]:
+    """The run's endless training batches: seeded, augmented (classification with an augmentation
+    sampled), grouped by length (sft's ``group_by_length`` without packing)."""
+    augment = _augmenter(job) if job.task == "classification" and job.params.augments else None
+    lengths = [len(e.input_ids) for e in train_set.examples] if job.task == "sft" and job.group_by_length \
+        and not job.packing else None
+    return _batches(train_set, job.params.batch_size, job.seed, tokenizer, job.task, augment, job.max_length, lengths)
+
+
+def is_padding_free(job: TrainJob) -> bool:
+    """Whether packed sft batches go as one flattened row (flash attention: :func:`hpo.train.sft.padding_free`)."""
+    return job.task == "sft" and job.packing and sft.wants_padding_free(job.attn_implementation)
 
 
 def optimizer_step(runner: Any, batch: dict[str, Any], micro: int, optimizer: torch.optim.Optimizer,
