@@ -21,7 +21,9 @@ from hpo.errors import HpoError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TASKS = ("classification", "causal_lm", "sft")
-PRUNERS = ("asha", "none")
+PRUNERS = ("asha", "hyperband", "none")
+FIRST_RUNG_SHARE = 0.2
+"""By default ASHA's first rung is the evaluation nearest this share of ``max_steps`` (``grace_period``)."""
 OBJECTIVES = ("last", "best")
 SAMPLERS = ("tpe-qmc", "tpe", "random", "qmc", "gp", "cmaes")  # hpo.record.samplers.SAMPLERS
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -109,8 +111,17 @@ class Sweep:
     patience: int | None = None
     """Early stopping: end a trial after this many evaluations without a lower eval_loss (None or 0:
     never). ``hpo promote`` scales its own to the final run unless ``--set patience=N`` is given there."""
-    pruner: Literal["asha", "none"] = "asha"
-    """Early stop of weak trials: ``asha`` (asynchronous successive halving) or ``none``."""
+    pruner: Literal["asha", "hyperband", "none"] = "asha"
+    """Early stop of weak trials: ``asha`` (asynchronous successive halving: one bracket, rungs at
+    ``grace_period`` x ``reduction_factor``^k), ``hyperband`` (asynchronous Hyperband: as many ASHA brackets
+    as the budget has rungs, the k-th starting k rungs later, so its trials are judged later or only at the
+    end; each new trial joins one at random, Ray's ``brackets``: a hedge for when early evaluations mislead,
+    paid for in steps) or ``none``."""
+    grace_period: int | None = None
+    """ASHA's first rung, in steps: no trial is stopped before it. ``None``: the evaluation nearest 20% of
+    ``max_steps`` (at least ``eval_every``), where early evaluations already rank configs (Oliver and Wang,
+    arXiv 2407.13906): the first evaluation for the default 120 steps every 20, not the fifth step of a
+    sweep that evaluates every 5."""
     reduction_factor: float = 3.0
     """ASHA keeps the best 1/reduction_factor of the trials at each rung."""
     sampler: Literal["tpe-qmc", "tpe", "random", "qmc", "gp", "cmaes"] = "tpe-qmc"
@@ -120,6 +131,14 @@ class Sweep:
     See hpo/record/samplers.py and bench/samplers.py."""
     seed: int = 0
     """Seed of the sampler and of every trial's training run."""
+    lr_probe: bool = False
+    """Before the study's first trial, a learning-rate range test (Smith 2017, read as fastai's ``lr_find``
+    reads it): one short run of the space's centre config on the base model with the rate rising
+    exponentially; ``learning_rate``'s range becomes the decade around where the loss fell fastest, within
+    the module's own range (the outer bound; the module is not edited). The study records what it chose and
+    why (user attr ``lr_probe``; the parent MLflow run too), and a resumed study reuses that. For the
+    built-in recipe with ``learning_rate`` drawn by ``trial.suggest_float``; costs about one trial. Off by
+    default. See :mod:`hpo.train.lr_probe`."""
     cpus_per_trial: float = 1.0
     """CPUs Ray reserves for each trial (torch uses that many threads)."""
     gpus_per_trial: float = 0.0
@@ -232,6 +251,11 @@ class Sweep:
             yield _bad("timeout", self.timeout, "must be a positive number of seconds, or none")
         if not (_is_number(self.eval_fraction) and 0 < self.eval_fraction < 1):
             yield _bad("eval_fraction", self.eval_fraction, "must lie between 0 and 1")
+        most = self.max_steps if isinstance(self.max_steps, int) else self.grace_period
+        if self.grace_period is not None and (not isinstance(self.grace_period, int) or isinstance(self.grace_period, bool)
+                                              or not 1 <= self.grace_period <= most):
+            yield _bad("grace_period", self.grace_period, f"must be a whole number of steps from 1 to max_steps="
+                       f"{self.max_steps}, or none (the evaluation nearest 20% of max_steps)")
         if not (_is_number(self.reduction_factor) and self.reduction_factor > 1):
             yield _bad("reduction_factor", self.reduction_factor, "must be a number above 1")
         if not (_is_number(self.cpus_per_trial) and self.cpus_per_trial > 0):
@@ -243,6 +267,8 @@ class Sweep:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
             # numpy (and so transformers' set_seed) takes seeds 0..2**32-1 only
             yield _bad("seed", self.seed, f"must be a whole number from 0 to {MAX_SEED}")
+        if not isinstance(self.lr_probe, bool):
+            yield _bad("lr_probe", self.lr_probe, "must be true or false")
         yield from self._accelerator_problems()
         yield from _worker_problems(self)
 
@@ -372,6 +398,22 @@ class Sweep:
     def mode(self) -> str:
         """``max`` or ``min``, as Ray Tune names the direction (of the first objective)."""
         return "max" if self.directions[0] == "maximize" else "min"
+
+    @property
+    def first_rung(self) -> int:
+        """ASHA's first rung: ``grace_period``, else the evaluation step nearest :data:`FIRST_RUNG_SHARE` of
+        ``max_steps`` (at least ``eval_every``)."""
+        if self.grace_period is not None:
+            return self.grace_period
+        return self.eval_every * max(1, round(FIRST_RUNG_SHARE * self.max_steps / self.eval_every))
+
+    @property
+    def brackets(self) -> int:
+        """ASHA's brackets: 1 for ``asha``; for ``hyperband``, one per rung the budget has (each bracket's
+        first rung one rung later: ``first_rung`` x ``reduction_factor``^k up to ``max_steps``)."""
+        if self.pruner != "hyperband":
+            return 1
+        return int(math.log(self.max_steps / self.first_rung) / math.log(self.reduction_factor) + 1e-9) + 1
 
     @property
     def pruned_on(self) -> str:

@@ -14,6 +14,10 @@ The contract (also in docs/guides/search-spaces.md and ``search_spaces/lora.py``
 * optional ``priors = {"batch_size": hpo.Prior(high=32, why="...")}``: what the module's author
   knows about a parameter's useful values, and why (:mod:`hpo.priors`); advice never argues past it.
 
+The sweep may narrow the module's ``learning_rate`` range without editing it (``lr_probe``):
+``space`` then gets a :class:`NarrowedTrial`, whose ``suggest_float("learning_rate", ...)``
+draws from the part of the module's range that the probe chose.
+
 Everything here runs before any storage is touched, so a bad module writes nothing.
 """
 
@@ -168,3 +172,49 @@ def call_space(search_space: SearchSpace, trial: Any) -> dict:
         if problem:
             raise HpoError(f"{path}: space(trial) {problem}")
     return params
+
+
+LEARNING_RATE = "learning_rate"
+
+
+class NarrowedTrial:
+    """An Optuna trial whose ``learning_rate`` suggestion keeps to ``bounds``: the module's own
+    ``low``..``high`` intersected with them (its ``log`` and ``step`` kept); every other call and
+    attribute is the trial's own. The module's range stays the outer bound, so its file need not
+    change when a sweep narrows the range (:mod:`hpo.run.lr_probe`). Each trial of a study gets
+    the same bounds, so the sampler sees one distribution for the parameter throughout.
+
+    Raises HpoError when the two ranges do not meet (the module's range was changed after the
+    study recorded ``bounds``)."""
+
+    def __init__(self, trial: Any, bounds: tuple[float, float]):
+        self._trial = trial
+        self._bounds = bounds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trial, name)
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
+                      log: bool = False) -> float:
+        if name == LEARNING_RATE:
+            low, high = narrowed_range((low, high), self._bounds)
+        return self._trial.suggest_float(name, low, high, step=step, log=log)
+
+    def suggest_uniform(self, name: str, low: float, high: float) -> float:
+        return self.suggest_float(name, low, high)
+
+    def suggest_loguniform(self, name: str, low: float, high: float) -> float:
+        return self.suggest_float(name, low, high, log=True)
+
+    def suggest_discrete_uniform(self, name: str, low: float, high: float, q: float) -> float:
+        return self.suggest_float(name, low, high, step=q)
+
+
+def narrowed_range(module: tuple[float, float], bounds: tuple[float, float]) -> tuple[float, float]:
+    """The part of the module's learning-rate range inside ``bounds``; HpoError when there is none."""
+    low, high = max(module[0], bounds[0]), min(module[1], bounds[1])
+    if low > high:
+        raise HpoError(f"learning_rate: the range the lr probe chose for this study, {bounds[0]:.3g}..{bounds[1]:.3g}, "
+                       f"lies outside the module's range {module[0]:.3g}..{module[1]:.3g} (changed since the study "
+                       "began?); put the range back, or start a new study with --study NAME")
+    return low, high

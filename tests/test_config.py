@@ -24,7 +24,7 @@ def test_defaults_follow_the_task() -> None:
     [
         ("max_steps", -5, "max_steps=-5 must be a whole number of at least 1"),
         ("eval_every", 0, "eval_every=0 must be a whole number"),
-        ("pruner", "median", "pruner='median' must be one of asha, none"),
+        ("pruner", "median", "pruner='median' must be one of asha, hyperband, none"),
         ("sampler", "grid", "must be one of tpe"),
         ("gpus_per_trial", 1.5, "above 1 must be a whole number"),
         ("timeout", -1.0, "must be a positive number of seconds"),
@@ -66,7 +66,7 @@ def test_overrides_are_typed_by_the_fields() -> None:
     [
         ("max_step=30", "unknown sweep field 'max_step'; did you mean max_steps?"),
         ("max_steps=lots", "--set max_steps=lots: must be a whole number"),
-        ("pruner=median", "--set pruner=median: must be one of asha, none"),
+        ("pruner=median", "--set pruner=median: must be one of asha, hyperband, none"),
         ("max_steps", "expected KEY=VALUE"),
         ("extra=1", "unknown sweep field 'extra'"),
     ],

@@ -286,6 +286,15 @@ class SweepTracker(_Tracker):
         self.parent_run_id = run_id
         return run_id
 
+    def note_sweep(self, params: dict[str, Any], tags: dict[str, str]) -> None:
+        """Params and tags on the parent run, made now or reopened (MLflow takes a param again when
+        its value is the same: a resumed sweep notes what its first run noted)."""
+        from mlflow.entities import RunTag
+
+        if self.parent_run_id is not None:
+            self.client.log_batch(self.parent_run_id, params=_params(params),
+                                  tags=[RunTag(key, value) for key, value in tags.items()])
+
     def _trial_tags(self, number: int, state: str) -> dict[str, str]:
         return {"mlflow.parentRunId": self.parent_run_id or "", TAG_STUDY: self.study_name, TAG_TRIAL: str(number),
                 TAG_ROLE: "trial", TAG_STATE: state}

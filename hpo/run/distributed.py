@@ -138,7 +138,7 @@ def _rank_loop(config: dict[str, Any], spec: Any) -> None:
         train.report({"step": step, **values, HELD_KEY: held_text, TIME_KEY: time.time()})
 
     report = Report(spec.sweep.metric, send,  # the same checked contract as a one-worker trial
-                    prune_metric=spec.sweep.pruned_on if spec.sweep.pruner == "asha" else None)
+                    prune_metric=spec.sweep.pruned_on if spec.sweep.pruner != "none" else None)
     try:
         if spec.train is not None:
             call_train(spec.train, config["params"], report, spec.sweep)

@@ -102,7 +102,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         tune.report({**result, HELD_KEY: held, TIME_KEY: time.time()})
 
     report = Report(spec.sweep.metric, lambda step, values: send({"step": step, **values}),
-                    prune_metric=spec.sweep.pruned_on if spec.sweep.pruner == "asha" else None)
+                    prune_metric=spec.sweep.pruned_on if spec.sweep.pruner != "none" else None)
     try:
         if spec.train is not None:
             call_train(spec.train, params, report, spec.sweep)
@@ -159,6 +159,15 @@ class _ASHA(ASHAScheduler):
         if decision == TrialScheduler.STOP and step is not None and step < self._max_t and not result.get("done"):
             self.stopped_early[trial.trial_id] = step
         return decision
+
+
+def make_scheduler(sweep: Any) -> _ASHA | _NoStop:
+    """The sweep's pruner as a Tune scheduler: ``asha`` and ``hyperband`` are Ray's ASHA, first rung at
+    ``sweep.first_rung``, one bracket or ``sweep.brackets`` (asynchronous Hyperband); ``none`` stops nothing."""
+    if sweep.pruner == "none":
+        return _NoStop()
+    return _ASHA(time_attr="step", metric=sweep.pruned_on, mode=sweep.prune_mode, max_t=sweep.max_steps,
+                 grace_period=sweep.first_rung, reduction_factor=sweep.reduction_factor, brackets=sweep.brackets)
 
 
 class _NoStop(FIFOScheduler):
@@ -398,13 +407,7 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
     ray = _start_ray(address, worker_logs)
     concurrency = sweep.concurrency or _fit_count(ray.cluster_resources(), sweep.trial_resources)
 
-    if sweep.pruner == "asha":
-        scheduler: _ASHA | _NoStop = _ASHA(
-            time_attr="step", metric=sweep.pruned_on, mode=sweep.prune_mode, max_t=sweep.max_steps,
-            grace_period=sweep.eval_every, reduction_factor=sweep.reduction_factor,
-        )
-    else:
-        scheduler = _NoStop()
+    scheduler = make_scheduler(sweep)
     spec = TrialSpec(sweep, train, score)
     first: AskedTrial | None = None
     started = time.strftime('%Y%m%d-%H%M%S')

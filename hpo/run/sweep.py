@@ -100,6 +100,10 @@ def prepare(options: SearchOptions, console: Console | None = None) -> spaces.Se
             _check_sft(search_space, options, console)
         else:
             _check_data(search_space, options, console)
+    if sweep.lr_probe:
+        from hpo.run import lr_probe
+
+        lr_probe.check(search_space)
     return search_space
 
 
@@ -219,12 +223,13 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     if options.more is not None:  # a nightly run: K more finished trials than the study holds now
         sweep = dataclasses.replace(sweep, trials=already + options.more)
         ledger.target = sweep.trials
+    probed = _probe_learning_rate(study, search_space, ledger, console) if already < sweep.trials else None
     if warm_source is not None and already < sweep.trials:
         from hpo.record.warmstart import warm_start
 
         with ledger.lock:
-            warmed = warm_start(study, warm_source[0], warm_source[1], options.warm_start_top,
-                                lambda trial: spaces.call_space(search_space, trial), room=sweep.trials - already)
+            warmed = warm_start(study, warm_source[0], warm_source[1], options.warm_start_top, ledger.space,
+                                room=sweep.trials - already)
         for line in warmed.lines():
             console.print(f"[cyan]{line}[/]" if not line.startswith("  ") else line, highlight=False)
     result = SearchResult(name, studies.redact(storage.url), tracker.shown_uri, {}, None, 0)
@@ -245,10 +250,15 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
                     mlflow_experiment_id=tracker.experiment_id, mlflow_parent_run_id=parent,
                     custom_train=search_space.train is not None,
                     priors={name: prior.to_dict() for name, prior in search_space.priors.items()}).save(study)
+    if probed is not None:
+        from hpo.run import lr_probe
+
+        tracker.note_sweep(*lr_probe.mlflow_notes(probed))
     console.print(f"[bold]hpo search[/] {search_space.path.name}: study [bold]{name}[/] in {result.storage}, "
                   f"MLflow {result.tracking_uri}; {sweep.trials - already} trials to go "
                   f"({sweep.max_steps} steps, evaluate every {sweep.eval_every}, pruner {sweep.pruner}"
-                  f"{f' on {sweep.pruned_on}' if sweep.pruner == 'asha' and sweep.pruned_on != sweep.metric else ''}"
+                  f"{f' on {sweep.pruned_on}' if sweep.pruner != 'none' and sweep.pruned_on != sweep.metric else ''}"
+                  f"{_rungs(sweep)}"
                   f"{', a trial is worth its best evaluation' if sweep.objective == 'best' else ''}"
                   f"{f', Pareto front of {sweep.metric} ({sweep.direction})' if sweep.is_multi_objective else ''})")
 
@@ -298,6 +308,28 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
                                                **({"pareto_front": ",".join(str(p["number"]) for p in result.front)}
                                                   if result.front else {})})
     return result
+
+
+def _rungs(sweep: Any) -> str:
+    """Where ASHA judges trials, for the sweep's first line: `` from step 20`` (and its brackets)."""
+    if sweep.pruner == "none":
+        return ""
+    return f" from step {sweep.first_rung}" + (f", {sweep.brackets} brackets" if sweep.brackets > 1 else "")
+
+
+def _probe_learning_rate(study: Any, search_space: spaces.SearchSpace, ledger: Any, console: Console) -> Any:
+    """``lr_probe``: the study's learning-rate range, recorded or probed now (:mod:`hpo.run.lr_probe`), given
+    to every ``space(trial)`` of this run from here on (a :class:`hpo.space.NarrowedTrial`); its
+    :class:`~hpo.train.lr_probe.Choice`, or None when the sweep does not probe."""
+    from hpo.run import lr_probe
+
+    choice, reused = lr_probe.for_study(study, search_space, ledger.lock)
+    if choice is None:
+        return None
+    console.print(lr_probe.line(choice, reused), highlight=False)
+    bounds = (choice.low, choice.high)
+    ledger.space = lambda trial: spaces.call_space(search_space, spaces.NarrowedTrial(trial, bounds))
+    return choice
 
 
 def _check_writable(options: SearchOptions) -> None:

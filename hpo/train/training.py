@@ -26,12 +26,13 @@ the trial started, after the cached base model: flat across trials when nothing 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -73,6 +74,35 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
     step, its batch drawn -- imports, model and data loading on a cold worker, a fresh
     adapter and optimizer on a warm one; not the step's own compute, which is training.
     """
+    with adapter(job, score, started) as fresh:
+        if on_start is not None:
+            on_start(_settings(job, fresh.model, fresh.run, fresh.run.trainable_params))
+        metrics = _train(job, fresh.model, fresh.tokenizer, fresh.train_set, fresh.eval_set, report, fresh.run)
+        if on_trained is not None:
+            on_trained(fresh.model, fresh.tokenizer)
+        return metrics
+
+
+@dataclass
+class Adapter:
+    """One run's fresh LoRA adapter on the worker's cached base model, and its data (what
+    :func:`adapter` yields)."""
+
+    model: Any
+    """The peft model: the cached base with a new adapter and a re-initialised task head."""
+    tokenizer: Any
+    train_set: Any
+    eval_set: Any
+    run: _Run
+
+
+@contextlib.contextmanager
+def adapter(job: TrainJob, score: Callable[[str, str], float] | None = None,
+            started: float | None = None) -> Iterator[Adapter]:
+    """The base model (cached), tokenizer and data of ``job``, with a fresh seeded adapter in place
+    for the ``with`` block; on the way out (an exception included) the adapter is removed from
+    the cached base, so the next run on this worker starts clean. :func:`fine_tune` trains in it,
+    and so does the learning-rate range test (:mod:`hpo.train.lr_probe`)."""
     started = time.perf_counter() if started is None else started
     from peft import get_peft_model
 
@@ -98,19 +128,15 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
     _set_gradient_checkpointing(base, job.gradient_checkpointing)
     model = get_peft_model(base, _lora_config(job, base.config.model_type))
     restore_forward: Callable[[], None] | None = None
+    fresh: Adapter | None = None
     try:
         restore_forward = lean_loss.apply(base, job.lean_loss)  # the model's own forward is back in finally
-        trainable = _upcast_trainable(model)
-        run.trainable_params = trainable
-        if on_start is not None:
-            on_start(_settings(job, model, run, trainable))
-        metrics = _train(job, model, tokenizer, train_set, eval_set, report, run)
-        if on_trained is not None:
-            on_trained(model, tokenizer)
-        return metrics
+        run.trainable_params = _upcast_trainable(model)
+        fresh = Adapter(model, tokenizer, train_set, eval_set, run)
+        yield fresh
     except BaseException as error:  # Ray's early stop (SystemExit) included
-        # The exception's traceback keeps _train's frame -- optimizer state, gradients, the
-        # adapter -- alive as long as someone holds it; drop those locals now.
+        # The exception's traceback keeps the training loop's frame -- optimizer state,
+        # gradients, the adapter -- alive as long as someone holds it; drop those locals now.
         traceback.clear_frames(error.__traceback__)
         raise
     finally:
@@ -118,6 +144,8 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
             restore_forward()
         model.unload()  # the cached base is clean again for the next run on this worker
         _remove_new_embedding_hooks(base, hooks_before)  # peft's input-grad hook (checkpointing)
+        if fresh is not None:
+            fresh.model = None  # the caller's frame may outlive this block (an exception's traceback)
         del model  # the caller frees what is left (hpo.train.accelerator.release_memory)
 
 
@@ -223,17 +251,14 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
         return max(0.0, (job.max_steps - step) / max(1, job.max_steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    augment = _augmenter(job) if job.task == "classification" and p.augments else None
-    lengths = [len(e.input_ids) for e in train_set.examples] if job.task == "sft" and job.group_by_length \
-        and not job.packing else None
-    batches = _batches(train_set, p.batch_size, job.seed, tokenizer, job.task, augment, job.max_length, lengths)
+    batches = training_batches(job, train_set, tokenizer)
     losses: list[float] = []
     metrics: dict[str, float] = {}
     watch = _BestWatch(job.patience, job.restore_best, job.watch, job.watch_mode, job.min_steps)
     micro = p.batch_size
     runner, rank, world = _data_parallel(model)
     flops = cost.FlopCounter(model, job.gradient_checkpointing)
-    padding_free = job.task == "sft" and job.packing and sft.wants_padding_free(job.attn_implementation)
+    padding_free = is_padding_free(job)
     started = time.perf_counter()
     model.train()
     for step in range(1, job.max_steps + 1):
@@ -241,22 +266,9 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
         if step == 1:  # training starts: what came before was setup
             run.setup_seconds = time.perf_counter() - run.started
         flops.add_batch(batch[ROW_TOKENS])  # the whole batch: every rank drew it
-        normalise = _loss_normaliser(batch, job.task, world)
-        pieces = functools.partial(_accumulate, runner, _shard(batch, rank, world), run=run, normalise=normalise,
-                                   padding_free=padding_free)  # pieces(micro) -> the step's loss
-        loss, micro = _halving_on_oom(pieces, micro, can_halve=world == 1,  # ranks must stay in step
-                                      before_retry=lambda: optimizer.zero_grad(set_to_none=True))
-        if run.scaler is not None:
-            run.scaler.unscale_(optimizer)  # clip and step on the true gradients
-        if p.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, p.max_grad_norm)
-        if run.scaler is not None:
-            run.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
-            run.scaler.update()
-        else:
-            optimizer.step()
+        loss, micro = optimizer_step(runner, batch, micro, optimizer, trainable, p.max_grad_norm, run, job.task,
+                                     rank, world, padding_free)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         losses.append(loss)
         if step % job.eval_every == 0 or step == job.max_steps:
             metrics = evaluate(job, model, tokenizer, eval_set)
@@ -275,6 +287,45 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
                 break
             model.train()
     return watch.finish(step, metrics, model, lambda: evaluate(job, model, tokenizer, eval_set))
+
+
+def training_batches(job: TrainJob, train_set: Any, tokenizer: Any) -> Iterator[dict[str, Any]]:
+    """The run's endless training batches: seeded, augmented (classification with an augmentation
+    sampled), grouped by length (sft's ``group_by_length`` without packing)."""
+    augment = _augmenter(job) if job.task == "classification" and job.params.augments else None
+    lengths = [len(e.input_ids) for e in train_set.examples] if job.task == "sft" and job.group_by_length \
+        and not job.packing else None
+    return _batches(train_set, job.params.batch_size, job.seed, tokenizer, job.task, augment, job.max_length, lengths)
+
+
+def is_padding_free(job: TrainJob) -> bool:
+    """Whether packed sft batches go as one flattened row (flash attention: :func:`hpo.train.sft.padding_free`)."""
+    return job.task == "sft" and job.packing and sft.wants_padding_free(job.attn_implementation)
+
+
+def optimizer_step(runner: Any, batch: dict[str, Any], micro: int, optimizer: torch.optim.Optimizer,
+                   trainable: list, max_grad_norm: float, run: _Run, task: str, rank: int = 0, world: int = 1,
+                   padding_free: bool = False) -> tuple[float, int]:
+    """One optimizer step on ``batch`` (this rank's shard of it): forward and backward in pieces of
+    ``micro`` rows (halved on an out-of-memory error, see :func:`_halving_on_oom`), the gradients
+    unscaled (fp16), clipped to ``max_grad_norm`` (0: not clipped), the step taken and the
+    gradients zeroed. Returns the batch's loss and the micro-batch size that fitted."""
+    normalise = _loss_normaliser(batch, task, world)
+    pieces = functools.partial(_accumulate, runner, _shard(batch, rank, world), run=run, normalise=normalise,
+                               padding_free=padding_free)  # pieces(micro) -> the step's loss
+    loss, micro = _halving_on_oom(pieces, micro, can_halve=world == 1,  # ranks must stay in step
+                                  before_retry=lambda: optimizer.zero_grad(set_to_none=True))
+    if run.scaler is not None:
+        run.scaler.unscale_(optimizer)  # clip and step on the true gradients
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    if run.scaler is not None:
+        run.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        run.scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, micro
 
 
 class _BestWatch:
