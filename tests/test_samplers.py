@@ -155,8 +155,9 @@ def test_up_to_its_history_tpe_samples_as_optuna_s_own() -> None:
     assert params[0] == params[1]
 
 
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
 def test_past_its_history_tpe_models_the_recent_trials_the_best_ones_and_the_running(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, direction: str) -> None:
     tpe = optuna.samplers.TPESampler(seed=0, n_startup_trials=2, multivariate=True, group=True, constant_liar=True)
     seen: list[tuple[list[int], list[int]]] = []
     original = tpe.sample_relative
@@ -168,12 +169,16 @@ def test_past_its_history_tpe_models_the_recent_trials_the_best_ones_and_the_run
         return original(study, trial, search_space)
 
     monkeypatch.setattr(tpe, "sample_relative", spy)
-    study = optuna.create_study(sampler=RecentHistory(tpe, history=10, keep_best=3), direction="maximize")
+    study = optuna.create_study(sampler=RecentHistory(tpe, history=10, keep_best=3), direction=direction)
+    better = 1.0 if direction == "maximize" else -1.0
     study.ask().suggest_float("x", 0.0, 1.0)  # trial 0 stays RUNNING (another process's, say)
     for number in range(1, 31):
         trial = study.ask()
         x = trial.suggest_float("x", 0.0, 1.0)
-        study.tell(trial, 100.0 - number if number in (2, 5, 7, 11) else x)  # the best trials are early ones
-    assert seen[10] == (list(range(1, 10)), [0, 10]), "9 finished trials: all of them"
-    assert seen[11] == (list(range(1, 11)), [0, 11]), "10: still all"
-    assert seen[30] == ([2, 5, 7, *range(20, 30)], [0, 30]), "the 10 most recent, the 3 best before them, the running"
+        if number == 3:
+            study.tell(trial, state=TrialState.FAIL)
+        else:  # the best trials are early ones
+            study.tell(trial, better * (100.0 - number) if number in (2, 5, 7, 11) else x)
+    assert seen[10] == ([1, 2, *range(4, 10)], [0, 10]), "8 finished trials (a FAIL is never modelled): all"
+    assert seen[12] == ([1, 2, *range(4, 12)], [0, 12]), "10: still all"
+    assert seen[30] == ([2, 5, 7, *range(20, 30)], [0, 30]), "the 10 most recent, the 3 best, the running"
