@@ -406,3 +406,32 @@ def test_how_a_sweep_ended(done: bool, timed_out: bool, stop_reason: str | None,
     assert (result.short_reason is not None) == (ended == "short")
     if stop_reason:
         assert result.short_reason == stop_reason
+
+
+class _Controller:
+    """What Tune hands a scheduler: here only the live trials (the run's whole list is refused)."""
+
+    def __init__(self, live: list[Any]):
+        self.live = set(live)
+
+    def get_live_trials(self) -> set[Any]:
+        return self.live
+
+    def get_trials(self) -> list[Any]:
+        raise AssertionError("the scheduler looked through every trial of the run")
+
+
+def test_the_next_trial_to_start_is_found_among_the_live_trials_in_claim_order() -> None:
+    from ray.tune.experiment import Trial
+
+    def trial(number: int, status: str) -> Trial:
+        made = Trial("__fake", config={"number": number, "params": {}}, stub=True)
+        made.set_status(status)
+        return made
+
+    scheduler = _NoStop()
+    running, paused, later, first = (trial(3, Trial.RUNNING), trial(4, Trial.PAUSED), trial(9, Trial.PENDING),
+                                     trial(5, Trial.PENDING))
+    assert scheduler.choose_trial_to_run(_Controller([running, paused, later, first])) is first
+    assert scheduler.choose_trial_to_run(_Controller([running, paused])) is paused
+    assert scheduler.choose_trial_to_run(_Controller([running])) is None

@@ -119,6 +119,25 @@ class TestLedgerOnEveryStorage:
         assert second.claim() is None, "running trials of every process count"
         assert first.finished() == 1 and first.others_running() == 1 and second.others_running() == 1
 
+    def test_the_claim_counts_in_one_query_what_counts_towards_the_target(self, storage_url: str) -> None:
+        ledger = new_ledger(storage_url, target=100, create=True)
+        study = ledger.study
+        make = optuna.trial.create_trial
+        for state, attrs in [(TrialState.COMPLETE, {}), (TrialState.PRUNED, {"reason": "pruned"}),
+                             (TrialState.FAIL, {"reason": "error"}), (TrialState.FAIL, {"reason": "oom"}),
+                             (TrialState.FAIL, {"reason": "error", "retried": True}),
+                             (TrialState.FAIL, {"reason": "interrupted"}), (TrialState.FAIL, {"reason": "superseded"}),
+                             (TrialState.FAIL, {"reason": "claim"}), (TrialState.FAIL, {})]:
+            study.add_trial(make(state=state, value=1.0 if state == TrialState.COMPLETE else None, user_attrs=attrs))
+        study.enqueue_trial({"x": 0.5})  # WAITING: not taken
+        ledger.claim()  # RUNNING: taken
+        expected = sum(1 for t in study.get_trials() if counts_towards_target(t) or t.state == TrialState.RUNNING)
+        assert expected == 5 and ledger.taken() == expected
+        queries: list[str] = []
+        sqlalchemy.event.listen(ledger.lock.engine, "before_cursor_execute", lambda *a: queries.append(a[2]))
+        ledger.taken()
+        assert len(queries) == 1, queries
+
     def test_heartbeats_come_from_their_own_thread_while_the_loop_waits(self, storage_url: str) -> None:
         ledger = new_ledger(storage_url, create=True)
         ledger.heartbeats.interval = 0.5

@@ -7,11 +7,12 @@ import importlib.util
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
 
 from hpo import HpoError, Sweep, config
 from hpo import space as spaces
 from hpo.record import samplers as hpo_samplers
-from hpo.record.samplers import SAMPLERS, QmcStartSampler, from_unit, make_sampler, startup_trials
+from hpo.record.samplers import SAMPLERS, QmcStartSampler, RecentHistory, from_unit, make_sampler, startup_trials
 from tests.conftest import SEARCH_SPACES
 
 FAST = [name for name in SAMPLERS if name not in ("gp", "cmaes")]
@@ -139,3 +140,45 @@ def test_a_seed_near_the_limit_plus_a_run_index_still_samples(name: str) -> None
     study = optuna.create_study(sampler=make_sampler(name, 2**32 - 1 + 3, 4))
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
     assert len(study.trials) == 2
+
+
+def test_up_to_its_history_tpe_samples_as_optuna_s_own() -> None:
+    """The window changes nothing while the study holds at most ``history`` finished trials."""
+    wrapped = hpo_samplers._tpe(7, 4)
+    alone = hpo_samplers._tpe(7, 4)._sampler
+    assert isinstance(wrapped, RecentHistory) and isinstance(alone, optuna.samplers.TPESampler)
+    params = []
+    for sampler in (wrapped, alone):
+        study = optuna.create_study(sampler=sampler)
+        study.optimize(lora_space, n_trials=16)
+        params.append([t.params for t in study.trials])
+    assert params[0] == params[1]
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_past_its_history_tpe_models_the_recent_trials_the_best_ones_and_the_running(
+        monkeypatch: pytest.MonkeyPatch, direction: str) -> None:
+    tpe = optuna.samplers.TPESampler(seed=0, n_startup_trials=2, multivariate=True, group=True, constant_liar=True)
+    seen: list[tuple[list[int], list[int]]] = []
+    original = tpe.sample_relative
+
+    def spy(study, trial, search_space):  # noqa: ANN001, ANN202
+        finished = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        running = study._get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        seen.append(([t.number for t in finished], [t.number for t in running]))
+        return original(study, trial, search_space)
+
+    monkeypatch.setattr(tpe, "sample_relative", spy)
+    study = optuna.create_study(sampler=RecentHistory(tpe, history=10, keep_best=3), direction=direction)
+    better = 1.0 if direction == "maximize" else -1.0
+    study.ask().suggest_float("x", 0.0, 1.0)  # trial 0 stays RUNNING (another process's, say)
+    for number in range(1, 31):
+        trial = study.ask()
+        x = trial.suggest_float("x", 0.0, 1.0)
+        if number == 3:
+            study.tell(trial, state=TrialState.FAIL)
+        else:  # the best trials are early ones
+            study.tell(trial, better * (100.0 - number) if number in (2, 5, 7, 11) else x)
+    assert seen[10] == ([1, 2, *range(4, 10)], [0, 10]), "8 finished trials (a FAIL is never modelled): all"
+    assert seen[12] == ([1, 2, *range(4, 12)], [0, 12]), "10: still all"
+    assert seen[30] == ([2, 5, 7, *range(20, 30)], [0, 30]), "the 10 most recent, the 3 best, the running"

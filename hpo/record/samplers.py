@@ -1,4 +1,4 @@
-"""Optuna samplers by name, for sweeps of a few dozen trials at most.
+"""Optuna samplers by name, for sweeps of a few dozen trials up to nightly studies of thousands.
 
 ``make_sampler(name, seed, trials)`` is the one place a sweep's sampler is built. What each
 name gives (measured against each other by ``bench/samplers.py``):
@@ -12,10 +12,17 @@ name gives (measured against each other by ``bench/samplers.py``):
   Gaussian-process sampler after a random opening of the same size: the best at 12-20 trials
   in the bench, but with no constant liar concurrent trials may get the same point), ``cmaes``
   (needs ``pip install cmaes``; categorical parameters are sampled at random by it).
+
+TPE (``tpe-qmc``, ``tpe``) models at most ``HISTORY`` finished trials and the best ones
+(:class:`RecentHistory`): its time per trial grows with the trials it models (Optuna's sampler
+table gives it a budget of 100-1,000 trials); at 5,000 trials it was most of a no-op trial's cost.
 """
 
 from __future__ import annotations
 
+import bisect
+import copy
+import heapq
 import importlib.util
 import math
 import warnings
@@ -32,6 +39,12 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 SAMPLERS = ("tpe-qmc", "tpe", "random", "qmc", "gp", "cmaes")
 QMC_DIMENSIONS = 64
 """Parameters per trial placed on the Sobol sequence; any further ones are sampled at random."""
+HISTORY = 1000
+"""The most recent finished trials TPE models (with the ``KEEP_BEST`` best): the top of Optuna's
+recommended TPE budget. Below it TPE sees the whole study."""
+KEEP_BEST = 25
+"""The best COMPLETE trials TPE always models: as many as its "good" group ever holds (Optuna's
+``default_gamma`` caps it at 25), so that group is the one the whole study gives."""
 
 
 def startup_trials(trials: int) -> int:
@@ -62,9 +75,121 @@ def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampl
     raise HpoError(f"unknown sampler {name!r}; use {', '.join(SAMPLERS)}")
 
 
-def _tpe(seed: int, startup: int) -> optuna.samplers.TPESampler:
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True,
-                                      constant_liar=True)
+def _tpe(seed: int, startup: int) -> RecentHistory:
+    return RecentHistory(optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
+                                                    group=True, constant_liar=True))
+
+
+class RecentHistory(optuna.samplers.BaseSampler):
+    """``sampler`` (TPE) modelling a single-objective study's ``history`` most recent finished
+    trials, its ``keep_best`` best COMPLETE ones and its running ones, not every trial.
+
+    Why: TPE reads, splits and converts every finished trial at each suggestion, so its time
+    per trial grows with the study. Its "good" density is fitted to the best trials (at most
+    ``keep_best`` of them), which stay in: that density is the whole study's. Its "rest" density
+    is fitted to the ``history`` most recent trials instead of all (TPE's own weights already
+    fade the older ones). A study with at most ``history`` finished trials, and a
+    multi-objective one, is modelled whole, as by ``sampler`` alone.
+
+    Each trial is sampled on one snapshot of the study (:class:`_View`), read once per trial
+    (Optuna's own per-trial cache), where TPE alone reads the study again for its running trials.
+    Which trials are in it is kept up to date from the trials new or unfinished since the last
+    one, so choosing them does not take longer as the study grows. One study per sampler, as
+    for Optuna's grouped TPE.
+    """
+
+    def __init__(self, sampler: optuna.samplers.BaseSampler, history: int = HISTORY, keep_best: int = KEEP_BEST):
+        self._sampler = sampler
+        self._history = history
+        self._keep_best = keep_best
+        self._view: tuple[int, _View] | None = None
+        self._looked = 0
+        """Trials ``0 .. _looked - 1`` were looked at (a trial's number is its place in the study's list)."""
+        self._open: set[int] = set()
+        """Those of them not finished then (RUNNING, WAITING): looked at again each time."""
+        self._finished: list[int] = []
+        """The COMPLETE and PRUNED trials, by number."""
+        self._best: list[tuple[float, int]] = []
+        """The ``keep_best`` best COMPLETE trials, a heap of (value, number), the worst first (values
+        negated when minimizing)."""
+
+    def _seen(self, study: optuna.Study, trial: FrozenTrial) -> _View:
+        """What the wrapped sampler sees of ``study`` while it samples ``trial``."""
+        if self._view is None or self._view[0] != trial.number:
+            self._view = (trial.number, self._build(study))
+        return self._view[1]
+
+    def _build(self, study: optuna.Study) -> _View:
+        trials = study._get_trials(deepcopy=False, use_cache=True)  # by number
+        if len(study.directions) > 1:
+            return _View(study, trials)
+        self._catch_up(study, trials)
+        if len(self._finished) <= self._history:
+            return _View(study, trials)
+        chosen = {*self._finished[-self._history:], *(number for _, number in self._best),
+                  *(number for number in self._open if trials[number].state == TrialState.RUNNING)}
+        return _View(study, [trials[number] for number in sorted(chosen)])
+
+    def _catch_up(self, study: optuna.Study, trials: list[FrozenTrial]) -> None:
+        """Take in the trials that are new, or were not finished when last looked at (a FAIL
+        trial is never modelled; a finished one never changes)."""
+        sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+        fresh = [*sorted(self._open), *range(self._looked, len(trials))]
+        self._open, self._looked = set(), len(trials)
+        for number in fresh:
+            trial = trials[number]
+            if trial.state in (TrialState.RUNNING, TrialState.WAITING):
+                self._open.add(number)
+            elif trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                bisect.insort(self._finished, number)
+                if trial.state == TrialState.COMPLETE:
+                    heapq.heappush(self._best, (sign * trial.value, number))
+                    if len(self._best) > self._keep_best:
+                        heapq.heappop(self._best)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._sampler.infer_relative_search_space(self._seen(study, trial), trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self._sampler.sample_relative(self._seen(study, trial), trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._sampler.sample_independent(self._seen(study, trial), trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._sampler.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self._view = None
+        self._sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._sampler.reseed_rng()
+
+
+class _View:
+    """A study whose trials are ``trials`` (sorted by number); all else is the study's. Optuna's
+    samplers read trials through ``Study._get_trials``, others through ``get_trials``."""
+
+    def __init__(self, study: optuna.Study, trials: list[FrozenTrial]):
+        self._study = study
+        self._trials = trials
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
+        trials = [t for t in self._trials if states is None or t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy, states)
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self._get_trials()
 
 
 class QmcStartSampler(optuna.samplers.BaseSampler):
@@ -84,10 +209,15 @@ class QmcStartSampler(optuna.samplers.BaseSampler):
         self._seed = seed
         self._points: dict[int, Any] = {}
         self._order: dict[int, list[str]] = {}
+        self._started = False
+        """The study held ``startup`` finished trials once, so it always will (finished trials stay so)."""
 
     def _in_startup(self, study: optuna.Study) -> bool:
-        finished = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED), use_cache=True)
-        return len(finished) < self._startup
+        if not self._started:
+            finished = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED),
+                                         use_cache=True)
+            self._started = len(finished) >= self._startup
+        return not self._started
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         if self._in_startup(study):

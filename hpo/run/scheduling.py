@@ -143,7 +143,24 @@ def call_train(train: TrainFn, params: dict[str, Any], report: Report, sweep: An
     return train(params, report)
 
 
-class _ASHA(ASHAScheduler):
+class _LiveTrialsFirst:
+    """Tune's FIFO choice of the next trial to start (the first PENDING trial, else PAUSED),
+    looked for among the run's live trials. Tune's own looks through every trial of the run,
+    twice on each turn of its loop where none is pending (most turns), which at 5,000 trials
+    was a share of each trial's cost that grew with the study. Same order: the claim's."""
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        from ray.tune.experiment import Trial
+
+        live = sorted(tune_controller.get_live_trials(), key=lambda trial: trial.config.get("number", -1))
+        for status in (Trial.PENDING, Trial.PAUSED):
+            for trial in live:
+                if trial.status == status:
+                    return trial
+        return None
+
+
+class _ASHA(_LiveTrialsFirst, ASHAScheduler):
     """Ray's ASHA, noting the trials it stops *before* ``max_t`` (an early stop).
 
     ASHA also answers STOP when a trial reaches ``max_t``; that is a finished trial.
@@ -170,7 +187,7 @@ def make_scheduler(sweep: Any) -> _ASHA | _NoStop:
                  grace_period=sweep.first_rung, reduction_factor=sweep.reduction_factor, brackets=sweep.brackets)
 
 
-class _NoStop(FIFOScheduler):
+class _NoStop(_LiveTrialsFirst, FIFOScheduler):
     """No early stop (``pruner="none"``): every trial runs to its end."""
 
     def __init__(self) -> None:
