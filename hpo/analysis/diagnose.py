@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from hpo.analysis.diagnose_advice import compare_models, param_importance, range_edges, study_advice
 from hpo.analysis.diagnose_curve import first_value, to_points
 from hpo.analysis.diagnose_rules import KINDS, MIN_POINTS, Finding, diagnose_curves
+from hpo.analysis.diagnose_sft import with_step_findings
 from hpo.formatting import json_safe
 
 if TYPE_CHECKING:
@@ -123,6 +124,7 @@ def diagnose_trial(trial: FrozenTrial, *, metric: str | None = None, direction: 
         findings = [Finding("diverging", f"the trial failed with a NaN/inf loss after step {last_step}: the "
                                          "learning rate is likely too high",
                             {"step": last_step, "reason": "nan", "error": trial.user_attrs.get("error")})]
+    findings = with_step_findings(findings, curves)  # answers (sft), loss spikes, gradient norm
     note = None
     if not findings:
         where = f" (last at step {last_step})" if last_step is not None else ""

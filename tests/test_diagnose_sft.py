@@ -1,0 +1,237 @@
+"""Chat-model failures and unstable steps: what the generated answers show (unfinished,
+repeating, wrong format, failing the score), forgetting on a retain set, loss spikes and
+gradient blow-ups -- each fault planted, recorded by the real recipe on a tiny model, and
+found by ``hpo diagnose``'s rules with its numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpo import Sweep
+from hpo.analysis import diagnose_sft
+from hpo.analysis.diagnose import diagnose_curves
+from hpo.errors import HpoError
+from hpo.train import answers, sft, training
+from hpo.train.recipe import TrainJob
+from tests.conftest import SEARCH_SPACES
+
+DATES = SEARCH_SPACES / "data" / "dates"
+REVIEWS = SEARCH_SPACES / "data" / "reviews"
+
+
+def kinds(curves: dict) -> list[str]:
+    return [finding.kind for finding in diagnose_sft.step_findings(curves)]
+
+
+def evidence(curves: dict, kind: str) -> dict:
+    return next(f.evidence for f in diagnose_sft.step_findings(curves) if f.kind == kind)
+
+
+def at(values: list[float], every: int = 10) -> list[list[float]]:
+    return [[every * (i + 1), v] for i, v in enumerate(values)]
+
+
+# --- what the answers show -----------------------------------------------------------------
+
+def test_answer_stats_from_generated_tokens() -> None:
+    decode = lambda tokens: " ".join(map(str, tokens))  # noqa: E731
+    ended = answers.answer([5, 6, 7, 2, 0, 0], {2}, decode)
+    assert ended == answers.Answer("5 6 7", [5, 6, 7], True)  # cut at the end token, padding after it dropped
+    early = answers.answer([1, 2, 3, 4] * 3, {2, 99}, decode)
+    assert early.tokens == [1] and early.ended  # any of the end ids ends it
+    unfinished = answers.answer([1, 3, 4, 5] * 3, {2}, decode)
+    assert not unfinished.ended and len(unfinished.tokens) == 12
+    assert answers.repetition(unfinished.tokens) == pytest.approx(1 - 4 / 9)  # 9 4-grams, 4 of them distinct
+    assert answers.repetition([1, 2, 3]) == 0.0 == answers.repetition(list(range(20)))
+
+    date = answers.Answer("2021-03-05", [1, 2, 3], True)
+    words = answers.Answer("It is 2021-03-05", [7, 8, 9, 7, 8, 9, 7, 8], False)
+    stats = answers.stats([date, words, words], [10, 10, 40], max_new_tokens=12, answer_format=r"\d{4}-\d{2}-\d{2}",
+                          scores=[1.0, 0.0, 0.5])
+    assert stats == {"eval_repetition": pytest.approx((0 + 0.4 + 0.4) / 3),  # 5 4-grams, 3 distinct
+                     "eval_unfinished": 0.5,  # the third answer's reference (40 tokens) cannot fit in 12
+                     "eval_format_fail": pytest.approx(2 / 3), "eval_score_fail": pytest.approx(1 / 3)}
+    assert set(answers.stats([date], [40], 12, None, None)) == {"eval_repetition"}
+
+
+def test_the_retain_score_ignores_case_punctuation_and_surrounding_words() -> None:
+    assert answers.contains("The capital of France is Paris.", "paris") == 1.0
+    assert answers.contains("It is carbon  dioxide!", "Carbon dioxide") == 1.0
+    assert answers.contains("Parisian food", "Paris") == 0.0  # whole words only
+    assert answers.contains("anything", "...") == 0.0  # a reference with no words matches nothing
+
+
+# --- the rules on recorded numbers ---------------------------------------------------------
+
+@pytest.mark.parametrize(("curve", "values", "kind", "bar"), [
+    ("eval_unfinished", [1.0, 0.6, 0.3], "never_stops", diagnose_sft.UNFINISHED_SHARE),
+    ("eval_repetition", [0.5, 0.3, 0.25], "repeats", diagnose_sft.REPETITION_LEVEL),
+    ("eval_format_fail", [1.0, 0.5, 0.25], "wrong_format", diagnose_sft.FORMAT_FAIL_SHARE),
+    ("eval_score_fail", [1.0, 0.9, 0.5], "failing_score", diagnose_sft.SCORE_FAIL_SHARE),
+])
+def test_each_answer_fault_is_judged_on_the_last_evaluation(curve: str, values: list[float], kind: str,
+                                                            bar: float) -> None:
+    found = evidence({curve: at(values)}, kind)
+    assert found["step"] == 30 and found[curve] == values[-1] and found[f"first_{curve}"] == values[0]
+    message = next(f.message for f in diagnose_sft.step_findings({curve: at(values)}))
+    assert "at step 30" in message and "at step 10" in message
+    assert kinds({curve: at([*values[:-1], bar - 0.01])}) == []  # just under the bar at the end: nothing
+    assert kinds({curve: at([0.0, bar])}) == [kind]
+
+
+def test_forgetting_is_a_drop_from_the_base_models_retain_scores() -> None:
+    def retain(score: float, loss: float) -> dict:
+        return {"retain_score": at([0.8, 0.75, score]), "retain_loss": at([1.3, 1.4, loss]),
+                "retain_score_before": at([0.8] * 3), "retain_loss_before": at([1.2] * 3)}
+
+    found = evidence(retain(0.6, 1.4), "forgetting")
+    assert found == {"step": 30, "retain_score_before": 0.8, "retain_score": 0.6, "score_drop": 0.2,
+                     "retain_loss_before": 1.2, "retain_loss": 1.4, "loss_rise": pytest.approx(0.1667)}
+    assert kinds(retain(0.75, 1.45)) == []  # 0.05 lost, loss 21% up: within the bars
+    assert kinds(retain(0.8, 1.5)) == ["forgetting"]  # the loss alone: 25% up
+    assert kinds({"retain_score": at([0.1])}) == []  # no base model's scores: nothing to compare
+
+
+def test_loss_spikes_and_gradient_blowups_on_recorded_numbers() -> None:
+    train = [2.0, 1.2, 1.0, 0.9, 0.85]
+    smooth = {"train_loss": at(train), "train_loss_max": at([3.1, 1.9, 1.6, 1.4, 1.3]),
+              "grad_norm": at([0.8, 0.6, 0.55, 0.6, 0.62]), "grad_norm_max": at([2.5, 1.2, 1.3, 1.5, 1.4])}
+    assert kinds(smooth) == []  # a first interval far above the rest is how training starts
+    spiked = {**smooth, "train_loss_max": at([3.1, 1.9, 1.6, 4.0, 1.3]), "grad_norm_max": at([2.5, 1.2, 1.3, 9.0, 1.4])}
+    assert kinds(spiked) == ["loss_spikes", "gradient_blowup"]
+    spike = evidence(spiked, "loss_spikes")
+    assert spike["spikes"] == [{"after_step": 30, "step": 40, "train_loss_max": 4.0, "train_loss_before": 1.0,
+                                "ratio": 4.0}]
+    blowup = evidence(spiked, "gradient_blowup")
+    assert blowup["step"] == 40 and blowup["grad_norm_before"] == 0.6 and blowup["ratio"] == 15.0
+    climbing = {"grad_norm": at([0.5, 0.4, 0.9, 2.0, 4.5]), "grad_norm_max": at([0.9, 0.6, 1.4, 3.0, 6.0])}
+    assert evidence(climbing, "gradient_blowup")["ratio"] == pytest.approx(11.25)  # 0.4 -> 4.5, rising throughout
+    assert kinds({"grad_norm": at([0.5, 0.4, 0.9, 2.0, 3.9])}) == []  # under 10x its lowest
+
+
+def test_a_healthy_curve_label_gives_way_to_an_answer_finding() -> None:
+    curves = {"train_loss": at([2.0, 1.0, 0.7, 0.6, 0.58]), "eval_loss": at([2.1, 1.1, 0.8, 0.7, 0.69])}
+    assert [f.kind for f in diagnose_sft.with_step_findings(diagnose_curves(curves), curves)] == ["healthy"]
+    curves["eval_unfinished"] = at([1.0, 1.0, 1.0, 0.9, 0.9])
+    assert [f.kind for f in diagnose_sft.with_step_findings(diagnose_curves(curves), curves)] == ["never_stops"]
+
+
+def test_answer_format_and_retain_data_are_checked() -> None:
+    with pytest.raises(HpoError, match=r"answer_format='\[0-9' is not a valid regular expression \(unterminated "
+                                       r"character set.*--set answer_format="):
+        Sweep(task="sft", answer_format="[0-9")
+    with pytest.raises(HpoError, match="retain_data='r.jsonl' applies to task=sft only"):
+        Sweep(retain_data="r.jsonl")
+    with pytest.raises(HpoError, match="answer_format='x' needs generated answers"):
+        Sweep(task="sft", answer_format="x", generation_examples=0)
+    sweep = Sweep(task="sft", answer_format=r"\d+", retain_data="r.jsonl")
+    job = TrainJob.from_sweep(sweep, {})
+    assert (job.answer_format, job.retain_data) == (r"\d+", "r.jsonl")
+
+
+# --- planted in real runs of the recipe on tiny models -------------------------------------
+
+def sft_job(model: Path, learning_rate: float, **fields) -> TrainJob:
+    fields = {"eval_data": str(DATES / "eval.jsonl"), **fields}
+    sweep = Sweep(model=str(model), task="sft", train_data=str(DATES / "train.jsonl"), max_steps=4, eval_every=2,
+                  max_length=96, generation_examples=8, max_new_tokens=12, eval_batch_size=16, **fields)
+    return TrainJob.from_sweep(sweep, {"learning_rate": learning_rate, "batch_size": 4})
+
+
+def recorded(job: TrainJob) -> dict[str, list[list[float]]]:
+    """The curves of one run, as the sweep records them (every reported metric by step)."""
+    curves: dict[str, list[list[float]]] = {}
+    training.fine_tune(job, lambda step, metrics: [curves.setdefault(k, []).append([step, v])
+                                                   for k, v in metrics.items()])
+    return curves
+
+
+@pytest.fixture(scope="module")
+def talkative_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_llama with untied output embeddings: greedy decoding then says random words (the
+    tied one repeats the prompt's last token, a newline), and never the end token."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("talkative-llama")
+    config = AutoConfig.from_pretrained(tiny_llama)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(path)
+    return path
+
+
+def test_forgetting_planted_on_a_retain_set_of_the_base_models_own_answers(talkative_llama: Path,
+                                                                           tmp_path: Path) -> None:
+    """The retain set's references are what the base model answers, so it scores 1.0 before
+    training; a high learning rate changes the answers (forgetting), a tiny one does not."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = training._tokenizer(str(talkative_llama))
+    base = AutoModelForCausalLM.from_pretrained(talkative_llama).eval()
+    conversations = sft.read(str(DATES / "eval.jsonl"))[:8]
+    prompts = sft.eval_set(sft_job(talkative_llama, 1e-6), tokenizer, conversations).prompts
+    said = [a.text for a in sft.generate(base, tokenizer, prompts, 12, 8, tokenizer.pad_token_id)]
+    assert all(answers.normalise(text) for text in said)
+    retain = tmp_path / "retain.jsonl"
+    retain.write_text("".join(json.dumps({"prompt": c[0]["content"], "completion": text}) + "\n"
+                              for c, text in zip(conversations, said, strict=True)))
+
+    small = {"retain_data": str(retain), "eval_data": str(retain)}  # 8 conversations: a quick eval_loss
+    kept = recorded(sft_job(talkative_llama, 1e-6, **small))
+    assert [v for _, v in kept["retain_score_before"]] == [1.0, 1.0] == [v for _, v in kept["retain_score"]]
+    assert "forgetting" not in kinds(kept)
+
+    forgot = recorded(sft_job(talkative_llama, 5e-2, **small))
+    assert forgot["retain_score_before"] == kept["retain_score_before"]  # the base's, measured once per worker
+    found = evidence(forgot, "forgetting")
+    assert found["retain_score_before"] == 1.0 and found["retain_score"] == forgot["retain_score"][-1][1] <= 0.5
+    assert found["score_drop"] >= 0.5 and found["step"] == 4
+    assert found["retain_loss"] > found["retain_loss_before"]
+
+
+def test_an_injected_loss_spike_shows_in_the_loss_and_the_gradient_norm(tiny_bert: Path, monkeypatch) -> None:
+    """A step whose loss is 30x (its gradients too) between evaluations: the interval's mean
+    hides it, its largest step loss and gradient norm do not. The same run without it: nothing."""
+    sweep = Sweep(model=str(tiny_bert), train_data=str(REVIEWS / "train.tsv"), eval_data=str(REVIEWS / "eval.tsv"),
+                  max_steps=12, eval_every=4, max_length=32, seed=3)
+    job = TrainJob.from_sweep(sweep, {"learning_rate": 3e-3, "batch_size": 8})
+    clean = recorded(job)
+    assert kinds(clean) == []
+    assert all(0 < norm <= peak for (_, norm), (_, peak) in zip(clean["grad_norm"], clean["grad_norm_max"], strict=True))
+
+    calls = []
+    real_forward = training._forward
+
+    def forward_with_a_spike(model, batch):
+        out = real_forward(model, batch)
+        calls.append(1)
+        if len(calls) == 10:  # step 10, between the evaluations at steps 8 and 12
+            out.loss = out.loss * 30
+        return out
+
+    monkeypatch.setattr(training, "_forward", forward_with_a_spike)
+    spiked = recorded(job)
+    assert kinds(spiked) == ["loss_spikes", "gradient_blowup"]
+    spike, blowup = evidence(spiked, "loss_spikes"), evidence(spiked, "gradient_blowup")
+    assert [(s["after_step"], s["step"]) for s in spike["spikes"]] == [(8, 12)] and spike["worst_ratio"] > 10
+    assert blowup["step"] == 12 and blowup["ratio"] > 10
+    assert spiked["train_loss"][:2] == clean["train_loss"][:2]  # the same run until the spike
+
+
+def test_the_gradient_norm_is_taken_before_clipping() -> None:
+    weight = torch.nn.Parameter(torch.zeros(2))
+    weight.grad = torch.tensor([3.0, 4.0])
+    assert training._grad_norm([weight], 1.0).item() == pytest.approx(5.0)
+    torch.testing.assert_close(weight.grad, torch.tensor([0.6, 0.8]))  # clipped to norm 1
+    weight.grad = torch.tensor([3.0, 4.0])
+    assert training._grad_norm([weight], 0.0).item() == pytest.approx(5.0)  # no clipping: measured all the same
+    torch.testing.assert_close(weight.grad, torch.tensor([3.0, 4.0]))
+    norms = [torch.tensor(v) for v in (1.0, math.inf, 3.0, 2.0)]
+    assert training._step_stats([0.5, 0.7, 0.3, 0.5], norms, 1) == {
+        "train_loss": pytest.approx(0.5), "train_loss_max": 0.7, "grad_norm": 2.0, "grad_norm_max": 3.0}
