@@ -102,13 +102,18 @@ def test_loss_spikes_and_gradient_blowups_on_recorded_numbers() -> None:
     smooth = {"train_loss": at(train), "train_loss_max": at([3.1, 1.9, 1.6, 1.4, 1.3]),
               "grad_norm": at([0.8, 0.6, 0.55, 0.6, 0.62]), "grad_norm_max": at([2.5, 1.2, 1.3, 1.5, 1.4])}
     assert kinds(smooth) == []  # a first interval far above the rest is how training starts
-    spiked = {**smooth, "train_loss_max": at([3.1, 1.9, 1.6, 4.0, 1.3]), "grad_norm_max": at([2.5, 1.2, 1.3, 9.0, 1.4])}
+    spiked = {**smooth, "train_loss_max": at([3.1, 1.9, 1.6, 4.0, 1.3]), "grad_norm_max": at([2.5, 1.2, 1.3, 15.0, 1.4])}
     assert kinds(spiked) == ["loss_spikes", "gradient_blowup"]
     spike = evidence(spiked, "loss_spikes")
     assert spike["spikes"] == [{"after_step": 30, "step": 40, "train_loss_max": 4.0, "train_loss_before": 1.0,
-                                "ratio": 4.0}]
+                                "ratio": 4.0, "start_train_loss": 2.0}]
     blowup = evidence(spiked, "gradient_blowup")
-    assert blowup["step"] == 40 and blowup["grad_norm_before"] == 0.6 and blowup["ratio"] == 15.0
+    assert blowup["step"] == 40 and blowup["grad_norm_before"] == 0.6 and blowup["ratio"] == 25.0
+    late = {"train_loss": at([2.0, 0.5, 0.1, 0.05, 0.04]), "train_loss_max": at([3.0, 1.0, 0.3, 0.2, 0.2]),
+            "grad_norm": at([0.8, 0.1, 0.1, 0.1, 0.1]), "grad_norm_max": at([12.0, 0.5, 0.4, 2.5, 0.3])}
+    # 4x a small late mean (0.05 -> 0.2) but far below the start (2.0); 25x a small median but
+    # below the first steps' 12.0: a hard batch late in a run, not a spike
+    assert kinds(late) == []
     climbing = {"grad_norm": at([0.5, 0.4, 0.9, 2.0, 4.5]), "grad_norm_max": at([0.9, 0.6, 1.4, 3.0, 6.0])}
     assert evidence(climbing, "gradient_blowup")["ratio"] == pytest.approx(11.25)  # 0.4 -> 4.5, rising throughout
     assert kinds({"grad_norm": at([0.5, 0.4, 0.9, 2.0, 3.9])}) == []  # under 10x its lowest
@@ -196,7 +201,7 @@ def test_forgetting_planted_on_a_retain_set_of_the_base_models_own_answers(talka
 
 
 def test_an_injected_loss_spike_shows_in_the_loss_and_the_gradient_norm(tiny_bert: Path, monkeypatch) -> None:
-    """A step whose loss is 30x (its gradients too) between evaluations: the interval's mean
+    """A step whose loss is 100x (its gradients too) between evaluations: the interval's mean
     hides it, its largest step loss and gradient norm do not. The same run without it: nothing."""
     sweep = Sweep(model=str(tiny_bert), train_data=str(REVIEWS / "train.tsv"), eval_data=str(REVIEWS / "eval.tsv"),
                   max_steps=12, eval_every=4, max_length=32, seed=3)
@@ -212,15 +217,15 @@ def test_an_injected_loss_spike_shows_in_the_loss_and_the_gradient_norm(tiny_ber
         out = real_forward(model, batch)
         calls.append(1)
         if len(calls) == 10:  # step 10, between the evaluations at steps 8 and 12
-            out.loss = out.loss * 30
+            out.loss = out.loss * 100
         return out
 
     monkeypatch.setattr(training, "_forward", forward_with_a_spike)
     spiked = recorded(job)
     assert kinds(spiked) == ["loss_spikes", "gradient_blowup"]
     spike, blowup = evidence(spiked, "loss_spikes"), evidence(spiked, "gradient_blowup")
-    assert [(s["after_step"], s["step"]) for s in spike["spikes"]] == [(8, 12)] and spike["worst_ratio"] > 10
-    assert blowup["step"] == 12 and blowup["ratio"] > 10
+    assert [(s["after_step"], s["step"]) for s in spike["spikes"]] == [(8, 12)] and spike["worst_ratio"] > 50
+    assert blowup["step"] == 12 and blowup["ratio"] > diagnose_sft.GRAD_SPIKE
     assert spiked["train_loss"][:2] == clean["train_loss"][:2]  # the same run until the spike
 
 
