@@ -102,16 +102,17 @@ def test_loss_spikes_and_gradient_blowups_on_recorded_numbers() -> None:
     smooth = {"train_loss": at(train), "train_loss_max": at([3.1, 1.9, 1.6, 1.4, 1.3]),
               "grad_norm": at([0.8, 0.6, 0.55, 0.6, 0.62]), "grad_norm_max": at([2.5, 1.2, 1.3, 1.5, 1.4])}
     assert kinds(smooth) == []  # a first interval far above the rest is how training starts
-    spiked = {**smooth, "train_loss_max": at([3.1, 1.9, 1.6, 4.0, 1.3]), "grad_norm_max": at([2.5, 1.2, 1.3, 15.0, 1.4])}
+    spiked = {**smooth, "train_loss_max": at([3.1, 1.9, 1.6, 7.0, 1.3]), "grad_norm_max": at([2.5, 1.2, 1.3, 15.0, 1.4])}
     assert kinds(spiked) == ["loss_spikes", "gradient_blowup"]
     spike = evidence(spiked, "loss_spikes")
-    assert spike["spikes"] == [{"after_step": 30, "step": 40, "train_loss_max": 4.0, "train_loss_before": 1.0,
-                                "ratio": 4.0, "start_train_loss": 2.0}]
+    assert spike == {"step": 40, "after_step": 30, "train_loss_max": 7.0, "train_loss_before": 1.0, "ratio": 7.0,
+                     "start_train_loss": 2.0, "spike_steps": [40]}
+    assert kinds({**spiked, "train_loss_max": at([3.1, 1.9, 1.6, 5.9, 1.3])}) == ["gradient_blowup"]  # < 3x the start
     blowup = evidence(spiked, "gradient_blowup")
     assert blowup["step"] == 40 and blowup["grad_norm_before"] == 0.6 and blowup["ratio"] == 25.0
     late = {"train_loss": at([2.0, 0.5, 0.1, 0.05, 0.04]), "train_loss_max": at([3.0, 1.0, 0.3, 0.2, 0.2]),
             "grad_norm": at([0.8, 0.1, 0.1, 0.1, 0.1]), "grad_norm_max": at([12.0, 0.5, 0.4, 2.5, 0.3])}
-    # 4x a small late mean (0.05 -> 0.2) but far below the start (2.0); 25x a small median but
+    # 4x a small late mean (0.05 -> 0.2) but far below 3x the start (2.0); 25x a small median but
     # below the first steps' 12.0: a hard batch late in a run, not a spike
     assert kinds(late) == []
     climbing = {"grad_norm": at([0.5, 0.4, 0.9, 2.0, 4.5]), "grad_norm_max": at([0.9, 0.6, 1.4, 3.0, 6.0])}
@@ -124,6 +125,18 @@ def test_a_healthy_curve_label_gives_way_to_an_answer_finding() -> None:
     assert [f.kind for f in diagnose_sft.with_step_findings(diagnose_curves(curves), curves)] == ["healthy"]
     curves["eval_unfinished"] = at([1.0, 1.0, 1.0, 0.9, 0.9])
     assert [f.kind for f in diagnose_sft.with_step_findings(diagnose_curves(curves), curves)] == ["never_stops"]
+
+
+def test_a_gradient_blowup_beside_underfitting_says_the_learning_rate_is_too_high() -> None:
+    """Recorded: MiniLM on the shipped reviews, batch 8, learning rate 3e-2 (120 steps, every 10th)."""
+    curves = {"train_loss": at([0.823, 0.717, 0.693, 0.689, 0.703, 0.682, 0.696, 0.724, 0.708, 0.701, 0.7, 0.693]),
+              "eval_loss": at([0.712, 0.69, 0.688, 0.689, 0.693, 0.69, 0.693, 0.692, 0.692, 0.689, 0.69, 0.689]),
+              "grad_norm": at([0.716, 0.246, 0.266, 0.282, 0.365, 0.422, 0.643, 0.58, 0.951, 0.423, 0.731, 0.588]),
+              "grad_norm_max": at([3.98, 0.68, 0.41, 0.53, 0.98, 0.8, 2.8, 2.33, 11.47, 6.44, 3.34, 2.6])}
+    found = diagnose_sft.with_step_findings(diagnose_curves(curves), curves)
+    assert [f.kind for f in found] == ["underfitting", "gradient_blowup"]
+    assert found[1].evidence["step"] == 90 and found[1].evidence["ratio"] == pytest.approx(11.47 / 0.3935, abs=1e-3)
+    assert found[1].message.endswith("the learning rate is too high, not too low")
 
 
 def test_answer_format_and_retain_data_are_checked() -> None:
@@ -224,7 +237,7 @@ def test_an_injected_loss_spike_shows_in_the_loss_and_the_gradient_norm(tiny_ber
     spiked = recorded(job)
     assert kinds(spiked) == ["loss_spikes", "gradient_blowup"]
     spike, blowup = evidence(spiked, "loss_spikes"), evidence(spiked, "gradient_blowup")
-    assert [(s["after_step"], s["step"]) for s in spike["spikes"]] == [(8, 12)] and spike["worst_ratio"] > 50
+    assert (spike["after_step"], spike["step"], spike["spike_steps"]) == (8, 12, [12]) and spike["ratio"] > 50
     assert blowup["step"] == 12 and blowup["ratio"] > diagnose_sft.GRAD_SPIKE
     assert spiked["train_loss"][:2] == clean["train_loss"][:2]  # the same run until the spike
 
