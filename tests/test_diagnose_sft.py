@@ -91,9 +91,9 @@ def test_forgetting_is_a_drop_from_the_base_models_retain_scores() -> None:
 
     found = evidence(retain(0.6, 1.4), "forgetting")
     assert found == {"step": 30, "retain_score_before": 0.8, "retain_score": 0.6, "score_drop": 0.2,
-                     "retain_loss_before": 1.2, "retain_loss": 1.4, "loss_rise": pytest.approx(0.1667)}
-    assert kinds(retain(0.75, 1.45)) == []  # 0.05 lost, loss 21% up: within the bars
-    assert kinds(retain(0.8, 1.5)) == ["forgetting"]  # the loss alone: 25% up
+                     "retain_loss_before": 1.2, "retain_loss": 1.4}
+    assert kinds(retain(0.7, 1.1)) == ["forgetting"]  # the bar: 0.1 lost, whatever the loss did
+    assert kinds(retain(0.75, 3.0)) == []  # 0.05 lost: the loss alone is no bar
     assert kinds({"retain_score": at([0.1])}) == []  # no base model's scores: nothing to compare
 
 

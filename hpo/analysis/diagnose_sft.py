@@ -19,8 +19,8 @@ for the trend:
 * ``failing_score``: >= 50% (``SCORE_FAIL_SHARE``) of the answers score 0 or less by the
   module's ``score``: most answers earn nothing.
 * ``forgetting`` (with ``retain_data``): ``retain_score`` ends >= 0.1 (``FORGET_DROP``) below the
-  base model's (3 of 32 general answers lost), or ``retain_loss`` ends >= 25%
-  (``FORGET_LOSS_RISE``) above it.
+  base model's: 4 of 32 general answers lost (one or two may flip on a small change). The retain
+  loss is evidence, not a bar: fine-tuning moves it some way whether answers change or not.
 * ``loss_spikes``: a step's loss (``train_loss_max``, the largest since the last evaluation) is
   >= 3x (``LOSS_SPIKE``) both the mean step loss of the evaluation interval before it and the
   first interval's (where the run started): the step threw away more than all the training had
@@ -54,7 +54,6 @@ REPETITION_LEVEL = 0.2
 FORMAT_FAIL_SHARE = 0.25
 SCORE_FAIL_SHARE = 0.5
 FORGET_DROP = 0.1
-FORGET_LOSS_RISE = 0.25
 LOSS_SPIKE = 3.0
 GRAD_SPIKE = 20.0
 GRAD_RISE = 10.0
@@ -138,23 +137,21 @@ def failing_score(points: dict) -> Finding | None:
 
 
 def forgetting(points: dict) -> Finding | None:
-    """The retain set's score or loss at the last evaluation against the base model's."""
-    last = {name: points[name][-1] for name in ("retain_score", "retain_loss", "retain_score_before",
-                                                  "retain_loss_before") if points.get(name)}
-    if len(last) < 4:
+    """The retain set's score at the last evaluation against the base model's (with the losses)."""
+    names = ("retain_score", "retain_score_before", "retain_loss", "retain_loss_before")
+    if not all(points.get(name) for name in names):
         return None
-    step = last["retain_score"][0]
-    (score, before), (loss, loss_before) = ((last[n][1], last[f"{n}_before"][1]) for n in ("retain_score", "retain_loss"))
-    drop, rise = before - score, (loss - loss_before) / (abs(loss_before) or 1.0)
-    if drop < FORGET_DROP and rise < FORGET_LOSS_RISE:
+    step = points["retain_score"][-1][0]
+    score, before, loss, loss_before = (points[name][-1][1] for name in names)
+    if before - score < FORGET_DROP:
         return None
-    evidence = {"step": step, "retain_score_before": before, "retain_score": score, "score_drop": rounded(drop),
-                "retain_loss_before": loss_before, "retain_loss": loss, "loss_rise": rounded(rise)}
+    evidence = {"step": step, "retain_score_before": before, "retain_score": score,
+                "score_drop": rounded(before - score), "retain_loss_before": loss_before, "retain_loss": loss}
     return Finding("forgetting", f"on the retain set, the share of answers right fell {num(before)} -> {num(score)} "
-                                 f"and the answers' loss rose {num(loss_before)} -> {num(loss)} ({percent(rise)}) "
-                                 f"between the base model and step {step}: the model is forgetting what it knew; "
-                                 "a lower learning rate, fewer steps or a smaller lora_r forget less, and so does "
-                                 "mixing general examples into train_data", evidence)
+                                 f"(the answers' loss {num(loss_before)} -> {num(loss)}) between the base model and "
+                                 f"step {step}: the model is forgetting what it knew; a lower learning rate, fewer "
+                                 "steps or a smaller lora_r forget less, and so does mixing general examples into "
+                                 "train_data", evidence)
 
 
 # --- the steps -----------------------------------------------------------------------------
