@@ -155,9 +155,9 @@ def test_answer_format_and_retain_data_are_checked() -> None:
 # --- planted in real runs of the recipe on tiny models -------------------------------------
 
 def sft_job(model: Path, learning_rate: float, **fields) -> TrainJob:
-    fields = {"eval_data": str(DATES / "eval.jsonl"), **fields}
-    sweep = Sweep(model=str(model), task="sft", train_data=str(DATES / "train.jsonl"), max_steps=4, eval_every=2,
-                  max_length=96, generation_examples=8, max_new_tokens=12, eval_batch_size=16, **fields)
+    fields = {"eval_data": str(DATES / "eval.jsonl"), "max_steps": 4, "eval_every": 2, **fields}
+    sweep = Sweep(model=str(model), task="sft", train_data=str(DATES / "train.jsonl"), max_length=96,
+                  generation_examples=8, max_new_tokens=12, eval_batch_size=16, **fields)
     return TrainJob.from_sweep(sweep, {"learning_rate": learning_rate, "batch_size": 4})
 
 
@@ -200,16 +200,16 @@ def test_forgetting_planted_on_a_retain_set_of_the_base_models_own_answers(talka
     retain.write_text("".join(json.dumps({"prompt": c[0]["content"], "completion": text}) + "\n"
                               for c, text in zip(conversations, said, strict=True)))
 
-    small = {"retain_data": str(retain), "eval_data": str(retain)}  # 8 conversations: a quick eval_loss
+    small = {"retain_data": str(retain), "eval_data": str(retain), "max_steps": 2, "eval_every": 2}  # quick
     kept = recorded(sft_job(talkative_llama, 1e-6, **small))
-    assert [v for _, v in kept["retain_score_before"]] == [1.0, 1.0] == [v for _, v in kept["retain_score"]]
+    assert kept["retain_score_before"] == [[2, 1.0]] == kept["retain_score"]
     assert "forgetting" not in kinds(kept)
 
     forgot = recorded(sft_job(talkative_llama, 5e-2, **small))
     assert forgot["retain_score_before"] == kept["retain_score_before"]  # the base's, measured once per worker
     found = evidence(forgot, "forgetting")
     assert found["retain_score_before"] == 1.0 and found["retain_score"] == forgot["retain_score"][-1][1] <= 0.5
-    assert found["score_drop"] >= 0.5 and found["step"] == 4
+    assert found["score_drop"] >= 0.5 and found["step"] == 2
     assert found["retain_loss"] > found["retain_loss_before"]
 
 
