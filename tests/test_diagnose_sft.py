@@ -5,6 +5,7 @@ found by ``hpo diagnose``'s rules with its numbers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -139,6 +140,30 @@ def test_a_gradient_blowup_beside_underfitting_says_the_learning_rate_is_too_hig
     assert found[1].message.endswith("the learning rate is too high, not too low")
 
 
+def test_the_study_advice_counts_the_trials_of_each_finding() -> None:
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from hpo.analysis.diagnose import diagnose_study
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("hpo", {"sweep": {"metric": "eval_exact_match", "direction": "maximize", "max_steps": 30}})
+    never = at([1.0, 1.0, 0.9])
+    spiky = {"grad_norm": at([0.5, 0.4, 0.45]), "grad_norm_max": at([2.0, 1.0, 30.0])}
+    for rate, curves in ((3e-2, {"eval_unfinished": never, **spiky}), (1e-3, {"eval_unfinished": never}),
+                         (3e-4, {"eval_unfinished": at([0.3, 0.1, 0.0])})):
+        study.add_trial(optuna.trial.create_trial(
+            params={"learning_rate": rate}, distributions={"learning_rate": FloatDistribution(1e-4, 1e-1, log=True)},
+            value=0.1, user_attrs={"curves": curves}))
+    diagnosis = diagnose_study(study)
+    assert [t.kinds for t in diagnosis.trials] == [["never_stops", "gradient_blowup"], ["never_stops"], []]
+    assert diagnosis.advice[:2] == [
+        "2 of 3 trials had answers that ran to max_new_tokens without ending (never_stops): train longer, and check "
+        "that the chat template ends the assistant turn with the tokenizer's eos token",
+        "1 of 3 trials had steps whose gradient norm blew up (gradient_blowup): a lower learning rate "
+        "(learning_rate 3e-02)"]
+
+
 def test_answer_format_and_retain_data_are_checked() -> None:
     with pytest.raises(HpoError, match=r"answer_format='\[0-9' is not a valid regular expression \(unterminated "
                                        r"character set.*--set answer_format="):
@@ -150,6 +175,18 @@ def test_answer_format_and_retain_data_are_checked() -> None:
     sweep = Sweep(task="sft", answer_format=r"\d+", retain_data="r.jsonl")
     job = TrainJob.from_sweep(sweep, {})
     assert (job.answer_format, job.retain_data) == (r"\d+", "r.jsonl")
+
+
+def test_an_answer_format_the_datas_own_answers_break_is_refused(tiny_llama: Path) -> None:
+    tokenizer = training._tokenizer(str(tiny_llama))
+    sweep = Sweep(model=str(tiny_llama), task="sft", train_data=str(DATES / "train.jsonl"),
+                  eval_data=str(DATES / "eval.jsonl"), answer_format=r"\d{4}-\d{2}-\d{2}",
+                  retain_data=str(SEARCH_SPACES / "data" / "general" / "retain.jsonl"))
+    sft.check(sweep, tokenizer)  # the dates keep it; the general retain answers need not
+    slashes = dataclasses.replace(sweep, answer_format=r"\d{4}/\d{2}/\d{2}")
+    with pytest.raises(HpoError, match=r"train.jsonl: 400 of 400 reference answers do not match answer_format "
+                                       r"'\\d\{4\}/\\d\{2\}/\\d\{2\}' in full \(row 1: '2004-07-20'\); fix the regular"):
+        sft.check(slashes, tokenizer)
 
 
 # --- planted in real runs of the recipe on tiny models -------------------------------------

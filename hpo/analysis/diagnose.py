@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from hpo.analysis.diagnose_advice import compare_models, param_importance, range_edges, study_advice
 from hpo.analysis.diagnose_curve import first_value, to_points
 from hpo.analysis.diagnose_rules import KINDS, MIN_POINTS, Finding, diagnose_curves
-from hpo.analysis.diagnose_sft import with_step_findings
+from hpo.analysis.diagnose_sft import step_advice, with_step_findings
 from hpo.formatting import json_safe
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ def diagnose_study(study: optuna.Study) -> StudyDiagnosis:
     importance, why_not = param_importance(study, complete)
     edges = range_edges(complete, direction)
     models = compare_models(trials, direction)
-    advice = study_advice(trials, sweep, importance, edges, models, direction, metric)
+    advice = step_advice(trials) + study_advice(trials, sweep, importance, edges, models, direction, metric)
     if why_not:
         advice.append(why_not)
     return StudyDiagnosis(study.study_name, metric, direction, trials, importance, edges, advice, models, skipped)

@@ -42,11 +42,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from hpo.analysis.diagnose_advice import learning_rate_name
 from hpo.analysis.diagnose_curve import kendall_tau, rounded, to_points
 from hpo.analysis.diagnose_rules import Finding
-from hpo.formatting import num, percent
+from hpo.formatting import num, percent, sci
+
+if TYPE_CHECKING:
+    from hpo.analysis.diagnose import TrialDiagnosis
 
 # The thresholds; the module docstring says why.
 UNFINISHED_SHARE = 0.25
@@ -60,6 +64,20 @@ GRAD_RISE = 10.0
 GRAD_RISE_TAU = 0.3
 
 KINDS = ("never_stops", "repeats", "wrong_format", "failing_score", "forgetting", "loss_spikes", "gradient_blowup")
+ADVICE = {
+    "never_stops": "answers that ran to max_new_tokens without ending (never_stops): train longer, and check that "
+                   "the chat template ends the assistant turn with the tokenizer's eos token",
+    "repeats": "answers stuck in loops (repeats): an undertrained model, or a learning rate too high",
+    "wrong_format": "answers that break answer_format (wrong_format): train longer or on more examples in that format",
+    "failing_score": "answers that mostly score 0 by the module's score (failing_score)",
+    "forgetting": "lost answers on the retain set (forgetting): a lower learning rate, fewer steps or a smaller "
+                  "lora_r forget less, and so does mixing general examples into train_data",
+    "loss_spikes": "steps whose loss spiked (loss_spikes): a lower learning rate, more warmup or max_grad_norm",
+    "gradient_blowup": "steps whose gradient norm blew up (gradient_blowup): a lower learning rate",
+}
+"""The study-wide line for each kind (:func:`step_advice`)."""
+RATE_KINDS = ("repeats", "forgetting", "loss_spikes", "gradient_blowup")
+"""The kinds whose advice names the learning rates the trials ran at: it is the lever."""
 
 
 def with_step_findings(findings: list[Finding], curves: dict[str, Any]) -> list[Finding]:
@@ -78,6 +96,21 @@ def step_findings(curves: dict[str, Any]) -> list[Finding]:
     points = {name: [(s, v) for s, v in to_points(raw) if math.isfinite(v)] for name, raw in curves.items()}
     rules = (never_stops, repeats, wrong_format, failing_score, forgetting, loss_spikes, gradient_blowup)
     return [finding for rule in rules if (finding := rule(points))]
+
+
+def step_advice(trials: list[TrialDiagnosis]) -> list[str]:
+    """One line per kind of this module's findings, the kind most trials share first: how many
+    trials, what to do, and (where the learning rate is the lever) the rates they ran at."""
+    rate = learning_rate_name(trials)
+    lines = []
+    for kind in KINDS:
+        group = [t for t in trials if kind in t.kinds]
+        if not group:
+            continue
+        rates = sorted({t.params[rate] for t in group if rate in t.params}) if rate else []
+        shown = f" ({rate} {', '.join(sci(r) for r in rates)})" if rates and kind in RATE_KINDS else ""
+        lines.append((-len(group), f"{len(group)} of {len(trials)} trials had {ADVICE[kind]}{shown}"))
+    return [line for _, line in sorted(lines, key=lambda pair: pair[0])]
 
 
 # --- the answers ---------------------------------------------------------------------------

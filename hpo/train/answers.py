@@ -13,7 +13,8 @@ generated for the first ``generation_examples`` eval prompts:
   repeat an earlier 4-gram of the same answer. 0 for text that never repeats itself; an answer
   stuck in a loop scores near 1.
 * ``eval_format_fail`` (with the sweep's ``answer_format``): the share whose stripped text does
-  not match that regular expression in full (``re.fullmatch``).
+  not match that regular expression in full (``re.fullmatch``). The data's own reference
+  answers must match it (:func:`check_format`, before any trial).
 * ``eval_score_fail`` (with the module's ``score``): the share that score 0 or less.
 
 Forgetting (the sweep's ``retain_data``: general prompts with answers, in sft data's format):
@@ -31,6 +32,8 @@ import re
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from hpo.errors import HpoError
 
 REPEAT_N = 4
 """The n of seq-rep-n: Welleck et al.'s choice."""
@@ -76,6 +79,18 @@ def stats(answers: list[Answer], reference_lengths: list[int], max_new_tokens: i
     if scores is not None:
         values["eval_score_fail"] = _share(score <= 0 for score in scores)
     return values
+
+
+def check_format(pattern: str, source: str, references: list[str]) -> None:
+    """HpoError when reference answers of ``source`` break ``answer_format``: the model would be
+    judged by a format its own data does not keep (a wrong regex, or wrong rows)."""
+    compiled = re.compile(pattern)
+    bad = [(row, text) for row, text in enumerate(references, 1) if compiled.fullmatch(text.strip()) is None]
+    if bad:
+        row, text = bad[0]
+        raise HpoError(f"{source}: {len(bad)} of {len(references)} reference answers do not match "
+                       f"answer_format '{pattern}' in full (row {row}: {text.strip()!r:.60}); fix the regular "
+                       "expression (--set answer_format=...) or those rows")
 
 
 def _share(values) -> float:

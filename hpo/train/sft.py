@@ -189,6 +189,11 @@ def tokenize(messages: Messages, tokenizer: Any, template: str, max_length: int)
     return Example(ids[:max_length], labels[:max_length])
 
 
+def last_answer(messages: Messages) -> str:
+    """The last assistant turn's text: what generation is scored against."""
+    return next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
+
+
 def prompt_ids(messages: Messages, tokenizer: Any, template: str, max_length: int) -> tuple[list[int], str]:
     """The tokens a model generates the last assistant turn from, and that turn's text."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -377,11 +382,14 @@ def _as_list(value: Any) -> list:
 
 
 def check(sweep: Any, tokenizer: Any = None) -> None:
-    """Before any trial: the sft data (the retain set too) reads as conversations and the
-    tokenizer (loaded for ``sweep.model`` unless given) can format them."""
+    """Before any trial: the sft data (the retain set too) reads as conversations, its answers
+    keep ``answer_format`` (the retain set's need not), and the tokenizer (loaded for
+    ``sweep.model`` unless given) can format them."""
     for source in (sweep.train_data, sweep.eval_data, sweep.test_data, sweep.retain_data):
         if source:
-            read(source)
+            conversations = read(source)
+            if sweep.answer_format and source != sweep.retain_data:
+                answers.check_format(sweep.answer_format, source, [last_answer(m) for m in conversations])
     if tokenizer is None:
         from transformers import AutoTokenizer
 
