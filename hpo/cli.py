@@ -380,7 +380,7 @@ def promote(
 
 @app.command()
 def diagnose(study: Study = None, storage: Storage = None, as_json: AsJson = False) -> None:
-    """What went wrong in each trial (overfitting, underfitting, diverging, slow), what matters, what to try."""
+    """What went wrong in each trial (curves, unstable steps, sft answers, forgetting), what matters, what to try."""
     from hpo.analysis.diagnose import diagnose_study
     from hpo.record import study as studies
 
