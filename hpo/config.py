@@ -167,8 +167,8 @@ class Sweep:
     retain_data: str | None = None
     """sft: a small set of general prompts with answers (sft data's format) that the model should keep
     answering: scored on the base model before training and at each evaluation (``retain_score``: the share
-    of answers holding the reference, case and punctuation aside; ``retain_loss``); ``hpo diagnose`` flags
-    a drop as forgetting. None: not measured."""
+    of its first generation_examples answers that hold the reference, case and punctuation aside;
+    ``retain_loss``); ``hpo diagnose`` flags a drop as forgetting. None: not measured."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form settings for a module's own ``train(params, report, sweep)`` (``sweep.extra``; the
     recipe ignores them); one key at a time from the command line: ``--set extra.KEY=VALUE``."""

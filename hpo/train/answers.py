@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from hpo.errors import HpoError
@@ -93,7 +93,8 @@ def check_format(pattern: str, source: str, references: list[str]) -> None:
                        "expression (--set answer_format=...) or those rows")
 
 
-def _share(values) -> float:
+def _share(values: Iterable[float]) -> float:
+    """The mean of ``values`` (booleans count 1 and 0): a share of the answers."""
     values = [float(v) for v in values]
     return sum(values) / len(values)
 
