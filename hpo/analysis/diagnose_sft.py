@@ -71,7 +71,8 @@ ADVICE = {
                    "the chat template ends the assistant turn with the tokenizer's eos token",
     "repeats": "answers stuck in loops (repeats): an undertrained model, or a learning rate too high",
     "wrong_format": "answers that break answer_format (wrong_format): train longer or on more examples in that format",
-    "failing_score": "answers that mostly score 0 by the module's score (failing_score)",
+    "failing_score": "answers that mostly score 0 by the module's score (failing_score): the other answer findings "
+                     "say why where they can",
     "forgetting": "lost answers on the retain set (forgetting): a lower learning rate, fewer steps or a smaller "
                   "lora_r forget less, and so does mixing general examples into train_data",
     "loss_spikes": "steps whose loss spiked (loss_spikes): a lower learning rate, more warmup or max_grad_norm",
