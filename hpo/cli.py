@@ -388,7 +388,7 @@ def promote(
 
 @app.command()
 def diagnose(study: Study = None, storage: Storage = None, as_json: AsJson = False) -> None:
-    """What went wrong in each trial (overfitting, underfitting, diverging, slow), what matters, what to try, and what hpo check-data found in the data."""
+    """What went wrong in each trial (curves, unstable steps, sft answers, forgetting), what matters, what to try, and what hpo check-data found in the data."""
     from hpo.record import study as studies
 
     loaded = studies.load(storage, study)

@@ -189,6 +189,14 @@ class Sweep:
     """sft: most tokens generated per answer for the generation score."""
     chat_template: str | None = None
     """sft: a Jinja chat template file, or a model whose template to borrow; None: the model's own."""
+    answer_format: str | None = None
+    """sft: a regular expression a generated answer must match in full, after strip (``\\d{4}-\\d{2}-\\d{2}``);
+    each evaluation reports the share that does not as ``eval_format_fail``. None: no format check."""
+    retain_data: str | None = None
+    """sft: a small set of general prompts with answers (sft data's format) that the model should keep
+    answering: scored on the base model before training and at each evaluation (``retain_score``: the share
+    of its first generation_examples answers that hold the reference, case and punctuation aside;
+    ``retain_loss``); ``hpo diagnose`` flags a drop as forgetting. None: not measured."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form settings for a module's own ``train(params, report, sweep)`` (``sweep.extra``; the
     recipe ignores them); one key at a time from the command line: ``--set extra.KEY=VALUE``."""
@@ -241,6 +249,7 @@ class Sweep:
             yield _bad("generation_examples", 0, f"leaves nothing to compute metric={self.metric} from; set it above 0")
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
             yield _bad("max_new_tokens", self.max_new_tokens, "must be a whole number of at least 1")
+        yield from self._answer_problems()
         for name in ("train_limit", "patience"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
@@ -271,6 +280,27 @@ class Sweep:
             yield _bad("lr_probe", self.lr_probe, "must be true or false")
         yield from self._accelerator_problems()
         yield from _worker_problems(self)
+
+    def _answer_problems(self) -> typing.Iterator[str]:
+        """answer_format and retain_data: sft only, a valid regular expression, something generated."""
+        import re
+
+        for name in ("answer_format", "retain_data"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value:
+                yield _bad(name, value, "must be a non-empty string, or none")
+            elif self.task != "sft":
+                yield _bad(name, value, f"applies to task=sft only, not task={self.task}; remove it")
+            elif self.generation_examples == 0:
+                yield _bad(name, value, "needs generated answers to judge; set generation_examples above 0")
+        if isinstance(self.answer_format, str) and self.answer_format:
+            try:
+                re.compile(self.answer_format)
+            except re.error as error:
+                yield _bad("answer_format", self.answer_format, f"is not a valid regular expression ({error}); "
+                           "write one Python's re module reads, e.g. \\d{4}-\\d{2}-\\d{2}")
 
     def _objectives_problems(self) -> typing.Iterator[str]:
         """A multi-objective sweep: names, one direction per name, what needs a single objective."""
@@ -595,7 +625,7 @@ def resolve_paths(sweep: Sweep, base: Path) -> Sweep:
     Hub ids (``imdb:train``, ``org/model``) are left alone unless such a path exists.
     """
     changes: dict[str, str] = {}
-    for name in ("train_data", "eval_data", "test_data", "synonyms", "model", "chat_template"):
+    for name in ("train_data", "eval_data", "test_data", "retain_data", "synonyms", "model", "chat_template"):
         value = getattr(sweep, name)
         if not value:
             continue

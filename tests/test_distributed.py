@@ -88,8 +88,9 @@ def test_two_worker_trials_complete_and_prune_like_one_worker_trials(tmp_path: P
     curves = complete.user_attrs["curves"]
     # Float32 sums in another order (each rank's half batch, then the all-reduce) are the only
     # difference; after 12 AdamW steps that moves the losses by ~1e-6 relative, 1e-4 is ample
-    # and still far below what a wrong shard or a wrong effective batch changes (~1e-2).
-    for name in ("train_loss", "eval_loss"):
+    # and still far below what a wrong shard or a wrong effective batch changes (~1e-2). Each
+    # step's batch loss and gradient norm (the ranks' averaged gradients) agree the same way.
+    for name in ("train_loss", "eval_loss", "train_loss_max", "grad_norm", "grad_norm_max"):
         assert [step for step, _ in curves[name]] == [4, 8, 12]
         for step, value in curves[name]:
             assert value == pytest.approx(alone[step][name], rel=1e-4), (name, step)

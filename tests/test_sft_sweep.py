@@ -49,7 +49,10 @@ def test_the_gguf_is_converted_once_into_a_plain_safetensors_folder(tmp_path: Pa
 @pytest.fixture(scope="module")
 def sft_study(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("sft-sweep")
-    module = write_module(cwd, tiny_llama, DATES / "train.jsonl", score=True)
+    retain = cwd / "retain.jsonl"  # four eval conversations stand in for general ones
+    retain.write_text("".join((DATES / "eval.jsonl").read_text().splitlines(keepends=True)[:4]))
+    checks = f'answer_format=r"\\d{{4}}-\\d{{2}}-\\d{{2}}", retain_data={str(retain)!r}'
+    module = write_module(cwd, tiny_llama, DATES / "train.jsonl", score=True, extra=checks)
     # the memory-lean loss chosen on the command line (tests/test_lean_loss.py: the plain loss's gradients)
     result = run_hpo(["search", str(module), "--set", "lean_loss=chunked"], cwd=cwd)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -70,6 +73,29 @@ def test_an_sft_sweep_on_ray_records_the_generation_scores(sft_study: Path) -> N
         assert all(0.0 <= value <= 1.0 for _, value in curves["eval_exact_match"])
         assert [(step, value) for step, value in curves["eval_score"]] == [(step, 0.25) for step in steps]  # the module's score
         assert curves["eval_perplexity"] and curves["eval_loss"]
+
+
+def test_diagnose_finds_that_the_random_model_never_stops_with_its_numbers(sft_study: Path) -> None:
+    """A random tiny model never says the end token (it repeats the prompt's last one, a
+    newline): each trial's answers are unfinished, looping and in the wrong format, and hpo
+    diagnose says so with the recorded numbers; the steps' loss and gradient norm and the
+    retain set's scores are recorded too."""
+    study = optuna.load_study(study_name="tiny_sft", storage=f"sqlite:///{sft_study / 'hpo.db'}")
+    result = run_hpo(["diagnose", "--json"], cwd=sft_study)
+    assert result.returncode == 0, result.stderr
+    findings = {entry["number"]: {f["kind"]: f["evidence"] for f in entry["findings"]}
+                for entry in json.loads(result.stdout)["trials"]}
+    for trial in study.get_trials():
+        curves = trial.user_attrs["curves"]
+        assert {"train_loss_max", "grad_norm", "grad_norm_max", "eval_unfinished", "eval_repetition", "eval_format_fail",
+                "eval_score_fail", "retain_loss", "retain_score", "retain_loss_before", "retain_score_before"} <= set(curves)
+        last = {name: points[-1][1] for name, points in curves.items()}
+        assert findings[trial.number]["never_stops"]["eval_unfinished"] == last["eval_unfinished"] == 1.0
+        assert findings[trial.number]["wrong_format"]["eval_format_fail"] == last["eval_format_fail"] == 1.0
+        assert findings[trial.number]["repeats"]["eval_repetition"] == last["eval_repetition"] > 0.5
+        assert last["eval_score_fail"] == 0.0  # the module's score gives every answer 0.25
+    table = run_hpo(["diagnose"], cwd=sft_study)
+    assert "never_stops" in table.stdout and "max_new_tokens" in table.stdout
 
 
 def test_promote_an_sft_study_adapter_and_merged(sft_study: Path, tiny_llama: Path) -> None:

@@ -31,6 +31,7 @@ from hpo.analysis.diagnose_advice import (
 )
 from hpo.analysis.diagnose_curve import first_value, to_points
 from hpo.analysis.diagnose_rules import KINDS, MIN_POINTS, Finding, diagnose_curves
+from hpo.analysis.diagnose_sft import step_advice, with_step_findings
 from hpo.formatting import json_safe
 from hpo.priors import stored_priors
 
@@ -155,6 +156,7 @@ def diagnose_trial(trial: FrozenTrial, *, metric: str | None = None, direction: 
         findings = [Finding("diverging", f"the trial failed with a NaN/inf loss after step {last_step}: the "
                                          "learning rate is likely too high",
                             {"step": last_step, "reason": "nan", "error": trial.user_attrs.get("error")})]
+    findings = with_step_findings(findings, curves)  # answers (sft), loss spikes, gradient norm
     findings = [replace(finding, trials=[trial.number]) for finding in findings]
     note = None
     if not findings:
@@ -196,7 +198,7 @@ def diagnose_study(study: optuna.Study) -> StudyDiagnosis:
     priors = stored_priors(record.priors if record else None)
     edges = range_edges(complete, direction, priors)
     models = compare_models(trials, direction)
-    found = study_findings(trials, sweep, importance, edges, models, direction, metric,
+    found = step_advice(trials) + study_findings(trials, sweep, importance, edges, models, direction, metric,
                            complete=[t.number for t in complete], priors=priors, importance_why_not=why_not)
     return StudyDiagnosis(study.study_name, metric, direction, trials, importance, edges, [f.message for f in found],
                           models, skipped, found, len(complete), importance_trusted(importance, len(complete)),

@@ -85,3 +85,45 @@ EDGE_SHARE = 0.10
 PRIOR_NEAR = 0.9
 """A regulariser whose trials already reach this share of its prior's upper bound has no
 room left to raise within it."""
+
+
+# --- a trial's answers and steps (hpo.analysis.diagnose_sft; its docstring has the measurements) ---
+
+UNFINISHED_SHARE = 0.25
+"""never_stops: this share of the answers (whose reference fits in max_new_tokens) ran to the
+limit without the end-of-turn token. A model that learned its answers' end stops on nearly all;
+a quarter (8 of 32) is far beyond a one-off."""
+
+REPETITION_LEVEL = 0.2
+"""repeats: the answers' mean seq-rep-4 (share of 4-grams repeating an earlier one). People's text
+scores about 0.01, greedy decoding stuck in loops about 0.4 (Welleck et al. 2019)."""
+
+FORMAT_FAIL_SHARE = 0.25
+"""wrong_format: this share of the answers fail the sweep's answer_format, the same bar as
+never_stops."""
+
+SCORE_FAIL_SHARE = 0.5
+"""failing_score: this share of the answers score 0 or less by the module's score: most
+answers earn nothing."""
+
+FORGET_DROP = 0.1
+"""forgetting: the retain set's score ends this far below the base model's: 4 of 32 general
+answers lost (one or two may flip on any small change)."""
+
+LOSS_SPIKE = 3.0
+"""loss_spikes: a step's loss this many times both the interval before's mean and the first
+interval's. MiniLM on the reviews at good learning rates reached 1.1-5.6x the interval's mean
+but only 1.07-1.95x the start."""
+
+GRAD_SPIKE = 20.0
+"""gradient_blowup: a step's gradient norm before clipping this many times the median step's
+before it (and a record). Small-batch heavy tails reached 12.7x in healthy runs, 29x at a
+learning rate that learned nothing."""
+
+GRAD_RISE = 10.0
+"""gradient_blowup: the median step's gradient norm ends this many times its lowest, rising on
+the whole from there: divergence that often shows before the loss does."""
+
+GRAD_RISE_TAU = 0.3
+"""gradient_blowup: Kendall's tau of the median step's gradient norm from its lowest point, so a
+single late jump does not count as a steady rise (the same bar as the curve rules' trends)."""

@@ -87,8 +87,10 @@ class Recorder:
     # ... and those kept as fractional numbers: seconds from the trial's start on its worker to the start of its
     # first optimizer step; the training's tokens per second and, on a CUDA GPU, its model FLOPs utilisation.
     SECONDS_ATTRS = ("trial_setup_seconds", "tokens_per_second", "mfu")
-    # Curves kept on the Optuna trial (user attr "curves") for `hpo diagnose` and reports.
-    CURVES = ("train_loss", "eval_loss", "learning_rate")
+    # Curves kept on the Optuna trial (user attr "curves") for `hpo diagnose` and reports (every eval_* too):
+    # the steps' loss and gradient norm, and the retain set's scores (hpo.train.training, hpo.train.answers).
+    CURVES = ("train_loss", "eval_loss", "learning_rate", "train_loss_max", "grad_norm", "grad_norm_max",
+              "retain_loss", "retain_score", "retain_loss_before", "retain_score_before")
 
     def __init__(self, ledger: Ledger, tracker: SweepTracker, display: Display, *, metric: str,
                  deadline: float | None, job_params: Callable[[dict[str, Any]], dict[str, Any]] | None = None,

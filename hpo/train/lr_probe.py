@@ -127,7 +127,7 @@ def range_test(job: TrainJob, outer: tuple[float, float]) -> Curve:
         fresh.model.train()
         for step in range(STEPS):
             lr = schedule(step, outer)
-            loss, micro = training.optimizer_step(fresh.model, next(batches), micro, optimizer, trainable,
+            loss, micro, _ = training.optimizer_step(fresh.model, next(batches), micro, optimizer, trainable,
                                                   p.max_grad_norm, fresh.run, job.task,
                                                   padding_free=training.is_padding_free(job))
             ramp.step()

@@ -65,11 +65,13 @@ PARAM_NAMES = tuple(f.name for f in dataclasses.fields(TrainParams))
 REPORTED = {
     "classification": ("eval_accuracy", "eval_loss"),
     "causal_lm": ("eval_loss", "eval_perplexity"),
-    "sft": ("eval_loss", "eval_perplexity", "eval_exact_match", "eval_score", "generation_seconds"),
+    "sft": ("eval_loss", "eval_perplexity", "eval_exact_match", "eval_score", "generation_seconds",
+            "eval_unfinished", "eval_repetition", "eval_format_fail", "eval_score_fail",  # hpo.train.answers
+            "retain_loss", "retain_score", "retain_loss_before", "retain_score_before"),
 }
-REPORTED_BY_ALL = ("train_loss", "learning_rate", "train_seconds", "micro_batch_size", "grad_accum",
-                   "peak_memory_mb", "peak_reserved_memory_mb", "resident_memory_mb", "trainable_params",
-                   "tokens_per_second")
+REPORTED_BY_ALL = ("train_loss", "train_loss_max", "grad_norm", "grad_norm_max", "learning_rate", "train_seconds",
+                   "micro_batch_size", "grad_accum", "peak_memory_mb", "peak_reserved_memory_mb", "resident_memory_mb",
+                   "trainable_params", "tokens_per_second")
 """What every built-in recipe evaluation reports (``mfu`` too, on a CUDA device)."""
 # Besides the hyperparameters, a space may choose the base model (transfer learning) and seed.
 JOB_KEYS = ("model", "seed")
@@ -190,6 +192,10 @@ class TrainJob:
     """sft: most tokens generated per answer."""
     chat_template: str | None = None
     """sft: a Jinja file or a model to borrow the chat template from; None: the model's own."""
+    answer_format: str | None = None
+    """sft: a regular expression every generated answer should match in full (``eval_format_fail``)."""
+    retain_data: str | None = None
+    """sft: general prompts with answers, scored before training and at each evaluation (forgetting)."""
 
     def describe(self) -> dict[str, Any]:
         """The job as flat, loggable values, defaults filled in: what the MLflow trial run
@@ -239,4 +245,6 @@ class TrainJob:
             generation_examples=sweep.generation_examples,
             max_new_tokens=sweep.max_new_tokens,
             chat_template=sweep.chat_template,
+            answer_format=sweep.answer_format,
+            retain_data=sweep.retain_data,
         )

@@ -32,11 +32,14 @@ Evaluation (:func:`evaluate`): token-weighted ``eval_loss``, ``eval_perplexity``
 generation score on the first ``generation_examples`` eval conversations: greedy decoding
 of up to ``max_new_tokens`` from the prompt (left-padded batches), compared with the last
 assistant turn: ``eval_exact_match`` (after strip) always, and ``eval_score`` when the
-search-space module defines ``score(prediction, reference) -> float``.
+search-space module defines ``score(prediction, reference) -> float``; and what the answers show
+besides (unfinished, repeating, in the wrong format: :mod:`hpo.train.answers`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import random
@@ -49,7 +52,7 @@ from typing import Any
 import torch
 
 from hpo.errors import HpoError
-from hpo.train import data, models
+from hpo.train import answers, data, models
 
 Score = Callable[[str, str], float]
 Messages = list[dict[str, str]]
@@ -156,6 +159,8 @@ class SftSet:
     prompts: list[list[int]] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
     score: Score | None = None
+    reference_lengths: list[int] = field(default_factory=list)
+    """Each reference's tokens: an answer that needs more than ``max_new_tokens`` cannot end in time."""
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -182,6 +187,11 @@ def tokenize(messages: Messages, tokenizer: Any, template: str, max_length: int)
     labels = [token if any(a <= start < b for a, b in spans) else IGNORE
               for token, (start, _) in zip(ids, encoded["offset_mapping"], strict=True)]
     return Example(ids[:max_length], labels[:max_length])
+
+
+def last_answer(messages: Messages) -> str:
+    """The last assistant turn's text: what generation is scored against."""
+    return next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
 
 
 def prompt_ids(messages: Messages, tokenizer: Any, template: str, max_length: int) -> tuple[list[int], str]:
@@ -281,7 +291,9 @@ def eval_set(job: Any, tokenizer: Any, conversations: list[Messages], template: 
     template = template or chat_template(job.model, tokenizer, job.chat_template)
     examples = _labelled(source, [tokenize(m, tokenizer, template, job.max_length) for m in conversations])
     scored = [prompt_ids(m, tokenizer, template, job.max_length) for m in conversations[: job.generation_examples]]
-    return SftSet(examples, tokenizer.pad_token_id, [p for p, _ in scored], [r for _, r in scored])
+    references = [r for _, r in scored]
+    return SftSet(examples, tokenizer.pad_token_id, [p for p, _ in scored], references,
+                  reference_lengths=[len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references])
 
 
 def _labelled(source: str, examples: list[Example]) -> list[Example]:
@@ -293,7 +305,7 @@ def _labelled(source: str, examples: list[Example]) -> list[Example]:
 
 def with_score(dataset: SftSet, score: Score | None) -> SftSet:
     """A view of a (cached) validation set that scores generations with ``score``."""
-    return SftSet(dataset.examples, dataset.pad_id, dataset.prompts, dataset.references, score)
+    return dataclasses.replace(dataset, score=score)
 
 
 def exact_match(prediction: str, reference: str) -> float:
@@ -302,7 +314,8 @@ def exact_match(prediction: str, reference: str) -> float:
 
 @torch.no_grad()
 def evaluate(job: Any, model: Any, tokenizer: Any, dataset: SftSet, batch_size: int) -> dict[str, float]:
-    """eval_loss (mean over answer tokens), eval_perplexity and the generation scores."""
+    """eval_loss (mean over answer tokens), eval_perplexity, the generation scores and what the
+    answers show besides (:func:`hpo.train.answers.stats`)."""
     from hpo.train import accelerator
 
     model.eval()
@@ -321,25 +334,34 @@ def evaluate(job: Any, model: Any, tokenizer: Any, dataset: SftSet, batch_size: 
     if dataset.prompts:
         started = time.perf_counter()
         with accelerator.autocast(device, precision):  # as training ran: bf16/fp16 kernels, not fp32 upcasts
-            predictions = generate(model, tokenizer, dataset.prompts, job.max_new_tokens, batch_size, dataset.pad_id)
-        metrics["eval_exact_match"] = _mean(exact_match, predictions, dataset.references)
-        if dataset.score is not None:
-            metrics["eval_score"] = _mean(dataset.score, predictions, dataset.references)
+            generated = generate(model, tokenizer, dataset.prompts, job.max_new_tokens, batch_size, dataset.pad_id)
+        predictions = [a.text for a in generated]
+        metrics["eval_exact_match"] = _mean(_scores(exact_match, predictions, dataset.references))
+        scores = _scores(dataset.score, predictions, dataset.references) if dataset.score is not None else None
+        if scores is not None:
+            metrics["eval_score"] = _mean(scores)
+        metrics.update(answers.stats(generated, dataset.reference_lengths, job.max_new_tokens, job.answer_format,
+                                     scores))
         metrics["generation_seconds"] = time.perf_counter() - started
     return metrics
 
 
-def _mean(score: Score, predictions: list[str], references: list[str]) -> float:
-    return sum(float(score(p, r)) for p, r in zip(predictions, references, strict=True)) / len(references)
+def _scores(score: Score, predictions: list[str], references: list[str]) -> list[float]:
+    return [float(score(p, r)) for p, r in zip(predictions, references, strict=True)]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-             pad_id: int) -> list[str]:
+             pad_id: int) -> list[answers.Answer]:
     """Greedy completions of ``prompts`` (token ids), in batches left-padded with ``pad_id``."""
     device = next(model.parameters()).device
     eos = {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))} - {None}
-    texts: list[str] = []
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+    generated: list[answers.Answer] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         width = max(len(p) for p in chunk)
@@ -351,8 +373,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_token
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
                              pad_token_id=pad_id, eos_token_id=sorted(eos), use_cache=True)
-        texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return texts
+        generated += [answers.answer(row, eos, decode) for row in out[:, width:].tolist()]
+    return generated
 
 
 def _as_list(value: Any) -> list:
@@ -360,11 +382,14 @@ def _as_list(value: Any) -> list:
 
 
 def check(sweep: Any, tokenizer: Any = None) -> None:
-    """Before any trial: the sft data reads as conversations and the tokenizer (loaded for
+    """Before any trial: the sft data (the retain set too) reads as conversations, its answers
+    keep ``answer_format`` (the retain set's need not), and the tokenizer (loaded for
     ``sweep.model`` unless given) can format them."""
-    for source in (sweep.train_data, sweep.eval_data, sweep.test_data):
+    for source in (sweep.train_data, sweep.eval_data, sweep.test_data, sweep.retain_data):
         if source:
-            read(source)
+            conversations = read(source)
+            if sweep.answer_format and source != sweep.retain_data:
+                answers.check_format(sweep.answer_format, source, [last_answer(m) for m in conversations])
     if tokenizer is None:
         from transformers import AutoTokenizer
 

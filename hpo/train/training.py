@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import statistics
 import time
 import traceback
 import warnings
@@ -39,7 +40,7 @@ from typing import Any, TypeVar
 import torch
 
 from hpo.errors import is_out_of_memory
-from hpo.train import accelerator, cost, data, lean_loss, models, sft
+from hpo.train import accelerator, answers, cost, data, lean_loss, models, sft
 from hpo.train.recipe import TrainJob
 
 Reporter = Callable[[int, dict[str, float]], None]
@@ -50,6 +51,7 @@ warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is depre
 _BASE_MODELS: dict[tuple, Any] = {}
 _TOKENIZERS: dict[str, Any] = {}
 _DATASETS: dict[tuple, tuple[Any, Any, int]] = {}
+_RETAIN: dict[tuple, tuple[sft.SftSet, dict[str, float]]] = {}
 
 
 def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], None] | None = None,
@@ -252,12 +254,18 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     batches = training_batches(job, train_set, tokenizer)
+    retain = _retain(job, model, tokenizer, run)  # before any step: the base model's answers
     losses: list[float] = []
+    norms: list[torch.Tensor] = []
     metrics: dict[str, float] = {}
     watch = _BestWatch(job.patience, job.restore_best, job.watch, job.watch_mode, job.min_steps)
     micro = p.batch_size
     runner, rank, world = _data_parallel(model)
     flops = cost.FlopCounter(model, job.gradient_checkpointing)
+
+    def evaluate_now() -> dict[str, float]:
+        return {**evaluate(job, model, tokenizer, eval_set), **(retain() if retain is not None else {})}
+
     padding_free = is_padding_free(job)
     started = time.perf_counter()
     model.train()
@@ -266,13 +274,13 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
         if step == 1:  # training starts: what came before was setup
             run.setup_seconds = time.perf_counter() - run.started
         flops.add_batch(batch[ROW_TOKENS])  # the whole batch: every rank drew it
-        loss, micro = optimizer_step(runner, batch, micro, optimizer, trainable, p.max_grad_norm, run, job.task,
-                                     rank, world, padding_free)
+        loss, micro, norm = optimizer_step(runner, batch, micro, optimizer, trainable, p.max_grad_norm, run,
+                                           job.task, rank, world, padding_free)
+        norms.append(norm)
         scheduler.step()
         losses.append(loss)
         if step % job.eval_every == 0 or step == job.max_steps:
-            metrics = evaluate(job, model, tokenizer, eval_set)
-            metrics["train_loss"] = _mean_over_ranks(losses, world)
+            metrics = {**evaluate_now(), **_step_stats(losses, norms, world)}
             metrics["micro_batch_size"] = micro
             metrics["grad_accum"] = math.ceil(p.batch_size / micro)
             metrics["learning_rate"] = scheduler.get_last_lr()[0]
@@ -282,11 +290,12 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
             if run.setup_seconds is not None:
                 metrics["trial_setup_seconds"], run.setup_seconds = run.setup_seconds, None
             losses.clear()
+            norms.clear()
             report(step, metrics)
             if watch.should_stop(step, metrics, model):
                 break
             model.train()
-    return watch.finish(step, metrics, model, lambda: evaluate(job, model, tokenizer, eval_set))
+    return watch.finish(step, metrics, model, evaluate_now)
 
 
 def training_batches(job: TrainJob, train_set: Any, tokenizer: Any) -> Iterator[dict[str, Any]]:
@@ -305,11 +314,12 @@ def is_padding_free(job: TrainJob) -> bool:
 
 def optimizer_step(runner: Any, batch: dict[str, Any], micro: int, optimizer: torch.optim.Optimizer,
                    trainable: list, max_grad_norm: float, run: _Run, task: str, rank: int = 0, world: int = 1,
-                   padding_free: bool = False) -> tuple[float, int]:
+                   padding_free: bool = False) -> tuple[float, int, torch.Tensor]:
     """One optimizer step on ``batch`` (this rank's shard of it): forward and backward in pieces of
     ``micro`` rows (halved on an out-of-memory error, see :func:`_halving_on_oom`), the gradients
     unscaled (fp16), clipped to ``max_grad_norm`` (0: not clipped), the step taken and the
-    gradients zeroed. Returns the batch's loss and the micro-batch size that fitted."""
+    gradients zeroed. Returns the batch's loss, the micro-batch size that fitted and the gradient
+    norm before clipping (a tensor left on the device, see :func:`_grad_norm`)."""
     normalise = _loss_normaliser(batch, task, world)
     pieces = functools.partial(_accumulate, runner, _shard(batch, rank, world), run=run, normalise=normalise,
                                padding_free=padding_free)  # pieces(micro) -> the step's loss
@@ -317,15 +327,14 @@ def optimizer_step(runner: Any, batch: dict[str, Any], micro: int, optimizer: to
                                   before_retry=lambda: optimizer.zero_grad(set_to_none=True))
     if run.scaler is not None:
         run.scaler.unscale_(optimizer)  # clip and step on the true gradients
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    norm = _grad_norm(trainable, max_grad_norm)
     if run.scaler is not None:
         run.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
         run.scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, micro
+    return loss, micro, norm
 
 
 class _BestWatch:
@@ -488,17 +497,58 @@ def _shard(batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     return {key: value[start:stop] for key, value in batch.items()}
 
 
-def _mean_over_ranks(losses: list[float], world: int) -> float:
-    """The mean training loss of the whole batches since the last evaluation: each rank's loss
-    is its shard's share of the batch loss, so their sum over ranks is the batch's loss."""
+def _grad_norm(trainable: list, max_norm: float) -> torch.Tensor:
+    """The step's gradient norm (all trainable weights as one vector, before clipping), the
+    gradients clipped to ``max_norm`` when that is above 0. A tensor left on the device: read at
+    the next evaluation, so no step waits for it."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+    return torch.nn.utils.get_total_norm([w.grad for w in trainable if w.grad is not None])
+
+
+def _step_stats(losses: list[float], norms: list[torch.Tensor], world: int) -> dict[str, float]:
+    """What the steps since the last evaluation did, each step recorded: ``train_loss`` (their
+    mean batch loss), ``train_loss_max`` (the largest: a spike shows here, not in the mean),
+    ``grad_norm`` (the median step's gradient norm before clipping) and ``grad_norm_max``. Steps
+    whose gradients overflowed (fp16 loss scaling skips them) are left out of the norms."""
+    batch = _batch_losses(losses, world)
+    values = {"train_loss": sum(batch) / len(batch), "train_loss_max": max(batch)}
+    finite = [norm for norm in torch.stack(norms).float().cpu().tolist() if math.isfinite(norm)]
+    if finite:
+        values.update(grad_norm=statistics.median(finite), grad_norm_max=max(finite))
+    return values
+
+
+def _batch_losses(losses: list[float], world: int) -> list[float]:
+    """Each step's loss over its whole batch: a rank's loss is ``world`` times its shard's share of
+    the batch loss (DDP averages the ranks' gradients: :func:`_loss_normaliser`), so the batch's
+    is the ranks' sum divided by ``world`` (one collective per evaluation, none per step)."""
     if world == 1:
-        return sum(losses) / len(losses)
+        return list(losses)
     import torch.distributed as dist
 
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    total = torch.tensor([sum(losses)], dtype=torch.float64, device=device)
+    total = torch.tensor(losses, dtype=torch.float64, device=device)
     dist.all_reduce(total)
-    return total.item() / (world * len(losses))
+    return [value / world for value in total.tolist()]
+
+
+def _retain(job: TrainJob, model: Any, tokenizer: Any, run: _Run) -> Callable[[], dict[str, float]] | None:
+    """With ``job.retain_data`` (sft): what scores the retain set now (``retain_loss``,
+    ``retain_score``; :mod:`hpo.train.answers`), with the base model's scores beside them
+    (``retain_loss_before``, ``retain_score_before``). Called before the first step, when the
+    fresh adapter changes nothing, so the base's scores are measured then: once per worker for a
+    base, device and precision (greedy decoding repeats them exactly), like the cached data."""
+    if not job.retain_data:
+        return None
+    key = (job.model, job.retain_data, job.max_length, job.generation_examples, job.max_new_tokens, job.chat_template,
+           str(run.device), run.precision, job.quantization, job.attn_implementation)
+    if key not in _RETAIN:
+        dataset = sft.eval_set(job, tokenizer, sft.read(job.retain_data), source=job.retain_data)
+        dataset = sft.with_score(dataset, answers.contains)
+        _RETAIN[key] = dataset, answers.retain_metrics(evaluate(job, model, tokenizer, dataset), "_before")
+    dataset, before = _RETAIN[key]
+    return lambda: {**answers.retain_metrics(evaluate(job, model, tokenizer, dataset)), **before}
 
 
 def _forward(model: Any, batch: dict[str, Any]) -> Any:
