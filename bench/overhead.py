@@ -2,6 +2,7 @@
 
     python bench/overhead.py                  # 40 no-op trials each way; prints ONE JSON line
     python bench/overhead.py --trials 80 --only hpo raytune_lean
+    python bench/overhead.py --growth-trials 5000   # the same, then hpo alone over 5,000 trials
 
 Every way runs the same no-op trials one at a time (concurrency 1), each way in a fresh
 process (a fresh local Ray where there is one). A trial samples ``x`` in [0, 1] with Optuna's
@@ -29,12 +30,20 @@ searcher's tell, loggers and MLflow, then the next ask, MLflow run and hand-over
 worker -- and the one-time setup (Ray start, store creation, the first worker's start) and
 teardown (hpo's report) fall outside it. ``wall_s`` is each way's whole run, setup included.
 
-The targets (issue 11): hpo <= 0.05 s per trial, and at most 1.5x ``raytune_lean``.
+**Growth** (``--growth-trials N``, after the ways above): hpo alone runs N no-op trials in a
+fresh process, and ``growth`` is the mean gap between trial starts over the last 100 trials
+divided by the same over the first 100: how much more a trial costs once the study holds N
+trials (1.0: flat). Every way's own run gives the same figure when it has 200 trials or more
+(``growth_by_way``).
+
+The targets: hpo <= 1.5x ``raytune_lean_sqlite`` per trial (issue 21; 1.5x ``raytune_lean``
+and 0.05 s in issue 11), and at 5,000 trials ``growth`` <= 1.5.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -46,7 +55,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WAYS = ("hpo", "raytune_default", "raytune_lean", "raytune_lean_sqlite", "optuna", "optuna_sqlite")
-TARGET_SECONDS, TARGET_RATIO = 0.05, 1.5
+TARGET_RATIO, TARGET_GROWTH = 1.5, 1.5
+GROWTH_WINDOW = 100
+"""Trials at each end of a run whose gaps between starts are compared (``growth``)."""
 
 MODULE = '''
 import time
@@ -148,31 +159,58 @@ def measure(way: str, trials: int) -> dict:
     wall = time.perf_counter() - started
     times = sorted(float(line) for line in Path(starts).read_text().split())
     assert len(times) == trials, (way, len(times))
-    return {"way": way, "per_trial_s": round((times[-1] - times[0]) / (trials - 1), 4), "wall_s": round(wall, 2)}
+    return {"way": way, "per_trial_s": round((times[-1] - times[0]) / (trials - 1), 4), "wall_s": round(wall, 2),
+            **growth(times)}
+
+
+def growth(times: list[float]) -> dict:
+    """The mean gap between trial starts over the first and the last ``GROWTH_WINDOW`` trials,
+    and their ratio; nothing for a run too short to have two separate windows."""
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    if len(gaps) < 2 * GROWTH_WINDOW:
+        return {}
+    first, last = sum(gaps[:GROWTH_WINDOW]) / GROWTH_WINDOW, sum(gaps[-GROWTH_WINDOW:]) / GROWTH_WINDOW
+    return {"first_100_s": round(first, 4), "last_100_s": round(last, 4), "growth": round(last / first, 2)}
+
+
+def run_one(way: str, trials: int) -> dict:
+    """One way in a fresh process (a fresh Ray, nothing warm from another way); its result or its error."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if way.startswith("raytune_lean"):
+        env["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", way, "--trials", str(trials)],
+                          capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    return {"way": way, "error": (done.stderr or done.stdout).strip().splitlines()[-3:]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--only", nargs="+", choices=WAYS, default=list(WAYS), help="run only these ways")
+    parser.add_argument("--growth-trials", type=int, default=0,
+                        help="then run hpo alone over this many trials (>= 200) for the growth figure")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one way in this process
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one, args.trials)), flush=True)
         return
-    per_trial, wall, errors = {}, {}, {}
-    for way in args.only:  # each in a fresh process: a fresh Ray, nothing warm from another way
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        if way.startswith("raytune_lean"):
-            env["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", way, "--trials", str(args.trials)],
-                              capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode == 0 and lines:
-            result = json.loads(lines[-1])
-            per_trial[way], wall[way] = result["per_trial_s"], result["wall_s"]
-        else:
-            errors[way] = (done.stderr or done.stdout).strip().splitlines()[-3:]
+    if args.growth_trials and args.growth_trials < 2 * GROWTH_WINDOW:
+        parser.error(f"--growth-trials {args.growth_trials}: needs at least {2 * GROWTH_WINDOW} trials")
+    per_trial, wall, errors, growth_by_way = {}, {}, {}, {}
+    for way in args.only:
+        result = run_one(way, args.trials)
+        if "error" in result:
+            errors[way] = result["error"]
+            continue
+        per_trial[way], wall[way] = result["per_trial_s"], result["wall_s"]
+        if "growth" in result:
+            growth_by_way[way] = result["growth"]
+    grown = run_one("hpo", args.growth_trials) if args.growth_trials else None
+    if grown is not None and "error" in grown:
+        errors["growth"] = grown["error"]
     hpo = per_trial.get("hpo")
 
     def ratio(peer: str) -> float | None:
@@ -185,9 +223,13 @@ def main() -> None:
         "ratio_vs_raytune_lean": ratio("raytune_lean"),
         "ratio_vs_raytune_lean_sqlite": ratio("raytune_lean_sqlite"),
         "wall_s": wall,
-        "target": {"per_trial_s": TARGET_SECONDS, "ratio_vs_raytune_lean": TARGET_RATIO,
-                   "met": None if hpo is None or ratio("raytune_lean") is None
-                   else hpo <= TARGET_SECONDS and ratio("raytune_lean") <= TARGET_RATIO},
+        "growth_by_way": growth_by_way,
+        "growth": {"trials": args.growth_trials, **{k: grown.get(k) for k in ("first_100_s", "last_100_s", "growth",
+                                                                               "wall_s")}} if grown else None,
+        "target": {"ratio_vs_raytune_lean_sqlite": TARGET_RATIO, "growth": TARGET_GROWTH,
+                   "met": None if ratio("raytune_lean_sqlite") is None
+                   else ratio("raytune_lean_sqlite") <= TARGET_RATIO
+                   and (grown is None or grown.get("growth", float("inf")) <= TARGET_GROWTH)},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_avg_1m": round(os.getloadavg()[0], 2)},
         "definition": "(start of last trial - start of first) / (trials - 1); no-op trials, concurrency 1",
