@@ -15,16 +15,16 @@ hold the answer; here the module's own range, widened :data:`SPAN` times each wa
 start of the fall and the divergence can show. fastai's 1e-7..10 (Lightning's 1e-8..1) gives
 100 steps 12 per decade, too few for a fresh LoRA adapter to move the loss: on 2,000 SST-2 rows
 (all-MiniLM-L6-v2, batch 16) the smoothed loss stayed within 0.686-0.696 up to a rate of 1
-and the "steepest" point was noise, while lora.py's range widened a decade each way (25 steps
-per decade) showed a clear fall from 0.688 to 0.662 between 3e-3 and 6e-3.
+and the "steepest" point was noise, while 1e-5..1e-1 (25 steps per decade) showed a clear fall
+from 0.688 to 0.662 between 3e-3 and 6e-3.
 
 :func:`choose` reads the curve with fastai's ``steep`` rule (the steepest descent of the smoothed
 loss against log10 of the rate, after dropping the first tenth of the points and the last five,
-as ``lr_find`` does; Lightning's ``suggestion()`` is the same argmin of the gradient): the rate
-at which the loss falls fastest. The range is the decade centred there (half a decade each side:
-about the spread between fastai's two classic suggestions, ``steep`` and ``minimum / 10``, and
-room for the noise of a 100-step test), cut to the module's own range, which stays the outer
-bound; a centre outside that range gives the decade at its nearer end. A curve along which the
+as ``lr_find`` does; Lightning's ``suggestion()`` takes the same argmin, of the gradient against
+the rate itself, after dropping the first ten points and the last): the rate at which the loss
+falls fastest. The range is the decade centred there (half a decade each side: room for the
+noise of a 100-step test, and for the sampler to search), cut to the module's own range, which
+stays the outer bound; a centre outside that range gives the decade at its nearer end. A curve along which the
 loss never falls (or a test that diverged too soon to read) keeps the module's range, and says so.
 
 Runs on a worker (:func:`range_test`, torch); :func:`choose` is plain arithmetic, for the driver.
