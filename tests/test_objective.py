@@ -191,7 +191,7 @@ def test_asha_ranks_on_the_prune_metric_and_a_trial_keeps_its_best(tmp_path: Pat
     module.write_text(CURVES)
     result = run_hpo(["search", str(module)], cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "pruner asha on eval_loss, a trial is worth its best evaluation" in result.stdout
+    assert "pruner asha on eval_loss from step 1, a trial is worth its best evaluation" in result.stdout
     study = optuna.load_study(study_name="curves", storage=f"sqlite:///{tmp_path / 'hpo.db'}")
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED,
