@@ -171,14 +171,14 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     sweep = search_space.sweep
     name = check_study_name(options.study or search_space.default_study_name)
     from hpo.analysis import study_report
-    from hpo.run import scheduling
+    from hpo.run import cluster, scheduling
 
     threading.Thread(target=study_report.preload, name="hpo-report-imports", daemon=True).start()
 
     _check_writable(options)  # a read-only folder: said at once
     # Ray's resources and the trial's device before either store is written
-    scheduling.preflight(sweep, address=options.address or os.environ.get("RAY_ADDRESS"),
-                         recipe=search_space.train is None, worker_logs=options.worker_logs)
+    cluster.preflight(sweep, address=options.address or os.environ.get("RAY_ADDRESS"),
+                      recipe=search_space.train is None, worker_logs=options.worker_logs)
     studies.check_storage(options.storage)  # both stores reachable before either is written
     check_tracking(options.tracking_uri)
     warm_source = _open_warm_source(options, name)
