@@ -239,7 +239,7 @@ def test_a_run_with_nothing_more_of_its_own_ends_when_others_fill_the_study(tmp_
 def test_what_a_dead_driver_left_unwritten_in_mlflow_is_written_from_the_study(sweep: Sweep) -> None:
     """MLflow trails the study (hpo.record.writer); a driver killed in between leaves MLflow behind.
     The next sweep writes, from the study, what is missing -- and only that."""
-    from hpo.record.recorder import mirror_gaps
+    from hpo.record.mirror import mirror_gaps
 
     ledger, dead = sweep.ledger, _dead_identity()
 
@@ -285,7 +285,7 @@ def test_gap_filling_repairs_a_closed_run_that_disagrees_with_the_study(sweep: S
     """What the old writer left after a store that refused one write (issue 19): the trial's run
     FINISHED, still tagged hpo.state=RUNNING, without its objective nor its curve. A closed run is
     not taken as complete: every run that disagrees with the study is written from it."""
-    from hpo.record.recorder import mirror_gaps
+    from hpo.record.mirror import mirror_gaps
 
     trial = sweep.ledger.claim()
     sweep.study._storage.set_trial_system_attr(trial.trial._trial_id, DRIVER_ATTR, _dead_identity())
@@ -311,7 +311,7 @@ def test_a_write_the_store_refuses_fails_alone(sweep: Sweep) -> None:
     run is written at once, and the refused trial's run is written from the study at the end."""
     import time
 
-    from hpo.record.recorder import mirror_gaps
+    from hpo.record.mirror import mirror_gaps
 
     started = time.monotonic()
     first = sweep.start("a")
@@ -336,7 +336,7 @@ def test_a_write_the_store_refuses_fails_alone(sweep: Sweep) -> None:
 def test_gap_filling_writes_a_multi_objective_trials_run(tmp_path: Path, tracking_uri: str) -> None:
     """A COMPLETE trial of a multi-objective study has no single value (Optuna's trial.value
     raises): its run is written, closed FINISHED, without an hpo.objective tag."""
-    from hpo.record.recorder import mirror_gaps
+    from hpo.record.mirror import mirror_gaps
 
     name = f"m{uuid.uuid4().hex[:8]}"
     study = optuna.create_study(study_name=name, storage=open_storage(f"sqlite:///{tmp_path / 'hpo.db'}"),

@@ -199,7 +199,8 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         run_index = studies.next_run_index(study)
     study.sampler = studies.make_sampler(sweep.sampler, sweep.seed + run_index, sweep.trials)
 
-    from hpo.record.recorder import Recorder, mirror_gaps
+    from hpo.record.mirror import mirror_gaps
+    from hpo.record.recorder import Recorder
     from hpo.record.sweep_record import SweepRecord
     from hpo.train.recipe import TrainJob
 
@@ -352,7 +353,7 @@ def _flush_mirror(study: Any, tracker: Any, metric: str, job: Any, console: Cons
     """Wait for the MLflow writes of this run's trials; rewrite from the study the runs of
     trials whose writes failed (a warning if that fails too: the next run tries again). A
     store that is down is not waited for (see :meth:`hpo.record.tracking.SweepTracker.end_call`)."""
-    from hpo.record.recorder import mirror_gaps
+    from hpo.record.mirror import mirror_gaps
 
     tracker.flush(final=True)
     if tracker.unwritten:
