@@ -11,7 +11,10 @@ The best trials are the best quarter of the finished ones, at least 2, all COMPL
 validation curve still falling by ``diagnose_rules.still_falling``, or found slow to
 converge), ``max_steps`` grows ``STEPS_FACTOR`` times; when at least half of them
 overfit, the regularisers' ranges are raised and early stopping is switched on (``patience``
-``PATIENCE``), unless more of them were still improving.
+``PATIENCE``), unless more of them were still improving; a regulariser is raised no further than
+the module's prior or its outer bound (:func:`hpo.analysis.refine_rules.raise_limit`), and one
+already there is said so, not raised. Parameters are fixed for a low importance only when the
+diagnosis trusts its importance (``importance_trusted``); below that, the plan's notes say so.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from hpo.analysis.diagnose import diagnose_study
 from hpo.analysis.diagnose_advice import REGULARISERS
 from hpo.analysis.diagnose_curve import first_value, to_points
 from hpo.analysis.diagnose_rules import make_curve, still_falling
-from hpo.analysis.refine_rules import Change, Evidence, param_change
+from hpo.analysis.diagnose_thresholds import IMPORTANCE_MIN_TRIALS
+from hpo.analysis.refine_rules import FIX_BELOW, Change, Evidence, param_change, raise_limit
 from hpo.errors import HpoError
 from hpo.formatting import percent
 
@@ -79,13 +83,41 @@ def plan_refinement(study: optuna.Study, sweep: dict) -> Plan:
     evidence = read_evidence(complete, pruned, diagnosis, sweep)
     params = [param_change(name, distribution, evidence) for name, distribution in searched(study).items()]
     notes = [change.note for change in params if change.note]
+    untrusted = importance_note(diagnosis)
+    if untrusted:
+        notes.append(untrusted)
     if evidence.fit == "overfitting" and not any(change.action == "regularise" for change in params):
-        notes.append(f"{evidence.fit_reason}, and the space searches no {'/'.join(REGULARISERS[:2])} range to raise: "
-                     "add one")
+        notes.append(regularise_note(evidence, params))
     counts = Counter(trial.state.name for trial in study.get_trials(deepcopy=False))
     best = evidence.ranked[0]
     return Plan(study.study_name, diagnosis.metric, diagnosis.direction, dict(counts),
                 (best.number, float(first_value(best))), params, sweep_changes(evidence, sweep), notes)
+
+
+def importance_note(diagnosis: StudyDiagnosis) -> str | None:
+    """Why no parameter is fixed for a low importance when the diagnosis does not trust it
+    (``importance_trusted``, the same rule ``hpo diagnose`` names parameters by); None when it does."""
+    if diagnosis.importance_trusted:
+        return None
+    low = ", ".join(f"{name} {percent(share)}" for name, share in diagnosis.importance.items() if share < FIX_BELOW)
+    shares = f" (below {percent(FIX_BELOW)} now: {low})" if low else ""
+    return (f"parameter importance rests on {diagnosis.importance_trials} COMPLETE trials, fewer than the "
+            f"{IMPORTANCE_MIN_TRIALS} `hpo diagnose` trusts it from: no parameter is fixed for a low importance"
+            f"{shares}; run more trials to learn which do not matter")
+
+
+def regularise_note(evidence: Evidence, params: list[Change]) -> str:
+    """Why the best trials overfit and no regulariser was raised: none searched, or each already at its limit."""
+    searched_ones = [change for change in params if change.name in REGULARISERS]
+    if not searched_ones:
+        return (f"{evidence.fit_reason}, and the space searches no {'/'.join(REGULARISERS[:2])} range to raise: "
+                "add one")
+    held = []
+    for change in searched_ones:
+        limit = None if not hasattr(change.before, "high") else \
+            raise_limit(change.name, change.before, evidence.priors.get(change.name))
+        held.append(f"{change.name} already reaches {limit[1]}" if limit else f"{change.name}: {change.reason}")
+    return f"{evidence.fit_reason}; not raised: {'; '.join(held)}"
 
 
 def read_evidence(complete: list[FrozenTrial], pruned: list[FrozenTrial], diagnosis: StudyDiagnosis,
