@@ -14,7 +14,11 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from hpo import space as spaces
+from hpo.analysis.diagnose import diagnose_study
+from hpo.analysis.diagnose_thresholds import IMPORTANCE_MIN_TRIALS
+from hpo.analysis.refine import plan_refinement
 from hpo.analysis.refine_module import refine_study
+from hpo.analysis.refine_rules import FIX_BELOW
 from hpo.errors import HpoError
 from hpo.record.sweep_record import SweepRecord
 from tests.conftest import SEARCH_SPACES, run_hpo
@@ -40,6 +44,9 @@ def space(trial):
     }
 
 
+priors = {"weight_decay": hpo.Prior(low=0.0, high=0.15, why="a planted prior")}
+
+
 def loss(params):
     return 1.0 - 0.3 * (math.log10(params["lr"]) + 4) + 2 * (params["x"] - 0.3) ** 2
 
@@ -51,18 +58,40 @@ def train(params, report, sweep):
 DISTRIBUTIONS = {"lr": FloatDistribution(1e-4, 1e-2, log=True), "x": FloatDistribution(0.0, 1.0),
                  "noise": FloatDistribution(0.0, 1.0), "weight_decay": FloatDistribution(0.0, 0.1),
                  "batch_size": CategoricalDistribution([8, 16, 32])}
-# The 4 best trials (a quarter of 16): lr at the top of its range, x near 0.3, noise anywhere, batch size 32.
-BEST = [{"lr": 1e-2, "x": 0.3, "noise": 0.05, "weight_decay": 0.02, "batch_size": 32},
-        {"lr": 9e-3, "x": 0.28, "noise": 0.9, "weight_decay": 0.05, "batch_size": 32},
-        {"lr": 8e-3, "x": 0.32, "noise": 0.5, "weight_decay": 0.08, "batch_size": 32},
-        {"lr": 7e-3, "x": 0.35, "noise": 0.3, "weight_decay": 0.06, "batch_size": 32}]
-# 12 more: lower learning rates, x and noise spread out; batch size 8 on the 4 slowest learners.
-REST = [{"lr": 10 ** (-4 + 1.4 * k / 11), "x": ((k * 5) % 12 + 0.5) / 12, "noise": ((k * 7) % 12 + 0.5) / 12,
-         "weight_decay": ((k * 3) % 12 + 0.5) / 120, "batch_size": 8 if k < 4 else 16} for k in range(12)]
 
 
 def loss(params: dict) -> float:
     return 1.0 - 0.3 * (math.log10(params["lr"]) + 4) + 2 * (params["x"] - 0.3) ** 2
+
+
+def van_der_corput(index: int, base: int) -> float:
+    """The index-th point of the van der Corput sequence in [0, 1) (base 3: 0, 1/3, 2/3, 1/9, 4/9, ...):
+    every run of it from the start spreads evenly over [0, 1)."""
+    value, scale = 0.0, 1.0
+    while index:
+        index, digit = divmod(index, base)
+        scale /= base
+        value += digit * scale
+    return value
+
+
+# The 4 best trials (a quarter of 16): lr at the top of its range, x near 0.3, weight_decay 0.03..0.05, batch size 32.
+BEST = [{"lr": 1e-2, "x": 0.3, "weight_decay": 0.03, "batch_size": 32},
+        {"lr": 9e-3, "x": 0.28, "weight_decay": 0.045, "batch_size": 32},
+        {"lr": 8e-3, "x": 0.32, "weight_decay": 0.04, "batch_size": 32},
+        {"lr": 7e-3, "x": 0.35, "weight_decay": 0.05, "batch_size": 32}]
+# 12 more: lower learning rates, x spread out; batch size 8 on the 4 slowest learners.
+REST = [{"lr": 10 ** (-4 + 1.4 * k / 11), "x": ((k * 5) % 12 + 0.5) / 12, "batch_size": 8 if k < 4 else 16}
+        for k in range(12)]
+# noise and the rest's weight_decay are truly irrelevant: along the trials ranked by loss they take
+# van der Corput sequences, so a split on either parts the good and the bad trials alike, at 11 trials
+# as at 16, and fANOVA gives each 1-4% (a random permutation of 16 got noise 12%: 16 draws do not
+# make a parameter look irrelevant). The best trials' noise spans 60% of its range, their
+# weight_decay 20% (they agree on it: refine keeps it searched whatever its importance).
+for rank, params in enumerate(sorted(BEST + REST, key=loss)):
+    params["noise"] = round(0.05 + 0.9 * van_der_corput(rank, 3), 4)
+    if rank >= len(BEST):
+        params["weight_decay"] = round(0.005 + 0.09 * van_der_corput(rank - len(BEST), 2), 4)
 
 
 def curves(value: float, shape: str) -> dict:
@@ -74,8 +103,10 @@ def curves(value: float, shape: str) -> dict:
             "train_loss": [[20, value + 0.2], [40, value - 0.1], [60, value - 0.2]]}
 
 
-def planted(tmp_path: Path, shape: str = "improving", state: TrialState = TrialState.COMPLETE) -> str:
-    """A study 'planted' as `hpo search spaces/planted.py --set seed=7` would leave it; its storage URL."""
+def planted(tmp_path: Path, shape: str = "improving", state: TrialState = TrialState.COMPLETE,
+            count: int = len(BEST) + len(REST)) -> str:
+    """A study 'planted' as `hpo search spaces/planted.py --set seed=7` would leave it (the first
+    ``count`` trials of BEST + REST); its storage URL."""
     folder = tmp_path / "spaces"
     (folder / "data").mkdir(parents=True)
     (folder / "data" / "train.tsv").write_text("text\tlabel\ngood\t1\nbad\t0\n")
@@ -83,10 +114,10 @@ def planted(tmp_path: Path, shape: str = "improving", state: TrialState = TrialS
     module.write_text(MODULE)
     storage = f"sqlite:///{tmp_path / 'hpo.db'}"
     study = optuna.create_study(study_name="planted", storage=storage, direction="minimize")
-    sweep = spaces.load(module, ["seed=7"]).sweep
-    SweepRecord(module=str(module), sweep={k: v for k, v in sweep.to_dict().items() if k != "extra"},
-                custom_train=True).save(study)
-    for params in BEST + REST:
+    loaded = spaces.load(module, ["seed=7"])
+    SweepRecord(module=str(module), sweep={k: v for k, v in loaded.sweep.to_dict().items() if k != "extra"},
+                custom_train=True, priors={name: prior.to_dict() for name, prior in loaded.priors.items()}).save(study)
+    for params in (BEST + REST)[:count]:
         value = loss(params)
         study.add_trial(create_trial(
             state=state, value=value if state == TrialState.COMPLETE else None, params=params,
@@ -130,6 +161,8 @@ def test_refine_widens_narrows_fixes_and_raises_max_steps_with_reasons(tmp_path:
     x = distributions["x"]
     assert 0.0 < x.low <= 0.28 and 0.35 <= x.high < 1.0, "narrowed around the best trials' 0.28..0.35"
     assert "noise" not in distributions and params["noise"] == 0.05, "fixed at the best trial's value"
+    weight_decay = distributions["weight_decay"]
+    assert (weight_decay.low, weight_decay.high) == (0.01, 0.07), "the best trials agree on it: narrowed, not fixed"
     assert distributions["batch_size"].choices == (16, 32), "8: tried 4 times, never in the better half"
     assert params["target_modules"] == "all-linear", "the module's constant stays"
 
@@ -146,8 +179,15 @@ def test_refine_widens_narrows_fixes_and_raises_max_steps_with_reasons(tmp_path:
            "upper bound 1e-02: widened past it to 3e-02, the other side narrowed around them" in reasons
     assert "0..1 -> 0.08..0.55: narrowed around the best trials (0, 1, 2, 3: 0.28..0.35), with 20% of the old " \
            "width to spare on each side" in reasons
-    assert any(r.startswith("0..1 -> fixed at 0.05: its importance is 0% over 16 complete trials (below 5%) and the "
-                            "best trials (0, 1, 2, 3) spread over 85% of its range") for r in reasons)
+    assert "0..1 -> fixed at 0.05: its importance is 1% over 16 complete trials (below 5%) and the best trials " \
+           "(0, 1, 2, 3) spread over 60% of its range: it barely moves eval_loss, so it is fixed at best trial 0's " \
+           "0.05, one dimension less to search" in reasons
+    assert "0..0.1 -> 0.01..0.07: narrowed around the best trials (0, 1, 2, 3: 0.03..0.05), with 20% of the old " \
+           "width to spare on each side" in reasons
+    diagnosis = diagnose_study(optuna.load_study(study_name="planted", storage=storage))
+    assert diagnosis.importance_trusted and diagnosis.importance_trials == 16
+    assert diagnosis.importance["weight_decay"] < FIX_BELOW, "as low as noise's: the best trials' agreement kept it"
+    assert min(diagnosis.importance[name] for name in ("lr", "x")) > 0.3, "the two that matter"
     assert "[8, 16, 32] -> [16, 32]: dropped 8 (4 tries): none of those trials was in the better half of the 16 " \
            "finished ones" in reasons
     assert "the study ran with --set seed=7 (the module says 0)" in reasons
@@ -162,14 +202,14 @@ def test_overfitting_raises_regularisation_and_turns_early_stopping_on(tmp_path:
     result = run_hpo(["refine", "planted", "--storage", storage, "--output", "next.py"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     _, distributions = sampled(tmp_path / "next.py")
-    assert (distributions["weight_decay"].low, distributions["weight_decay"].high) == (0.08, 0.2), \
-        "from the most the best trials used to twice the old upper bound"
+    assert (distributions["weight_decay"].low, distributions["weight_decay"].high) == (0.05, 0.15), \
+        "from the most the best trials used to the module's prior (twice the old upper bound would be 0.2)"
     sweep = spaces.load(tmp_path / "next.py").sweep
     assert (sweep.patience, sweep.max_steps) == (2, 60)
     reasons = comments((tmp_path / "next.py").read_text())
     overfit = "4 of the 4 best trials overfit (their validation loss ended 28%-33% above its lowest: trials 0, 1, 2, 3)"
-    assert f"0..0.1 -> 0.08..0.2: {overfit}: more regularisation, from the most the best trials used (0.08) to 0.2" \
-        in reasons
+    assert f"0..0.1 -> 0.05..0.15: {overfit}: more regularisation, from the most the best trials used (0.05) to " \
+           "0.15, the module's prior limit (only 0 to 0.15: a planted prior)" in reasons
     assert f"None -> 2: {overfit}: early stopping ends a trial after 2 evaluations without a lower eval_loss" in reasons
 
 
@@ -180,8 +220,9 @@ def test_the_shipped_lora_module_keeps_its_priors_and_loads_with_the_recipe(tmp_
     module = SEARCH_SPACES / "lora.py"
     storage = f"sqlite:///{tmp_path / 'hpo.db'}"
     study = optuna.create_study(study_name="lora", storage=storage, direction="maximize")
-    sweep = spaces.load(module).sweep
-    SweepRecord(module=str(module), sweep={k: v for k, v in sweep.to_dict().items() if k != "extra"}).save(study)
+    loaded = spaces.load(module)
+    SweepRecord(module=str(module), sweep={k: v for k, v in loaded.sweep.to_dict().items() if k != "extra"},
+                priors={name: prior.to_dict() for name, prior in loaded.priors.items()}).save(study)
     distributions = {"learning_rate": FloatDistribution(1e-4, 5e-3, log=True), "batch_size": CategoricalDistribution([8, 16, 32]),
                      "weight_decay": FloatDistribution(0.0, 0.1), "lora_r": CategoricalDistribution([4, 8, 16]),
                      "lora_dropout": FloatDistribution(0.0, 0.15)}
@@ -198,9 +239,69 @@ def test_the_shipped_lora_module_keeps_its_priors_and_loads_with_the_recipe(tmp_
     assert searched["learning_rate"].high == pytest.approx(1.5e-2)
     assert searched["batch_size"].choices == (8, 16, 32)
     assert "batch_size: kept [8, 16, 32]" in result.stdout
+    assert "note: the best trials (0, 1) all used the largest batch_size, 32, where the module's prior (nothing " \
+           "above 32: LoRA pays more than full fine-tuning for large batches (Schulman et al., LoRA Without Regret, " \
+           "2025)) stops: no larger choice is added" in result.stdout
     text = path.read_text()
     assert "LoRA pays more than full fine-tuning for large batches" in text, "lora.py's priors stay in view"
     assert spaces.load(path).sweep.train_data == str(SEARCH_SPACES / "data" / "reviews" / "train.tsv")
+
+
+def test_below_the_trusted_trial_count_nothing_is_fixed_for_its_importance_and_the_module_says_so(
+        tmp_path: Path) -> None:
+    """The planted study cut to one trial fewer than `hpo diagnose` trusts an importance from:
+    noise's importance is under 5% and the best trials disagree on it, yet it stays searched, and
+    the module written says why; one trial more and it is fixed."""
+    few, enough = tmp_path / "few", tmp_path / "enough"
+    study = optuna.load_study(study_name="planted", storage=planted(few, count=IMPORTANCE_MIN_TRIALS - 1))
+    diagnosis = diagnose_study(study)
+    assert not diagnosis.importance_trusted and diagnosis.importance["noise"] < FIX_BELOW
+    written = refine_study(study, str(few / "next.py"))
+    _, distributions = sampled(written.path)
+    assert "noise" in distributions and not any(change.action == "fix" for change in written.plan.params)
+    untrusted = (f"parameter importance rests on {IMPORTANCE_MIN_TRIALS - 1} COMPLETE trials, fewer than the "
+                 f"{IMPORTANCE_MIN_TRIALS} `hpo diagnose` trusts it from: no parameter is fixed for a low importance "
+                 "(below 5% now: noise 4%, weight_decay 4%); run more trials to learn which do not matter")
+    assert untrusted in " ".join(written.path.read_text().split())
+
+    study = optuna.load_study(study_name="planted", storage=planted(enough, count=IMPORTANCE_MIN_TRIALS))
+    plan = plan_refinement(study, SweepRecord.load(study).sweep)
+    fixed = [change for change in plan.params if change.action == "fix"]
+    assert [change.name for change in fixed] == ["noise"]
+    assert fixed[0].reason.startswith(f"its importance is 0% over {IMPORTANCE_MIN_TRIALS} complete trials (below 5%)")
+    assert not any(note.startswith("parameter importance rests on") for note in plan.notes)
+
+
+def test_raised_regularisation_stops_at_the_module_priors_and_the_parameters_outer_bound() -> None:
+    """The best trials overfit: weight_decay and lora_dropout under search_spaces/lora.py's priors
+    (at most 0.1 and 0.15, where its ranges already end) and a dropout with no prior (at most 0.5)."""
+    priors = spaces.load(SEARCH_SPACES / "lora.py").priors
+    study = optuna.create_study(direction="minimize")
+    SweepRecord(module="lora.py", sweep={"metric": "eval_loss", "direction": "minimize", "max_steps": 60},
+                priors={name: prior.to_dict() for name, prior in priors.items()}).save(study)
+    distributions = {"weight_decay": FloatDistribution(0.0, 0.1), "lora_dropout": FloatDistribution(0.0, 0.15),
+                     "dropout": FloatDistribution(0.0, 0.4)}
+    for k in range(8):  # the best two overfit at weight_decay 0.08 and 0.06, lora_dropout 0.15, dropout 0.3-0.35
+        params = {"weight_decay": 0.08 - 0.02 * k if k < 2 else 0.01 * k, "lora_dropout": 0.15 if k < 2 else 0.02 * k,
+                  "dropout": 0.3 + 0.05 * k if k < 2 else 0.04 * k}
+        value = 0.4 + 0.1 * k
+        study.add_trial(create_trial(value=value, params=params, distributions=distributions,
+                                     user_attrs={"curves": curves(value, "overfit")}))
+    plan = plan_refinement(study, {"max_steps": 60})
+    changes = {change.name: change for change in plan.params}
+    overfit = "2 of the 2 best trials overfit (their validation loss ended 25%-33% above its lowest: trials 0, 1)"
+    weight_decay = changes["weight_decay"]
+    assert (weight_decay.action, weight_decay.after.low, weight_decay.after.high) == ("regularise", 0.08, 0.1)
+    assert weight_decay.reason == (
+        f"{overfit}: more regularisation, from the most the best trials used (0.08) to 0.1, the module's prior limit "
+        f"(only 0 to 0.1: {priors['weight_decay'].why})")
+    dropout = changes["dropout"]
+    assert (dropout.action, dropout.after.low, dropout.after.high) == ("regularise", 0.35, 0.5)
+    assert dropout.reason.endswith("to 0.5, the most a dropout is raised to (0.5: past it most of the signal is "
+                                   "dropped)"), "0.8 (twice the old upper bound) without the outer bound"
+    assert changes["lora_dropout"].action != "regularise" and changes["lora_dropout"].after.high == 0.15
+    assert "lora_dropout not raised although the best trials overfit: its range already reaches the module's prior " \
+           f"limit (only 0 to 0.15: {priors['lora_dropout'].why})" in plan.notes
 
 
 def test_bad_input_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
@@ -246,7 +347,7 @@ def test_the_refined_module_runs_warm_started_from_the_study(tmp_path: Path) -> 
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     assert [t.user_attrs.get("warm_start") for t in trials] == [f"planted@{storage} trial {n}" for n in range(3)]
     for trial, earlier in zip(trials, BEST, strict=False):
-        assert trial.params == {k: earlier[k] for k in ("lr", "x", "batch_size")}
+        assert trial.params == {k: earlier[k] for k in ("lr", "x", "weight_decay", "batch_size")}
         assert trial.user_attrs["config"]["noise"] == 0.05
         assert max(trial.intermediate_values) == 120
 
@@ -254,8 +355,6 @@ def test_the_refined_module_runs_warm_started_from_the_study(tmp_path: Path) -> 
 def test_pruned_trials_are_evidence_ranked_below_the_complete_ones() -> None:
     """3 COMPLETE trials are too few to narrow on their own; with 6 PRUNED ones (ASHA's usual
     share) the 9 finished trials are enough, and a batch size only the pruned ones used goes."""
-    from hpo.analysis.refine import plan_refinement
-
     study = optuna.create_study(direction="minimize")
     study.set_user_attr("hpo", {"sweep": {"metric": "eval_loss", "direction": "minimize", "max_steps": 60}})
     for params in BEST[:3]:
@@ -287,8 +386,6 @@ def test_a_complete_trial_that_learned_nothing_is_not_among_the_best() -> None:
     """Seen on SST-2: ASHA lets the first trials through for want of rivals, so one that
     learned nothing in its whole budget is COMPLETE; it ended worse than the median finished
     trial, so the trust region is drawn around the one that learned, alone."""
-    from hpo.analysis.refine import plan_refinement
-
     study = optuna.create_study(direction="minimize")
     study.set_user_attr("hpo", {"sweep": {"metric": "eval_loss", "direction": "minimize", "max_steps": 60}})
     for params in (BEST[0], REST[2]):  # losses 0.4 and 1.585 (x 0.3 and 0.875)

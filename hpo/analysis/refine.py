@@ -86,8 +86,8 @@ def plan_refinement(study: optuna.Study, sweep: dict) -> Plan:
     untrusted = importance_note(diagnosis)
     if untrusted:
         notes.append(untrusted)
-    if evidence.fit == "overfitting" and not any(change.action == "regularise" for change in params):
-        notes.append(regularise_note(evidence, params))
+    if evidence.fit == "overfitting":
+        notes += regularise_notes(evidence, params)
     counts = Counter(trial.state.name for trial in study.get_trials(deepcopy=False))
     best = evidence.ranked[0]
     return Plan(study.study_name, diagnosis.metric, diagnosis.direction, dict(counts),
@@ -106,18 +106,22 @@ def importance_note(diagnosis: StudyDiagnosis) -> str | None:
             f"{shares}; run more trials to learn which do not matter")
 
 
-def regularise_note(evidence: Evidence, params: list[Change]) -> str:
-    """Why the best trials overfit and no regulariser was raised: none searched, or each already at its limit."""
+def regularise_notes(evidence: Evidence, params: list[Change]) -> list[str]:
+    """When the best trials overfit: each searched regulariser that was not raised, and why (at
+    its limit already, :func:`~hpo.analysis.refine_rules.raise_limit`), or that the space searches none."""
     searched_ones = [change for change in params if change.name in REGULARISERS]
     if not searched_ones:
-        return (f"{evidence.fit_reason}, and the space searches no {'/'.join(REGULARISERS[:2])} range to raise: "
-                "add one")
-    held = []
+        return [f"{evidence.fit_reason}, and the space searches no {'/'.join(REGULARISERS[:2])} range to raise: "
+                "add one"]
+    notes = []
     for change in searched_ones:
-        limit = None if not hasattr(change.before, "high") else \
-            raise_limit(change.name, change.before, evidence.priors.get(change.name))
-        held.append(f"{change.name} already reaches {limit[1]}" if limit else f"{change.name}: {change.reason}")
-    return f"{evidence.fit_reason}; not raised: {'; '.join(held)}"
+        if change.action == "regularise":
+            continue
+        limit = raise_limit(change.name, change.before, evidence.priors.get(change.name)) \
+            if hasattr(change.before, "high") else None
+        why = f"its range already reaches {limit[1]}" if limit and change.before.high >= limit[0] else change.reason
+        notes.append(f"{change.name} not raised although the best trials overfit: {why}")
+    return notes
 
 
 def read_evidence(complete: list[FrozenTrial], pruned: list[FrozenTrial], diagnosis: StudyDiagnosis,
