@@ -99,6 +99,9 @@ def importance_note(diagnosis: StudyDiagnosis) -> str | None:
     (``importance_trusted``, the same rule ``hpo diagnose`` names parameters by); None when it does."""
     if diagnosis.importance_trusted:
         return None
+    if not diagnosis.importance:
+        why = next((f.message for f in diagnosis.study_findings if f.kind == "importance"), "none was computed")
+        return f"no parameter is fixed for a low importance: {why}"
     low = ", ".join(f"{name} {percent(share)}" for name, share in diagnosis.importance.items() if share < FIX_BELOW)
     shares = f" (below {percent(FIX_BELOW)} now: {low})" if low else ""
     return (f"parameter importance rests on {diagnosis.importance_trials} COMPLETE trials, fewer than the "
