@@ -20,6 +20,7 @@ from hpo.analysis.refine import plan_refinement
 from hpo.analysis.refine_module import refine_study
 from hpo.analysis.refine_rules import FIX_BELOW
 from hpo.errors import HpoError
+from hpo.priors import Prior
 from hpo.record.sweep_record import SweepRecord
 from tests.conftest import SEARCH_SPACES, run_hpo
 
@@ -274,16 +275,18 @@ def test_below_the_trusted_trial_count_nothing_is_fixed_for_its_importance_and_t
 
 def test_raised_regularisation_stops_at_the_module_priors_and_the_parameters_outer_bound() -> None:
     """The best trials overfit: weight_decay and lora_dropout under search_spaces/lora.py's priors
-    (at most 0.1 and 0.15, where its ranges already end) and a dropout with no prior (at most 0.5)."""
-    priors = spaces.load(SEARCH_SPACES / "lora.py").priors
+    (at most 0.1 and 0.15, where its ranges already end) and a dropout with no prior (at most 0.5);
+    a learning rate pressed against its upper bound is widened only as far as its prior."""
+    priors = {**spaces.load(SEARCH_SPACES / "lora.py").priors,
+              "learning_rate": Prior(high=1e-2, why="a planted limit")}
     study = optuna.create_study(direction="minimize")
     SweepRecord(module="lora.py", sweep={"metric": "eval_loss", "direction": "minimize", "max_steps": 60},
                 priors={name: prior.to_dict() for name, prior in priors.items()}).save(study)
     distributions = {"weight_decay": FloatDistribution(0.0, 0.1), "lora_dropout": FloatDistribution(0.0, 0.15),
-                     "dropout": FloatDistribution(0.0, 0.4)}
+                     "dropout": FloatDistribution(0.0, 0.4), "learning_rate": FloatDistribution(1e-4, 5e-3, log=True)}
     for k in range(8):  # the best two overfit at weight_decay 0.08 and 0.06, lora_dropout 0.15, dropout 0.3-0.35
         params = {"weight_decay": 0.08 - 0.02 * k if k < 2 else 0.01 * k, "lora_dropout": 0.15 if k < 2 else 0.02 * k,
-                  "dropout": 0.3 + 0.05 * k if k < 2 else 0.04 * k}
+                  "dropout": 0.3 + 0.05 * k if k < 2 else 0.04 * k, "learning_rate": 5e-3 if k < 2 else 1e-4 * (k + 1)}
         value = 0.4 + 0.1 * k
         study.add_trial(create_trial(value=value, params=params, distributions=distributions,
                                      user_attrs={"curves": curves(value, "overfit")}))
@@ -300,6 +303,9 @@ def test_raised_regularisation_stops_at_the_module_priors_and_the_parameters_out
     assert dropout.reason.endswith("to 0.5, the most a dropout is raised to (0.5: past it most of the signal is "
                                    "dropped)"), "0.8 (twice the old upper bound) without the outer bound"
     assert changes["lora_dropout"].action != "regularise" and changes["lora_dropout"].after.high == 0.15
+    rate = changes["learning_rate"]
+    assert (rate.action, rate.after.high) == ("widen", 1e-2), "x3 past the bound would be 1.5e-2"
+    assert "widened past it to 1e-02, the module's prior (nothing above 0.01: a planted limit)" in rate.reason
     assert "lora_dropout not raised although the best trials overfit: its range already reaches the module's prior " \
            f"limit (only 0 to 0.15: {priors['lora_dropout'].why})" in plan.notes
 
