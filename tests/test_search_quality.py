@@ -17,9 +17,9 @@ from tests.conftest import REPO, SEARCH_SPACES, hpo_env
 BENCH = REPO / "bench" / "search_quality.py"
 
 
-def bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def bench(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(BENCH), "--work", str(cwd / "work"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120, env=hpo_env())
+                          capture_output=True, text=True, timeout=timeout, env=hpo_env())
 
 
 def test_own_csv_and_jsonl_data_a_model_and_a_module_make_the_plan(tmp_path: Path, tiny_bert: Path) -> None:
@@ -48,7 +48,7 @@ def test_the_chat_model_search_plans_on_the_modules_own_conversations(tmp_path: 
     """--module sft_lora.py: its dates (400 train, 60 eval conversations), its model and its
     generation settings for every way, scored by eval_exact_match."""
     result = bench("--module", str(SEARCH_SPACES / "sft_lora.py"), "--seeds", "0", "--budget", "160",
-                   "--max-steps", "40", "--dry-run", cwd=tmp_path)
+                   "--max-steps", "40", "--dry-run", cwd=tmp_path, timeout=300)  # reads the chat model's tokenizer
     assert result.returncode == 0, result.stderr
     (plan,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert (plan["task"], plan["metric"], plan["dataset"]) == ("sft", "eval_exact_match", "sft_lora")
