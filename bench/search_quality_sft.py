@@ -28,8 +28,8 @@ transformers: TRL is not installed), besides the search:
   pruner) and its last is the trial's value.
 * The base model is loaded afresh per trial (``model_init``); hpo and the Ray Tune way keep one
   per worker.
-* One trial at a time with both threads (as the classification bench's Trainer way), where hpo
-  and Ray Tune run two trials at once, a thread each.
+* One trial at a time, on one thread, where hpo and Ray Tune run two trials at once, a thread
+  each (the classification bench's Trainer way has both threads: see :func:`run_trainer`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,9 @@ def run_trainer(args, paths: dict, seed: int, out: Path) -> list[dict]:
     from hpo.train import models, sft
     from hpo.train.recipe import PARAM_NAMES, TrainJob, TrainParams
 
-    torch.set_num_threads(2)
+    # one thread, as each trial of hpo and Ray Tune has: two on a loaded 2-core machine spent 5x the CPU
+    # per step (20 s against hpo's 4 at batch 4, load average 30-40), spinning while they waited for each other
+    torch.set_num_threads(1)
     loaded = spaces.load(paths["module"])
     sweep = dataclasses.replace(loaded.sweep, model=paths["model"], train_data=paths["train_data"],
                                 eval_data=paths["eval_data"], max_steps=args.max_steps, eval_every=args.eval_every,
