@@ -43,6 +43,10 @@ TUNED = {"learning_rate": 1e-3, "batch_size": 16, "lora_r": 16, "lora_dropout": 
 (0.84 accuracy on a held-out fold of these 2,000 rows after 300 steps)."""
 
 
+def fail(message: str) -> None:
+    sys.exit(f"bench/label_probe.py: {message}")
+
+
 def plant(texts: list[str], labels: list[int], rows: int, rate: float, seed: int) -> tuple[list[str], list[int], set[int]]:
     """``rows`` rows drawn at random, and the 0-based positions of the ``rate`` of them whose label
     was replaced by another class (two classes: ``1 - label``); returns texts, noisy labels, flipped."""
@@ -89,11 +93,21 @@ def main() -> None:
     import numpy as np
 
     from hpo.analysis.label_issues import check_labels
+    from hpo.errors import HpoError
     from hpo.train import data
 
-    raw = data.read_raw(args.data, "classification", args.text_column, args.label_column)
+    try:
+        raw = data.read_raw(args.data, "classification", args.text_column, args.label_column)
+    except HpoError as error:
+        fail(str(error))
     pairs = [(t, data.as_label(v)) for t, v in zip(raw.texts, raw.labels or [], strict=True)]
     pairs = [(t, v) for t, v in pairs if v is not None and v >= 0]
+    if not 0 < args.rate < 1 or round(args.rows * args.rate) < 1:
+        fail(f"--rate {args.rate} of --rows {args.rows} flips no row or all of them; give a share between 0 and 1")
+    if args.rows > len(pairs):
+        fail(f"--rows {args.rows}: {args.data} has {len(pairs)} rows with an integer label 0..K-1; ask for fewer")
+    if len({v for _, v in pairs}) < 2:
+        fail(f"{args.data}: one class only; flipping a label needs two or more")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     params = json.loads(args.params)
@@ -114,7 +128,8 @@ def main() -> None:
             from hpo.analysis.label_probe import strong_probe
             from hpo.config import Sweep
 
-            sweep = Sweep(model=args.model, task="classification", max_length=args.max_length, max_steps=args.max_steps)
+            sweep = Sweep(model=args.model, task="classification", max_length=args.max_length, max_steps=args.max_steps,
+                          eval_every=args.max_steps)
             key = hashlib.sha256(json.dumps([args.data, args.rows, args.rate, args.model, params, args.max_steps,
                                              args.max_length], sort_keys=True).encode()).hexdigest()[:10]
             cached = work / f"strong-{seed}-{key}.npy"
