@@ -128,7 +128,7 @@ def check_data(
     write_clean: Annotated[str | None, typer.Option("--write-clean", help="With --labels: write a copy of the training file without the suspect rows to this .tsv/.csv/.jsonl (the original is never touched).")] = None,
     relabel: Annotated[bool, typer.Option("--relabel", help="With --write-clean: keep the suspect rows, with the suggested label.")] = False,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="Log the CSVs to MLflow here (under checks/ of the study's sweep run, or of a new check-data run); with --study, default: the sweep's own.")] = None,
-    study: Annotated[str | None, typer.Option("--study", callback=_checked_study, help="With --labels: the strong probe, the study's best trial cross-fitted over 5 folds through the recipe (the study's data; --set max_steps=N shortens each fold).")] = None,
+    study: Annotated[str | None, typer.Option("--study", callback=_checked_study, help="With --labels: the strong probe, the study's best trial cross-fitted over 5 folds through the recipe (the study's data; each fold early-stopped, at least 3 epochs; --set max_steps=N sets each fold's steps), ensembled with the quick probe.")] = None,
     storage: Storage = None,
 ) -> None:
     """Check the data before a sweep: empty texts, duplicates, leakage, labels, imbalance, lengths; sft: answers.

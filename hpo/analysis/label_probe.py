@@ -112,7 +112,7 @@ def _predict(model: Any, tokenizer: Any, texts: list[str], max_length: int, batc
 
 
 def best_trial_setup(study: Any, overrides: list[str]) -> tuple[Any, dict[str, Any], int, str | None]:
-    """The sweep as the study ran it (``--set`` on top: ``max_steps`` shortens each fold's run),
+    """The sweep as the study ran it (``--set`` on top: ``max_steps`` sets each fold's run),
     the best trial's params, its number, and the sweep's MLflow tracking URI (None when the
     record hides a password in it). Raises HpoError for a study ``hpo search`` did not
     make, one trained by the module's own ``train``, or one with no COMPLETE trial."""
