@@ -16,6 +16,7 @@ import warnings
 from typing import Any
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import HpoError, scrub
@@ -116,14 +117,14 @@ def create_or_resume(storage: optuna.storages.BaseStorage, name: str, direction:
     multi-objective sweep gives comma-separated names and directions (``"a,b"``,
     ``"maximize,minimize"``): the study then has several directions and keeps a Pareto front.
     """
-    directions = direction.split(",")
+    directions = [StudyDirection[word.upper()] for word in direction.split(",")]  # Sweep checked each word
     try:
         existing = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
         existing = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions,
                                        load_if_exists=True)
-    held = [d.name.lower() for d in existing.directions]
-    if held != directions:
+    if existing.directions != directions:
+        held = [d.name.lower() for d in existing.directions]
         raise HpoError(
             f"study {name!r} exists and {','.join(held)}s its objective{'s' if len(held) > 1 else ''}, but this "
             f"sweep {direction}s; use another --study name"
@@ -178,12 +179,12 @@ def best_summary(study: optuna.Study) -> dict[str, Any] | None:
     A multi-objective study has no single best trial: None (see :func:`pareto_front`)."""
     if is_multi_objective(study):
         return None
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = [(t.value, t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.value is not None and math.isfinite(t.value)]
     if not complete:
         return None
     pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
-    trial = pick(complete, key=lambda t: t.value)
+    _, trial = pick(complete, key=lambda scored: scored[0])
     from hpo.record.sweep_record import SweepRecord
 
     record = SweepRecord.load(study)
