@@ -145,7 +145,7 @@ class OptunaBridge(Searcher):
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True
 
-    def suggest(self, trial_id: str) -> dict | str | None:
+    def suggest(self, trial_id: str) -> dict | str | None:  # type: ignore[override]  # Ray's annotation omits FINISHED
         """The next trial's config; None: ask again; ``FINISHED``: no more trials in this run,
         both when the sweep is done and when other processes' trials fill the study (``ELSEWHERE``):
         Tune then keeps no idle worker for reuse (its cache is emptied at the end of each step
