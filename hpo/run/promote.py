@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Console
 
@@ -328,7 +328,7 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
                 shown = f"{sweep.metrics[0]}={metrics[sweep.metrics[0]]:.4f} eval_loss={metrics['eval_loss']:.4f}"
                 progress.update(task, completed=step, shown=shown)
 
-            final = training.fine_tune(job, Report(sweep.metric, show), on_trained=save, score=_module_score(sweep, study),
+            final = training.fine_tune(job, Report(cast(str, sweep.metric), show), on_trained=save, score=_module_score(sweep, study),
                                        on_start=lambda settings: tracker.log_params(
                                            {k: settings[k] for k in ("device", "precision")}))
             progress.update(task, completed=job.max_steps)

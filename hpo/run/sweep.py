@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Console
 
@@ -189,8 +189,8 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     # before the study is created (the storage itself was checked above).
     tracker = SweepTracker(options.tracking_uri, name)
     storage = studies.open_storage(options.storage, concurrency=sweep.concurrency or os.cpu_count())
-    study = studies.create_or_resume(storage, name, sweep.direction,
-                                     studies.make_sampler(sweep.sampler, sweep.seed, sweep.trials), metric=sweep.metric)
+    study = studies.create_or_resume(storage, name, sweep.directions,
+                                     studies.make_sampler(sweep.sampler, sweep.seed, sweep.trials), metrics=sweep.metrics)
     ledger = Ledger(study, lambda trial: spaces.call_space(search_space, trial), target=sweep.trials,
                     retries=options.retries)
     with ledger.lock:
@@ -210,7 +210,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
 
     job = None if search_space.train else job_params
     reclaimed = ledger.reclaim()
-    closed = mirror_gaps(study, tracker, metric=sweep.metric, job_params=job)
+    closed = mirror_gaps(study, tracker, metric=sweep.metrics[0], job_params=job)
     if reclaimed or closed:
         console.print(f"[yellow]cleaned up after an interrupted sweep:[/] trials {reclaimed or '-'} failed as "
                       f"interrupted (they run again), MLflow runs of trials {closed or '-'} written from the study")
@@ -270,8 +270,8 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     display = SweepDisplay(console, study=name, metric=sweep.metrics[0], direction=sweep.directions[0], target=sweep.trials,
                            max_steps=sweep.max_steps, already=already,
                            best=(best["number"], best["value"]) if best else None)
-    recorder = Recorder(ledger, tracker, display, metric=sweep.metric, deadline=deadline, job_params=job,
-                        objective=sweep.objective, direction=sweep.direction)
+    recorder = Recorder(ledger, tracker, display, metric=cast(str, sweep.metric), deadline=deadline, job_params=job,
+                        objective=sweep.objective, direction=sweep.directions[0])
     status, hard_stop = "FINISHED", False
     # The first Ctrl-C from here on starts no new trial and stops the running ones (they run
     # again on the next run), then the records are closed; a second one stops at once.
@@ -288,7 +288,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
             raise
         finally:
             recorder.close_leftovers()
-            _flush_mirror(study, tracker, sweep.metric, job, console)
+            _flush_mirror(study, tracker, sweep.metrics[0], job, console)
             _ending(result, recorder, ledger.finished(), sweep.trials)
             if result.ended == "interrupted":
                 status = "KILLED"
