@@ -15,12 +15,17 @@ import csv
 import dataclasses
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
+
+    from hpo.config import Sweep
 
 FOLDS = 5
 
 
-def strong_probe(sweep: Any, params: dict[str, Any], texts: list[str], labels: list[int], *,
+def strong_probe(sweep: Sweep, params: dict[str, Any], texts: list[str], labels: list[int], *,
                  folds: int = FOLDS, max_steps: int | None = None, seed: int = 0) -> Any:
     """Out-of-fold class probabilities, shape (rows, classes), from the recipe run with ``params``
     on each fold's complement; ``labels`` are 0..K-1."""
@@ -72,7 +77,7 @@ def _predict(model: Any, tokenizer: Any, texts: list[str], max_length: int, batc
     return np.concatenate(out)
 
 
-def best_trial_setup(study: Any, overrides: list[str]) -> tuple[Any, dict[str, Any], int, str | None]:
+def best_trial_setup(study: optuna.Study, overrides: list[str]) -> tuple[Sweep, dict[str, Any], int, str | None]:
     """The sweep as the study ran it (``--set`` on top: ``max_steps`` shortens each fold's run),
     the best trial's params, its number, and the sweep's MLflow tracking URI (None when the
     record hides a password in it). Raises HpoError for a study ``hpo search`` did not
