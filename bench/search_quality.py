@@ -56,7 +56,9 @@ with one line naming it; ``--dry-run`` does those checks and prints the plan.
 
 Each (way, seed) runs in its own process and writes ``WORK/<dataset>/<way>-<seed>.json`` (for
 your own data, model or module the folder's name carries a digest of them); a rerun reuses the
-files it finds (``--fresh`` to start over). The JSON line gives per way each
+files it finds (``--fresh`` to start over). A (way, seed) whose sweep failed (a trial crashed: a
+worker killed by Ray's memory monitor on a crowded machine, say) writes no file, is named under
+``failed`` in the JSON line, and runs again on the next run. The JSON line gives per way each
 seed's best and steps, the median best, and for hpo the median steps it needed to reach each
 peer's median best, against half the steps that peer spent (issue 11's target).
 """
@@ -198,6 +200,7 @@ def run_hpo(args, paths, seed: int, out: Path) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
     sweep = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.DEVNULL)
     storage = f"sqlite:///{work}/hpo.db"
+    stopped = False
     while sweep.poll() is None:  # Ctrl-C (hpo ends cleanly) once the finished trials spent the budget
         time.sleep(5)
         try:
@@ -207,12 +210,18 @@ def run_hpo(args, paths, seed: int, out: Path) -> dict:
         spent = probe_steps(study) + sum(studies.last_step(t) or 0 for t in study.get_trials(deepcopy=False)
                                          if t.state.is_finished())
         if spent >= args.budget:
+            stopped = True
             sweep.send_signal(signal.SIGINT)  # again each minute: one sent while Ray starts can be lost
             try:
                 sweep.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 continue
     study = optuna.load_study(study_name=f"sq-{seed}", storage=storage)
+    failed = [t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    if failed or sweep.returncode not in ((0, 130) if stopped else (0,)):
+        fail(f"hpo seed {seed}: the sweep ended with exit {sweep.returncode}"
+             f"{' before it spent the budget' if not stopped else ''}, trials failed: {failed or 'none'} (a worker "
+             "killed by Ray's memory monitor fails its trial): not scored; run the same command again to redo it")
     done = [t for t in study.trials if t.datetime_complete is not None]
     rows = [{"end": t.datetime_complete.timestamp(), "steps": studies.last_step(t) or 0,
              "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else None} for t in done]
@@ -377,6 +386,10 @@ def run_raytune(args, paths, seed: int, out: Path) -> list[dict]:
         results = tuner.fit()
     finally:
         ray.shutdown()
+    if results.errors:  # a trial that crashed (a worker killed for memory) would count as spent and worthless
+        fail(f"raytune seed {seed}: {len(results.errors)} trial(s) errored ({type(results.errors[0]).__name__}: "
+             f"{str(results.errors[0]).splitlines()[0][:200] if str(results.errors[0]) else ''}): not scored; "
+             "run the same command again to redo it")
     rows = []
     for result in results:
         frame = result.metrics_dataframe
@@ -488,12 +501,14 @@ def main() -> None:
         # a fresh run of this (way, seed): what an earlier, unfinished one left (its study) would be resumed or clash
         shutil.rmtree(folder / f"{arm(way, args)}-{seed}", ignore_errors=True)
         (folder / f"{way}-{seed}.db").unlink(missing_ok=True)
+        out.unlink(missing_ok=True)  # written only once this run is scored
         started = time.time()
         trials = {"hpo": run_hpo, "trainer": run_trainer, "raytune": run_raytune}[way](args, paths, seed, out)
         out.write_text(json.dumps({"trials": trials, "seconds": round(time.time() - started, 1)}))
         return
     results: dict[str, dict[int, list[dict]]] = {}
     seconds: dict[str, float] = {}
+    failed: list[str] = []
     for seed in args.seeds:
         for way in args.ways:
             name = arm(way, args)
@@ -505,14 +520,18 @@ def main() -> None:
                 subprocess.run([sys.executable, __file__, "--dataset", args.dataset, *own, "--module", args.module,
                                 *(["--model", args.model] if args.model else []), "--budget", str(args.budget),
                                 "--max-steps", str(args.max_steps), "--eval-every", str(args.eval_every),
-                                "--work", args.work, "--one", way, str(seed)], check=True)
+                                "--work", args.work, "--one", way, str(seed)])
+            if not out.exists():  # it said why; the other (way, seed)s still run, and a rerun retries this one
+                print(f"search_quality: {dataset} {name} seed {seed} failed: not scored", file=sys.stderr, flush=True)
+                failed.append(f"{name}-{seed}")
+                continue
             record = json.loads(out.read_text())
             results.setdefault(name, {})[seed] = record["trials"]
             seconds[name] = seconds.get(name, 0.0) + record["seconds"]
     print(json.dumps({
         "bench": "search_quality", **task, "hpo_set": args.hpo_set, "seeds": args.seeds, "budget_steps": args.budget,
         "max_steps": args.max_steps, "eval_every": args.eval_every, "ways": summary(results, args.budget),
-        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "seconds": {k: round(v, 1) for k, v in seconds.items()}, **({"failed": failed} if failed else {}),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus"}))
 
 
