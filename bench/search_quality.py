@@ -217,7 +217,9 @@ def run_hpo(args, paths, seed: int, out: Path) -> dict:
             except subprocess.TimeoutExpired:
                 continue
     study = optuna.load_study(study_name=f"sq-{seed}", storage=storage)
-    failed = [t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    # the trials running when the bench stopped it end FAIL with reason "interrupted"; any other FAIL is a crash
+    failed = [t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL
+              and t.user_attrs.get("reason") != "interrupted"]
     if failed or sweep.returncode not in ((0, 130) if stopped else (0,)):
         fail(f"hpo seed {seed}: the sweep ended with exit {sweep.returncode}"
              f"{' before it spent the budget' if not stopped else ''}, trials failed: {failed or 'none'} (a worker "
