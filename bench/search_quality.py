@@ -216,7 +216,11 @@ def run_hpo(args, paths, seed: int, out: Path) -> dict:
                 sweep.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 continue
-    study = optuna.load_study(study_name=f"sq-{seed}", storage=storage)
+    try:
+        study = optuna.load_study(study_name=f"sq-{seed}", storage=storage)
+    except KeyError:  # it ended before it made the study (Ray did not start, say)
+        fail(f"hpo seed {seed}: the sweep ended with exit {sweep.returncode} before it created its study: not scored; "
+             "run the same command again to redo it")
     # the trials running when the bench stopped it end FAIL with reason "interrupted"; any other FAIL is a crash
     failed = [t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL
               and t.user_attrs.get("reason") != "interrupted"]
