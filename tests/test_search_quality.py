@@ -85,3 +85,39 @@ def test_a_bad_file_module_or_pairing_stops_the_bench_in_one_line(tmp_path: Path
     assert len(lines) == 1 and lines[0].startswith("bench/search_quality.py: "), result.stderr
     assert all(word in lines[0] for word in words), lines[0]
     assert not (tmp_path / "work").exists()
+
+
+def test_hpo_set_makes_an_arm_of_its_own_and_refuses_what_defines_the_task(tmp_path: Path) -> None:
+    plan = json.loads(bench("--dataset", "reviews", "--hpo-set", "lr_probe=true", "--dry-run", cwd=tmp_path).stdout)
+    assert plan["hpo_set"] == ["lr_probe=true"]
+    for pair, words in (("seed=3", "seed is the same for every way"), ("lr_probe=maybe", "lr_probe=maybe"),
+                        ("bogus=1", "unknown sweep field 'bogus'")):
+        result = bench("--dataset", "reviews", "--hpo-set", pair, "--dry-run", cwd=tmp_path)
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr.startswith("bench/search_quality.py: --hpo-set: ") and words in result.stderr, result.stderr
+
+
+def test_the_lr_probe_s_steps_count_in_hpo_s_budget_before_its_first_trial() -> None:
+    import importlib.util
+
+    import optuna
+
+    spec = importlib.util.spec_from_file_location("search_quality", BENCH)
+    search_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(search_quality)
+    study = optuna.create_study()
+    assert search_quality.probe_steps(study) == 0
+    study.set_user_attr("lr_probe", {"curve": {"lrs": [1e-4] * 37, "losses": [0.7] * 37, "stopped": "diverged"}})
+    assert search_quality.probe_steps(study) == 38, "a diverged test may have ended on a step it did not record"
+    study.set_user_attr("lr_probe", {"curve": {"lrs": [1e-4] * 100, "losses": [0.7] * 100, "stopped": "end"}})
+    assert search_quality.probe_steps(study) == 100
+
+    probed = [{"end": 5.0, "steps": 100, "value": None, "probe": True}]
+    probed += [{"end": 10.0 + i, "steps": 60, "value": 0.70 + 0.01 * i} for i in range(8)]
+    peer = [{"end": 10.0 + i, "steps": 60, "value": 0.74} for i in range(8)]
+    ways = search_quality.summary({"hpo+lr_probe=true": {0: probed}, "trainer": {0: peer}}, 480)
+    arm = ways["hpo+lr_probe=true"]
+    assert arm["seeds"]["0"] == {"best": 0.75, "steps": 460, "trials": 6, "probe_steps": 100,
+                                 "steps_to_own_best": 460}
+    assert arm["vs_trainer"]["steps_to_reach_peer_median_best"] == [400], "the probe's 100 steps come first"
+    assert arm["vs_trainer"]["at_or_above_median_best"] and not arm["vs_trainer"]["within_half"]
