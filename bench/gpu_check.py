@@ -186,16 +186,15 @@ def section_quantization(args) -> dict:
 
 
 def section_packing(args) -> dict:
-    import dataclasses
 
     import torch
     from transformers import AutoModelForCausalLM
 
     from hpo.train import models, sft, training
 
-    job = dataclasses.replace(sft_job(args.model, 1), packing=True, max_length=256)
+    job = sft_job(args.model, 1).with_settings(packing=True, max_length=256)
     tokenizer = training._tokenizer(job.model)
-    plain_job = dataclasses.replace(job, packing=False)
+    plain_job = job.with_settings(packing=False)
     plain = sft.datasets(plain_job, tokenizer)[0]
     packed = sft.datasets(job, tokenizer)[0]
     batch = training._collate(packed, [0, 1], tokenizer, "sft")

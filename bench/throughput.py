@@ -46,6 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from hpo import Sweep
     from hpo.train import accelerator, sft, training
     from hpo.train.recipe import TrainJob, TrainParams
 
@@ -68,10 +69,11 @@ def main() -> None:
                          target_modules=("q_proj", "v_proj"))
 
     def job(steps: int) -> TrainJob:
-        return TrainJob(model=args.model, task="sft", train_data=str(DATES / "train.jsonl"), eval_data=str(eval_file),
-                        text_column=None, label_column=None, max_length=args.max_length, eval_fraction=0.1,
-                        max_steps=steps, eval_every=steps, eval_batch_size=1, seed=0, params=params,
-                        generation_examples=0, device=args.device, precision=precision, fused_optimizer=args.fused)
+        sweep = Sweep(model=args.model, task="sft", train_data=str(DATES / "train.jsonl"), eval_data=str(eval_file),
+                      max_length=args.max_length, max_steps=steps, eval_every=steps, eval_batch_size=1, seed=0,
+                      generation_examples=0, device=args.device, gpus_per_trial=1 if args.device == "cuda" else 0,
+                      precision=precision, fused_optimizer=args.fused)
+        return TrainJob(sweep=sweep, model=args.model, seed=0, params=params)
 
     def synchronised() -> float:
         if device.type == "cuda":

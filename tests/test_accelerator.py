@@ -121,8 +121,9 @@ def test_sweep_fields_are_checked_and_settable() -> None:
         Sweep(device="cpu", quantization="4bit")
     job = TrainJob.from_sweep(Sweep(device="cuda:0", gpus_per_trial=0.5, precision="bf16",
                                     gradient_checkpointing=True), {})
-    assert (job.device, job.precision, job.gradient_checkpointing, job.quantization, job.attn_implementation) == \
-        ("cuda:0", "bf16", True, "none", "sdpa")
+    settings = job.sweep
+    assert (settings.device, settings.precision, settings.gradient_checkpointing, settings.quantization,
+            settings.attn_implementation) == ("cuda:0", "bf16", True, "none", "sdpa")
     described = job.describe()
     assert described["warmup_ratio"] == 0.0 and described["max_grad_norm"] == 1.0
     assert described["gradient_checkpointing"] is True and "device" not in described  # the worker reports it
@@ -212,7 +213,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_loss(tiny_bert: Pa
 # the report contract ---------------------------------------------------------------------
 def test_report_checks_every_call() -> None:
     sunk: list = []
-    report = Report("score", lambda step, values: sunk.append((step, values)))
+    report = Report(("score",), lambda step, values: sunk.append((step, values)))
     report(1, {"score": 0.5, "n": 3})
     assert sunk == [(1, {"score": 0.5, "n": 3.0})] and report.last_step == 1
     for step, metrics, message in [

@@ -174,7 +174,7 @@ def test_answer_format_and_retain_data_are_checked() -> None:
         Sweep(task="sft", answer_format="x", generation_examples=0)
     sweep = Sweep(task="sft", answer_format=r"\d+", retain_data="r.jsonl")
     job = TrainJob.from_sweep(sweep, {})
-    assert (job.answer_format, job.retain_data) == (r"\d+", "r.jsonl")
+    assert (job.sweep.answer_format, job.sweep.retain_data) == (r"\d+", "r.jsonl")
 
 
 def test_an_answer_format_the_datas_own_answers_break_is_refused(tiny_llama: Path) -> None:

@@ -6,7 +6,6 @@ cost figures. Only the out-of-memory error itself is injected (a GPU fault a CPU
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import os
@@ -180,7 +179,7 @@ def test_cublas_alloc_failed_is_out_of_memory() -> None:
 # a warm worker: hooks and the base cache ------------------------------------------------------
 def test_no_input_grad_hook_is_left_on_the_base_after_warm_trials_with_checkpointing(tiny_llama: Path,
                                                                                       tmp_path: Path) -> None:
-    job = dataclasses.replace(sft_job(tiny_llama, sft_data(tmp_path)), gradient_checkpointing=True)
+    job = sft_job(tiny_llama, sft_data(tmp_path)).with_settings(gradient_checkpointing=True)
     counts = []
     for _ in range(5):
         training.fine_tune(job, lambda step, metrics: None)
@@ -212,7 +211,7 @@ def test_padding_free_packing_gives_the_rows_loss_and_marks_every_example(tiny_l
     through sdpa (which builds the block mask from the positions) gives the [B, L] rows' loss."""
     from transformers import AutoModelForCausalLM
 
-    job = dataclasses.replace(sft_job(tiny_llama, sft_data(tmp_path)), packing=True, max_length=64)
+    job = sft_job(tiny_llama, sft_data(tmp_path)).with_settings(packing=True, max_length=64)
     tokenizer = training._tokenizer(job.model)
     train, _ = sft.datasets(job, tokenizer)
     batch = training._collate(train, [0, 1, 2], tokenizer, "sft")
@@ -296,13 +295,12 @@ def test_fused_adamw_trains_as_the_plain_one(tiny_bert: Path) -> None:
                   eval_data=str(SEARCH_SPACES / "data/reviews/eval.tsv"), max_steps=6, eval_every=3, max_length=32)
     losses = {}
     for fused in (False, True):
-        job = dataclasses.replace(TrainJob.from_sweep(sweep, {"batch_size": 8, "learning_rate": 1e-2}),
-                                  fused_optimizer=fused)
+        job = TrainJob.from_sweep(sweep, {"batch_size": 8, "learning_rate": 1e-2}).with_settings(fused_optimizer=fused)
         reports: list[dict] = []
         training.fine_tune(job, lambda step, metrics, reports=reports: reports.append(metrics))
         losses[fused] = [value for r in reports for value in (r["train_loss"], r["eval_loss"])]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
-    assert Sweep(fused_optimizer=True).fused_optimizer and TrainJob.from_sweep(Sweep(fused_optimizer=True), {}).fused_optimizer
+    assert Sweep(fused_optimizer=True).fused_optimizer and TrainJob.from_sweep(Sweep(fused_optimizer=True), {}).sweep.fused_optimizer
 
 
 def test_length_grouped_batches_cover_the_epoch_with_less_padding() -> None:

@@ -75,7 +75,7 @@ def test_chunked_causal_lm_over_several_chunks_matches_with_a_lower_peak(tiny_ll
     finals = {}
     for kind in ("chunked", "off"):
         reports: list[dict] = []
-        training.fine_tune(dataclasses.replace(job, lean_loss=kind), lambda step, metrics, reports=reports: reports.append(metrics))
+        training.fine_tune(job.with_settings(lean_loss=kind), lambda step, metrics, reports=reports: reports.append(metrics))
         accelerator.release_memory()
         finals[kind] = reports[-1]
     for name in ("train_loss", "eval_loss"):

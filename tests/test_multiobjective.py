@@ -21,6 +21,7 @@ from hpo.cli import app
 from hpo.config import direction_follows_metric, parse_overrides
 from hpo.record.study import create_or_resume, open_storage, pareto_front
 from hpo.run.promote import _pick_trial
+from hpo.run.ranking import mode, prune_mode, pruned_on
 from hpo.train.recipe import check_metrics
 from hpo.train.reporter import Report, ReportError
 from tests.conftest import run_hpo
@@ -32,9 +33,9 @@ def test_several_metrics_take_their_known_directions_and_the_first_leads() -> No
     assert (sweep.metric, sweep.direction) == ("eval_accuracy,peak_memory_mb", "maximize,minimize")
     assert (sweep.metrics, sweep.directions, sweep.is_multi_objective) == \
         (("eval_accuracy", "peak_memory_mb"), ("maximize", "minimize"), True)
-    assert (sweep.mode, sweep.pruned_on, sweep.prune_mode) == ("max", "eval_accuracy", "max")
+    assert (mode(sweep), pruned_on(sweep), prune_mode(sweep)) == ("max", "eval_accuracy", "max")
     on_memory = Sweep(metric="score,cost", direction="maximize,minimize", prune_metric="cost")
-    assert (on_memory.pruned_on, on_memory.prune_mode) == ("cost", "min")
+    assert (pruned_on(on_memory), prune_mode(on_memory)) == ("cost", "min")
     single = Sweep()
     assert (single.metrics, single.directions, single.is_multi_objective) == (("eval_accuracy",), ("maximize",), False)
     assert parse_overrides(["metric=eval_accuracy,trainable_params", "direction=maximize,minimize"]) == \
@@ -66,7 +67,7 @@ def test_bad_multi_objective_fields_name_the_field_and_the_flag(values: dict, wo
 
 def test_every_objective_must_be_reported() -> None:
     seen: list = []
-    report = Report("score,cost", lambda step, values: seen.append((step, values)))
+    report = Report(("score", "cost"), lambda step, values: seen.append((step, values)))
     with pytest.raises(ReportError, match="got no 'cost' \\(the sweep's metric\\)"):
         report(1, {"score": 0.5})
     report(1, {"score": 0.5, "cost": 3})
@@ -75,7 +76,7 @@ def test_every_objective_must_be_reported() -> None:
 
 def test_a_study_keeps_its_directions_and_names(tmp_path: Path) -> None:
     storage = open_storage(f"sqlite:///{tmp_path / 'mo.db'}")
-    study = create_or_resume(storage, "mo", "maximize,minimize", optuna.samplers.RandomSampler(0), metric="score,cost")
+    study = create_or_resume(storage, "mo", ("maximize", "minimize"), optuna.samplers.RandomSampler(0), metrics=("score", "cost"))
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     assert study.metric_names == ["score", "cost"]
     for values in ([0.9, 300], [0.8, 100], [0.7, 200]):
@@ -83,7 +84,7 @@ def test_a_study_keeps_its_directions_and_names(tmp_path: Path) -> None:
     assert [point["number"] for point in pareto_front(study)] == [0, 1]
     assert pareto_front(study)[1]["values"] == {"score": 0.8, "cost": 100}
     with pytest.raises(HpoError, match="exists and maximize,minimizes its objectives, but this sweep maximizes"):
-        create_or_resume(storage, "mo", "maximize", optuna.samplers.RandomSampler(0), metric="score")
+        create_or_resume(storage, "mo", ("maximize",), optuna.samplers.RandomSampler(0), metrics=("score",))
     with pytest.raises(HpoError, match="several objectives and no single best trial.*--trial N \\(trials 0, 1;"):
         _pick_trial(study, None)
     assert _pick_trial(study, 1).params == study.trials[1].params
@@ -190,6 +191,6 @@ def test_a_two_objective_sweep_keeps_the_pareto_front(tmp_path: Path, monkeypatc
 
 def test_single_metric_studies_are_unchanged(tmp_path: Path) -> None:
     storage = open_storage(f"sqlite:///{tmp_path / 'one.db'}")
-    study = create_or_resume(storage, "one", "maximize", optuna.samplers.RandomSampler(0), metric="score")
+    study = create_or_resume(storage, "one", ("maximize",), optuna.samplers.RandomSampler(0), metrics=("score",))
     assert (study.direction.name, study.metric_names) == ("MAXIMIZE", ["score"])
     assert dataclasses.replace(Sweep(), metric="eval_loss", direction="minimize").metrics == ("eval_loss",)

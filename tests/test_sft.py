@@ -91,7 +91,7 @@ def test_packing_keeps_labels_and_attention_within_each_example(tiny_llama: Path
 
     job = job_for(tiny_llama, "max_length=256")
     plain = sft.datasets(job, tokenizer)[0].examples
-    packed = sft.datasets(dataclasses.replace(job, packing=True), tokenizer)[0].examples
+    packed = sft.datasets(job.with_settings(packing=True), tokenizer)[0].examples
     assert len(packed) < len(plain) / 2 and all(len(b.input_ids) <= 256 for b in packed)
     assert sum((b.input_ids for b in packed), []) == sum((e.input_ids for e in plain), [])
     assert sum((b.labels for b in packed), []) == sum((e.labels for e in plain), [])

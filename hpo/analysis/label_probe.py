@@ -33,7 +33,7 @@ def strong_probe(sweep: Any, params: dict[str, Any], texts: list[str], labels: l
     classes = max(labels) + 1
     probabilities = np.zeros((len(texts), classes), dtype=np.float64)
     base = TrainJob.from_sweep(sweep, params)
-    steps = max_steps or base.max_steps
+    steps = max_steps or base.sweep.max_steps
     with tempfile.TemporaryDirectory(prefix="hpo-label-probe-") as folder:
         splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
         for fold, (kept, held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
@@ -43,13 +43,13 @@ def strong_probe(sweep: Any, params: dict[str, Any], texts: list[str], labels: l
                     writer = csv.writer(handle, delimiter="\t")
                     writer.writerow(("label", "text"))
                     writer.writerows((labels[i], texts[i]) for i in rows)
-            job = dataclasses.replace(base, train_data=str(train_file), eval_data=str(held_file), text_column="text",
-                                      label_column="label", train_limit=None, patience=None, restore_best=False,
-                                      max_steps=steps, eval_every=steps)
+            job = base.with_settings(train_data=str(train_file), eval_data=str(held_file), text_column="text",
+                                     label_column="label", train_limit=None, patience=None, max_steps=steps,
+                                     eval_every=steps, grace_period=None)  # ASHA's rung: not past these steps
 
             def predict(model: Any, tokenizer: Any, rows: Any = held) -> None:
-                probabilities[rows] = _predict(model, tokenizer, [texts[i] for i in rows], base.max_length,
-                                               base.eval_batch_size)[:, :classes]
+                probabilities[rows] = _predict(model, tokenizer, [texts[i] for i in rows], base.sweep.max_length,
+                                               base.sweep.eval_batch_size)[:, :classes]
 
             training.fine_tune(job, lambda step, metrics: None, on_trained=predict)
     return probabilities / probabilities.sum(1, keepdims=True)

@@ -107,28 +107,28 @@ def _storage_error(url: str, error: Exception) -> HpoError:
     )
 
 
-def create_or_resume(storage: optuna.storages.BaseStorage, name: str, direction: str,
-                     sampler: optuna.samplers.BaseSampler, metric: str | None = None) -> optuna.Study:
+def create_or_resume(storage: optuna.storages.BaseStorage, name: str, directions: tuple[str, ...],
+                     sampler: optuna.samplers.BaseSampler, metrics: tuple[str, ...] | None = None) -> optuna.Study:
     """The study ``name``, created if new. An existing study must have the same direction(s).
 
-    ``metric`` names the objective (Optuna's metric names), so optuna-dashboard shows
+    ``metrics`` name the objectives (Optuna's metric names), so optuna-dashboard shows
     ``eval_accuracy`` rather than "Objective 0"; set on create and on resume. A
-    multi-objective sweep gives comma-separated names and directions (``"a,b"``,
-    ``"maximize,minimize"``): the study then has several directions and keeps a Pareto front.
+    multi-objective sweep gives several names and directions (``Sweep.metrics``, ``Sweep.directions``):
+    the study then has several directions and keeps a Pareto front.
     """
-    directions = direction.split(",")
+    wanted = list(directions)
     try:
         existing = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
-        existing = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions,
+        existing = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=wanted,
                                        load_if_exists=True)
     held = [d.name.lower() for d in existing.directions]
-    if held != directions:
+    if held != wanted:
         raise HpoError(
             f"study {name!r} exists and {','.join(held)}s its objective{'s' if len(held) > 1 else ''}, but this "
-            f"sweep {direction}s; use another --study name"
+            f"sweep {','.join(directions)}s; use another --study name"
         )
-    names = metric.split(",") if metric else None
+    names = list(metrics) if metrics else None
     if names and existing.metric_names != names:
         retry_when_locked(lambda: existing.set_metric_names(names))
     return existing

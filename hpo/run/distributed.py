@@ -39,6 +39,7 @@ from ray import train, tune
 
 from hpo.errors import is_out_of_memory
 from hpo.run.cluster import HELD_KEY, TIME_KEY, held_resources
+from hpo.run.ranking import pruned_on
 from hpo.run.scheduling import EARLY_STOP_KEY, ERROR_KEY, REASON_KEY, call_train
 from hpo.train.reporter import NonFiniteMetric, Report
 
@@ -137,8 +138,8 @@ def _rank_loop(config: dict[str, Any], spec: Any) -> None:
         """``ray.train.report`` on every rank (rank 0's metrics go on to Tune), with what the ranks hold."""
         train.report({"step": step, **values, HELD_KEY: held_text, TIME_KEY: time.time()})
 
-    report = Report(spec.sweep.metric, send,  # the same checked contract as a one-worker trial
-                    prune_metric=spec.sweep.pruned_on if spec.sweep.pruner != "none" else None)
+    report = Report(spec.sweep.metrics, send,  # the same checked contract as a one-worker trial
+                    prune_metric=pruned_on(spec.sweep) if spec.sweep.pruner != "none" else None)
     try:
         if spec.train is not None:
             call_train(spec.train, config["params"], report, spec.sweep)

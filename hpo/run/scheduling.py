@@ -61,6 +61,7 @@ from ray.tune.search import Searcher
 from hpo.errors import HpoError, is_out_of_memory
 from hpo.record.ledger import AskedTrial
 from hpo.record.recorder import NoTrial, Outcome, Recorder
+from hpo.run import ranking
 from hpo.run.cluster import HELD_KEY, TIME_KEY, held_resources
 from hpo.space import TrainFn
 from hpo.train.recipe import TrainJob
@@ -101,8 +102,8 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             info.clear()
         tune.report({**result, HELD_KEY: held, TIME_KEY: time.time()})
 
-    report = Report(spec.sweep.metric, lambda step, values: send({"step": step, **values}),
-                    prune_metric=spec.sweep.pruned_on if spec.sweep.pruner != "none" else None)
+    report = Report(spec.sweep.metrics, lambda step, values: send({"step": step, **values}),
+                    prune_metric=ranking.pruned_on(spec.sweep) if spec.sweep.pruner != "none" else None)
     try:
         if spec.train is not None:
             call_train(spec.train, params, report, spec.sweep)
@@ -183,8 +184,9 @@ def make_scheduler(sweep: Any) -> _ASHA | _NoStop:
     ``sweep.first_rung``, one bracket or ``sweep.brackets`` (asynchronous Hyperband); ``none`` stops nothing."""
     if sweep.pruner == "none":
         return _NoStop()
-    return _ASHA(time_attr="step", metric=sweep.pruned_on, mode=sweep.prune_mode, max_t=sweep.max_steps,
-                 grace_period=sweep.first_rung, reduction_factor=sweep.reduction_factor, brackets=sweep.brackets)
+    return _ASHA(time_attr="step", metric=ranking.pruned_on(sweep), mode=ranking.prune_mode(sweep),
+                 max_t=sweep.max_steps, grace_period=sweep.first_rung, reduction_factor=sweep.reduction_factor,
+                 brackets=sweep.brackets)
 
 
 class _NoStop(_LiveTrialsFirst, FIFOScheduler):
@@ -429,7 +431,7 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
     first: AskedTrial | None = None
     started = time.strftime('%Y%m%d-%H%M%S')
     for turn in itertools.count(1):
-        searcher = OptunaBridge(recorder, scheduler, sweep.metrics[0], sweep.mode, first=first)
+        searcher = OptunaBridge(recorder, scheduler, sweep.metrics[0], ranking.mode(sweep), first=first)
         callbacks: list[tune.Callback] = [_Heartbeat(recorder)]
         if sweep.workers_per_trial == 1:
             trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), sweep.trial_resources)

@@ -21,6 +21,7 @@ from rich.console import Console
 from hpo import space as spaces
 from hpo.errors import HpoError
 from hpo.record import study as studies
+from hpo.run.ranking import pruned_on
 from hpo.train import data, models
 
 
@@ -189,8 +190,8 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     # before the study is created (the storage itself was checked above).
     tracker = SweepTracker(options.tracking_uri, name)
     storage = studies.open_storage(options.storage, concurrency=sweep.concurrency or os.cpu_count())
-    study = studies.create_or_resume(storage, name, sweep.direction,
-                                     studies.make_sampler(sweep.sampler, sweep.seed, sweep.trials), metric=sweep.metric)
+    study = studies.create_or_resume(storage, name, sweep.directions,
+                                     studies.make_sampler(sweep.sampler, sweep.seed, sweep.trials), metrics=sweep.metrics)
     ledger = Ledger(study, lambda trial: spaces.call_space(search_space, trial), target=sweep.trials,
                     retries=options.retries)
     with ledger.lock:
@@ -257,7 +258,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     console.print(f"[bold]hpo search[/] {search_space.path.name}: study [bold]{name}[/] in {result.storage}, "
                   f"MLflow {result.tracking_uri}; {sweep.trials - already} trials to go "
                   f"({sweep.max_steps} steps, evaluate every {sweep.eval_every}, pruner {sweep.pruner}"
-                  f"{f' on {sweep.pruned_on}' if sweep.pruner != 'none' and sweep.pruned_on != sweep.metric else ''}"
+                  f"{f' on {pruned_on(sweep)}' if sweep.pruner != 'none' and pruned_on(sweep) != sweep.metric else ''}"
                   f"{_rungs(sweep)}"
                   f"{', a trial is worth its best evaluation' if sweep.objective == 'best' else ''}"
                   f"{f', Pareto front of {sweep.metric} ({sweep.direction})' if sweep.is_multi_objective else ''})")
@@ -269,7 +270,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     display = SweepDisplay(console, study=name, metric=sweep.metrics[0], direction=sweep.directions[0], target=sweep.trials,
                            max_steps=sweep.max_steps, already=already,
                            best=(best["number"], best["value"]) if best else None)
-    recorder = Recorder(ledger, tracker, display, metric=sweep.metric, deadline=deadline, job_params=job,
+    recorder = Recorder(ledger, tracker, display, metrics=sweep.metrics, deadline=deadline, job_params=job,
                         objective=sweep.objective, direction=sweep.direction)
     status, hard_stop = "FINISHED", False
     # The first Ctrl-C from here on starts no new trial and stops the running ones (they run

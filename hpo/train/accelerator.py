@@ -39,8 +39,6 @@ import torch
 
 from hpo.train import lean_loss as lean
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NATIVE_BF16_CAPABILITY = (8, 0)
 """The first CUDA compute capability with bf16 tensor cores (Ampere)."""

@@ -120,7 +120,7 @@ def range_test(job: TrainJob, outer: tuple[float, float]) -> Curve:
         trainable = [w for w in fresh.model.parameters() if w.requires_grad]
         first = schedule(0, outer)
         optimizer = training.make_optimizer(fresh.model, trainable, dataclasses.replace(p, learning_rate=first),
-                                            fused=job.fused_optimizer)
+                                            fused=job.sweep.fused_optimizer)
         ramp = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, outer) / first)
         batches = training.training_batches(job, fresh.train_set, fresh.tokenizer)
         micro = p.batch_size
@@ -128,7 +128,7 @@ def range_test(job: TrainJob, outer: tuple[float, float]) -> Curve:
         for step in range(STEPS):
             lr = schedule(step, outer)
             loss, micro, _ = training.optimizer_step(fresh.model, next(batches), micro, optimizer, trainable,
-                                                  p.max_grad_norm, fresh.run, job.task,
+                                                  p.max_grad_norm, fresh.run, job.sweep.task,
                                                   padding_free=training.is_padding_free(job))
             ramp.step()
             if not math.isfinite(loss):

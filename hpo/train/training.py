@@ -59,7 +59,7 @@ def fine_tune(job: TrainJob, report: Reporter, on_trained: Callable[[Any, Any], 
               score: Callable[[str, str], float] | None = None, started: float | None = None) -> dict[str, float]:
     """Train one LoRA adapter as ``job`` says; return the final model's metrics.
 
-    With ``job.patience``, training stops once ``job.watch`` (eval_loss unless promote says
+    With ``job.sweep.patience``, training stops once ``job.watch`` (eval_loss unless promote says
     otherwise; ``job.watch_mode`` is its better direction, ties go to the lower eval_loss) has
     not improved for that many evaluations, but not before ``job.min_steps``; with
     ``job.restore_best`` the weights of the best evaluation are restored at the end (and
@@ -108,14 +108,14 @@ def adapter(job: TrainJob, score: Callable[[str, str], float] | None = None,
     started = time.perf_counter() if started is None else started
     from peft import get_peft_model
 
-    device = accelerator.resolve_device(job.device)
-    precision = accelerator.resolve_precision(job.precision, device)
+    device = accelerator.resolve_device(job.sweep.device)
+    precision = accelerator.resolve_precision(job.sweep.precision, device)
     device_facts = accelerator.facts(device)
     accelerator.configure(device_facts, precision, job.gpu_share)
     tokenizer = _tokenizer(job.model)
     train_set, eval_set, num_labels = _datasets(job, tokenizer)
     base = _base_model(job, num_labels, tokenizer, device, precision)
-    if job.task == "sft":
+    if job.sweep.task == "sft":
         eval_set = sft.with_score(eval_set, score)
         base.config.use_cache = False  # a KV cache in training turns off packed sequences' own attention
     run = _Run(device, precision, accelerator.grad_scaler(device, precision), accelerator.MemoryMeter(device),
@@ -125,14 +125,14 @@ def adapter(job: TrainJob, score: Callable[[str, str], float] | None = None,
     run.meter.start()
 
     torch.manual_seed(job.seed)
-    _reset_head(base, job.task)
+    _reset_head(base, job.sweep.task)
     hooks_before = _embedding_hooks(base)
-    _set_gradient_checkpointing(base, job.gradient_checkpointing)
+    _set_gradient_checkpointing(base, job.sweep.gradient_checkpointing)
     model = get_peft_model(base, _lora_config(job, base.config.model_type))
     restore_forward: Callable[[], None] | None = None
     fresh: Adapter | None = None
     try:
-        restore_forward = lean_loss.apply(base, job.lean_loss)  # the model's own forward is back in finally
+        restore_forward = lean_loss.apply(base, job.sweep.lean_loss)  # the model's own forward is back in finally
         run.trainable_params = _upcast_trainable(model)
         fresh = Adapter(model, tokenizer, train_set, eval_set, run)
         yield fresh
@@ -197,9 +197,10 @@ class _Run:
 
 def _settings(job: TrainJob, model: Any, run: _Run, trainable: int) -> dict[str, Any]:
     config = model.peft_config["default"]
-    return {**accelerator.describe(run.device), "precision": run.precision, "quantization": job.quantization,
-            "gradient_checkpointing": job.gradient_checkpointing, "attn_implementation": job.attn_implementation,
-            "lean_loss": job.lean_loss,
+    sweep = job.sweep
+    return {**accelerator.describe(run.device), "precision": run.precision, "quantization": sweep.quantization,
+            "gradient_checkpointing": sweep.gradient_checkpointing, "attn_implementation": sweep.attn_implementation,
+            "lean_loss": sweep.lean_loss,
             "target_modules": ",".join(sorted(config.target_modules or ())), "trainable_params": trainable}
 
 
@@ -242,15 +243,15 @@ def make_optimizer(model: Any, trainable: list, p: Any, fused: bool = False) -> 
 
 def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: Any, report: Reporter,
            run: _Run) -> dict[str, float]:
-    p = job.params
+    p, sweep = job.params, job.sweep
     trainable = [w for w in model.parameters() if w.requires_grad]
-    optimizer = make_optimizer(model, trainable, p, fused=job.fused_optimizer)
-    warmup = int(p.warmup_ratio * job.max_steps)
+    optimizer = make_optimizer(model, trainable, p, fused=sweep.fused_optimizer)
+    warmup = int(p.warmup_ratio * sweep.max_steps)
 
     def schedule(step: int) -> float:  # linear warmup, then linear decay to 0
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        return max(0.0, (job.max_steps - step) / max(1, job.max_steps - warmup))
+        return max(0.0, (sweep.max_steps - step) / max(1, sweep.max_steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     batches = training_batches(job, train_set, tokenizer)
@@ -258,10 +259,10 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
     losses: list[float] = []
     norms: list[torch.Tensor] = []
     metrics: dict[str, float] = {}
-    watch = _BestWatch(job.patience, job.restore_best, job.watch, job.watch_mode, job.min_steps)
+    watch = _BestWatch(sweep.patience, job.restore_best, job.watch, job.watch_mode, job.min_steps)
     micro = p.batch_size
     runner, rank, world = _data_parallel(model)
-    flops = cost.FlopCounter(model, job.gradient_checkpointing)
+    flops = cost.FlopCounter(model, sweep.gradient_checkpointing)
 
     def evaluate_now() -> dict[str, float]:
         return {**evaluate(job, model, tokenizer, eval_set), **(retain() if retain is not None else {})}
@@ -269,17 +270,17 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
     padding_free = is_padding_free(job)
     started = time.perf_counter()
     model.train()
-    for step in range(1, job.max_steps + 1):
+    for step in range(1, sweep.max_steps + 1):
         batch = next(batches)
         if step == 1:  # training starts: what came before was setup
             run.setup_seconds = time.perf_counter() - run.started
         flops.add_batch(batch[ROW_TOKENS])  # the whole batch: every rank drew it
         loss, micro, norm = optimizer_step(runner, batch, micro, optimizer, trainable, p.max_grad_norm, run,
-                                           job.task, rank, world, padding_free)
+                                           sweep.task, rank, world, padding_free)
         norms.append(norm)
         scheduler.step()
         losses.append(loss)
-        if step % job.eval_every == 0 or step == job.max_steps:
+        if step % sweep.eval_every == 0 or step == sweep.max_steps:
             metrics = {**evaluate_now(), **_step_stats(losses, norms, world)}
             metrics["micro_batch_size"] = micro
             metrics["grad_accum"] = math.ceil(p.batch_size / micro)
@@ -301,15 +302,16 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
 def training_batches(job: TrainJob, train_set: Any, tokenizer: Any) -> Iterator[dict[str, Any]]:
     """The run's endless training batches: seeded, augmented (classification with an augmentation
     sampled), grouped by length (sft's ``group_by_length`` without packing)."""
-    augment = _augmenter(job) if job.task == "classification" and job.params.augments else None
-    lengths = [len(e.input_ids) for e in train_set.examples] if job.task == "sft" and job.group_by_length \
-        and not job.packing else None
-    return _batches(train_set, job.params.batch_size, job.seed, tokenizer, job.task, augment, job.max_length, lengths)
+    sweep = job.sweep
+    augment = _augmenter(job) if sweep.task == "classification" and job.params.augments else None
+    lengths = [len(e.input_ids) for e in train_set.examples] if sweep.task == "sft" and sweep.group_by_length \
+        and not sweep.packing else None
+    return _batches(train_set, job.params.batch_size, job.seed, tokenizer, sweep.task, augment, sweep.max_length, lengths)
 
 
 def is_padding_free(job: TrainJob) -> bool:
     """Whether packed sft batches go as one flattened row (flash attention: :func:`hpo.train.sft.padding_free`)."""
-    return job.task == "sft" and job.packing and sft.wants_padding_free(job.attn_implementation)
+    return job.sweep.task == "sft" and job.sweep.packing and sft.wants_padding_free(job.sweep.attn_implementation)
 
 
 def optimizer_step(runner: Any, batch: dict[str, Any], micro: int, optimizer: torch.optim.Optimizer,
@@ -534,17 +536,18 @@ def _batch_losses(losses: list[float], world: int) -> list[float]:
 
 
 def _retain(job: TrainJob, model: Any, tokenizer: Any, run: _Run) -> Callable[[], dict[str, float]] | None:
-    """With ``job.retain_data`` (sft): what scores the retain set now (``retain_loss``,
+    """With ``job.sweep.retain_data`` (sft): what scores the retain set now (``retain_loss``,
     ``retain_score``; :mod:`hpo.train.answers`), with the base model's scores beside them
     (``retain_loss_before``, ``retain_score_before``). Called before the first step, when the
     fresh adapter changes nothing, so the base's scores are measured then: once per worker for a
     base, device and precision (greedy decoding repeats them exactly), like the cached data."""
-    if not job.retain_data:
+    sweep = job.sweep
+    if not sweep.retain_data:
         return None
-    key = (job.model, job.retain_data, job.max_length, job.generation_examples, job.max_new_tokens, job.chat_template,
-           str(run.device), run.precision, job.quantization, job.attn_implementation)
+    key = (job.model, sweep.retain_data, sweep.max_length, sweep.generation_examples, sweep.max_new_tokens,
+           sweep.chat_template, str(run.device), run.precision, sweep.quantization, sweep.attn_implementation)
     if key not in _RETAIN:
-        dataset = sft.eval_set(job, tokenizer, sft.read(job.retain_data), source=job.retain_data)
+        dataset = sft.eval_set(job, tokenizer, sft.read(sweep.retain_data), source=sweep.retain_data)
         dataset = sft.with_score(dataset, answers.contains)
         _RETAIN[key] = dataset, answers.retain_metrics(evaluate(job, model, tokenizer, dataset), "_before")
     dataset, before = _RETAIN[key]
@@ -559,7 +562,7 @@ def _forward(model: Any, batch: dict[str, Any]) -> Any:
 def evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any) -> dict[str, float]:
     """Mean loss over the validation set; accuracy (classification) or perplexity (causal LM).
     Batches of ``eval_batch_size``, halved on an out-of-memory error."""
-    metrics, _ = _halving_on_oom(lambda size: _evaluate(job, model, tokenizer, eval_set, size), job.eval_batch_size)
+    metrics, _ = _halving_on_oom(lambda size: _evaluate(job, model, tokenizer, eval_set, size), job.sweep.eval_batch_size)
     return metrics
 
 
@@ -588,24 +591,24 @@ def _halving_on_oom(attempt: Callable[[int], T], size: int, can_halve: bool = Tr
 
 @torch.no_grad()
 def _evaluate(job: TrainJob, model: Any, tokenizer: Any, eval_set: Any, size: int) -> dict[str, float]:
-    if job.task == "sft":
+    if job.sweep.task == "sft":
         return sft.evaluate(job, model, tokenizer, eval_set, size)
     model.eval()
     device = _device_of(model)
-    precision = accelerator.resolve_precision(job.precision, device)
+    precision = accelerator.resolve_precision(job.sweep.precision, device)
     total_loss, total_count, correct = 0.0, 0, 0
     for start in range(0, len(eval_set), size):
         batch = _to_device(_model_inputs(eval_set, range(start, min(start + size, len(eval_set))), tokenizer,
-                                         job.task), device)
+                                         job.sweep.task), device)
         with accelerator.autocast(device, precision):
             out = model(**batch)
         count = batch["labels"].shape[0]
         total_loss += out.loss.item() * count
         total_count += count
-        if job.task == "classification":
+        if job.sweep.task == "classification":
             correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
     eval_loss = total_loss / total_count
-    if job.task == "classification":
+    if job.sweep.task == "classification":
         return {"eval_loss": eval_loss, "eval_accuracy": correct / total_count}
     return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
 
@@ -683,29 +686,30 @@ class _Classification(tuple):
 
 
 def _datasets(job: TrainJob, tokenizer: Any) -> tuple[Any, Any, int]:
-    if job.task == "sft":
-        key = ("sft", job.model, job.train_data, job.eval_data, job.max_length, job.eval_fraction, job.train_limit,
-               job.packing, job.chat_template, job.generation_examples)
+    sweep = job.sweep
+    if sweep.task == "sft":
+        key = ("sft", job.model, sweep.train_data, sweep.eval_data, sweep.max_length, sweep.eval_fraction,
+               sweep.train_limit, sweep.packing, sweep.chat_template, sweep.generation_examples)
         if key not in _DATASETS:
             _DATASETS[key] = (*sft.datasets(job, tokenizer), 0)
         return _DATASETS[key]
-    key = (job.model, job.task, job.train_data, job.eval_data, job.text_column, job.label_column,
-           job.max_length, job.eval_fraction, job.train_limit)
+    key = (job.model, sweep.task, sweep.train_data, sweep.eval_data, sweep.text_column, sweep.label_column,
+           sweep.max_length, sweep.eval_fraction, sweep.train_limit)
     if key not in _DATASETS:
-        train = data.read(job.train_data, job.task, job.text_column, job.label_column)
-        if job.eval_data:
-            evaluation = data.read(job.eval_data, job.task, job.text_column, job.label_column)
+        train = data.read(sweep.train_data, sweep.task, sweep.text_column, sweep.label_column)
+        if sweep.eval_data:
+            evaluation = data.read(sweep.eval_data, sweep.task, sweep.text_column, sweep.label_column)
         else:
-            train, evaluation = data.hold_out(train, job.eval_fraction)
-        if job.train_limit:
-            train = data.sample(train, job.train_limit)
-        if job.task == "causal_lm":
-            _DATASETS[key] = (_blocks(train, tokenizer, job.max_length), _blocks(evaluation, tokenizer, job.max_length), 0)
+            train, evaluation = data.hold_out(train, sweep.eval_fraction)
+        if sweep.train_limit:
+            train = data.sample(train, sweep.train_limit)
+        if sweep.task == "causal_lm":
+            _DATASETS[key] = (_blocks(train, tokenizer, sweep.max_length), _blocks(evaluation, tokenizer, sweep.max_length), 0)
         else:
             num_labels = max(max(train.labels), max(evaluation.labels)) + 1  # type: ignore[arg-type]
             _DATASETS[key] = (
-                _Classification((_tokenize(train.texts, tokenizer, job.max_length), train.labels, train.texts)),
-                _Classification((_tokenize(evaluation.texts, tokenizer, job.max_length), evaluation.labels)),
+                _Classification((_tokenize(train.texts, tokenizer, sweep.max_length), train.labels, train.texts)),
+                _Classification((_tokenize(evaluation.texts, tokenizer, sweep.max_length), evaluation.labels)),
                 max(2, num_labels),
             )
     return _DATASETS[key]
@@ -713,13 +717,14 @@ def _datasets(job: TrainJob, tokenizer: Any) -> tuple[Any, Any, int]:
 
 def evaluate_source(job: TrainJob, model: Any, tokenizer: Any, source: str) -> dict[str, float]:
     """Evaluate ``model`` on another data source (a test set), the way validation is done."""
-    if job.task == "sft":
+    sweep = job.sweep
+    if sweep.task == "sft":
         return evaluate(job, model, tokenizer, sft.eval_set(job, tokenizer, sft.read(source), source=source))
-    examples = data.read(source, job.task, job.text_column, job.label_column)
-    if job.task == "causal_lm":
-        dataset = _blocks(examples, tokenizer, job.max_length)
+    examples = data.read(source, sweep.task, sweep.text_column, sweep.label_column)
+    if sweep.task == "causal_lm":
+        dataset = _blocks(examples, tokenizer, sweep.max_length)
     else:
-        dataset = _Classification((_tokenize(examples.texts, tokenizer, job.max_length), examples.labels))
+        dataset = _Classification((_tokenize(examples.texts, tokenizer, sweep.max_length), examples.labels))
     return evaluate(job, model, tokenizer, dataset)
 
 
@@ -745,7 +750,7 @@ def _augmenter(job: TrainJob) -> Callable[[str], str]:
 
     p = job.params
     return Augmenter(word_dropout=p.augment_word_dropout, word_swap=p.augment_word_swap, synonym=p.augment_synonym,
-                     synonyms=load_synonyms(job.synonyms), seed=job.seed)
+                     synonyms=load_synonyms(job.sweep.synonyms), seed=job.seed)
 
 
 def _tokenizer(model_name: str) -> Any:
@@ -770,28 +775,29 @@ def _base_model(job: TrainJob, num_labels: int, tokenizer: Any, device: torch.de
     first drops the others cached for that device and frees their memory, so a warm worker
     holds one base on its GPU, not one per model it has seen."""
     device = device or torch.device("cpu")
-    key = (job.model, job.task, num_labels, str(device), precision, job.quantization, job.attn_implementation)
+    sweep = job.sweep
+    key = (job.model, sweep.task, num_labels, str(device), precision, sweep.quantization, sweep.attn_implementation)
     if key not in _BASE_MODELS:
         _evict_bases(str(device))
-        _BASE_MODELS[key] = load_base(job, num_labels, tokenizer, device, precision, job.quantization)
+        _BASE_MODELS[key] = load_base(job, num_labels, tokenizer, device, precision, sweep.quantization)
     return _BASE_MODELS[key]
 
 
 def merged(job: TrainJob, model: Any, tokenizer: Any, reload: bool | None = None) -> Any:
     """The trained adapter merged into its base, for saving as a plain transformers model.
 
-    A quantized base (``reload``, default: ``job.quantization != "none"``) is not merged into:
+    A quantized base (``reload``, default: ``job.sweep.quantization != "none"``) is not merged into:
     its 4-bit/8-bit weights would be dequantized, summed with the update, and re-quantized,
     losing most of what the adapter learned. The base is loaded again unquantized on the CPU,
     in bf16 where the training GPU has it natively (else fp32), the adapter's (and task head's)
     weights are copied onto a fresh adapter there, and that is merged."""
-    if not (job.quantization != "none" if reload is None else reload):
+    if not (job.sweep.quantization != "none" if reload is None else reload):
         return model.merge_and_unload()
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     trained_on = accelerator.facts(_device_of(model))
     precision = "bf16" if trained_on.native_bf16 else "fp32"
-    num_labels = getattr(model.config, "num_labels", 0) if job.task == "classification" else 0
+    num_labels = getattr(model.config, "num_labels", 0) if job.sweep.task == "classification" else 0
     base = load_base(job, num_labels, tokenizer, torch.device("cpu"), precision, "none")
     fresh = get_peft_model(base, model.peft_config["default"])
     set_peft_model_state_dict(fresh, {k: v.to("cpu") for k, v in get_peft_model_state_dict(model).items()})
@@ -817,13 +823,14 @@ def load_base(job: TrainJob, num_labels: int, tokenizer: Any, device: torch.devi
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     path = models.resolve(job.model)
-    options: dict[str, Any] = {"dtype": accelerator.DTYPES[precision], "attn_implementation": job.attn_implementation}
+    options: dict[str, Any] = {"dtype": accelerator.DTYPES[precision],
+                               "attn_implementation": job.sweep.attn_implementation}
     if device.type == "cuda":  # quantized or not, loaded straight onto the GPU
         options["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
     if quantization != "none":
         options["dtype"] = accelerator.quantization_compute_dtype(precision, accelerator.facts(device))
-        options["quantization_config"] = _quantization_config(quantization, options["dtype"], job.task)
-    if job.task == "classification":
+        options["quantization_config"] = _quantization_config(quantization, options["dtype"], job.sweep.task)
+    if job.sweep.task == "classification":
         model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **options)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **options)
@@ -871,7 +878,7 @@ def _lora_config(job: TrainJob, model_type: str) -> Any:
     p = job.params
     return LoraConfig(
         fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections transposed (Conv1D)
-        task_type=TaskType.SEQ_CLS if job.task == "classification" else TaskType.CAUSAL_LM,
+        task_type=TaskType.SEQ_CLS if job.sweep.task == "classification" else TaskType.CAUSAL_LM,
         r=p.lora_r,
         lora_alpha=p.lora_alpha,
         lora_dropout=p.lora_dropout,
