@@ -138,7 +138,8 @@ def check_data(
     from pathlib import Path
 
     from hpo.analysis.data_findings import CHECKS_ROOT, checks_folder, write_checks
-    from hpo.config import Sweep, parse_overrides, resolve_paths
+    from hpo.config import Sweep, resolve_paths
+    from hpo.overrides import parse_overrides
     from hpo.run.sweep import check_data as run_check
 
     strong = None

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hpo import HpoError, Report, ReportError, Sweep
-from hpo.config import parse_overrides
+from hpo.overrides import parse_overrides
 from hpo.run.scheduling import _RESULT_KEYS, call_train
 from hpo.train import accelerator, training
 from hpo.train.recipe import TrainJob

@@ -9,7 +9,7 @@ import pytest
 
 from hpo import HpoError, Sweep, config
 from hpo import space as spaces
-from hpo.config import parse_overrides
+from hpo.overrides import parse_overrides
 from hpo.run.ranking import mode
 from hpo.train.recipe import PARAM_NAMES, RESOLVED_ON_WORKER, SEARCH_FIELDS, TRAINING_FIELDS, TrainJob
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from hpo import HpoError, Sweep
-from hpo.config import parse_overrides
+from hpo.overrides import parse_overrides
 from hpo.train import accelerator, lean_loss, training
 from hpo.train.recipe import TrainJob
 from tests.conftest import SEARCH_SPACES, run_hpo

@@ -14,7 +14,7 @@ from optuna.trial import TrialState, create_trial
 
 from hpo import HpoError, Sweep
 from hpo import space as spaces
-from hpo.config import parse_overrides
+from hpo.overrides import parse_overrides
 from hpo.record.locks import StudyLock
 from hpo.record.study import open_storage
 from hpo.run import lr_probe

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from hpo import HpoError, Sweep
 from hpo.cli import app
-from hpo.config import direction_follows_metric, parse_overrides
+from hpo.overrides import direction_follows_metric, parse_overrides
 from hpo.record.study import create_or_resume, open_storage, pareto_front
 from hpo.run.promote import _pick_trial
 from hpo.run.ranking import mode, prune_mode, pruned_on

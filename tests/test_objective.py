@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from hpo import HpoError, Sweep
-from hpo.config import parse_overrides
+from hpo.overrides import parse_overrides
 from hpo.record.ledger import Ledger
 from hpo.record.recorder import Recorder
 from hpo.record.study import open_storage

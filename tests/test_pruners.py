@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hpo import HpoError, Sweep
-from hpo.config import parse_overrides
+from hpo.overrides import parse_overrides
 from hpo.run.ranking import pruned_on
 from hpo.run.scheduling import _ASHA, _NoStop, make_scheduler
 

@@ -77,8 +77,9 @@ def best_trial_setup(study: Any, overrides: list[str]) -> tuple[Any, dict[str, A
     the best trial's params, its number, and the sweep's MLflow tracking URI (None when the
     record hides a password in it). Raises HpoError for a study ``hpo search`` did not
     make, one trained by the module's own ``train``, or one with no COMPLETE trial."""
-    from hpo.config import Sweep, parse_overrides
+    from hpo.config import Sweep
     from hpo.errors import HpoError
+    from hpo.overrides import parse_overrides
     from hpo.record import study as studies
     from hpo.record.sweep_record import SweepRecord
 

@@ -38,9 +38,10 @@ from typing import Any
 
 from rich.console import Console
 
-from hpo.config import Sweep, parse_overrides, resolve_paths
+from hpo.config import Sweep, resolve_paths
 from hpo.errors import HpoError
 from hpo.names import folder_for
+from hpo.overrides import parse_overrides
 from hpo.record import study as studies
 from hpo.record.sweep_record import SweepRecord
 from hpo.run import ranking
