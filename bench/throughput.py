@@ -47,7 +47,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from hpo import Sweep
-    from hpo.train import accelerator, sft, training
+    from hpo.train import accelerator, sft, training, worker_cache
     from hpo.train.recipe import TrainJob, TrainParams
 
     device = torch.device(args.device)
@@ -92,11 +92,11 @@ def main() -> None:
         from peft import get_peft_model
         from transformers import PrinterCallback, Trainer, TrainingArguments
 
-        train_set = training._datasets(job(steps), training._tokenizer(args.model))[0]
-        base = training._base_model(job(steps), 0, training._tokenizer(args.model), device, precision)
+        train_set = worker_cache.datasets(job(steps), worker_cache.load_tokenizer(args.model))[0]
+        base = worker_cache.base_model(job(steps), 0, worker_cache.load_tokenizer(args.model), device, precision)
         base.config.use_cache = False
         torch.manual_seed(0)
-        model = get_peft_model(base, training._lora_config(job(steps), base.config.model_type))
+        model = get_peft_model(base, worker_cache.lora_config(job(steps), base.config.model_type))
         scratch = tempfile.TemporaryDirectory(prefix="hpo-bench-trainer-")  # Trainer wants a folder; it saves nothing
         settings = TrainingArguments(
             output_dir=scratch.name, max_steps=steps, per_device_train_batch_size=args.batch_size,

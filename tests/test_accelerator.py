@@ -12,7 +12,7 @@ import torch
 from hpo import HpoError, Report, ReportError, Sweep
 from hpo.overrides import parse_overrides
 from hpo.run.scheduling import _RESULT_KEYS, call_train
-from hpo.train import accelerator, training
+from hpo.train import accelerator, training, worker_cache
 from hpo.train.recipe import TrainJob
 from hpo.train.reporter import NonFiniteMetric, is_reserved
 from tests.conftest import SEARCH_SPACES, run_hpo
@@ -155,7 +155,7 @@ def test_bf16_autocast_runs_the_forward_in_bf16_on_a_cpu_and_trains(tiny_bert: P
     bf16, seen16, settings = dtypes_seen(tiny_bert, monkeypatch, precision="bf16")
     assert seen32 == {torch.float32} and torch.bfloat16 in seen16
     assert settings["precision"] == "bf16" and settings["device"] == "cpu"
-    base = training._BASE_MODELS[next(k for k in training._BASE_MODELS if k[0] == str(tiny_bert) and k[4] == "bf16")]
+    base = worker_cache._BASE_MODELS[next(k for k in worker_cache._BASE_MODELS if k[0] == str(tiny_bert) and k[4] == "bf16")]
     assert base.bert.embeddings.word_embeddings.weight.dtype == torch.bfloat16, "the frozen base is stored in bf16"
     assert all(math.isfinite(r["train_loss"]) for r in bf16)
     for low, full in zip(bf16, fp32, strict=True):  # the same run, in lower precision
@@ -192,7 +192,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_loss(tiny_bert: Pa
 
         reports: list[dict] = []
         this = job(tiny_bert, gradient_checkpointing=enabled)
-        base = training._base_model(this, 2, training._tokenizer(this.model), torch.device("cpu"), "fp32")
+        base = worker_cache.base_model(this, 2, worker_cache.load_tokenizer(this.model), torch.device("cpu"), "fp32")
         inner = base.bert.encoder.layer[0].intermediate  # hooks inside a checkpointed layer see the recompute
         handle = inner.register_forward_hook(lambda *a, calls=calls: calls.__setitem__("layer", calls["layer"] + 1))
         try:

@@ -296,7 +296,7 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
                     staging: Path, tracker: Any, console: Console) -> dict[str, float]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from hpo.train import training
+    from hpo.train import evaluation, training, worker_cache
     from hpo.train.reporter import Report
 
     saved: dict[str, Any] = {}
@@ -304,14 +304,14 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
 
     def save(model: Any, tokenizer: Any) -> None:
         if sweep.test_data:
-            saved["test"] = training.evaluate_source(job, model, tokenizer, sweep.test_data)
+            saved["test"] = evaluation.evaluate_source(job, model, tokenizer, sweep.test_data)
         if sweep.task == "sft":  # the saved folder formats and generates as the trials did
             from hpo.train import sft
 
             tokenizer.chat_template = sft.chat_template(job.model, tokenizer, job.sweep.chat_template)
             model.config.use_cache = True
         if options.merge:  # onto an unquantized copy of the base when it trained quantized
-            training.merged(job, model, tokenizer).save_pretrained(staging)
+            worker_cache.merged(job, model, tokenizer).save_pretrained(staging)
         else:
             model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
