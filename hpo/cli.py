@@ -462,6 +462,42 @@ def _rows_text(rows: list[dict], shown: int = 5) -> str:
 
 
 @app.command()
+def refine(
+    study: Annotated[str, typer.Argument(help="The study to learn from.", callback=_checked_study)],
+    storage: Storage = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="The module to write (default: STUDY_refined.py in this folder).")] = None,
+    module: Annotated[str | None, typer.Option("--module", help="The search-space module to rewrite (default: the one the study ran).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --output if it exists.")] = False,
+) -> None:
+    """Write the next search-space module from a study and its diagnosis: ranges narrowed or widened, unimportant
+    parameters fixed, more steps or more regularisation, each change with its reason as a comment."""
+    from hpo.analysis.refine_module import describe_any, refine_study
+    from hpo.analysis.refine_ranges import describe
+    from hpo.record import study as studies
+
+    loaded = studies.load(storage, study)
+    storage_flag = f" --storage '{studies.redact(storage)}'" if storage else ""
+    result = refine_study(loaded, output, module=module, force=force, storage_flag=storage_flag)
+    plan = result.plan
+    changes = [c for c in [*plan.params, *plan.sweep] if c.changed]
+    console.print(f"wrote {result.path} from study {plan.study} ({plan.counts.get('COMPLETE', 0)} complete of "
+                  f"{sum(plan.counts.values())} trials; best trial {plan.best[0]}, {plan.metric} = {short(plan.best[1])}): "
+                  f"{len(changes) or 'no'} change{'' if len(changes) == 1 else 's'}", highlight=False)
+    for change in changes:
+        console.print(f"  {change.name}: {describe_any(change.before)} -> {describe_any(change.after)}\n"
+                      f"    {change.reason}", highlight=False)
+    for change in plan.params:
+        if not change.changed:
+            console.print(f"  {change.name}: kept {describe(change.before)}: {change.reason}", highlight=False)
+    for note in plan.notes:
+        console.print(f"  note: {note}", highlight=False)
+    for name in result.unapplied:
+        err_console.print(f"warning: {name}: no trial.suggest_*({name!r}, ...) call with a literal name in "
+                          f"{result.module}; change its range in {result.path} by hand", highlight=False)
+    console.print(f"next: {result.command}", highlight=False)
+
+
+@app.command()
 def report(
     study: Study = None,
     storage: Storage = None,

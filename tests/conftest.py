@@ -47,6 +47,7 @@ FILE_SECONDS = {
     "test_cluster.py": 100, "test_gpu_path.py": 150, "test_mirror_server.py": 120, "test_checks_sft.py": 24,
     "test_objective.py": 20, "test_accelerator.py": 18, "test_sft.py": 15, "test_cli_errors.py": 13,
     "test_label_issues.py": 135, "test_near_duplicates.py": 50, "test_lr_probe.py": 60,
+    "test_refine.py": 45,
 }
 
 
