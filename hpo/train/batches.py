@@ -75,7 +75,8 @@ def training_batches(job: TrainJob, train_set: Any, tokenizer: Any) -> Iterator[
     augment = _augmenter(job) if sweep.task == "classification" and job.params.augments else None
     lengths = [len(e.input_ids) for e in train_set.examples] if sweep.task == "sft" and sweep.group_by_length \
         and not sweep.packing else None
-    return _batches(train_set, job.params.batch_size, job.seed, tokenizer, sweep.task, augment, sweep.max_length, lengths)
+    return _batches(train_set, job.params.batch_size, job.seed, tokenizer, sweep.task, augment, sweep.max_length,
+                    lengths)
 
 
 def is_padding_free(job: TrainJob) -> bool:

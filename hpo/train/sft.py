@@ -336,7 +336,8 @@ def evaluate(job: Any, model: Any, tokenizer: Any, dataset: SftSet, batch_size: 
     if dataset.prompts:
         started = time.perf_counter()
         with accelerator.autocast(device, precision):  # as training ran: bf16/fp16 kernels, not fp32 upcasts
-            generated = generate(model, tokenizer, dataset.prompts, job.sweep.max_new_tokens, batch_size, dataset.pad_id)
+            generated = generate(model, tokenizer, dataset.prompts, job.sweep.max_new_tokens, batch_size,
+                                 dataset.pad_id)
         predictions = [a.text for a in generated]
         metrics["eval_exact_match"] = _mean(_scores(exact_match, predictions, dataset.references))
         scores = _scores(dataset.score, predictions, dataset.references) if dataset.score is not None else None
