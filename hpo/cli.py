@@ -128,7 +128,7 @@ def check_data(
     write_clean: Annotated[str | None, typer.Option("--write-clean", help="With --labels: write a copy of the training file without the suspect rows to this .tsv/.csv/.jsonl (the original is never touched).")] = None,
     relabel: Annotated[bool, typer.Option("--relabel", help="With --write-clean: keep the suspect rows, with the suggested label.")] = False,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="Log the CSVs to MLflow here (under checks/ of the study's sweep run, or of a new check-data run); with --study, default: the sweep's own.")] = None,
-    study: Annotated[str | None, typer.Option("--study", callback=_checked_study, help="With --labels: the strong probe, the study's best trial cross-fitted over 5 folds through the recipe (the study's data; --set max_steps=N shortens each fold).")] = None,
+    study: Annotated[str | None, typer.Option("--study", callback=_checked_study, help="With --labels: the strong probe, the study's best trial cross-fitted over 5 folds through the recipe (the study's data; each fold early-stopped, at least 3 epochs; --set max_steps=N sets each fold's steps), ensembled with the quick probe.")] = None,
     storage: Storage = None,
 ) -> None:
     """Check the data before a sweep: empty texts, duplicates, leakage, labels, imbalance, lengths; sft: answers.
@@ -150,7 +150,7 @@ def check_data(
         from hpo.record import study as studies
 
         sweep, params, trial_number, recorded_uri = best_trial_setup(studies.load(storage, study), set_ or [])
-        strong = (params, trial_number)
+        strong = (params, trial_number, "max_steps" in parse_overrides(set_ or []))
         tracking_uri = tracking_uri or recorded_uri  # the suspects go beside the sweep's own report
     elif module:
         from hpo import space as spaces
@@ -222,9 +222,10 @@ def check_data(
 
 
 def _deeper_checks(sweep: Any, labels: bool, paraphrases: bool, folder: Any, write_clean: str | None,
-                   relabel: bool, strong: tuple[dict, int] | None = None) -> dict:
+                   relabel: bool, strong: tuple[dict, int, bool] | None = None) -> dict:
     """``--labels`` and ``--paraphrases``: their results, the CSVs written, and the clean copy;
-    ``strong`` (the best trial's params and number) makes the label probe the strong one."""
+    ``strong`` (the best trial's params and number, and whether ``--set max_steps`` chose each
+    fold's steps) makes the label probe the strong one."""
     results: dict[str, Any] = {"files": []}
     if labels:
         from hpo.analysis.label_issues import check_labels
@@ -241,18 +242,24 @@ def _deeper_checks(sweep: Any, labels: bool, paraphrases: bool, folder: Any, wri
                                "overwritten: name another file")
         probe = None
         if strong is not None:
-            from hpo.analysis.label_probe import strong_probe
+            from hpo.analysis.label_probe import planned_steps, strong_probe
+
+            chosen = sweep.max_steps if strong[2] else None  # --set max_steps=N: each fold's run exactly
 
             def probe(texts: list[str], labels: list[int]) -> Any:
-                err_console.print(f"strong probe: trial {strong[1]}'s params, 5 folds of {sweep.max_steps} steps each",
-                                  highlight=False)
-                return strong_probe(sweep, strong[0], texts, labels)
+                steps = chosen or planned_steps(sweep, strong[0], len(texts))
+                err_console.print(f"strong probe: trial {strong[1]}'s params, 5 folds of {steps} steps each (fewer "
+                                  "where the loss on 10% of the fold's training rows stops falling), ensembled with "
+                                  "the quick probe", highlight=False)
+                return strong_probe(sweep, strong[0], texts, labels, max_steps=chosen)
         found = check_labels(sweep.train_data, sweep.eval_data, model=sweep.model, text_column=sweep.text_column,
                              label_column=sweep.label_column, strong=probe)
         results["labels"] = found
         results["files"].append(found.write_csv(folder / "label_issues.csv"))
         if write_clean:
             column = data.read_raw(sweep.train_data, "classification", sweep.text_column, sweep.label_column).label_column
+            if column is None:  # not for classification data: read_raw names the column it found, or raises
+                raise HpoError(f"{sweep.train_data}: no label column; set one with --set label_column=...")
             changed = write_copy(sweep.train_data, write_clean, found.suspects, column, relabel)
             results["clean"] = (f"wrote {write_clean}: {sweep.train_data} with {changed} suspect rows "
                                 f"{'relabelled' if relabel else 'left out'}")

@@ -38,6 +38,8 @@ KNOWN_DIRECTIONS = {
     "tokens_per_second": "maximize",
     "mfu": "maximize",
 }
+Direction = Literal["maximize", "minimize"]
+DIRECTIONS: tuple[Direction, ...] = typing.get_args(Direction)
 DATA_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
 MAX_SEED = 2**32 - 1
 
@@ -410,9 +412,9 @@ class Sweep:
         return split_commas(typing.cast(str, self.metric))
 
     @property
-    def directions(self) -> tuple[str, ...]:
+    def directions(self) -> tuple[Direction, ...]:
         """One ``maximize``/``minimize`` per name of :attr:`metrics`."""
-        return split_commas(typing.cast(str, self.direction))
+        return typing.cast("tuple[Direction, ...]", split_commas(typing.cast(str, self.direction)))
 
     @property
     def first_rung(self) -> int:
@@ -451,7 +453,6 @@ PRECISIONS = _choices("precision")
 QUANTIZATIONS = _choices("quantization")
 LEAN_LOSSES = _choices("lean_loss")
 """See :mod:`hpo.train.lean_loss`."""
-DIRECTIONS = _choices("prune_direction")
 
 
 def _worker_problems(sweep: Sweep) -> typing.Iterator[str]:
@@ -521,7 +522,7 @@ def resolve_paths(sweep: Sweep, base: Path) -> Sweep:
 
     Hub ids (``imdb:train``, ``org/model``) are left alone unless such a path exists.
     """
-    changes: dict[str, str] = {}
+    changes: dict[str, Any] = {}
     for name in ("train_data", "eval_data", "test_data", "retain_data", "synonyms", "model", "chat_template"):
         value = getattr(sweep, name)
         if not value:

@@ -40,6 +40,7 @@ def shared_data() -> Path:
 # worker so that module fixtures are built once); the longest files start first, so that
 # no long file is left for last on one worker.
 FILE_SECONDS = {
+    "test_bench_label_probe.py": 60,
     "test_nothing_lost.py": 325, "test_faults.py": 335, "test_promote.py": 180, "test_sweep.py": 130,
     "test_more_sweeps.py": 110, "test_sft_sweep.py": 95, "test_tracking_server.py": 85, "test_distributed.py": 56,
     "test_dashboards.py": 55, "test_secrets.py": 51, "test_training.py": 49, "test_troubleshoot.py": 47,

@@ -193,8 +193,8 @@ def diagnose_study(study: optuna.Study) -> StudyDiagnosis:
             skipped[key] = skipped.get(key, 0) + 1
     trials = [diagnose_trial(t, metric=metric, direction=direction, max_steps=sweep.get("max_steps"))
               for t in finished]
-    complete = [t for t in finished if t.state == TrialState.COMPLETE and first_value(t) is not None
-                and math.isfinite(first_value(t))]
+    complete = [t for t in finished if t.state == TrialState.COMPLETE and (value := first_value(t)) is not None
+                and math.isfinite(value)]
     importance, why_not = param_importance(study, complete)
     priors = stored_priors(record.priors if record else None)
     edges = range_edges(complete, direction, priors)

@@ -13,7 +13,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -23,6 +23,9 @@ from hpo.errors import redact_url as redact
 from hpo.record.samplers import make_sampler  # noqa: F401 - the sweep builds its sampler as study.make_sampler
 from hpo.record.sqlite import sqlite_file_lock
 from hpo.record.stores import check_local, connect_once, retry_when_locked
+
+if TYPE_CHECKING:
+    from hpo.config import Direction
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 # The driver records a heartbeat for every trial it runs; a trial whose heartbeat is older
@@ -107,7 +110,7 @@ def _storage_error(url: str, error: Exception) -> HpoError:
     )
 
 
-def create_or_resume(storage: optuna.storages.BaseStorage, name: str, directions: tuple[str, ...],
+def create_or_resume(storage: optuna.storages.BaseStorage, name: str, directions: tuple[Direction, ...],
                      sampler: optuna.samplers.BaseSampler, metrics: tuple[str, ...] | None = None) -> optuna.Study:
     """The study ``name``, created if new. An existing study must have the same direction(s).
 
@@ -178,12 +181,12 @@ def best_summary(study: optuna.Study) -> dict[str, Any] | None:
     A multi-objective study has no single best trial: None (see :func:`pareto_front`)."""
     if is_multi_objective(study):
         return None
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = [(t.value, t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.value is not None and math.isfinite(t.value)]
     if not complete:
         return None
     pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
-    trial = pick(complete, key=lambda t: t.value)
+    _, trial = pick(complete, key=lambda scored: scored[0])
     from hpo.record.sweep_record import SweepRecord
 
     record = SweepRecord.load(study)

@@ -14,13 +14,16 @@ import os
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpo.errors import HpoError, scrub
 from hpo.errors import redact_url as redact
 from hpo.record.stores import check_local, connect_once
+
+if TYPE_CHECKING:
+    from mlflow.entities import Metric, Param, RunTag
 
 logger = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -311,7 +314,8 @@ class SweepTracker(_Tracker):
         self.writer.submit(write, f"starting the MLflow run of trial {number}", lambda: self.unwritten.add(number))
         self._add(number, params=_params(params))
 
-    def _add(self, number: int, metrics: list[Any] = (), params: list[Any] = (), tags: list[Any] = ()) -> None:
+    def _add(self, number: int, metrics: Sequence[Metric] = (), params: Sequence[Param] = (),
+             tags: Sequence[RunTag] = ()) -> None:
         """Metrics, params and tags for the trial's run: joined to those still waiting for the
         writer, else submitted as a new batch. A batch the writer could not write (skipped while
         the store was down, or failed) is kept: it goes with the trial's next write."""

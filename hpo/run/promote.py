@@ -31,6 +31,7 @@ import re
 import secrets
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,7 +288,8 @@ def _finish_failed(tracker: Any, error: BaseException, console: Console) -> None
     try:
         tracker.finish({}, "FAILED")
     except Exception as finish_error:  # noqa: BLE001 - never hide ``error``
-        error.add_note(f"(also: the MLflow run could not be closed: {type(finish_error).__name__}: {finish_error})")
+        if sys.version_info >= (3, 11):  # add_note is 3.11's; on 3.10 the warning below says it alone
+            error.add_note(f"(also: the MLflow run could not be closed: {type(finish_error).__name__}: {finish_error})")
         console.print(f"[yellow]warning:[/] the MLflow run could not be closed as FAILED "
                       f"({type(finish_error).__name__}); the error that stopped hpo promote follows", highlight=False)
 

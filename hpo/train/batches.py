@@ -47,7 +47,7 @@ def build_datasets(job: TrainJob, tokenizer: Any) -> tuple[Any, Any, int]:
 class ClassificationSet(tuple):
     """(token features, labels) with a length, so both tasks' datasets have ``len``."""
 
-    def __len__(self) -> int:  # type: ignore[override]
+    def __len__(self) -> int:
         return len(self[1])
 
 

@@ -87,7 +87,7 @@ def make_optimizer(model: Any, trainable: list, p: Any, fused: bool = False) -> 
     ``p.loraplus_lr_ratio`` > 0, LoRA+ (Hayou et al. 2024) through peft's ``create_loraplus_optimizer``:
     the lora_B matrices (and, as peft does, 1-D trainable weights such as biases) learn at ratio x
     the rate, the rest (lora_A, the task head's matrices) at the rate; 1-D weights get no weight decay."""
-    options = {"fused": True} if fused else {}
+    options: dict[str, Any] = {"fused": True} if fused else {}
     if not p.loraplus_lr_ratio:
         return torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.weight_decay, **options)
     from peft.optimizers import create_loraplus_optimizer
@@ -140,7 +140,7 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
             metrics = {**evaluate_now(), **_step_stats(losses, norms, world)}
             metrics["micro_batch_size"] = micro
             metrics["grad_accum"] = math.ceil(p.batch_size / micro)
-            metrics["learning_rate"] = scheduler.get_last_lr()[0]
+            metrics["learning_rate"] = float(scheduler.get_last_lr()[0])
             metrics["train_seconds"] = _synchronised_seconds(run.device, started)
             metrics.update(cost.throughput(flops, metrics["train_seconds"], run.facts, run.precision, gpus=world))
             metrics.update(run.memory())
@@ -363,9 +363,10 @@ def _retain(job: TrainJob, model: Any, tokenizer: Any, run: Run) -> Callable[[],
     """With ``job.sweep.retain_data`` (sft): what scores the retain set now (``retain_loss``,
     ``retain_score``; :mod:`hpo.train.answers`), with the base model's scores beside them
     (``retain_loss_before``, ``retain_score_before``: :func:`hpo.train.worker_cache.retain_set`)."""
-    if not job.sweep.retain_data:
+    source = job.sweep.retain_data
+    if not source:
         return None
-    dataset, before = worker_cache.retain_set(job, model, tokenizer, run)
+    dataset, before = worker_cache.retain_set(job, source, model, tokenizer, run)
     return lambda: {**answers.retain_metrics(evaluate(job, model, tokenizer, dataset)), **before}
 
 

@@ -199,7 +199,7 @@ def lora_config(job: TrainJob, model_type: str) -> Any:
         fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections transposed (Conv1D)
         task_type=TaskType.SEQ_CLS if job.sweep.task == "classification" else TaskType.CAUSAL_LM,
         r=p.lora_r,
-        lora_alpha=p.lora_alpha,
+        lora_alpha=p.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; it only divides it by r
         lora_dropout=p.lora_dropout,
         target_modules=list(p.target_modules) if p.target_modules else None,
     )
@@ -232,16 +232,17 @@ def datasets(job: TrainJob, tokenizer: Any) -> tuple[Any, Any, int]:
     return _DATASETS[key]
 
 
-def retain_set(job: TrainJob, model: Any, tokenizer: Any, run: Run) -> tuple[sft.SftSet, dict[str, float]]:
-    """The retain set of ``job`` (sft's ``retain_data``, scored by :func:`hpo.train.answers.contains`) and the
+def retain_set(job: TrainJob, source: str, model: Any, tokenizer: Any,
+               run: Run) -> tuple[sft.SftSet, dict[str, float]]:
+    """The retain set ``source`` (sft's ``retain_data``, scored by :func:`hpo.train.answers.contains`) and the
     base model's scores on it (``retain_loss_before``, ``retain_score_before``). Asked before the first step,
     when the fresh adapter changes nothing, so the base's scores are measured then: once per worker for a
     base, device and precision (greedy decoding repeats them exactly), like the cached data."""
     sweep = job.sweep
-    key = (job.model, sweep.retain_data, sweep.max_length, sweep.generation_examples, sweep.max_new_tokens,
+    key = (job.model, source, sweep.max_length, sweep.generation_examples, sweep.max_new_tokens,
            sweep.chat_template, str(run.device), run.precision, sweep.quantization, sweep.attn_implementation)
     if key not in _RETAIN:
-        dataset = sft.eval_set(job, tokenizer, sft.read(sweep.retain_data), source=sweep.retain_data)
+        dataset = sft.eval_set(job, tokenizer, sft.read(source), source=source)
         dataset = sft.with_score(dataset, answers.contains)
         _RETAIN[key] = dataset, answers.retain_metrics(evaluate(job, model, tokenizer, dataset), "_before")
     return _RETAIN[key]
