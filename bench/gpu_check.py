@@ -166,7 +166,7 @@ def section_quantization(args) -> dict:
         raise Skipped("bitsandbytes is not installed (pip install bitsandbytes)")
     import torch
 
-    from hpo.train import training
+    from hpo.train import training, worker_cache
 
     results = {}
     for kind in ("4bit", "8bit"):
@@ -175,7 +175,7 @@ def section_quantization(args) -> dict:
     merged_dtypes: set[str] = set()
 
     def merge(model, tokenizer) -> None:
-        merged = training.merged(job, model, tokenizer)
+        merged = worker_cache.merged(job, model, tokenizer)
         merged_dtypes.update(str(w.dtype) for w in merged.parameters())
 
     job = sft_job(args.model, 2, quantization="4bit")
@@ -186,20 +186,19 @@ def section_quantization(args) -> dict:
 
 
 def section_packing(args) -> dict:
-    import dataclasses
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hpo.train import models, sft, training
+    from hpo.train import batches, models, sft, worker_cache
 
-    job = dataclasses.replace(sft_job(args.model, 1), packing=True, max_length=256)
-    tokenizer = training._tokenizer(job.model)
-    plain_job = dataclasses.replace(job, packing=False)
+    job = sft_job(args.model, 1).with_settings(packing=True, max_length=256)
+    tokenizer = worker_cache.load_tokenizer(job.model)
+    plain_job = job.with_settings(packing=False)
     plain = sft.datasets(plain_job, tokenizer)[0]
     packed = sft.datasets(job, tokenizer)[0]
-    batch = training._collate(packed, [0, 1], tokenizer, "sft")
-    rows = batch.pop(training.ROW_TOKENS)
+    batch = batches.collate(packed, [0, 1], tokenizer, "sft")
+    rows = batch.pop(batches.ROW_TOKENS)
     n_examples = int((batch["position_ids"] == 0).sum()) - int((rows < batch["input_ids"].shape[1]).sum())
     path = models.resolve(args.model)
     results = {}

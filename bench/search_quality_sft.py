@@ -105,7 +105,8 @@ def run_trainer(args, paths: dict, seed: int, out: Path) -> list[dict]:
         return sft.collate(sft.SftSet(examples, tokenizer.pad_token_id), range(len(examples)))
 
     def model_init(trial):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=job.attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                     attn_implementation=job.sweep.attn_implementation)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         # Trainer calls model_init before hp_space: space() samples here (the live trial keeps its choices,
@@ -129,8 +130,8 @@ def run_trainer(args, paths: dict, seed: int, out: Path) -> list[dict]:
         def evaluate(self, *positional, **options):
             metrics = super().evaluate(*positional, **options)
             self.model.eval()
-            answers = sft.generate(self.model, tokenizer, eval_set.prompts, job.max_new_tokens, job.eval_batch_size,
-                                   eval_set.pad_id)
+            answers = sft.generate(self.model, tokenizer, eval_set.prompts, job.sweep.max_new_tokens,
+                                   job.sweep.eval_batch_size, eval_set.pad_id)
             scores = [sft.exact_match(a.text, r) for a, r in zip(answers, eval_set.references, strict=True)]
             metrics["eval_exact_match"] = sum(scores) / len(scores)
             return metrics
@@ -138,7 +139,7 @@ def run_trainer(args, paths: dict, seed: int, out: Path) -> list[dict]:
     training_args = TrainingArguments(
         output_dir=str(out.parent / f"trainer-{seed}"), max_steps=args.max_steps, eval_strategy="steps",
         eval_steps=args.eval_every, save_strategy="no", report_to=[], seed=seed, use_cpu=True,
-        per_device_eval_batch_size=job.eval_batch_size, prediction_loss_only=True, remove_unused_columns=False,
+        per_device_eval_batch_size=job.sweep.eval_batch_size, prediction_loss_only=True, remove_unused_columns=False,
         weight_decay=0.0, warmup_steps=0, lr_scheduler_type="linear", max_grad_norm=1.0,
         logging_strategy="no", disable_tqdm=True)
     trainer = GenerationTrainer(model_init=model_init, args=training_args, train_dataset=train_set.examples,

@@ -46,7 +46,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from hpo.train import accelerator, sft, training
+    from hpo import Sweep
+    from hpo.train import accelerator, sft, training, worker_cache
     from hpo.train.recipe import TrainJob, TrainParams
 
     device = torch.device(args.device)
@@ -68,10 +69,11 @@ def main() -> None:
                          target_modules=("q_proj", "v_proj"))
 
     def job(steps: int) -> TrainJob:
-        return TrainJob(model=args.model, task="sft", train_data=str(DATES / "train.jsonl"), eval_data=str(eval_file),
-                        text_column=None, label_column=None, max_length=args.max_length, eval_fraction=0.1,
-                        max_steps=steps, eval_every=steps, eval_batch_size=1, seed=0, params=params,
-                        generation_examples=0, device=args.device, precision=precision, fused_optimizer=args.fused)
+        sweep = Sweep(model=args.model, task="sft", train_data=str(DATES / "train.jsonl"), eval_data=str(eval_file),
+                      max_length=args.max_length, max_steps=steps, eval_every=steps, eval_batch_size=1, seed=0,
+                      generation_examples=0, device=args.device, gpus_per_trial=1 if args.device == "cuda" else 0,
+                      precision=precision, fused_optimizer=args.fused)
+        return TrainJob(sweep=sweep, model=args.model, seed=0, params=params)
 
     def synchronised() -> float:
         if device.type == "cuda":
@@ -90,11 +92,11 @@ def main() -> None:
         from peft import get_peft_model
         from transformers import PrinterCallback, Trainer, TrainingArguments
 
-        train_set = training._datasets(job(steps), training._tokenizer(args.model))[0]
-        base = training._base_model(job(steps), 0, training._tokenizer(args.model), device, precision)
+        train_set = worker_cache.datasets(job(steps), worker_cache.load_tokenizer(args.model))[0]
+        base = worker_cache.base_model(job(steps), 0, worker_cache.load_tokenizer(args.model), device, precision)
         base.config.use_cache = False
         torch.manual_seed(0)
-        model = get_peft_model(base, training._lora_config(job(steps), base.config.model_type))
+        model = get_peft_model(base, worker_cache.lora_config(job(steps), base.config.model_type))
         scratch = tempfile.TemporaryDirectory(prefix="hpo-bench-trainer-")  # Trainer wants a folder; it saves nothing
         settings = TrainingArguments(
             output_dir=scratch.name, max_steps=steps, per_device_train_batch_size=args.batch_size,

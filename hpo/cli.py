@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from hpo.errors import HpoError
-from hpo.formatting import cell, params_text, short
+from hpo.formatting import STATE_STYLE, cell, params_text, short
 
 app = typer.Typer(
     help="Hyperparameter search for fine-tuning language models (Optuna + Ray Tune + MLflow).",
@@ -138,7 +138,8 @@ def check_data(
     from pathlib import Path
 
     from hpo.analysis.data_findings import CHECKS_ROOT, checks_folder, write_checks
-    from hpo.config import Sweep, parse_overrides, resolve_paths
+    from hpo.config import Sweep, resolve_paths
+    from hpo.overrides import parse_overrides
     from hpo.run.sweep import check_data as run_check
 
     strong = None
@@ -291,10 +292,9 @@ def status(study: Study = None, storage: Storage = None, as_json: AsJson = False
         table.add_column(column, justify="right" if column in ("trial", "value", "steps", "seconds") else "left")
     from rich.text import Text
 
-    styles = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan", "WAITING": "dim"}
     for row in rows:
         table.add_row(
-            str(row["number"]), Text(row["state"], style=styles.get(row["state"], "")),
+            str(row["number"]), Text(row["state"], style=STATE_STYLE.get(row["state"], "")),
             _value_text(row["value"]), str(row["steps"] or "-"),
             "-" if row["seconds"] is None else f"{row['seconds']:.0f}", params_text(row["params"], 3),
             Text(row["reason"] or ""),

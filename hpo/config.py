@@ -1,17 +1,14 @@
-"""The typed sweep config: its fields, defaults, validation and ``--set`` overrides.
+"""The typed sweep config: its fields, defaults and validation, and its local paths made absolute.
 
 A search-space module declares ``sweep = hpo.Sweep(...)``; the command line may then
-override any field with ``--set KEY=VALUE``. Every check names the field and how to fix
-it, so :class:`HpoError` messages can be shown to the user as they are.
+override any field with ``--set KEY=VALUE`` (:mod:`hpo.overrides`). Every check names the field and
+how to fix it, so :class:`HpoError` messages can be shown to the user as they are.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +17,9 @@ from typing import Any, Literal
 from hpo.errors import HpoError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-TASKS = ("classification", "causal_lm", "sft")
-PRUNERS = ("asha", "hyperband", "none")
+# The choices of a field (TASKS, SAMPLERS, PRECISIONS, ...) are its Literal annotation's, read below the class.
 FIRST_RUNG_SHARE = 0.2
 """By default ASHA's first rung is the evaluation nearest this share of ``max_steps`` (``grace_period``)."""
-OBJECTIVES = ("last", "best")
-SAMPLERS = ("tpe-qmc", "tpe", "random", "qmc", "gp", "cmaes")  # hpo.record.samplers.SAMPLERS
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-QUANTIZATIONS = ("none", "4bit", "8bit")
-LEAN_LOSSES = ("off", "chunked", "liger", "cce")  # hpo.train.lean_loss
 # Metrics whose better direction is known; any other metric needs `direction`.
 KNOWN_DIRECTIONS = {
     "eval_accuracy": "maximize",
@@ -47,8 +38,8 @@ KNOWN_DIRECTIONS = {
     "tokens_per_second": "maximize",
     "mfu": "maximize",
 }
-DIRECTIONS = ("maximize", "minimize")
 Direction = Literal["maximize", "minimize"]
+DIRECTIONS: tuple[Direction, ...] = typing.get_args(Direction)
 DATA_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
 MAX_SEED = 2**32 - 1
 
@@ -205,12 +196,12 @@ class Sweep:
     def __post_init__(self) -> None:
         metric = self.metric or ("eval_accuracy" if self.task == "classification" else "eval_loss")
         if isinstance(metric, str) and "," in metric:
-            metric = ",".join(name.strip() for name in metric.split(","))
+            metric = ",".join(split_commas(metric))
             direction = self.direction
             if isinstance(direction, str):
-                direction = ",".join(word.strip() for word in direction.split(","))
-            elif direction is None and all(name in KNOWN_DIRECTIONS for name in metric.split(",")):
-                direction = ",".join(KNOWN_DIRECTIONS[name] for name in metric.split(","))
+                direction = ",".join(split_commas(direction))
+            elif direction is None and all(name in KNOWN_DIRECTIONS for name in split_commas(metric)):
+                direction = ",".join(KNOWN_DIRECTIONS[name] for name in split_commas(metric))
             object.__setattr__(self, "direction", direction)
         object.__setattr__(self, "metric", metric)
         if self.direction is None and metric in KNOWN_DIRECTIONS:
@@ -257,20 +248,20 @@ class Sweep:
                 yield _bad(name, value, "must be a whole number of at least 0, or none")
         if self.concurrency is not None and (not isinstance(self.concurrency, int) or self.concurrency < 1):
             yield _bad("concurrency", self.concurrency, "must be a whole number of at least 1, or none")
-        if self.timeout is not None and not (_is_number(self.timeout) and self.timeout > 0):
+        if self.timeout is not None and not (_finite_number(self.timeout) and self.timeout > 0):
             yield _bad("timeout", self.timeout, "must be a positive number of seconds, or none")
-        if not (_is_number(self.eval_fraction) and 0 < self.eval_fraction < 1):
+        if not (_finite_number(self.eval_fraction) and 0 < self.eval_fraction < 1):
             yield _bad("eval_fraction", self.eval_fraction, "must lie between 0 and 1")
         most = self.max_steps if isinstance(self.max_steps, int) else self.grace_period
         if self.grace_period is not None and (not isinstance(self.grace_period, int) or isinstance(self.grace_period, bool)
                                               or not 1 <= self.grace_period <= most):
             yield _bad("grace_period", self.grace_period, f"must be a whole number of steps from 1 to max_steps="
                        f"{self.max_steps}, or none (the evaluation nearest 20% of max_steps)")
-        if not (_is_number(self.reduction_factor) and self.reduction_factor > 1):
+        if not (_finite_number(self.reduction_factor) and self.reduction_factor > 1):
             yield _bad("reduction_factor", self.reduction_factor, "must be a number above 1")
-        if not (_is_number(self.cpus_per_trial) and self.cpus_per_trial > 0):
+        if not (_finite_number(self.cpus_per_trial) and self.cpus_per_trial > 0):
             yield _bad("cpus_per_trial", self.cpus_per_trial, "must be a positive number")
-        if not (_is_number(self.gpus_per_trial) and self.gpus_per_trial >= 0):
+        if not (_finite_number(self.gpus_per_trial) and self.gpus_per_trial >= 0):
             yield _bad("gpus_per_trial", self.gpus_per_trial, "must be 0 or a positive number")
         elif self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
             yield _bad("gpus_per_trial", self.gpus_per_trial, "above 1 must be a whole number")
@@ -305,7 +296,7 @@ class Sweep:
 
     def _objectives_problems(self) -> typing.Iterator[str]:
         """A multi-objective sweep: names, one direction per name, what needs a single objective."""
-        names = self.metric.split(",")  # type: ignore[union-attr]
+        names = self.metrics
         if not all(names) or len(set(names)) != len(names):
             yield _bad("metric", self.metric, "must list distinct metric names separated by commas, "
                        "e.g. eval_accuracy,peak_memory_mb")
@@ -316,7 +307,7 @@ class Sweep:
                        f"{','.join(KNOWN_DIRECTIONS.get(n, 'maximize') for n in names)}): the better direction of "
                        f"{', '.join(unknown)} is not known")
             return
-        words = str(self.direction).split(",")
+        words = split_commas(str(self.direction))
         if len(words) != len(names):
             yield _bad("direction", self.direction, f"gives {len(words)} direction(s) for the {len(names)} metrics "
                        f"{self.metric}; give one per metric, comma-separated, in the same order")
@@ -387,8 +378,8 @@ class Sweep:
         """Whether the resource fields are valid enough for :attr:`worker_resources`."""
         workers = self.workers_per_trial
         return (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1
-                and _is_number(self.gpus_per_trial) and _is_number(self.cpus_per_trial)
-                and all(v is None or _is_number(v) for v in (self.gpus_per_worker, self.cpus_per_worker)))
+                and _finite_number(self.gpus_per_trial) and _finite_number(self.cpus_per_trial)
+                and all(v is None or _finite_number(v) for v in (self.gpus_per_worker, self.cpus_per_worker)))
 
     @property
     def gpu_field(self) -> str:
@@ -418,17 +409,12 @@ class Sweep:
     @property
     def metrics(self) -> tuple[str, ...]:
         """The objectives' names: ``(metric,)``, or the comma-separated names of a multi-objective sweep."""
-        return tuple(typing.cast(str, self.metric).split(","))
+        return split_commas(typing.cast(str, self.metric))
 
     @property
     def directions(self) -> tuple[Direction, ...]:
         """One ``maximize``/``minimize`` per name of :attr:`metrics`."""
-        return typing.cast("tuple[Direction, ...]", tuple(typing.cast(str, self.direction).split(",")))
-
-    @property
-    def mode(self) -> str:
-        """``max`` or ``min``, as Ray Tune names the direction (of the first objective)."""
-        return "max" if self.directions[0] == "maximize" else "min"
+        return typing.cast("tuple[Direction, ...]", split_commas(typing.cast(str, self.direction)))
 
     @property
     def first_rung(self) -> int:
@@ -446,23 +432,27 @@ class Sweep:
             return 1
         return int(math.log(self.max_steps / self.first_rung) / math.log(self.reduction_factor) + 1e-9) + 1
 
-    @property
-    def pruned_on(self) -> str:
-        """The metric ASHA ranks trials on: ``prune_metric``, else ``metric`` (the first of several)."""
-        return self.prune_metric or self.metrics[0]
-
-    @property
-    def prune_mode(self) -> str:
-        """``max`` or ``min`` for :attr:`pruned_on`: ``prune_direction``, else the known direction
-        of the metric, else (the sweep's own metric) ``mode``."""
-        if self.pruned_on == self.metrics[0] and self.prune_direction is None:
-            return self.mode
-        own = dict(zip(self.metrics, self.directions, strict=False))
-        direction = self.prune_direction or own.get(self.pruned_on) or KNOWN_DIRECTIONS[self.pruned_on]
-        return "max" if direction == "maximize" else "min"
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _choices(name: str) -> tuple[str, ...]:
+    """The values the ``Literal`` annotation of the Sweep field ``name`` allows: the one list of them
+    (the checks, the ``--set`` parser and the docs read it)."""
+    hint = typing.get_type_hints(Sweep)[name]
+    literal = next(kind for kind in (*typing.get_args(hint), hint) if typing.get_origin(kind) is Literal)
+    return typing.get_args(literal)
+
+
+TASKS = _choices("task")
+PRUNERS = _choices("pruner")
+OBJECTIVES = _choices("objective")
+SAMPLERS = _choices("sampler")
+"""The sampler names :func:`hpo.record.samplers.make_sampler` builds."""
+PRECISIONS = _choices("precision")
+QUANTIZATIONS = _choices("quantization")
+LEAN_LOSSES = _choices("lean_loss")
+"""See :mod:`hpo.train.lean_loss`."""
 
 
 def _worker_problems(sweep: Sweep) -> typing.Iterator[str]:
@@ -480,25 +470,25 @@ def _worker_problems(sweep: Sweep) -> typing.Iterator[str]:
         per_worker, per_trial = getattr(sweep, f"{kind}_per_worker"), getattr(sweep, f"{kind}_per_trial")
         if per_worker is None:
             continue
-        if not (_is_number(per_worker) and (per_worker > 0 if kind == "cpus" else per_worker >= 0)):
+        if not (_finite_number(per_worker) and (per_worker > 0 if kind == "cpus" else per_worker >= 0)):
             yield _bad(f"{kind}_per_worker", per_worker, "must be a positive number, or none" if kind == "cpus"
                        else "must be 0 or a positive number, or none")
         elif kind == "gpus" and per_worker > 1 and per_worker != int(per_worker):
             yield _bad("gpus_per_worker", per_worker, "above 1 must be a whole number")
-        elif _is_number(per_trial) and per_trial != defaults[f"{kind}_per_trial"] \
+        elif _finite_number(per_trial) and per_trial != defaults[f"{kind}_per_trial"] \
                 and not math.isclose(per_trial, per_worker * workers):
             yield _bad(f"{kind}_per_trial", per_trial,
                        f"disagrees with {kind}_per_worker={per_worker} x workers_per_trial={workers}; "
                        f"set only one of {kind}_per_trial (the trial's total) and {kind}_per_worker")
-    if workers > 1 and sweep.gpus_per_worker is None and _is_number(sweep.gpus_per_trial):
+    if workers > 1 and sweep.gpus_per_worker is None and _finite_number(sweep.gpus_per_trial):
         share = sweep.gpus_per_trial / workers
         if share > 1 and share != int(share):
             yield _bad("gpus_per_trial", sweep.gpus_per_trial,
                        f"split over workers_per_trial={workers} gives {share:g} GPUs per worker; "
                        "above 1 that must be a whole number (or set gpus_per_worker)")
     per_worker = sweep.gpus_per_worker if sweep.gpus_per_worker is not None else (
-        sweep.gpus_per_trial / workers if _is_number(sweep.gpus_per_trial) else 0)
-    if workers > 1 and _is_number(per_worker) and 0 < per_worker < 1:
+        sweep.gpus_per_trial / workers if _finite_number(sweep.gpus_per_trial) else 0)
+    if workers > 1 and _finite_number(per_worker) and 0 < per_worker < 1:
         field = sweep.gpu_field
         yield _bad(field, getattr(sweep, field),
                    f"gives each of the workers_per_trial={workers} workers {per_worker:g} GPU: the ranks of one "
@@ -506,113 +496,20 @@ def _worker_problems(sweep: Sweep) -> typing.Iterator[str]:
                    f"whole GPU (--set gpus_per_trial={workers}) or train on one worker (--set workers_per_trial=1)")
 
 
-def _is_number(value: Any) -> bool:
+def _finite_number(value: Any) -> bool:
+    """A finite int or float (not a bool): what a numeric field may hold."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def split_commas(text: str) -> tuple[str, ...]:
+    """The names of a comma-separated ``metric`` (a multi-objective sweep's), or the words of its ``direction``:
+    ``"eval_accuracy, peak_memory_mb"`` -> ``("eval_accuracy", "peak_memory_mb")``. The one reading of that form,
+    for a sweep (:attr:`Sweep.metrics`, :attr:`Sweep.directions`) and for what a study recorded of one."""
+    return tuple(part.strip() for part in text.split(","))
 
 
 def _bad(name: str, value: Any, what: str) -> str:
     return f"sweep field {name}={value!r} {what} (fix it in the module or with --set {name}=...)"
-
-
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(Sweep) if f.name != "extra"]
-
-
-def direction_follows_metric(sweep: Sweep, values: dict[str, Any]) -> dict[str, Any]:
-    """``--set`` values, with ``direction`` added when ``metric`` changes and ``direction`` is not
-    given: a module's ``direction`` was chosen for its own metric (``--set metric=eval_loss`` on
-    a sweep maximizing accuracy must not maximize the loss). A new metric of unknown direction
-    needs ``--set direction=...``."""
-    metric = values.get("metric")
-    if metric is None or "direction" in values or metric == sweep.metric:
-        return values
-    if metric in KNOWN_DIRECTIONS:
-        return {**values, "direction": KNOWN_DIRECTIONS[metric]}
-    names = [name.strip() for name in metric.split(",")]
-    if len(names) > 1 and all(name in KNOWN_DIRECTIONS for name in names):
-        return {**values, "direction": ",".join(KNOWN_DIRECTIONS[name] for name in names)}
-    raise HpoError(f"--set metric={metric}: the sweep's direction ({sweep.direction}) was chosen for "
-                   f"{sweep.metric}; say which way {metric} is better with --set direction=maximize or minimize")
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """Turn ``["max_steps=30", "eval_data=none"]`` into typed values, by the fields' types.
-
-    ``extra.KEY=VALUE`` gives ``{"extra": {KEY: VALUE read as JSON, else as text}}`` (merged into
-    the module's own by :func:`hpo.space.load`).
-
-    Raises HpoError for a malformed pair, an unknown key (with the closest valid one) or a
-    value of the wrong type. Values are checked again, in context, by :class:`Sweep`.
-    """
-    hints = typing.get_type_hints(Sweep)
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise HpoError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set max_steps=30")
-        if key.startswith("extra."):
-            name = key.removeprefix("extra.").strip()
-            if not name:
-                raise HpoError(f"--set {pair!r}: expected extra.KEY=VALUE, e.g. --set extra.bonus=0.5")
-            values.setdefault("extra", {})[name] = _extra_value(raw.strip())
-            continue
-        if key not in hints or key == "extra":
-            close = difflib.get_close_matches(key, field_names(), n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            if key == "extra":
-                hint = "set one key of a module's own settings with --set extra.KEY=VALUE; "
-            raise HpoError(
-                f"--set {pair!r}: unknown sweep field {key!r}; {hint}"
-                f"valid fields: {', '.join(field_names())}"
-            )
-        values[key] = _coerce(key, raw.strip(), hints[key])
-    return values
-
-
-def _extra_value(raw: str) -> Any:
-    """An ``extra.KEY=VALUE`` value: JSON when it parses as JSON, else the text itself."""
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
-
-
-def _coerce(key: str, raw: str, hint: Any) -> Any:
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if optional and raw.lower() in ("none", "null", ""):
-        return None
-    kinds = [a for a in args if a is not type(None)] if _is_union(hint) else [hint]
-    for kind in kinds:
-        if typing.get_origin(kind) is Literal:
-            choices = typing.get_args(kind)
-            if raw in choices:
-                return raw
-            raise HpoError(f"--set {key}={raw}: must be one of {', '.join(choices)}")
-        if kind is bool:
-            if raw.lower() in ("true", "1", "yes", "on"):
-                return True
-            if raw.lower() in ("false", "0", "no", "off"):
-                return False
-            raise HpoError(f"--set {key}={raw}: must be true or false (also 1/0, yes/no)")
-        if kind is int:
-            try:
-                return int(raw)
-            except ValueError:
-                raise HpoError(f"--set {key}={raw}: must be a whole number") from None
-        if kind is float:
-            try:
-                return float(raw)
-            except ValueError:
-                raise HpoError(f"--set {key}={raw}: must be a number") from None
-        if kind is str:
-            return raw
-    raise HpoError(f"--set {key}={raw}: this field cannot be set from the command line")
-
-
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType)
 
 
 def looks_like_local_path(value: str) -> bool:

@@ -2,13 +2,16 @@
 
 The one home of number formatting: the diagnosis (:mod:`hpo.analysis.diagnose`) for its messages and its
 ``--json`` output, the command line's tables, the live sweep display (:mod:`hpo.run.progress`) and
-the HTML report.
+the HTML report; and the colour of each trial state on a terminal.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+STATE_STYLE = {"RUNNING": "cyan", "COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "WAITING": "dim"}
+"""The rich style of each trial state, wherever trials are listed (``hpo trials``, the live sweep view)."""
 
 
 def percent(share: float) -> str:

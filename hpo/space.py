@@ -35,8 +35,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from hpo.config import Sweep, direction_follows_metric, parse_overrides, resolve_paths
+from hpo.config import Sweep, resolve_paths
 from hpo.errors import HpoError
+from hpo.overrides import direction_follows_metric, parse_overrides
 from hpo.priors import Prior, check_priors
 
 if TYPE_CHECKING:

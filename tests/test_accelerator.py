@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from hpo import HpoError, Report, ReportError, Sweep
-from hpo.config import parse_overrides
+from hpo.overrides import parse_overrides
 from hpo.run import trial as protocol
 from hpo.run.trial import call_train
-from hpo.train import accelerator, training
+from hpo.train import accelerator, training, worker_cache
 from hpo.train.recipe import TrainJob
 from hpo.train.reporter import NonFiniteMetric, is_reserved
 from tests.conftest import SEARCH_SPACES, run_hpo
@@ -122,8 +122,9 @@ def test_sweep_fields_are_checked_and_settable() -> None:
         Sweep(device="cpu", quantization="4bit")
     job = TrainJob.from_sweep(Sweep(device="cuda:0", gpus_per_trial=0.5, precision="bf16",
                                     gradient_checkpointing=True), {})
-    assert (job.device, job.precision, job.gradient_checkpointing, job.quantization, job.attn_implementation) == \
-        ("cuda:0", "bf16", True, "none", "sdpa")
+    settings = job.sweep
+    assert (settings.device, settings.precision, settings.gradient_checkpointing, settings.quantization,
+            settings.attn_implementation) == ("cuda:0", "bf16", True, "none", "sdpa")
     described = job.describe()
     assert described["warmup_ratio"] == 0.0 and described["max_grad_norm"] == 1.0
     assert described["gradient_checkpointing"] is True and "device" not in described  # the worker reports it
@@ -155,7 +156,7 @@ def test_bf16_autocast_runs_the_forward_in_bf16_on_a_cpu_and_trains(tiny_bert: P
     bf16, seen16, settings = dtypes_seen(tiny_bert, monkeypatch, precision="bf16")
     assert seen32 == {torch.float32} and torch.bfloat16 in seen16
     assert settings["precision"] == "bf16" and settings["device"] == "cpu"
-    base = training._BASE_MODELS[next(k for k in training._BASE_MODELS if k[0] == str(tiny_bert) and k[4] == "bf16")]
+    base = worker_cache._BASE_MODELS[next(k for k in worker_cache._BASE_MODELS if k[0] == str(tiny_bert) and k[4] == "bf16")]
     assert base.bert.embeddings.word_embeddings.weight.dtype == torch.bfloat16, "the frozen base is stored in bf16"
     assert all(math.isfinite(r["train_loss"]) for r in bf16)
     for low, full in zip(bf16, fp32, strict=True):  # the same run, in lower precision
@@ -192,7 +193,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_loss(tiny_bert: Pa
 
         reports: list[dict] = []
         this = job(tiny_bert, gradient_checkpointing=enabled)
-        base = training._base_model(this, 2, training._tokenizer(this.model), torch.device("cpu"), "fp32")
+        base = worker_cache.base_model(this, 2, worker_cache.load_tokenizer(this.model), torch.device("cpu"), "fp32")
         inner = base.bert.encoder.layer[0].intermediate  # hooks inside a checkpointed layer see the recompute
         handle = inner.register_forward_hook(lambda *a, calls=calls: calls.__setitem__("layer", calls["layer"] + 1))
         try:
@@ -213,7 +214,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_loss(tiny_bert: Pa
 # the report contract ---------------------------------------------------------------------
 def test_report_checks_every_call() -> None:
     sunk: list = []
-    report = Report("score", lambda step, values: sunk.append((step, values)))
+    report = Report(("score",), lambda step, values: sunk.append((step, values)))
     report(1, {"score": 0.5, "n": 3})
     assert sunk == [(1, {"score": 0.5, "n": 3.0})] and report.last_step == 1
     for step, metrics, message in [

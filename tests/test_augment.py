@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hpo import HpoError, Sweep
-from hpo.train import training
+from hpo.train import training, worker_cache
 from hpo.train.augment import Augmenter, load_synonyms
 from hpo.train.recipe import TrainJob, TrainParams, check_params
 from tests.conftest import SEARCH_SPACES
@@ -80,5 +80,5 @@ def test_a_space_may_choose_the_base_model_and_target_modules(tiny_bert: Path, t
     assert job.model == str(other) and job.params.target_modules == ("query", "key", "value")
     seen: list[dict] = []
     training.fine_tune(job, lambda step, metrics: seen.append(metrics))
-    assert seen and ("unused-default",) not in {k[:1] for k in training._BASE_MODELS}
-    assert any(k[0] == str(other) for k in training._BASE_MODELS)
+    assert seen and ("unused-default",) not in {k[:1] for k in worker_cache._BASE_MODELS}
+    assert any(k[0] == str(other) for k in worker_cache._BASE_MODELS)

@@ -38,7 +38,8 @@ RULES: list[tuple[tuple[str, ...], frozenset[str], str]] = [
      "the MLflow side mirrors what the driver hands it and never opens the Optuna side, hpo.record.study"),
     (("hpo.record.stores", "hpo.record.sqlite"), frozenset({"optuna", "mlflow", "ray"}),
      "pre-flight checks and retries shared by both stores belong to neither"),
-    (("hpo.config", "hpo.space"), frozenset({"ray", "mlflow"}), "loading and checking a sweep runs nothing"),
+    (("hpo.config", "hpo.overrides", "hpo.space"), frozenset({"ray", "mlflow"}),
+     "loading and checking a sweep runs nothing"),
     (DIAGNOSIS, frozenset({"ray", "mlflow"}), "the diagnosis reads the study and writes nothing"),
 ]
 

@@ -52,7 +52,7 @@ class Sweep:
         self.tracker = SweepTracker(tracking_uri, self.name)
         self.tracker.start_sweep({}, {})
         self.display = Shown()
-        self.recorder = Recorder(self.ledger, self.tracker, self.display, metric="score", deadline=None)
+        self.recorder = Recorder(self.ledger, self.tracker, self.display, metrics=("score",), deadline=None)
         self.scheduler = _NoStop()
         self.bridge = OptunaBridge(self.recorder, self.scheduler, "score", "max")
 

@@ -17,7 +17,7 @@ from hpo import Sweep
 from hpo.analysis import diagnose_sft
 from hpo.analysis.diagnose import diagnose_curves
 from hpo.errors import HpoError
-from hpo.train import answers, sft, training
+from hpo.train import answers, sft, training, worker_cache
 from hpo.train.recipe import TrainJob
 from tests.conftest import SEARCH_SPACES
 
@@ -174,11 +174,11 @@ def test_answer_format_and_retain_data_are_checked() -> None:
         Sweep(task="sft", answer_format="x", generation_examples=0)
     sweep = Sweep(task="sft", answer_format=r"\d+", retain_data="r.jsonl")
     job = TrainJob.from_sweep(sweep, {})
-    assert (job.answer_format, job.retain_data) == (r"\d+", "r.jsonl")
+    assert (job.sweep.answer_format, job.sweep.retain_data) == (r"\d+", "r.jsonl")
 
 
 def test_an_answer_format_the_datas_own_answers_break_is_refused(tiny_llama: Path) -> None:
-    tokenizer = training._tokenizer(str(tiny_llama))
+    tokenizer = worker_cache.load_tokenizer(str(tiny_llama))
     sweep = Sweep(model=str(tiny_llama), task="sft", train_data=str(DATES / "train.jsonl"),
                   eval_data=str(DATES / "eval.jsonl"), answer_format=r"\d{4}-\d{2}-\d{2}",
                   retain_data=str(SEARCH_SPACES / "data" / "general" / "retain.jsonl"))
@@ -227,7 +227,7 @@ def test_forgetting_planted_on_a_retain_set_of_the_base_models_own_answers(talka
     training; a high learning rate changes the answers (forgetting), a tiny one does not."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = training._tokenizer(str(talkative_llama))
+    tokenizer = worker_cache.load_tokenizer(str(talkative_llama))
     base = AutoModelForCausalLM.from_pretrained(talkative_llama).eval()
     conversations = sft.read(str(DATES / "eval.jsonl"))[:8]
     prompts = sft.eval_set(sft_job(talkative_llama, 1e-6), tokenizer, conversations).prompts

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from hpo import Sweep
-from hpo.train import accelerator, training
+from hpo.train import accelerator, training, worker_cache
 from hpo.train.recipe import TrainJob
 from tests.conftest import SEARCH_SPACES, run_hpo
 
@@ -63,7 +63,7 @@ def test_a_trial_trains_on_the_gpu_in_the_cards_native_precision(tiny_llama: Pat
     facts = accelerator.facts(torch.device("cuda"))
     assert settings["device"] == "cuda:0" and settings["device_name"] == facts.name
     assert settings["precision"] == ("bf16" if facts.native_bf16 else "fp32")
-    base = next(iter(training._BASE_MODELS.values()))
+    base = next(iter(worker_cache._BASE_MODELS.values()))
     assert next(base.parameters()).device.type == "cuda"
     assert final["tokens_per_second"] > 0 and final["peak_reserved_memory_mb"] >= final["peak_memory_mb"] > 0
     if facts.name and any(name in facts.name for name in ("H100", "H200", "A100", "L4", "A10", "T4", "V100")):

@@ -6,7 +6,6 @@ cost figures. Only the out-of-memory error itself is injected (a GPU fault a CPU
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import os
@@ -18,7 +17,7 @@ import torch
 
 from hpo import Sweep
 from hpo.errors import is_out_of_memory
-from hpo.train import accelerator, cost, sft, training
+from hpo.train import accelerator, batches, cost, sft, training, worker_cache
 from hpo.train.recipe import TrainJob
 from tests.conftest import SEARCH_SPACES
 
@@ -111,8 +110,8 @@ def _rank(rank: int, world: int, job: TrainJob, folder: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TOKENIZERS_PARALLELISM="false")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        tokenizer = training._tokenizer(job.model)
-        base = training._base_model(job, 0, tokenizer, torch.device("cpu"), "fp32")
+        tokenizer = worker_cache.load_tokenizer(job.model)
+        base = worker_cache.base_model(job, 0, tokenizer, torch.device("cpu"), "fp32")
         frozen = base.model.norm.weight
         if rank == 1:
             with torch.no_grad():
@@ -180,11 +179,11 @@ def test_cublas_alloc_failed_is_out_of_memory() -> None:
 # a warm worker: hooks and the base cache ------------------------------------------------------
 def test_no_input_grad_hook_is_left_on_the_base_after_warm_trials_with_checkpointing(tiny_llama: Path,
                                                                                       tmp_path: Path) -> None:
-    job = dataclasses.replace(sft_job(tiny_llama, sft_data(tmp_path)), gradient_checkpointing=True)
+    job = sft_job(tiny_llama, sft_data(tmp_path)).with_settings(gradient_checkpointing=True)
     counts = []
     for _ in range(5):
         training.fine_tune(job, lambda step, metrics: None)
-        base = next(m for k, m in training._BASE_MODELS.items() if k[0] == str(tiny_llama))
+        base = next(m for k, m in worker_cache._BASE_MODELS.items() if k[0] == str(tiny_llama))
         counts.append(len(base.get_input_embeddings()._forward_hooks))
     assert counts == [0] * 5
 
@@ -196,14 +195,14 @@ def test_a_warm_worker_keeps_one_base_per_device_training_a_b_a_b(tiny_bert: Pat
                                      eval_data=str(SEARCH_SPACES / "data/reviews/eval.tsv"), max_steps=1,
                                      eval_every=1, max_length=32, device="cpu"), {"batch_size": 4})
     llama = sft_job(tiny_llama, sft_data(tmp_path))
-    training._BASE_MODELS.clear()
+    worker_cache._BASE_MODELS.clear()
     previous: list[weakref.ref] = []
     for job in (bert, llama, bert, llama):
         training.fine_tune(job, lambda step, metrics: None)
         gc.collect()
-        assert len(training._BASE_MODELS) == 1, list(training._BASE_MODELS)
+        assert len(worker_cache._BASE_MODELS) == 1, list(worker_cache._BASE_MODELS)
         assert all(ref() is None for ref in previous), "an earlier base is still alive"
-        previous.append(weakref.ref(next(iter(training._BASE_MODELS.values()))))
+        previous.append(weakref.ref(next(iter(worker_cache._BASE_MODELS.values()))))
 
 
 # padding-free packing -------------------------------------------------------------------------
@@ -212,11 +211,11 @@ def test_padding_free_packing_gives_the_rows_loss_and_marks_every_example(tiny_l
     through sdpa (which builds the block mask from the positions) gives the [B, L] rows' loss."""
     from transformers import AutoModelForCausalLM
 
-    job = dataclasses.replace(sft_job(tiny_llama, sft_data(tmp_path)), packing=True, max_length=64)
-    tokenizer = training._tokenizer(job.model)
+    job = sft_job(tiny_llama, sft_data(tmp_path)).with_settings(packing=True, max_length=64)
+    tokenizer = worker_cache.load_tokenizer(job.model)
     train, _ = sft.datasets(job, tokenizer)
-    batch = training._collate(train, [0, 1, 2], tokenizer, "sft")
-    rows = batch.pop(training.ROW_TOKENS)
+    batch = batches.collate(train, [0, 1, 2], tokenizer, "sft")
+    rows = batch.pop(batches.ROW_TOKENS)
     flat = sft.padding_free(batch, rows)
     assert flat["input_ids"].shape == (1, int(rows.sum()))
     starts = [0] + [i for i, p in enumerate(flat["position_ids"][0].tolist()) if p == 0][1:] + [int(rows.sum())]
@@ -275,13 +274,13 @@ def test_merging_onto_a_reloaded_base_gives_the_trained_model(tiny_bert: Path) -
                   eval_data=str(SEARCH_SPACES / "data/reviews/eval.tsv"), max_steps=4, eval_every=4, max_length=32)
     job = TrainJob.from_sweep(sweep, {"batch_size": 4, "learning_rate": 5e-2, "lora_dropout": 0.0})
     outputs: dict[str, torch.Tensor] = {}
-    inputs = training._tokenizer(job.model)(["a fine film", "dull and long"], return_tensors="pt", padding=True)
+    inputs = worker_cache.load_tokenizer(job.model)(["a fine film", "dull and long"], return_tensors="pt", padding=True)
 
     def keep(model, tokenizer) -> None:
         model.eval()
         with torch.no_grad():
             outputs["trained"] = model(**inputs).logits
-            reloaded = training.merged(job, model, tokenizer, reload=True)
+            reloaded = worker_cache.merged(job, model, tokenizer, reload=True)
             assert reloaded is not model.base_model.model, "merged into the trained base, not a reloaded one"
             assert not hasattr(reloaded, "peft_config")
             outputs["reloaded"] = reloaded.eval()(**inputs).logits
@@ -296,19 +295,18 @@ def test_fused_adamw_trains_as_the_plain_one(tiny_bert: Path) -> None:
                   eval_data=str(SEARCH_SPACES / "data/reviews/eval.tsv"), max_steps=6, eval_every=3, max_length=32)
     losses = {}
     for fused in (False, True):
-        job = dataclasses.replace(TrainJob.from_sweep(sweep, {"batch_size": 8, "learning_rate": 1e-2}),
-                                  fused_optimizer=fused)
+        job = TrainJob.from_sweep(sweep, {"batch_size": 8, "learning_rate": 1e-2}).with_settings(fused_optimizer=fused)
         reports: list[dict] = []
         training.fine_tune(job, lambda step, metrics, reports=reports: reports.append(metrics))
         losses[fused] = [value for r in reports for value in (r["train_loss"], r["eval_loss"])]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
-    assert Sweep(fused_optimizer=True).fused_optimizer and TrainJob.from_sweep(Sweep(fused_optimizer=True), {}).fused_optimizer
+    assert Sweep(fused_optimizer=True).fused_optimizer and TrainJob.from_sweep(Sweep(fused_optimizer=True), {}).sweep.fused_optimizer
 
 
 def test_length_grouped_batches_cover_the_epoch_with_less_padding() -> None:
     lengths = [int(x) for x in torch.randint(5, 200, (400,), generator=torch.Generator().manual_seed(0))]
     order = torch.randperm(400, generator=torch.Generator().manual_seed(1)).tolist()
-    grouped = training.grouped_by_length(order, lengths, 8, torch.Generator().manual_seed(2))
+    grouped = batches.grouped_by_length(order, lengths, 8, torch.Generator().manual_seed(2))
     assert sorted(grouped) == sorted(order)  # 400 = 50 batches of 8: nothing dropped
 
     def padding(sequence: list[int]) -> int:

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from hpo import HpoError, Sweep
-from hpo.config import parse_overrides
-from hpo.train import accelerator, lean_loss, training
+from hpo.overrides import parse_overrides
+from hpo.train import accelerator, lean_loss, training, worker_cache
 from hpo.train.recipe import TrainJob
 from tests.conftest import SEARCH_SPACES, run_hpo
 from tests.test_accelerator import A100, CPU
@@ -62,7 +62,7 @@ def test_chunked_gives_the_plain_sft_gradients_whole_and_in_micro_batches(tiny_l
     for report in (lean_report, halved_report):
         assert report["train_loss"] == pytest.approx(plain_report["train_loss"], rel=1e-5)
         assert report["eval_loss"] == pytest.approx(plain_report["eval_loss"], rel=1e-5)
-    base = next(iter(training._BASE_MODELS.values()))
+    base = next(iter(worker_cache._BASE_MODELS.values()))
     assert "forward" not in vars(base), "the model's own forward is not back on the cached base"
 
 
@@ -75,7 +75,7 @@ def test_chunked_causal_lm_over_several_chunks_matches_with_a_lower_peak(tiny_ll
     finals = {}
     for kind in ("chunked", "off"):
         reports: list[dict] = []
-        training.fine_tune(dataclasses.replace(job, lean_loss=kind), lambda step, metrics, reports=reports: reports.append(metrics))
+        training.fine_tune(job.with_settings(lean_loss=kind), lambda step, metrics, reports=reports: reports.append(metrics))
         accelerator.release_memory()
         finals[kind] = reports[-1]
     for name in ("train_loss", "eval_loss"):
@@ -140,7 +140,7 @@ def test_a_model_that_scales_its_logits_and_an_adapter_on_lm_head_are_refused_at
         with pytest.raises(HpoError, match=r"sweep field lean_loss='chunked'") as refused:
             training.fine_tune(job, lambda step, metrics: None)
         assert words in str(refused.value) and "--set lean_loss=off" in str(refused.value)
-        base = next(iter(training._BASE_MODELS.values()))
+        base = next(iter(worker_cache._BASE_MODELS.values()))
         assert "forward" not in vars(base) and not hasattr(base, "peft_config"), "the cached base was left changed"
 
 

@@ -14,11 +14,11 @@ from optuna.trial import TrialState, create_trial
 
 from hpo import HpoError, Sweep
 from hpo import space as spaces
-from hpo.config import parse_overrides
+from hpo.overrides import parse_overrides
 from hpo.record.locks import StudyLock
 from hpo.record.study import open_storage
 from hpo.run import lr_probe
-from hpo.train import training
+from hpo.train import worker_cache
 from hpo.train.lr_probe import STEPS, Choice, Curve, choose, range_test, schedule
 from hpo.train.recipe import TrainJob
 from tests.conftest import SEARCH_SPACES, run_hpo
@@ -82,7 +82,7 @@ def test_the_range_test_ramps_the_rate_trains_and_leaves_the_base_clean(tiny_ber
     ratios = {round(b / a, 9) for a, b in zip(curve.lrs, curve.lrs[1:], strict=False)}
     assert len(ratios) == 1 and ratios.pop() > 1, "exponential"
     assert len(curve.losses) == len(curve.lrs) and all(math.isfinite(loss) for loss in curve.losses)
-    base = next(iter(training._BASE_MODELS.values()))
+    base = next(iter(worker_cache._BASE_MODELS.values()))
     assert not any("lora" in name for name, _ in base.named_modules()), "the adapter is removed"
     diverged = range_test(job, (3.0, 30.0))  # rates up to 300: the loss blows up and the test stops
     assert diverged.stopped == "diverged" and len(diverged.lrs) < STEPS

@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 
 from hpo import HpoError, Sweep
 from hpo.cli import app
-from hpo.config import direction_follows_metric, parse_overrides
+from hpo.overrides import direction_follows_metric, parse_overrides
 from hpo.record.study import create_or_resume, open_storage, pareto_front
 from hpo.run.promote import _pick_trial
+from hpo.run.ranking import mode, prune_mode, pruned_on
 from hpo.train.recipe import check_metrics
 from hpo.train.reporter import Report, ReportError
 from tests.conftest import run_hpo
@@ -32,9 +33,9 @@ def test_several_metrics_take_their_known_directions_and_the_first_leads() -> No
     assert (sweep.metric, sweep.direction) == ("eval_accuracy,peak_memory_mb", "maximize,minimize")
     assert (sweep.metrics, sweep.directions, sweep.is_multi_objective) == \
         (("eval_accuracy", "peak_memory_mb"), ("maximize", "minimize"), True)
-    assert (sweep.mode, sweep.pruned_on, sweep.prune_mode) == ("max", "eval_accuracy", "max")
+    assert (mode(sweep), pruned_on(sweep), prune_mode(sweep)) == ("max", "eval_accuracy", "max")
     on_memory = Sweep(metric="score,cost", direction="maximize,minimize", prune_metric="cost")
-    assert (on_memory.pruned_on, on_memory.prune_mode) == ("cost", "min")
+    assert (pruned_on(on_memory), prune_mode(on_memory)) == ("cost", "min")
     single = Sweep()
     assert (single.metrics, single.directions, single.is_multi_objective) == (("eval_accuracy",), ("maximize",), False)
     assert parse_overrides(["metric=eval_accuracy,trainable_params", "direction=maximize,minimize"]) == \
@@ -66,7 +67,7 @@ def test_bad_multi_objective_fields_name_the_field_and_the_flag(values: dict, wo
 
 def test_every_objective_must_be_reported() -> None:
     seen: list = []
-    report = Report("score,cost", lambda step, values: seen.append((step, values)))
+    report = Report(("score", "cost"), lambda step, values: seen.append((step, values)))
     with pytest.raises(ReportError, match="got no 'cost' \\(the sweep's metric\\)"):
         report(1, {"score": 0.5})
     report(1, {"score": 0.5, "cost": 3})

@@ -17,12 +17,13 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from hpo import HpoError, Sweep
-from hpo.config import parse_overrides
+from hpo.overrides import parse_overrides
 from hpo.record.ledger import Ledger
 from hpo.record.recorder import Recorder
 from hpo.record.study import open_storage
 from hpo.record.tracking import SweepTracker
 from hpo.run.promote import FinalSchedule, final_schedule
+from hpo.run.ranking import mode, prune_mode, pruned_on
 from hpo.run.scheduling import OptunaBridge, _NoStop
 from hpo.run.sweep import SearchOptions, prepare
 from hpo.train.recipe import check_metrics
@@ -32,15 +33,15 @@ from tests.conftest import SEARCH_SPACES, run_hpo
 
 def test_prune_metric_defaults_to_the_metric_and_knows_its_own_direction() -> None:
     sweep = Sweep()
-    assert (sweep.pruned_on, sweep.prune_mode, sweep.objective) == ("eval_accuracy", "max", "last")
+    assert (pruned_on(sweep), prune_mode(sweep), sweep.objective) == ("eval_accuracy", "max", "last")
     on_loss = Sweep(prune_metric="eval_loss")
-    assert (on_loss.metric, on_loss.mode, on_loss.pruned_on, on_loss.prune_mode) == \
+    assert (on_loss.metric, mode(on_loss), pruned_on(on_loss), prune_mode(on_loss)) == \
         ("eval_accuracy", "max", "eval_loss", "min")
-    assert Sweep(metric="score", direction="minimize").prune_mode == "min"
-    assert Sweep(prune_metric="f1", prune_direction="maximize").prune_mode == "max"
+    assert prune_mode(Sweep(metric="score", direction="minimize")) == "min"
+    assert prune_mode(Sweep(prune_metric="f1", prune_direction="maximize")) == "max"
     assert parse_overrides(["prune_metric=eval_loss", "objective=best", "prune_direction=none"]) == \
         {"prune_metric": "eval_loss", "objective": "best", "prune_direction": None}
-    assert dataclasses.replace(sweep, **parse_overrides(["prune_metric=none"])).pruned_on == "eval_accuracy"
+    assert pruned_on(dataclasses.replace(sweep, **parse_overrides(["prune_metric=none"]))) == "eval_accuracy"
 
 
 @pytest.mark.parametrize(("values", "words"), [
@@ -69,12 +70,12 @@ def test_the_recipe_refuses_a_metric_it_does_not_report_before_anything_runs(tmp
 
 def test_report_requires_the_prune_metric_in_every_call() -> None:
     sent: list[tuple[int, dict]] = []
-    report = Report("eval_accuracy", lambda step, values: sent.append((step, values)), prune_metric="eval_loss")
+    report = Report(("eval_accuracy",), lambda step, values: sent.append((step, values)), prune_metric="eval_loss")
     report(1, {"eval_accuracy": 0.5, "eval_loss": 0.7})
     with pytest.raises(ReportError, match=r"report\(step=2\) got no 'eval_loss' \(the sweep's prune_metric"):
         report(2, {"eval_accuracy": 0.6})
     assert sent == [(1, {"eval_accuracy": 0.5, "eval_loss": 0.7})]
-    same = Report("eval_loss", lambda step, values: None, prune_metric="eval_loss")
+    same = Report(("eval_loss",), lambda step, values: None, prune_metric="eval_loss")
     same(1, {"eval_loss": 0.3})
 
 
@@ -89,7 +90,7 @@ def test_report_refuses_metric_names_mlflow_refuses_at_the_first_call() -> None:
     from mlflow.utils.validation import _validate_metric
 
     sent: list[tuple[int, dict]] = []
-    report = Report("eval_accuracy", lambda step, values: sent.append((step, values)))
+    report = Report(("eval_accuracy",), lambda step, values: sent.append((step, values)))
     with pytest.raises(ReportError) as error:
         report(1, {"eval_accuracy": 0.5, "acc@5": 0.9})
     assert str(error.value).count("\n") == 0 and "'acc@5' is one MLflow refuses" in str(error.value)
@@ -129,7 +130,7 @@ def test_a_trial_is_worth_its_best_or_last_evaluation(tmp_path: Path, tracking_u
     ledger = Ledger(study, lambda t: {"x": t.suggest_float("x", 0, 1)}, target=3)
     tracker = SweepTracker(tracking_uri, name)
     tracker.start_sweep({}, {})
-    recorder = Recorder(ledger, tracker, _Quiet(), metric="score", deadline=None, objective=objective,
+    recorder = Recorder(ledger, tracker, _Quiet(), metrics=("score",), deadline=None, objective=objective,
                         direction=direction)
     scheduler = _NoStop()
     bridge = OptunaBridge(recorder, scheduler, "score", "max" if direction == "maximize" else "min")

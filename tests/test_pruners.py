@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from hpo import HpoError, Sweep
-from hpo.config import parse_overrides
+from hpo.overrides import parse_overrides
+from hpo.run.ranking import pruned_on
 from hpo.run.scheduling import _ASHA, _NoStop, make_scheduler
 
 
@@ -15,7 +16,7 @@ def rungs(sweep: Sweep) -> list[list[float]]:
     scheduler = make_scheduler(sweep)
     assert isinstance(scheduler, _ASHA)
     assert (scheduler._metric, scheduler._max_t, scheduler._reduction_factor) == (
-        sweep.pruned_on, sweep.max_steps, sweep.reduction_factor)
+        pruned_on(sweep), sweep.max_steps, sweep.reduction_factor)
     return [[milestone for milestone, _ in reversed(bracket._rungs)] for bracket in scheduler._brackets]
 
 

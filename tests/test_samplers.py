@@ -35,6 +35,11 @@ def sampled(name: str, seed: int, trials: int = 10) -> list[dict]:
 def test_the_config_knows_the_same_names() -> None:
     assert config.SAMPLERS == SAMPLERS
     assert Sweep().sampler == "tpe-qmc"
+    for name in config.SAMPLERS:  # every name a sweep accepts builds a sampler (cmaes: or names its package)
+        try:
+            make_sampler(name, 0, 10)
+        except HpoError as error:
+            assert name == "cmaes" and "pip install cmaes" in str(error)
 
 
 def test_an_unknown_sampler_is_refused_in_one_line() -> None:

@@ -12,7 +12,8 @@ import torch
 
 from hpo import space
 from hpo.errors import HpoError
-from hpo.train import sft, training
+from hpo.train import sft, worker_cache
+from hpo.train.evaluation import evaluate
 from hpo.train.recipe import TrainJob
 from tests.conftest import SEARCH_SPACES, run_hpo
 
@@ -21,7 +22,7 @@ DATES = SEARCH_SPACES / "data" / "dates"
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama: Path):
-    return training._tokenizer(str(tiny_llama))
+    return worker_cache.load_tokenizer(str(tiny_llama))
 
 
 def job_for(tiny_llama: Path, *overrides: str) -> TrainJob:
@@ -91,7 +92,7 @@ def test_packing_keeps_labels_and_attention_within_each_example(tiny_llama: Path
 
     job = job_for(tiny_llama, "max_length=256")
     plain = sft.datasets(job, tokenizer)[0].examples
-    packed = sft.datasets(dataclasses.replace(job, packing=True), tokenizer)[0].examples
+    packed = sft.datasets(job.with_settings(packing=True), tokenizer)[0].examples
     assert len(packed) < len(plain) / 2 and all(len(b.input_ids) <= 256 for b in packed)
     assert sum((b.input_ids for b in packed), []) == sum((e.input_ids for e in plain), [])
     assert sum((b.labels for b in packed), []) == sum((e.labels for e in plain), [])
@@ -127,7 +128,7 @@ def test_generation_score_exact_match_and_a_module_score(tiny_llama: Path, token
     references = [f"  {a} " if i % 2 else "not it" for i, a in enumerate(alone)]
     lengths = lambda prediction, reference: float(len(prediction) == len(reference.strip()))  # noqa: E731
     scored = sft.with_score(dataclasses.replace(evaluation, references=references), lengths)
-    metrics = training.evaluate(job, model, tokenizer, scored)
+    metrics = evaluate(job, model, tokenizer, scored)
     assert metrics["eval_exact_match"] == pytest.approx(0.5)  # stripped matches only
     assert metrics["eval_score"] == pytest.approx(sum(lengths(a, r) for a, r in zip(alone, references, strict=True)) / 6)
     assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-5)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hpo import Sweep
-from hpo.train import training
+from hpo.train import training, worker_cache
 from hpo.train.recipe import TrainJob
 from tests.conftest import SEARCH_SPACES, needs_shared_data
 
@@ -46,9 +46,9 @@ def test_a_warm_worker_gives_exactly_a_fresh_loads_results(tiny_bert: Path) -> N
     first = run(job)
     run(other)  # a different trial in between must leave no trace on the cached base model
     warm = run(job)
-    training._BASE_MODELS.clear()
-    training._DATASETS.clear()
-    training._TOKENIZERS.clear()
+    worker_cache._BASE_MODELS.clear()
+    worker_cache._DATASETS.clear()
+    worker_cache._TOKENIZERS.clear()
     fresh = run(job)
     assert first == warm == fresh
     assert run(dataclasses.replace(job, seed=4)) != first, "the seed matters"
@@ -56,7 +56,7 @@ def test_a_warm_worker_gives_exactly_a_fresh_loads_results(tiny_bert: Path) -> N
 
 def test_the_first_report_holds_the_setup_time_and_a_warm_run_sets_up_faster(tiny_bert: Path) -> None:
     job = classification_job(tiny_bert)
-    for cache in (training._BASE_MODELS, training._DATASETS, training._TOKENIZERS):
+    for cache in (worker_cache._BASE_MODELS, worker_cache._DATASETS, worker_cache._TOKENIZERS):
         cache.clear()  # a cold worker: the base model, tokenizer and data are loaded by the first run
 
     def setup_seconds() -> list:

@@ -32,6 +32,7 @@ from hpo.analysis.diagnose_advice import (
 from hpo.analysis.diagnose_curve import first_value, to_points
 from hpo.analysis.diagnose_rules import KINDS, MIN_POINTS, Finding, diagnose_curves
 from hpo.analysis.diagnose_sft import step_advice, with_step_findings
+from hpo.config import split_commas
 from hpo.formatting import json_safe
 from hpo.priors import stored_priors
 
@@ -181,8 +182,8 @@ def diagnose_study(study: optuna.Study) -> StudyDiagnosis:
     record = SweepRecord.load(study)
     sweep = record.sweep if record else {}
     # A multi-objective study ("a,b" / "maximize,minimize") is diagnosed on its first objective.
-    metric = named.split(",")[0] if (named := sweep.get("metric")) else None
-    direction = (sweep.get("direction") or study.directions[0].name.lower()).split(",")[0]
+    metric = split_commas(sweep["metric"])[0] if sweep.get("metric") else None
+    direction = split_commas(sweep.get("direction") or study.directions[0].name.lower())[0]
     everything = study.get_trials(deepcopy=False)
     finished = [t for t in everything if is_diagnosed(t)]
     skipped: dict[str, int] = {}

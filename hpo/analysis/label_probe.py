@@ -65,21 +65,22 @@ def strong_probe(sweep: Sweep, params: dict[str, Any], texts: list[str], labels:
         for fold, (kept, held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
             fit, stop = train_test_split(kept, test_size=max(classes, round(len(kept) * STOP_FRACTION)),
                                          random_state=seed, stratify=[labels[i] for i in kept])
-            steps = max_steps or fold_steps(base.max_steps, batch, len(fit))
+            steps = max_steps or fold_steps(base.sweep.max_steps, batch, len(fit))
             files = {name: Path(folder) / f"{name}{fold}.tsv" for name in ("train", "stop")}
             for name, rows in (("train", fit), ("stop", stop)):
                 with files[name].open("w", newline="", encoding="utf-8") as handle:  # csv quotes what needs it
                     writer = csv.writer(handle, delimiter="\t")
                     writer.writerow(("label", "text"))
                     writer.writerows((labels[i], texts[i]) for i in rows)
-            job = dataclasses.replace(base, train_data=str(files["train"]), eval_data=str(files["stop"]),
-                                      text_column="text", label_column="label", train_limit=None, max_steps=steps,
-                                      eval_every=max(steps // EVALUATIONS, 1), patience=PATIENCE, restore_best=True,
-                                      watch="eval_loss", watch_mode="min", min_steps=0)
+            job = dataclasses.replace(base, restore_best=True, watch="eval_loss", watch_mode="min", min_steps=0)
+            job = job.with_settings(train_data=str(files["train"]), eval_data=str(files["stop"]), text_column="text",
+                                    label_column="label", train_limit=None, max_steps=steps,
+                                    eval_every=max(steps // EVALUATIONS, 1), patience=PATIENCE,
+                                    grace_period=None)  # ASHA's first rung: not past these steps
 
             def predict(model: Any, tokenizer: Any, rows: Any = held) -> None:
-                probabilities[rows] = _predict(model, tokenizer, [texts[i] for i in rows], base.max_length,
-                                               base.eval_batch_size)[:, :classes]
+                probabilities[rows] = _predict(model, tokenizer, [texts[i] for i in rows], base.sweep.max_length,
+                                               base.sweep.eval_batch_size)[:, :classes]
 
             training.fine_tune(job, lambda step, metrics: None, on_trained=predict)
     return probabilities / probabilities.sum(1, keepdims=True)
@@ -121,8 +122,9 @@ def best_trial_setup(study: optuna.Study, overrides: list[str]) -> tuple[Sweep, 
     the best trial's params, its number, and the sweep's MLflow tracking URI (None when the
     record hides a password in it). Raises HpoError for a study ``hpo search`` did not
     make, one trained by the module's own ``train``, or one with no COMPLETE trial."""
-    from hpo.config import Sweep, parse_overrides
+    from hpo.config import Sweep
     from hpo.errors import HpoError
+    from hpo.overrides import parse_overrides
     from hpo.record import study as studies
     from hpo.record.sweep_record import SweepRecord
 

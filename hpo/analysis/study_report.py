@@ -26,6 +26,7 @@ from typing import Any
 
 import optuna
 
+from hpo.config import split_commas
 from hpo.formatting import cell, short
 
 PLOTS = (
@@ -217,7 +218,7 @@ def _rows_table(rows: list[dict]) -> str:
 
 def _goal(study: optuna.Study, metric: str) -> str:
     """``maximize eval_accuracy``, or ``maximize eval_accuracy, minimize peak_memory_mb``."""
-    names = study.metric_names or metric.split(",")
+    names = study.metric_names or split_commas(metric)
     return ", ".join(f"{d.name.lower()} {n}" for d, n in zip(study.directions, names, strict=False))
 
 

@@ -88,7 +88,7 @@ class Recorder:
     CURVES = ("train_loss", "eval_loss", "learning_rate", "train_loss_max", "grad_norm", "grad_norm_max",
               "retain_loss", "retain_score", "retain_loss_before", "retain_score_before")
 
-    def __init__(self, ledger: Ledger, tracker: SweepTracker, display: Display, *, metric: str,
+    def __init__(self, ledger: Ledger, tracker: SweepTracker, display: Display, *, metrics: tuple[str, ...],
                  deadline: float | None, job_params: JobParams | None = None,
                  objective: str = "last", direction: str = "maximize"):
         self.job_params = job_params
@@ -96,9 +96,8 @@ class Recorder:
         self.ledger = ledger
         self.tracker = tracker
         self.display = display
-        self.metric = metric
-        self.metrics = tuple(metric.split(","))
-        """The objectives: one, or several (``metric="a,b"``, a multi-objective study: Optuna takes no
+        self.metrics = metrics
+        """The objectives (``Sweep.metrics``): one, or several (a multi-objective study: Optuna takes no
         intermediate values there, so only the curves user attr and MLflow keep them)."""
         self.objective = objective
         """``last``: a COMPLETE trial's value is its last evaluation of ``metric``; ``best``: its best
@@ -250,7 +249,7 @@ class Recorder:
             return
         last = self.last.get(number, {})
         kind, reason, error = outcome.kind, outcome.reason, outcome.error
-        value: Any = last.get(self.metric)
+        value: Any = last.get(self.metrics[0])
         for metric in self.metrics:
             one = last.get(metric)
             if kind == "complete" and (one is None or not math.isfinite(one)):

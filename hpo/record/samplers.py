@@ -32,11 +32,11 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.config import SAMPLERS
 from hpo.errors import HpoError
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE group, QMCSampler
 
-SAMPLERS = ("tpe-qmc", "tpe", "random", "qmc", "gp", "cmaes")
 QMC_DIMENSIONS = 64
 """Parameters per trial placed on the Sobol sequence; any further ones are sampled at random."""
 HISTORY = 1000

@@ -14,9 +14,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from hpo.formatting import params_text, short
-
-STATE_STYLE = {"RUNNING": "cyan", "COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}
+from hpo.formatting import STATE_STYLE, params_text, short
 
 
 @dataclass
@@ -116,10 +114,10 @@ class SweepDisplay:
         head = Text.assemble(
             (f"study {self.study}  ", "bold"),
             (f"{finished}/{self.target} finished  ", ""),
-            (f"{counts['RUNNING']} running  ", "cyan"),
-            (f"{counts['COMPLETE']} complete  ", "green"),
-            (f"{counts['PRUNED']} pruned  ", "yellow"),
-            (f"{counts['FAIL']} failed  ", "red"),
+            (f"{counts['RUNNING']} running  ", STATE_STYLE["RUNNING"]),
+            (f"{counts['COMPLETE']} complete  ", STATE_STYLE["COMPLETE"]),
+            (f"{counts['PRUNED']} pruned  ", STATE_STYLE["PRUNED"]),
+            (f"{counts['FAIL']} failed  ", STATE_STYLE["FAIL"]),
             (f"{elapsed:,.0f}s  ", "dim"),
             (best, "bold magenta"),
         )

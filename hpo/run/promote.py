@@ -35,15 +35,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from rich.console import Console
 
-from hpo.config import Sweep, parse_overrides, resolve_paths
+from hpo.config import Sweep, resolve_paths
 from hpo.errors import HpoError
 from hpo.names import folder_for
+from hpo.overrides import parse_overrides
 from hpo.record import study as studies
 from hpo.record.sweep_record import SweepRecord
+from hpo.run import ranking
 
 BUDGET_FACTOR = 3
 EVALUATIONS = 20
@@ -129,11 +131,10 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
 
     _check_data(sweep)
     params = trial.user_attrs.get("config") or trial.params
-    job = TrainJob.from_sweep(sweep, params)
-    job = dataclasses.replace(
-        job, train_limit=None, restore_best=True, eval_every=schedule.eval_every, patience=schedule.patience,
-        min_steps=schedule.min_steps, watch=sweep.metrics[0], watch_mode=sweep.mode,
-    )
+    job = TrainJob.from_sweep(sweep, params).with_settings(train_limit=None, eval_every=schedule.eval_every,
+                                                           patience=schedule.patience)
+    job = dataclasses.replace(job, restore_best=True, min_steps=schedule.min_steps, watch=sweep.metrics[0],
+                              watch_mode=ranking.mode(sweep))
     output = (Path(options.output) if options.output
               else folder_for(Path("promoted"), study.study_name, f"-trial{trial.number}")).resolve()
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
@@ -152,16 +153,17 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
     tracker = PromoteTracker(tracking_uri, study.study_name)
     run_id = tracker.start(
         trial_number=trial.number, parent_run_id=recorded.mlflow_parent_run_id,
-        params={**job.describe(), **params, "seed": job.seed, "max_steps": job.max_steps, "eval_every": job.eval_every,
-                "patience": job.patience, "min_steps": job.min_steps, "watch": job.watch, "model": job.model, "train_data": job.train_data,
-                "eval_data": job.eval_data or "", "merge": options.merge, "source_trial": trial.number},
+        params={**job.describe(), **params, "seed": job.seed, "max_steps": job.sweep.max_steps,
+                "eval_every": job.sweep.eval_every, "patience": job.sweep.patience, "min_steps": job.min_steps,
+                "watch": job.watch, "model": job.model, "train_data": job.sweep.train_data,
+                "eval_data": job.sweep.eval_data or "", "merge": options.merge, "source_trial": trial.number},
     )
     at = f" at step {trial.user_attrs['best_step']}" if "best_step" in trial.user_attrs else ""
-    stopping = (f"early stopping after {job.patience} evaluations without a better {job.watch} (not before step "
-                f"{job.min_steps})" if job.patience else "no early stopping")
+    stopping = (f"early stopping after {job.sweep.patience} evaluations without a better {job.watch} (not before "
+                f"step {job.min_steps})" if job.sweep.patience else "no early stopping")
     console.print(f"[bold]hpo promote[/] study {study.study_name} trial {trial.number} "
-                  f"({recorded.sweep['metric']}={_trial_value(trial)}{at}): {job.max_steps} steps, evaluating every "
-                  f"{job.eval_every}, {stopping}, the best {job.watch}'s weights kept; MLflow run {run_id}")
+                  f"({recorded.sweep['metric']}={_trial_value(trial)}{at}): {job.sweep.max_steps} steps, evaluating "
+                  f"every {job.sweep.eval_every}, {stopping}, the best {job.watch}'s weights kept; MLflow run {run_id}")
     staging = _staging_folder(output)
     try:
         metrics = _train_and_save(job, sweep, params, options, study, trial, staging, tracker, console)
@@ -296,7 +298,7 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
                     staging: Path, tracker: Any, console: Console) -> dict[str, float]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from hpo.train import training
+    from hpo.train import evaluation, training, worker_cache
     from hpo.train.reporter import Report
 
     saved: dict[str, Any] = {}
@@ -304,14 +306,14 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
 
     def save(model: Any, tokenizer: Any) -> None:
         if sweep.test_data:
-            saved["test"] = training.evaluate_source(job, model, tokenizer, sweep.test_data)
+            saved["test"] = evaluation.evaluate_source(job, model, tokenizer, sweep.test_data)
         if sweep.task == "sft":  # the saved folder formats and generates as the trials did
             from hpo.train import sft
 
-            tokenizer.chat_template = sft.chat_template(job.model, tokenizer, job.chat_template)
+            tokenizer.chat_template = sft.chat_template(job.model, tokenizer, job.sweep.chat_template)
             model.config.use_cache = True
         if options.merge:  # onto an unquantized copy of the base when it trained quantized
-            training.merged(job, model, tokenizer).save_pretrained(staging)
+            worker_cache.merged(job, model, tokenizer).save_pretrained(staging)
         else:
             model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -321,17 +323,17 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
         with Progress(TextColumn("[bold]training"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                       TextColumn("{task.fields[shown]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                       console=console, transient=False) as progress:
-            task = progress.add_task("train", total=job.max_steps, shown="")
+            task = progress.add_task("train", total=job.sweep.max_steps, shown="")
 
             def show(step: int, metrics: dict[str, float]) -> None:
                 tracker.log_metrics(step, metrics)
                 shown = f"{sweep.metrics[0]}={metrics[sweep.metrics[0]]:.4f} eval_loss={metrics['eval_loss']:.4f}"
                 progress.update(task, completed=step, shown=shown)
 
-            final = training.fine_tune(job, Report(cast(str, sweep.metric), show), on_trained=save, score=_module_score(sweep, study),
+            final = training.fine_tune(job, Report(sweep.metrics, show), on_trained=save, score=_module_score(sweep, study),
                                        on_start=lambda settings: tracker.log_params(
                                            {k: settings[k] for k in ("device", "precision")}))
-            progress.update(task, completed=job.max_steps)
+            progress.update(task, completed=job.sweep.max_steps)
         metrics = {k: v for k, v in final.items() if isinstance(v, (int, float))}
         metrics["train_minutes"] = (time.perf_counter() - started) / 60
         metrics.update({f"test_{k.removeprefix('eval_')}": v for k, v in saved.get("test", {}).items()})
@@ -370,9 +372,9 @@ def _write_records(folder: Path, job: Any, sweep: Sweep, params: dict, options: 
         "merged": options.merge,
         "params": params,
         "seed": job.seed,
-        "max_steps": job.max_steps,
-        "eval_every": job.eval_every,
-        "patience": job.patience,
+        "max_steps": job.sweep.max_steps,
+        "eval_every": job.sweep.eval_every,
+        "patience": job.sweep.patience,
         "min_steps": job.min_steps,
         "watch": job.watch,
         "objective": sweep.objective,
@@ -396,8 +398,8 @@ tags: [hpo, {"lora" if not options.merge else "lora-merged"}, {sweep.task}]
 
 {"A merged" if options.merge else "A LoRA adapter for"} `{sweep.model}` ({sweep.task}), trained by `hpo promote` with
 the parameters of trial {trial.number} of the Optuna study `{study.study_name}`
-({sweep.metric} = {_trial_value(trial)} in the sweep), for up to {job.max_steps} steps, evaluated every
-{job.eval_every}, with early stopping on the validation {job.watch} (patience {job.patience} evaluations, not
+({sweep.metric} = {_trial_value(trial)} in the sweep), for up to {job.sweep.max_steps} steps, evaluated every
+{job.sweep.eval_every}, with early stopping on the validation {job.watch} (patience {job.sweep.patience} evaluations, not
 before step {job.min_steps}); the weights are those of the evaluation with the best validation
 {job.watch} (step {int(metrics.get('best_step', 0))}).
 

@@ -56,7 +56,7 @@ from ray.tune.search import Searcher
 
 from hpo.record.ledger import AskedTrial
 from hpo.record.recorder import NoTrial, Outcome, Recorder
-from hpo.run import cluster
+from hpo.run import cluster, ranking
 from hpo.run import trial as protocol
 from hpo.run.trial import EARLY_STOP_KEY, ERROR_KEY, HELD_KEY, REASON_KEY, TIME_KEY, TrialSpec, run_trial
 from hpo.space import TrainFn
@@ -107,8 +107,9 @@ def make_scheduler(sweep: Sweep) -> _ASHA | _NoStop:
     ``sweep.first_rung``, one bracket or ``sweep.brackets`` (asynchronous Hyperband); ``none`` stops nothing."""
     if sweep.pruner == "none":
         return _NoStop()
-    return _ASHA(time_attr="step", metric=sweep.pruned_on, mode=sweep.prune_mode, max_t=sweep.max_steps,
-                 grace_period=sweep.first_rung, reduction_factor=sweep.reduction_factor, brackets=sweep.brackets)
+    return _ASHA(time_attr="step", metric=ranking.pruned_on(sweep), mode=ranking.prune_mode(sweep),
+                 max_t=sweep.max_steps, grace_period=sweep.first_rung, reduction_factor=sweep.reduction_factor,
+                 brackets=sweep.brackets)
 
 
 class _NoStop(_LiveTrialsFirst, FIFOScheduler):
@@ -343,7 +344,7 @@ def run(recorder: Recorder, sweep: Sweep, train: TrainFn | None, *, address: str
     first: AskedTrial | None = None
     started = time.strftime('%Y%m%d-%H%M%S')
     for turn in itertools.count(1):
-        searcher = OptunaBridge(recorder, scheduler, sweep.metrics[0], sweep.mode, first=first)
+        searcher = OptunaBridge(recorder, scheduler, sweep.metrics[0], ranking.mode(sweep), first=first)
         callbacks: list[tune.Callback] = [_Heartbeat(recorder)]
         if sweep.workers_per_trial == 1:
             trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), sweep.trial_resources)

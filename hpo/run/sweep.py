@@ -14,13 +14,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from hpo import space as spaces
 from hpo.errors import HpoError
 from hpo.record import study as studies
+from hpo.run.ranking import pruned_on
 from hpo.train import data, models
 
 if TYPE_CHECKING:
@@ -269,7 +270,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     console.print(f"[bold]hpo search[/] {search_space.path.name}: study [bold]{name}[/] in {result.storage}, "
                   f"MLflow {result.tracking_uri}; {sweep.trials - already} trials to go "
                   f"({sweep.max_steps} steps, evaluate every {sweep.eval_every}, pruner {sweep.pruner}"
-                  f"{f' on {sweep.pruned_on}' if sweep.pruner != 'none' and sweep.pruned_on != sweep.metric else ''}"
+                  f"{f' on {pruned_on(sweep)}' if sweep.pruner != 'none' and pruned_on(sweep) != sweep.metric else ''}"
                   f"{_rungs(sweep)}"
                   f"{', a trial is worth its best evaluation' if sweep.objective == 'best' else ''}"
                   f"{f', Pareto front of {sweep.metric} ({sweep.direction})' if sweep.is_multi_objective else ''})")
@@ -281,7 +282,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     display = SweepDisplay(console, study=name, metric=sweep.metrics[0], direction=sweep.directions[0], target=sweep.trials,
                            max_steps=sweep.max_steps, already=already,
                            best=(best["number"], best["value"]) if best else None)
-    recorder = Recorder(ledger, tracker, display, metric=cast(str, sweep.metric), deadline=deadline, job_params=job,
+    recorder = Recorder(ledger, tracker, display, metrics=sweep.metrics, deadline=deadline, job_params=job,
                         objective=sweep.objective, direction=sweep.directions[0])
     status, hard_stop = "FINISHED", False
     # The first Ctrl-C from here on starts no new trial and stops the running ones (they run

@@ -37,12 +37,13 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
 from hpo.errors import is_out_of_memory
 from hpo.run.cluster import held_resources
+from hpo.run.ranking import pruned_on
 from hpo.space import TrainFn
 from hpo.train.reporter import NonFiniteMetric, Report, is_reserved
 
@@ -101,8 +102,8 @@ def run_body(params: dict[str, Any], spec: TrialSpec, transport: Send, held: lis
             info.clear()
         transport({**result, HELD_KEY: held_text, TIME_KEY: time.time()})
 
-    report = Report(cast(str, spec.sweep.metric), lambda step, values: send({"step": step, **values}),
-                    prune_metric=spec.sweep.pruned_on if spec.sweep.pruner != "none" else None)
+    report = Report(spec.sweep.metrics, lambda step, values: send({"step": step, **values}),
+                    prune_metric=pruned_on(spec.sweep) if spec.sweep.pruner != "none" else None)
     try:
         if spec.train is not None:
             call_train(spec.train, params, report, spec.sweep)

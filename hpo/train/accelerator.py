@@ -1,5 +1,6 @@
 """Where a trial trains and in which precision: the sweep's ``device`` and ``precision``
-resolved on the worker, what the worker's hardware can run, and its memory.
+resolved on the worker, what the worker's hardware can run, and its memory (a peak meter, memory
+given back, a batch halved until it fits: :func:`halving_on_oom`).
 
 Runs in the worker (Ray decides which GPUs it sees through ``CUDA_VISIBLE_DEVICES``, so
 trials sharing one GPU with fractional ``gpus_per_trial`` resolve to the same device, and a
@@ -32,15 +33,18 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+from hpo.errors import is_out_of_memory
 from hpo.train import lean_loss as lean
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-QUANTIZATIONS = ("none", "4bit", "8bit")
+T = TypeVar("T")
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NATIVE_BF16_CAPABILITY = (8, 0)
 """The first CUDA compute capability with bf16 tensor cores (Ampere)."""
@@ -246,6 +250,29 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         pass
+
+
+def halving_on_oom(attempt: Callable[[int], T], size: int, can_halve: bool = True,
+                    before_retry: Callable[[], None] | None = None) -> tuple[T, int]:
+    """``attempt(size)``; on an out-of-memory error, memory released (after ``before_retry``),
+    again with half the size, down to 1. Returns the result and the size that worked. Any
+    other error, or an out-of-memory error at size 1 or when ``can_halve`` is false, propagates.
+
+    The retry runs outside the ``except`` block, with the failed attempt's frames cleared:
+    inside it, the traceback still holds the failed step's activations, so the cache release
+    would free too little for the smaller retry to fit."""
+    while True:
+        try:
+            return attempt(size), size
+        except Exception as error:
+            if not is_out_of_memory(error) or size == 1 or not can_halve:
+                raise
+            traceback.clear_frames(error.__traceback__)
+        # the error, its traceback and the failed step's tensors are gone here
+        if before_retry is not None:
+            before_retry()
+        release_memory()
+        size = max(1, size // 2)
 
 
 class MemoryMeter:

@@ -108,7 +108,8 @@ def range_test(job: TrainJob, outer: tuple[float, float]) -> Curve:
     non-finite. Runs where a trial runs (a worker)."""
     import torch
 
-    from hpo.train import training
+    from hpo.train import training, worker_cache
+    from hpo.train.batches import is_padding_free, training_batches
 
     started = time.perf_counter()
     lrs: list[float] = []
@@ -116,20 +117,20 @@ def range_test(job: TrainJob, outer: tuple[float, float]) -> Curve:
     stopped = "end"
     average, best = 0.0, math.inf
     p = job.params
-    with training.adapter(job) as fresh:
+    with worker_cache.adapter(job) as fresh:
         trainable = [w for w in fresh.model.parameters() if w.requires_grad]
         first = schedule(0, outer)
         optimizer = training.make_optimizer(fresh.model, trainable, dataclasses.replace(p, learning_rate=first),
-                                            fused=job.fused_optimizer)
+                                            fused=job.sweep.fused_optimizer)
         ramp = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, outer) / first)
-        batches = training.training_batches(job, fresh.train_set, fresh.tokenizer)
+        batches = training_batches(job, fresh.train_set, fresh.tokenizer)
         micro = p.batch_size
         fresh.model.train()
         for step in range(STEPS):
             lr = schedule(step, outer)
             loss, micro, _ = training.optimizer_step(fresh.model, next(batches), micro, optimizer, trainable,
-                                                  p.max_grad_norm, fresh.run, job.task,
-                                                  padding_free=training.is_padding_free(job))
+                                                     p.max_grad_norm, fresh.run, job.sweep.task,
+                                                     padding_free=is_padding_free(job))
             ramp.step()
             if not math.isfinite(loss):
                 stopped = "diverged"

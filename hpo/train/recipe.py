@@ -135,67 +135,55 @@ def check_metrics(sweep: Sweep) -> str | None:
     return None
 
 
+SEARCH_FIELDS = ("test_data", "metric", "direction", "objective", "prune_metric", "prune_direction", "trials",
+                 "timeout", "pruner", "grace_period", "reduction_factor", "sampler", "lr_probe", "cpus_per_trial",
+                 "gpus_per_trial", "workers_per_trial", "cpus_per_worker", "gpus_per_worker", "concurrency", "extra")
+"""The :class:`~hpo.config.Sweep` fields that choose, judge, place and schedule trials (the driver's, recorded
+on the sweep's parent MLflow run), and promote's test set. Every other field is a training setting: the recipe
+reads it as ``job.sweep.NAME`` and each trial's MLflow run records it (:meth:`TrainJob.describe`)."""
+TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(Sweep) if f.name not in SEARCH_FIELDS)
+"""The sweep's training settings, in the order the Sweep declares them."""
+RESOLVED_ON_WORKER = ("device", "precision")
+"""Training settings a trial's run records as the worker resolved them (``cuda:0``, ``bf16``), not as asked."""
+
+
 @dataclass(frozen=True)
 class TrainJob:
-    """Everything one run of the recipe needs; plain data, picklable to Ray workers."""
+    """Everything one run of the recipe needs: the sweep's training settings, the trial's parameters,
+    and how the run ends; plain data, picklable to Ray workers.
 
+    A training setting is a :class:`~hpo.config.Sweep` field, read as ``job.sweep.NAME``: adding one
+    means one ``Sweep`` field and its check, nothing here. Make one with :meth:`from_sweep`.
+    """
+
+    sweep: Sweep
+    """The sweep's settings: ``max_steps``, ``max_length``, ``device``, ``packing``, ... Its ``model`` and
+    ``seed`` give way to the job's own (a space may choose them per trial)."""
     model: str
-    task: str
-    train_data: str
-    eval_data: str | None
-    text_column: str | None
-    label_column: str | None
-    max_length: int
-    eval_fraction: float
-    max_steps: int
-    eval_every: int
-    eval_batch_size: int
+    """The base model this run trains: the trial's ``model`` when the space chose one, else the sweep's."""
     seed: int
+    """The run's seed: the trial's ``seed`` when the space chose one, else the sweep's."""
     params: TrainParams = field(default_factory=TrainParams)
-    train_limit: int | None = None
-    """Use at most this many training examples (a seeded sample); None: all."""
-    patience: int | None = None
-    """Stop after this many evaluations without a better one (by ``watch``); None/0: never."""
     restore_best: bool = False
     """End with the weights of the best evaluation (by ``watch``)."""
     watch: str = "eval_loss"
-    """What early stopping and ``restore_best`` judge an evaluation by (``watch_mode`` says which way is
-    better; equal values go to the lower eval_loss): eval_loss in trials, the sweep's metric in promote."""
+    """What early stopping (the sweep's ``patience``) and ``restore_best`` judge an evaluation by (``watch_mode``
+    says which way is better; equal values go to the lower eval_loss): eval_loss in trials, the sweep's metric in
+    promote."""
     watch_mode: str = "min"
     """``min`` or ``max``: the better direction of ``watch``."""
     min_steps: int = 0
     """Early stopping never ends the run before this step."""
-    synonyms: str | None = None
-    """Synonym table for ``augment_synonym`` (see :mod:`hpo.train.augment`)."""
-    device: str = "auto"
-    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (resolved on the worker: :mod:`hpo.train.accelerator`)."""
-    precision: str = "auto"
-    """``auto``, ``bf16``, ``fp16`` or ``fp32``."""
-    gradient_checkpointing: bool = False
-    quantization: str = "none"
-    """``none``, ``4bit`` (QLoRA) or ``8bit``."""
-    attn_implementation: str = "sdpa"
-    gpu_share: float = 0.0
-    """The GPUs one worker of the trial reserves (``Sweep.worker_resources``): below 1 the process
-    is capped at that share of the card's memory (:func:`hpo.train.accelerator.memory_fraction`)."""
-    packing: bool = False
-    """sft: pack examples into max_length blocks (see :mod:`hpo.train.sft`)."""
-    group_by_length: bool = False
-    """sft without packing: batches of examples of similar length."""
-    fused_optimizer: bool = False
-    """AdamW's fused kernel."""
-    lean_loss: str = "off"
-    """causal_lm and sft: ``off``, ``chunked``, ``liger`` or ``cce`` (see :mod:`hpo.train.lean_loss`)."""
-    generation_examples: int = 32
-    """sft: eval examples scored by greedy generation."""
-    max_new_tokens: int = 32
-    """sft: most tokens generated per answer."""
-    chat_template: str | None = None
-    """sft: a Jinja file or a model to borrow the chat template from; None: the model's own."""
-    answer_format: str | None = None
-    """sft: a regular expression every generated answer should match in full (``eval_format_fail``)."""
-    retain_data: str | None = None
-    """sft: general prompts with answers, scored before training and at each evaluation (forgetting)."""
+
+    @property
+    def gpu_share(self) -> float:
+        """The GPUs one worker of the trial reserves (``Sweep.worker_resources``): below 1 the process
+        is capped at that share of the card's memory (:func:`hpo.train.accelerator.memory_fraction`)."""
+        return self.sweep.worker_resources["GPU"]
+
+    def with_settings(self, **changes: Any) -> TrainJob:
+        """The same job with these sweep fields changed (the sweep checks them again)."""
+        return dataclasses.replace(self, sweep=dataclasses.replace(self.sweep, **changes))
 
     def describe(self) -> dict[str, Any]:
         """The job as flat, loggable values, defaults filled in: what the MLflow trial run
@@ -203,48 +191,20 @@ class TrainJob:
         ``target_modules`` are left out: the worker reports what they resolved to."""
         flat: dict[str, Any] = dataclasses.asdict(self.params)
         flat["target_modules"] = ",".join(self.params.target_modules or ()) or None
-        for item in dataclasses.fields(self):
-            if item.name != "params":
-                flat[item.name] = getattr(self, item.name)
-        return {k: v for k, v in flat.items() if v is not None and k not in ("device", "precision", "gpu_share")}
+        flat.update({name: getattr(self.sweep, name) for name in TRAINING_FIELDS})
+        flat.update(model=self.model, seed=self.seed, restore_best=self.restore_best, watch=self.watch,
+                    watch_mode=self.watch_mode, min_steps=self.min_steps)
+        return {k: v for k, v in flat.items() if v is not None and k not in RESOLVED_ON_WORKER}
 
     @classmethod
     def from_sweep(cls, sweep: Sweep, params: dict[str, Any]) -> TrainJob:
+        """The job of one trial: ``params`` from the space (hyperparameters, and ``model`` or ``seed``
+        when it chooses them) on the sweep's settings."""
         values = {k: v for k, v in params.items() if k not in JOB_KEYS}
         if "batch_size" in values:
             values["batch_size"] = int(values["batch_size"])
         if "lora_r" in values:
             values["lora_r"] = int(values["lora_r"])
-        return cls(
-            model=str(params.get("model", sweep.model)),
-            task=sweep.task,
-            train_data=sweep.train_data,
-            eval_data=sweep.eval_data,
-            text_column=sweep.text_column,
-            label_column=sweep.label_column,
-            max_length=sweep.max_length,
-            eval_fraction=sweep.eval_fraction,
-            max_steps=sweep.max_steps,
-            eval_every=sweep.eval_every,
-            eval_batch_size=sweep.eval_batch_size,
-            seed=int(params.get("seed", sweep.seed)),
-            params=TrainParams(**values),
-            train_limit=sweep.train_limit,
-            patience=sweep.patience,
-            synonyms=sweep.synonyms,
-            device=sweep.device,
-            precision=sweep.precision,
-            gradient_checkpointing=sweep.gradient_checkpointing,
-            quantization=sweep.quantization,
-            attn_implementation=sweep.attn_implementation,
-            gpu_share=sweep.worker_resources["GPU"],
-            packing=sweep.packing,
-            group_by_length=sweep.group_by_length,
-            fused_optimizer=sweep.fused_optimizer,
-            lean_loss=sweep.lean_loss,
-            generation_examples=sweep.generation_examples,
-            max_new_tokens=sweep.max_new_tokens,
-            chat_template=sweep.chat_template,
-            answer_format=sweep.answer_format,
-            retain_data=sweep.retain_data,
-        )
+        return cls(sweep=sweep, model=str(params.get("model", sweep.model)), seed=int(params.get("seed", sweep.seed)),
+                   params=TrainParams(**values))
+

@@ -63,16 +63,15 @@ class NonFiniteMetric(Exception):
 
 
 class Report:
-    """A checked ``report(step, metrics)`` for a sweep whose objective is ``metric``.
+    """A checked ``report(step, metrics)`` for a sweep whose objectives are ``metrics`` (``Sweep.metrics``).
 
     ``sink(step, values)`` receives each valid call, values as floats. ``prune_metric``, when
     given, must be in every call too (ASHA ranks trials on it).
     """
 
-    def __init__(self, metric: str, sink: Sink, prune_metric: str | None = None):
-        self.metric = metric
-        self.metrics = tuple(metric.split(","))
-        """The objectives: ``metric``, or the names of a comma-separated multi-objective ``metric``."""
+    def __init__(self, metrics: tuple[str, ...], sink: Sink, prune_metric: str | None = None):
+        self.metrics = tuple(metrics)
+        """The objectives: the sweep's ``metric``, or each of a multi-objective sweep's."""
         self.prune_metric = prune_metric if prune_metric not in self.metrics else None
         self.sink = sink
         self.last_step = 0

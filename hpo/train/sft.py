@@ -267,30 +267,32 @@ def padding_free(batch: dict[str, torch.Tensor], row_tokens: torch.Tensor | None
 
 
 def datasets(job: Any, tokenizer: Any) -> tuple[SftSet, SftSet]:
-    """The tokenized training set (packed if ``job.packing``) and validation set of ``job``."""
-    template = chat_template(job.model, tokenizer, job.chat_template)
-    train = read(job.train_data)
-    if job.eval_data:
-        evaluation = read(job.eval_data)
+    """The tokenized training set (packed if ``job.sweep.packing``) and validation set of ``job``."""
+    sweep = job.sweep
+    template = chat_template(job.model, tokenizer, sweep.chat_template)
+    train = read(sweep.train_data)
+    if sweep.eval_data:
+        evaluation = read(sweep.eval_data)
     else:
-        kept, held = data.hold_out_rows(job.train_data, len(train), job.eval_fraction)
+        kept, held = data.hold_out_rows(sweep.train_data, len(train), sweep.eval_fraction)
         train, evaluation = [train[i] for i in kept], [train[i] for i in held]
-    if job.train_limit and len(train) > job.train_limit:
-        train = [train[i] for i in sorted(random.Random(data.SPLIT_SEED).sample(range(len(train)), job.train_limit))]
-    train_examples = _labelled(job.train_data, [tokenize(m, tokenizer, template, job.max_length) for m in train])
-    if job.packing:
-        train_examples = pack(train_examples, job.max_length)
+    if sweep.train_limit and len(train) > sweep.train_limit:
+        train = [train[i] for i in sorted(random.Random(data.SPLIT_SEED).sample(range(len(train)), sweep.train_limit))]
+    train_examples = _labelled(sweep.train_data, [tokenize(m, tokenizer, template, sweep.max_length) for m in train])
+    if sweep.packing:
+        train_examples = pack(train_examples, sweep.max_length)
     return (SftSet(train_examples, tokenizer.pad_token_id),
-            eval_set(job, tokenizer, evaluation, template, job.eval_data or job.train_data))
+            eval_set(job, tokenizer, evaluation, template, sweep.eval_data or sweep.train_data))
 
 
 def eval_set(job: Any, tokenizer: Any, conversations: list[Messages], template: str | None = None,
              source: str = "") -> SftSet:
     """A validation (or test) set: all conversations for the loss, the first
-    ``job.generation_examples`` as generation prompts and references."""
-    template = template or chat_template(job.model, tokenizer, job.chat_template)
-    examples = _labelled(source, [tokenize(m, tokenizer, template, job.max_length) for m in conversations])
-    scored = [prompt_ids(m, tokenizer, template, job.max_length) for m in conversations[: job.generation_examples]]
+    ``job.sweep.generation_examples`` as generation prompts and references."""
+    sweep = job.sweep
+    template = template or chat_template(job.model, tokenizer, sweep.chat_template)
+    examples = _labelled(source, [tokenize(m, tokenizer, template, sweep.max_length) for m in conversations])
+    scored = [prompt_ids(m, tokenizer, template, sweep.max_length) for m in conversations[: sweep.generation_examples]]
     references = [r for _, r in scored]
     return SftSet(examples, tokenizer.pad_token_id, [p for p, _ in scored], references,
                   reference_lengths=[len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references])
@@ -320,7 +322,7 @@ def evaluate(job: Any, model: Any, tokenizer: Any, dataset: SftSet, batch_size: 
 
     model.eval()
     device = next(model.parameters()).device
-    precision = accelerator.resolve_precision(job.precision, device)
+    precision = accelerator.resolve_precision(job.sweep.precision, device)
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(dataset), batch_size):
         batch = collate(dataset, range(start, min(start + batch_size, len(dataset))))
@@ -334,14 +336,15 @@ def evaluate(job: Any, model: Any, tokenizer: Any, dataset: SftSet, batch_size: 
     if dataset.prompts:
         started = time.perf_counter()
         with accelerator.autocast(device, precision):  # as training ran: bf16/fp16 kernels, not fp32 upcasts
-            generated = generate(model, tokenizer, dataset.prompts, job.max_new_tokens, batch_size, dataset.pad_id)
+            generated = generate(model, tokenizer, dataset.prompts, job.sweep.max_new_tokens, batch_size,
+                                 dataset.pad_id)
         predictions = [a.text for a in generated]
         metrics["eval_exact_match"] = _mean(_scores(exact_match, predictions, dataset.references))
         scores = _scores(dataset.score, predictions, dataset.references) if dataset.score is not None else None
         if scores is not None:
             metrics["eval_score"] = _mean(scores)
-        metrics.update(answers.stats(generated, dataset.reference_lengths, job.max_new_tokens, job.answer_format,
-                                     scores))
+        metrics.update(answers.stats(generated, dataset.reference_lengths, job.sweep.max_new_tokens,
+                                     job.sweep.answer_format, scores))
         metrics["generation_seconds"] = time.perf_counter() - started
     return metrics
 
