@@ -59,12 +59,15 @@ def search(
     retries: Annotated[int, typer.Option("--retries", min=0, help="Run a failed trial (error, oom) again up to N times.")] = 0,
     skip_data_check: Annotated[bool, typer.Option("--skip-data-check", help="Start even if `hpo check-data` finds errors.")] = False,
     worker_logs: Annotated[bool, typer.Option("--worker-logs", help="Show what trials print (otherwise it stays in Ray's log files).")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the study (the default when it exists; kept for scripts).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", hidden=True, help="Gone: a study resumes by its name.")] = False,
     more: Annotated[int | None, typer.Option("--more", min=1, help="Run K more finished trials than the study holds now (nightly runs; instead of --trials).")] = None,
-    warm_start: Annotated[str | None, typer.Option("--warm-start", envvar="HPO_WARM_START", help="STUDY[@STORAGE]: first enqueue that earlier study's best configs (those that fit this space), once per study.")] = None,
+    warm_start: Annotated[str | None, typer.Option("--warm-start", envvar="HPO_WARM_START", help="STUDY\\[@STORAGE]: first enqueue that earlier study's best configs (those that fit this space), once per study.")] = None,
     warm_start_top: Annotated[int, typer.Option("--warm-start-top", min=1, help="How many of the earlier study's best configs --warm-start enqueues.")] = 5,
 ) -> None:
     """Run a sweep: sample trials, train them on Ray, stop weak ones early, record everything."""
+    if resume:  # accepted and ignored once; an error now, so a script learns it never did anything
+        raise HpoError("--resume: hpo search always resumes the study of that name (default: the module's file "
+                       "name, or --study NAME); run the same command without --resume")
     from hpo.run.sweep import SearchOptions
     from hpo.run.sweep import search as run_search
 
@@ -499,7 +502,11 @@ def dashboard(
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8080,
 ) -> None:
-    """Serve the Optuna dashboard on the study storage."""
+    """Serve optuna-dashboard on the study storage: the trials, their states, values and parameter plots.
+
+    The Optuna study is the truth about every trial; the MLflow runs that mirror it (metric
+    curves, artifacts, promoted models) are in the MLflow UI: `hpo ui`.
+    """
     from hpo.record import study as studies
 
     opened = studies.open_storage(storage)
@@ -515,7 +522,12 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 5000,
 ) -> None:
-    """Serve the MLflow UI on the tracking store (one worker)."""
+    """Serve the MLflow UI on the tracking store: the sweep's runs, metric curves, reports and registered models.
+
+    Serves `mlflow server` (one worker) on a local store, or prints the links into a tracking
+    server that runs already. The Optuna study itself (trials, parameter plots) is in
+    optuna-dashboard: `hpo dashboard`.
+    """
     from hpo.record.tracking import DEFAULT_TRACKING_URI, check_tracking, redact, sweep_links, ui_link
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
