@@ -22,6 +22,7 @@ from typing import Any
 import optuna
 
 from hpo.errors import HpoError
+from hpo.record.optuna_access import backend_of
 from hpo.record.sqlite import sqlite_file_lock, sqlite_path
 
 LOCK_TIMEOUT = 600.0
@@ -31,16 +32,11 @@ class StudyLockTimeout(HpoError):
     """Another process held the study lock longer than the timeout."""
 
 
-def backend(storage: Any) -> Any:
-    """The storage behind Optuna's cache wrapper (``load_study`` wraps an RDBStorage)."""
-    return getattr(storage, "_backend", storage)
-
-
 class StudyLock:
     """See the module docstring."""
 
     def __init__(self, study: optuna.Study, timeout: float = LOCK_TIMEOUT):
-        storage = backend(study._storage)
+        storage = backend_of(study)
         self.url: str = getattr(storage, "url", "")
         self.engine = getattr(storage, "engine", None)
         self.study_name = study.study_name
