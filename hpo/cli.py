@@ -565,66 +565,17 @@ def ui(
     os.execve(sys.executable, command, env)
 
 
-# Options whose URL may hold a password, and the environment variable each also reads.
-_SECRET_OPTIONS = {"--storage": "HPO_STORAGE", "--tracking-uri": "MLFLOW_TRACKING_URI", "--warm-start": "HPO_WARM_START"}
-
-
-def _url_in(value: str | None, name: str) -> str | None:
-    """The URL an option's (or its variable's) value holds: ``STUDY@URL`` of --warm-start
-    after the first ``@``."""
-    if value and name in ("--warm-start", "HPO_WARM_START"):
-        return value.partition("@")[2] or None
-    return value
-
-
-def _secrets_off_the_command_line() -> None:
-    """Run again (same pid, via exec) with any password-bearing ``--storage`` or
-    ``--tracking-uri`` moved into its environment variable: a sweep's command line is
-    visible to every user in ``ps`` and is recorded by Ray as the job's entry point."""
-    from hpo.errors import url_secrets
-
-    args, moved, index = sys.argv[1:], {}, 0
-    kept: list[str] = []
-    while index < len(args):
-        flag, _, inline = args[index].partition("=")
-        value = inline if inline else (args[index + 1] if index + 1 < len(args) else "")
-        if flag in _SECRET_OPTIONS and url_secrets(_url_in(value, flag)):
-            moved[_SECRET_OPTIONS[flag]] = value
-            index += 1 if inline else 2
-            continue
-        kept.append(args[index])
-        index += 1
-    if moved:
-        sys.stdout.flush()
-        # -P: `-m` would put the current folder first on sys.path, so an hpo.py there
-        # would run instead, with the password in its environment
-        env = {**os.environ, **moved}
-        home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        if home == os.getcwd():  # `python -m hpo` in a checkout: the same hpo again, not an installed one
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")]))
-        os.execve(sys.executable, [sys.executable, "-P", "-m", "hpo", *kept], env)
-
-
-def _scrub_known_secrets(text: str) -> str:
-    """``text`` without the secrets of the storage URL and tracking URI this process uses."""
-    from hpo.errors import scrub
-
-    urls = [_url_in(os.environ.get(name), name) for name in _SECRET_OPTIONS.values()]
-    urls += [part for a in sys.argv if "://" in a for part in (a, a.partition("@")[2])]  # STUDY@URL too
-    text = scrub(text, *urls)
-    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    return text.replace(password, "***") if password else text
-
-
 def main() -> None:
-    """Console-script entry point: one-line errors, exit 2 for bad input."""
-    _secrets_off_the_command_line()
+    """Console-script entry point: one-line errors, exit 2 for bad input, never a secret (:mod:`hpo.secrets`)."""
+    from hpo.secrets import scrub_known_secrets, secrets_off_the_command_line
+
+    secrets_off_the_command_line()
     try:
         app()
     except HpoError as error:
         if _state["debug"]:
             raise
-        err_console.print(f"error: {_scrub_known_secrets(str(error))}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"error: {scrub_known_secrets(str(error))}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -632,7 +583,7 @@ def main() -> None:
     except Exception as error:  # noqa: BLE001 - a bug or an environment problem: say which, briefly
         if _state["debug"]:
             raise
-        err_console.print(f"error: unexpected {type(error).__name__}: {_scrub_known_secrets(str(error))} "
+        err_console.print(f"error: unexpected {type(error).__name__}: {scrub_known_secrets(str(error))} "
                           "(run `hpo --debug ...` for the traceback)",
                           markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)

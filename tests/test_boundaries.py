@@ -42,6 +42,8 @@ RULES: list[tuple[tuple[str, ...], frozenset[str], str]] = [
     (("hpo.record.stores", "hpo.record.sqlite"), frozenset({"optuna", "mlflow", "ray"}),
      "pre-flight checks and retries shared by both stores belong to neither"),
     (("hpo.config", "hpo.space"), frozenset({"ray", "mlflow"}), "loading and checking a sweep runs nothing"),
+    (("hpo.errors", "hpo.secrets"), frozenset({"optuna", "ray", "mlflow", "torch", "transformers"}),
+     "leaves that every side imports, the command line before anything else: errors and secrets load nothing heavy"),
     (DIAGNOSIS, frozenset({"ray", "mlflow"}), "the diagnosis reads the study and writes nothing"),
 ]
 

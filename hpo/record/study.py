@@ -18,12 +18,13 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.errors import HpoError, scrub
-from hpo.errors import redact_url as redact
+from hpo.errors import HpoError
 from hpo.record import optuna_access
 from hpo.record.samplers import make_sampler  # noqa: F401 - the sweep builds its sampler as study.make_sampler
 from hpo.record.sqlite import sqlite_file_lock
 from hpo.record.stores import check_local, connect_once, retry_when_locked
+from hpo.secrets import redact_url as redact
+from hpo.secrets import scrub
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 # The driver records a heartbeat for every trial it runs; a trial whose heartbeat is older

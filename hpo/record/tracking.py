@@ -8,19 +8,17 @@ A resumed sweep reopens its study's parent run, so nested runs stay under one pa
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from hpo.errors import HpoError, scrub
-from hpo.errors import redact_url as redact
+from hpo.errors import HpoError
 from hpo.record.stores import check_local, connect_once
+from hpo.secrets import open_with_credentials, scrub_credentials, use_credentials
+from hpo.secrets import redact_url as redact
 
 logger = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -41,60 +39,10 @@ MODEL_TRAINING = "custom_model_development"
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
-CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-# Other variables that hold a secret as a whole: MLflow's bearer token, the passwords
-# libpq and the MySQL client read. Only the driver uses them.
-SECRET_VARS = ("MLFLOW_TRACKING_TOKEN", "PGPASSWORD", "MYSQL_PWD")
-
-
-def use_credentials(uri: str) -> str:
-    """An HTTP(S) tracking URI without its user info, which becomes this process's
-    ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (the way MLflow documents
-    basic auth). Call it before any HTTP request: urllib and MLflow quote a URI with user
-    info in their errors (``https://bob:pw@host`` without a port: "nonnumeric port: 'pw@host'").
-    The credentials never go into MLflow params or tags; Ray workers do not get them
-    (:func:`without_credentials`). Other URIs come back unchanged.
-    """
-    from urllib.parse import unquote, urlsplit, urlunsplit
-
-    scheme, _, rest = uri.partition("://")
-    before_query = rest.split("?", 1)[0]
-    if not uri.startswith(("http://", "https://")) or "@" not in before_query:
-        return uri
-    at = before_query.rindex("@")  # the user info ends at the last '@' (a password may hold an unencoded '/')
-    userinfo, host_and_path = rest[:at], rest[at + 1 :]
-    user, _, password = userinfo.partition(":")
-    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
-    if password:
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
-    stripped = f"{scheme}://{host_and_path}"
-    try:
-        return urlunsplit(urlsplit(stripped))  # normal form, as MLflow will see it
-    except ValueError as error:
-        raise HpoError(f"--tracking-uri {redact(uri)}: not a valid URL ({scrub(str(error), uri)})") from None
-
-
-@contextlib.contextmanager
-def without_credentials() -> Iterator[None]:
-    """The MLflow credentials (and a storage URL or tracking URI with a password) out of this
-    process's environment for the block: processes it starts (a local Ray and its workers) do
-    not inherit them; only the driver writes Optuna and MLflow."""
-    from hpo.errors import url_secrets
-
-    urls = {"HPO_STORAGE": os.environ.get("HPO_STORAGE"), "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI"),
-            "HPO_WARM_START": os.environ.get("HPO_WARM_START", "").partition("@")[2]}  # STUDY@URL
-    names = [*CREDENTIAL_VARS, *SECRET_VARS, *(name for name, url in urls.items() if url_secrets(url))]
-    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
 def check_tracking(uri: str | None) -> None:
     """Make sure the MLflow store can be used, writing nothing (not even an SQLite file).
 
-    Errors show the URI redacted and never quote its secrets (:func:`hpo.errors.scrub`).
+    Errors show the URI redacted and never quote its secrets (:func:`hpo.secrets.scrub`).
     """
     original = uri = uri or DEFAULT_TRACKING_URI
     if check_local(uri, "--tracking-uri"):
@@ -106,7 +54,7 @@ def check_tracking(uri: str | None) -> None:
         except HpoError:
             raise
         except Exception as error:  # noqa: BLE001 - URLError, HTTPError, timeouts
-            reason = _scrub(str(error), original)
+            reason = scrub_credentials(str(error), original)
             raise HpoError(
                 f"--tracking-uri {redact(original)}: the MLflow server does not answer ({type(error).__name__}: "
                 f"{reason[:200]}); start it (hpo ui, or docker/compose.yaml) or fix the URI"
@@ -124,44 +72,8 @@ def check_tracking(uri: str | None) -> None:
 def _health(uri: str, timeout: float) -> None:
     """GET the MLflow server's ``/health`` (with this process's Basic auth credentials, never
     sent to another origin on a redirect); raises if it does not answer within ``timeout``."""
-    import base64
-
-    request = urllib.request.Request(uri.rstrip("/") + "/health")
-    user, password = os.environ.get(CREDENTIAL_VARS[0]), os.environ.get(CREDENTIAL_VARS[1])
-    if user and password:
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    with urllib.request.build_opener(_SameOriginAuth).open(request, timeout=timeout):
+    with open_with_credentials(uri.rstrip("/") + "/health", timeout):
         return
-
-
-class _SameOriginAuth(urllib.request.HTTPRedirectHandler):
-    """Follows a redirect as urllib does, but drops the ``Authorization`` header when it leads
-    to another origin (scheme, host or port): the password goes to the tracking server only,
-    never to wherever it redirects (requests, which MLflow's own client uses, does the same)."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 - urllib's signature
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and _origin(new.full_url) != _origin(req.full_url):
-            for name in [n for n in new.headers if n.lower() == "authorization"]:
-                del new.headers[name]
-            new.unredirected_hdrs.pop("Authorization", None)
-        return new
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
-    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or default
-
-
-def _scrub(text: str, uri: str) -> str:
-    """Error text without the URI's secrets nor the MLflow password of this process."""
-    text = scrub(text, uri)
-    password = os.environ.get(CREDENTIAL_VARS[1])
-    return text.replace(password, "***") if password else text
 
 
 class _Tracker:
@@ -601,7 +513,7 @@ def _experiment_id(client: Any, uri: str, study_name: str) -> str:
             ) from None
         raise HpoError(
             f"--tracking-uri {redact(uri)}: cannot use the MLflow store "
-            f"({type(error).__name__}: {_scrub(message, uri)[:300]}); check the URI and that the server runs"
+            f"({type(error).__name__}: {scrub_credentials(message, uri)[:300]}); check the URI and that the server runs"
         ) from None
 
 
