@@ -486,7 +486,8 @@ def report(
     record = SweepRecord.load(loaded)
     uri = tracking_uri or (record.tracking_uri if record else None)
     if uri and "***" not in uri:
-        from hpo.record.tracking import SweepTracker, check_tracking
+        from hpo.record.sweep_tracker import SweepTracker
+        from hpo.record.tracking import check_tracking
 
         check_tracking(uri)
         tracker = SweepTracker(uri, loaded.study_name)

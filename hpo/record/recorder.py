@@ -26,7 +26,8 @@ from optuna.trial import TrialState
 from hpo.record.ledger import AskedTrial, Ledger, Told
 from hpo.record.stores import retry_transient
 from hpo.record.study import GRACE_PERIOD
-from hpo.record.tracking import TAG_STATE, SweepTracker, TrialEnd, run_status
+from hpo.record.sweep_tracker import SweepTracker, TrialEnd, run_status
+from hpo.record.tracking import TAG_STATE
 
 logger = logging.getLogger(__name__)
 KEPT_AS_TAG = "hpo.kept_as_trial"

@@ -165,7 +165,8 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     """Run one sweep to its target number of finished trials (or its timeout)."""
     from hpo.names import check_study_name
     from hpo.record.ledger import Ledger
-    from hpo.record.tracking import SweepTracker, check_tracking
+    from hpo.record.sweep_tracker import SweepTracker
+    from hpo.record.tracking import check_tracking
 
     search_space = prepare(options, console)
     sweep = search_space.sweep
@@ -351,7 +352,7 @@ def _check_writable(options: SearchOptions) -> None:
 def _flush_mirror(study: Any, tracker: Any, metric: str, job: Any, console: Console) -> None:
     """Wait for the MLflow writes of this run's trials; rewrite from the study the runs of
     trials whose writes failed (a warning if that fails too: the next run tries again). A
-    store that is down is not waited for (see :meth:`hpo.record.tracking.SweepTracker.end_call`)."""
+    store that is down is not waited for (see :meth:`hpo.record.sweep_tracker.SweepTracker.end_call`)."""
     from hpo.record.recorder import mirror_gaps
 
     tracker.flush(final=True)
