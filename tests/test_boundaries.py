@@ -45,6 +45,8 @@ RULES: list[tuple[tuple[str, ...], frozenset[str], str]] = [
     (("hpo.errors", "hpo.secrets"), frozenset({"optuna", "ray", "mlflow", "torch", "transformers"}),
      "leaves that every side imports, the command line before anything else: errors and secrets load nothing heavy"),
     (DIAGNOSIS, frozenset({"ray", "mlflow"}), "the diagnosis reads the study and writes nothing"),
+    (("hpo.run.promote", "hpo.run.model_card", "hpo.run.atomic_folder"), frozenset({"ray"}),
+     "hpo promote trains the final run in this process: it needs no Ray"),
 ]
 
 
