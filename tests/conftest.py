@@ -40,6 +40,7 @@ def shared_data() -> Path:
 # worker so that module fixtures are built once); the longest files start first, so that
 # no long file is left for last on one worker.
 FILE_SECONDS = {
+    "test_bench_label_probe.py": 60,
     "test_nothing_lost.py": 325, "test_faults.py": 335, "test_promote.py": 180, "test_sweep.py": 130,
     "test_more_sweeps.py": 110, "test_sft_sweep.py": 95, "test_tracking_server.py": 85, "test_distributed.py": 56,
     "test_dashboards.py": 55, "test_secrets.py": 51, "test_training.py": 49, "test_troubleshoot.py": 47,
@@ -47,6 +48,7 @@ FILE_SECONDS = {
     "test_cluster.py": 100, "test_gpu_path.py": 150, "test_mirror_server.py": 120, "test_checks_sft.py": 24,
     "test_objective.py": 20, "test_accelerator.py": 18, "test_sft.py": 15, "test_cli_errors.py": 13,
     "test_label_issues.py": 135, "test_near_duplicates.py": 50, "test_lr_probe.py": 60,
+    "test_refine.py": 45,
 }
 
 

@@ -11,7 +11,8 @@ import torch
 
 from hpo import HpoError, Report, ReportError, Sweep
 from hpo.config import parse_overrides
-from hpo.run.scheduling import _RESULT_KEYS, call_train
+from hpo.run import trial as protocol
+from hpo.run.trial import call_train
 from hpo.train import accelerator, training
 from hpo.train.recipe import TrainJob
 from hpo.train.reporter import NonFiniteMetric, is_reserved
@@ -232,7 +233,16 @@ def test_report_checks_every_call() -> None:
     with pytest.raises(NonFiniteMetric, match="train_loss is nan at step 2"):
         report(2, {"score": 1.0, "train_loss": float("nan")})
     assert sunk[-1][0] == 2 and math.isnan(sunk[-1][1]["train_loss"]), "the diverged value is still recorded"
-    assert all(is_reserved(key) for key in _RESULT_KEYS), "every key Tune adds to a result is reserved"
+    assert all(is_reserved(key) for key in TUNE_RESULT_KEYS), "every key Tune adds to a result is reserved"
+    result = {**dict.fromkeys(TUNE_RESULT_KEYS, 1), "config/x": 1.0, "hpo_info/trainable_params": 7,
+              protocol.HELD_KEY: "[]", protocol.TIME_KEY: 2.0, "score": 0.5, "eval_loss": 1}
+    assert protocol.metrics(result) == {"score": 0.5, "eval_loss": 1}, "only the trial's own metrics are left"
+
+
+# What Tune adds to a function trainable's result (Ray 2.60): trial.metrics sets them aside.
+TUNE_RESULT_KEYS = {"step", "done", "trial_id", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
+                    "time_since_restore", "iterations_since_restore", "pid", "hostname", "node_ip", "date",
+                    "experiment_tag", "checkpoint_dir_name", "should_checkpoint"}
 
 
 def test_a_modules_train_gets_the_sweep_when_it_asks() -> None:

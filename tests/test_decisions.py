@@ -18,7 +18,8 @@ from hpo.record.ledger import DRIVER_ATTR, Ledger, counts_towards_target
 from hpo.record.recorder import Recorder
 from hpo.record.study import open_storage
 from hpo.record.sweep_tracker import SweepTracker
-from hpo.run.scheduling import ERROR_KEY, REASON_KEY, OptunaBridge, _NoStop
+from hpo.run.scheduling import OptunaBridge, _NoStop
+from hpo.run.trial import ERROR_KEY, REASON_KEY
 
 
 class Shown:
@@ -238,7 +239,7 @@ def test_a_run_with_nothing_more_of_its_own_ends_when_others_fill_the_study(tmp_
 def test_what_a_dead_driver_left_unwritten_in_mlflow_is_written_from_the_study(sweep: Sweep) -> None:
     """MLflow trails the study (hpo.record.writer); a driver killed in between leaves MLflow behind.
     The next sweep writes, from the study, what is missing -- and only that."""
-    from hpo.record.recorder import mirror_gaps
+    from hpo.record.mirror import mirror_gaps
 
     ledger, dead = sweep.ledger, _dead_identity()
 
@@ -284,7 +285,7 @@ def test_gap_filling_repairs_a_closed_run_that_disagrees_with_the_study(sweep: S
     """What the old writer left after a store that refused one write (issue 19): the trial's run
     FINISHED, still tagged hpo.state=RUNNING, without its objective nor its curve. A closed run is
     not taken as complete: every run that disagrees with the study is written from it."""
-    from hpo.record.recorder import mirror_gaps
+    from hpo.record.mirror import mirror_gaps
 
     trial = sweep.ledger.claim()
     sweep.study._storage.set_trial_system_attr(trial.trial._trial_id, DRIVER_ATTR, _dead_identity())
@@ -310,7 +311,7 @@ def test_a_write_the_store_refuses_fails_alone(sweep: Sweep) -> None:
     run is written at once, and the refused trial's run is written from the study at the end."""
     import time
 
-    from hpo.record.recorder import mirror_gaps
+    from hpo.record.mirror import mirror_gaps
 
     started = time.monotonic()
     first = sweep.start("a")
@@ -332,10 +333,45 @@ def test_a_write_the_store_refuses_fails_alone(sweep: Sweep) -> None:
     assert run.data.tags["hpo.objective"] == "0.5" and run.data.metrics["score"] == 0.5
 
 
+def test_a_trials_run_holds_the_same_params_and_reason_live_and_from_the_study(tmp_path: Path,
+                                                                                tracking_uri: str) -> None:
+    """The run the driver writes as a trial runs and the one written from the study after a
+    driver died (hpo.record.mirror.trial_end) are built by one rule: the worker's info under the
+    job under the sampled params under the rest of what space() returned; the same reason text."""
+    from hpo.record.mirror import trial_end
+
+    def space(trial: Any) -> dict[str, Any]:
+        x = trial.suggest_float("x", 0, 1)
+        return {"x": x * 10, "label": "space"}  # "x" is shown as sampled; "label" as space() returned it
+
+    def job_params(config: dict[str, Any]) -> dict[str, Any]:
+        return {"x": -1.0, "label": "job", "steps": 3, "device_kind": "job"}
+
+    sweep = Sweep(tmp_path, tracking_uri, space=space)
+    sweep.recorder.job_params = job_params
+    info = {"hpo_info/device": "cpu", "hpo_info/device_kind": "worker", "hpo_info/label": "worker"}
+    pruned = sweep.start("a")
+    sweep.result("a", 1, score=0.5, **info)
+    sweep.scheduler.stopped_early["a"] = 1
+    sweep.bridge.on_trial_complete("a", result={"step": 1, "score": 0.5})
+    failed = sweep.start("b")
+    sweep.result("b", 1, score=0.25, **info)
+    sweep.bridge.on_trial_complete("b", result={"step": 1, ERROR_KEY: "ValueError: boom", REASON_KEY: "error"})
+    for number, reason in ((pruned, "stopped early by the pruner at step 1"), (failed, "ValueError: boom")):
+        run, trial = sweep.run(number), sweep.trial(number)
+        end = trial_end(trial, "score", job_params)
+        assert run.data.params == {k: str(v) for k, v in end.params.items()}, number
+        assert run.data.params["x"] == str(trial.params["x"]) and run.data.params["label"] == "space"
+        assert run.data.params["steps"] == "3" and run.data.params["device_kind"] == "job"
+        assert run.data.params["device"] == "cpu"
+        assert run.data.tags["hpo.reason"] == end.reason == reason
+    sweep.ledger.close()
+
+
 def test_gap_filling_writes_a_multi_objective_trials_run(tmp_path: Path, tracking_uri: str) -> None:
     """A COMPLETE trial of a multi-objective study has no single value (Optuna's trial.value
     raises): its run is written, closed FINISHED, without an hpo.objective tag."""
-    from hpo.record.recorder import mirror_gaps
+    from hpo.record.mirror import mirror_gaps
 
     name = f"m{uuid.uuid4().hex[:8]}"
     study = optuna.create_study(study_name=name, storage=open_storage(f"sqlite:///{tmp_path / 'hpo.db'}"),

@@ -100,3 +100,52 @@ def test_two_worker_trials_complete_and_prune_like_one_worker_trials(tmp_path: P
     runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     states = {int(r.data.tags["hpo.trial_number"]): r.info.status for r in runs if r.data.tags["hpo.role"] == "trial"}
     assert states == {0: "FINISHED", 1: "KILLED"}
+
+
+RECORD_MODULE = '''
+import hpo
+
+sweep = hpo.Sweep(model="{model}", train_data="{train}", eval_data="{eval}", max_length=32, metric="eval_loss",
+                  trials=1, max_steps=4, eval_every=2, pruner="none", seed=3, workers_per_trial=2, cpus_per_worker=0.5)
+
+
+def space(trial):
+    return {{"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True), "batch_size": 8,
+             "lora_dropout": 0.0}}
+'''
+# What differs between the two by what they measure, not by what they record: timings, memory, the ranks held.
+MEASURED = {"resources", "curves", "trial_setup_seconds", "tokens_per_second", "mfu", "peak_memory_mb",
+            "peak_reserved_memory_mb", "resident_memory_mb"}
+
+
+@pytest.mark.slow
+def test_a_two_worker_trial_records_what_a_one_worker_trial_records(tmp_path: Path, tiny_bert: Path) -> None:
+    """One trial body (hpo.run.trial) for both: the ranks' first result carries what the worker
+    resolved (device, precision, target_modules, trainable_params, ...) and trial_setup_seconds,
+    which the study and the MLflow run then hold exactly as for a one-worker trial."""
+    module = tmp_path / "pair.py"
+    module.write_text(RECORD_MODULE.format(model=tiny_bert, train=REVIEWS / "train.tsv", eval=REVIEWS / "eval.tsv"))
+    for extra in ([], ["--set", "workers_per_trial=1", "--study", "one"]):
+        result = run_hpo(["search", str(module), *extra], cwd=tmp_path, timeout=900)
+        assert result.returncode == 0, result.stdout + result.stderr
+    storage = f"sqlite:///{tmp_path / 'hpo.db'}"
+    [two] = optuna.load_study(study_name="pair", storage=storage).trials
+    [one] = optuna.load_study(study_name="one", storage=storage).trials
+    assert two.state == one.state == TrialState.COMPLETE
+    assert len(two.user_attrs["resources"]["workers"]) == 2 and len(one.user_attrs["resources"]["workers"]) == 1
+    assert set(two.user_attrs) == set(one.user_attrs), set(two.user_attrs) ^ set(one.user_attrs)
+    for key in ("device", "precision", "target_modules", "trainable_params", "trial_setup_seconds"):
+        assert key in two.user_attrs, key
+    assert {k: v for k, v in two.user_attrs.items() if k not in MEASURED} == \
+        {k: v for k, v in one.user_attrs.items() if k not in MEASURED}
+    assert two.params == one.params, "the same seed samples the same config"
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = {}
+    for study in ("pair", "one"):
+        [run] = [r for r in client.search_runs([client.get_experiment_by_name(study).experiment_id])
+                 if r.data.tags["hpo.role"] == "trial"]
+        assert run.info.status == "FINISHED"
+        params[study] = run.data.params
+    assert params["pair"] == params["one"], set(params["pair"].items()) ^ set(params["one"].items())
+    assert {"device", "precision", "target_modules", "trainable_params"} <= set(params["pair"])

@@ -195,3 +195,30 @@ def test_a_class_smaller_than_the_folds_is_refused_in_one_line(tmp_path: Path) -
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "label check: class 1 has 3 rows, fewer than the 5 folds the probe cross-fits over" in result.stderr
     assert not (tmp_path / ".hpo").exists()
+
+
+def test_the_ensemble_weights_each_probe_by_its_accuracy() -> None:
+    """``combine`` averages the probes' probabilities weighted by out-of-fold accuracy: a probe
+    that matches the labels outweighs one that does not, and a row both doubt stays doubted."""
+    import numpy as np
+
+    from hpo.analysis.label_issues import combine
+
+    labels = [0, 1, 0, 1]
+    sharp = np.array([[0.9, 0.1], [0.2, 0.8], [0.8, 0.2], [0.9, 0.1]])  # 3 of 4 right; doubts row 3
+    blunt = np.array([[0.4, 0.6], [0.6, 0.4], [0.6, 0.4], [0.7, 0.3]])  # 1 of 4 right; doubts row 3 too
+    combined = combine(labels, [sharp, blunt])
+    assert np.allclose(combined, (0.75 * sharp + 0.25 * blunt) / 1.0)
+    assert np.allclose(combined.sum(1), 1) and combined[3, 1] == min(combined[i, labels[i]] for i in range(4))
+
+
+def test_each_fold_runs_long_enough_and_stops_on_its_own_slice() -> None:
+    """Unless --set max_steps chose them, a fold's run gets at least EPOCHS passes over its rows;
+    the slice it stops on is cut from its training part, a few rows per class at the least."""
+    from hpo.analysis.label_probe import EPOCHS, fold_steps, planned_steps
+    from hpo.config import Sweep
+
+    assert fold_steps(60, 16, 1440) == EPOCHS * 1440 // 16  # a sweep's 60-step trials: 270 steps per fold
+    assert fold_steps(600, 16, 1440) == 600  # a longer sweep keeps its own
+    assert fold_steps(60, 32, 1441) == -(-EPOCHS * 1441 // 32)
+    assert planned_steps(Sweep(max_steps=60), {"batch_size": 16}, 2000) == fold_steps(60, 16, 1600 - 160)

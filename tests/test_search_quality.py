@@ -1,6 +1,7 @@
 """bench/search_quality.py on a user's own data (``--train``/``--dev``, ``--model``, ``--module``):
-the files read by hpo's own loader, the plan (``--dry-run``), and a bad file, module or pairing
-stopped with one line before any way runs. The three searches themselves take minutes: not run here."""
+the files read by hpo's own loader, the plan (``--dry-run``, for the chat-model search too), and a
+bad file, module or pairing stopped with one line before any way runs. The three searches themselves
+take minutes: not run here."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from tests.conftest import REPO, SEARCH_SPACES, hpo_env
 BENCH = REPO / "bench" / "search_quality.py"
 
 
-def bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def bench(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(BENCH), "--work", str(cwd / "work"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120, env=hpo_env())
+                          capture_output=True, text=True, timeout=timeout, env=hpo_env())
 
 
 def test_own_csv_and_jsonl_data_a_model_and_a_module_make_the_plan(tmp_path: Path, tiny_bert: Path) -> None:
@@ -43,13 +44,33 @@ def test_own_csv_and_jsonl_data_a_model_and_a_module_make_the_plan(tmp_path: Pat
     assert other["model"] == "sentence-transformers/all-MiniLM-L6-v2" and other["work"] != plan["work"]
 
 
+def test_the_chat_model_search_plans_on_the_modules_own_conversations(tmp_path: Path) -> None:
+    """--module sft_lora.py: its dates (400 train, 60 eval conversations), its model and its
+    generation settings for every way, scored by eval_exact_match."""
+    result = bench("--module", str(SEARCH_SPACES / "sft_lora.py"), "--seeds", "0", "--budget", "160",
+                   "--max-steps", "40", "--dry-run", cwd=tmp_path, timeout=300)  # reads the chat model's tokenizer
+    assert result.returncode == 0, result.stderr
+    (plan,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert (plan["task"], plan["metric"], plan["dataset"]) == ("sft", "eval_exact_match", "sft_lora")
+    assert (plan["train_rows"], plan["dev_rows"]) == (400, 60)
+    assert (plan["generation_examples"], plan["max_new_tokens"]) == (32, 12)
+    assert plan["train"] == str(SEARCH_SPACES / "data" / "dates" / "train.jsonl")
+    assert plan["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and "num_labels" not in plan
+    assert Path(plan["work"]).name.startswith("sft_lora-") and Path(plan["work"]).name.endswith("-b160-s40-e20")
+    assert not (tmp_path / "work").exists(), "a dry run writes nothing"
+
+
 @pytest.mark.parametrize(("files", "flags", "words"), [
     ({"t.tsv": "text\tlabel\nfine\t1\nbad\tmaybe\n"}, ["--train", "t.tsv", "--dev", "t.tsv"],
      ("t.tsv: row 2, column 'label': label 'maybe' is not an integer",)),
     ({"t.tsv": "text\tlabel\nfine\t1\n"}, ["--train", "t.tsv"], ("--train and --dev go together",)),
     ({"t.tsv": "text\tlabel\nfine\t1\n"}, ["--train", "t.tsv", "--dev", "gone.tsv"], ("gone.tsv: no such file",)),
-    ({}, ["--dataset", "reviews", "--module", str(SEARCH_SPACES / "sft_lora.py")],
-     ("sft_lora.py: task sft", "give a module of task classification")),
+    ({}, ["--dataset", "reviews", "--module", str(SEARCH_SPACES / "causal_lm_lora.py")],
+     ("causal_lm_lora.py: task causal_lm", "give a module of task classification or sft")),
+    ({"chats.jsonl": '{"prompt": "Date of 1 May 2001?", "completion": "2001-05-01"}\n',
+      "plain.tsv": "text\tlabel\nfine\t1\n"},
+     ["--module", str(SEARCH_SPACES / "sft_lora.py"), "--train", "chats.jsonl", "--dev", "plain.tsv"],
+     ("plain.tsv: sft data needs `prompt` and `completion` columns or a `messages` column",)),
     ({"own.py": "import hpo\nsweep = hpo.Sweep()\ndef space(trial):\n    return {}\n"
                 "def train(params, report):\n    pass\n"},
      ["--dataset", "reviews", "--module", "own.py"], ("own.py: defines its own train()",)),

@@ -18,6 +18,11 @@ over 5 stratified folds and averaged over 3 shuffles (``FOLDS``, ``REPEATS``). M
 TF-IDF features and 3 shuffles 0.41-0.47, 0.44 on average (tests/test_label_issues.py). The
 embedding takes most of the time; the fits about 2 s.
 
+The strong probe (:mod:`hpo.analysis.label_probe`, after a sweep) is ensembled with the quick
+one: :func:`combine` averages the two probes' out-of-fold probabilities weighted by each one's
+accuracy (cleanlab's default for an ensemble), since two models rarely err on the same rows with
+the same confidence, while a wrong label contradicts both.
+
 A flagged row is a suspect, not a verdict: the table and CSV give the row, its text, the given
 label, the label the probe suggests and the probe's confidence in it. :func:`write_clean`
 writes a copy of a source without its suspects (or with their labels replaced by the
@@ -105,10 +110,12 @@ class LabelIssues:
 
 
 def check_labels(train_source: str, eval_source: str | None, *, model: str, text_column: str | None = None,
-                 label_column: str | None = None, seed: int = 0, strong: Any = None) -> LabelIssues:
+                 label_column: str | None = None, seed: int = 0, strong: Any = None,
+                 ensemble: bool = True) -> LabelIssues:
     """Read the labelled rows of the training file (and of the eval file) and run the quick probe
     over them together, or ``strong(texts, labels)`` (the out-of-fold probabilities of
-    :func:`hpo.analysis.label_probe.strong_probe`). Rows whose label is not an integer 0..K-1
+    :func:`hpo.analysis.label_probe.strong_probe`), with ``ensemble`` combined with the quick
+    probe's (:func:`combine`). Rows whose label is not an integer 0..K-1
     are left out (``hpo check-data`` reports them as errors)."""
     import time
 
@@ -131,6 +138,8 @@ def check_labels(train_source: str, eval_source: str | None, *, model: str, text
     else:
         _check_classes(index, FOLDS)
         probabilities = strong(texts, index)
+        if ensemble:
+            probabilities = combine(index, [probabilities, quick_probe(texts, index, model, seed=seed)])
     found = find_issues(probabilities, index, texts, places, probe="strong" if strong else "quick",
                         seconds=time.perf_counter() - started)
     found.suspects = [replace(s, given_label=classes[s.given_label], suggested_label=classes[s.suggested_label])
@@ -154,6 +163,18 @@ def quick_probe(texts: list[str], labels: list[int], model_name: str, *, folds: 
     except ValueError:  # no word or word pair occurs twice: the embeddings alone
         pass
     return out_of_fold(features, labels, folds=folds, repeats=repeats, seed=seed)
+
+
+def combine(labels: list[int], members: list[Any]) -> Any:
+    """One set of out-of-fold probabilities from several probes': their average weighted by each
+    one's out-of-fold accuracy against the given labels (cleanlab's default for an ensemble,
+    ``cleanlab.rank.get_label_quality_ensemble_scores``; ranking the average by self-confidence
+    ranks as that function does)."""
+    import numpy as np
+
+    given = np.asarray(labels)
+    weights = np.array([(member.argmax(1) == given).mean() for member in members])
+    return sum(w * m for w, m in zip(weights, members, strict=True)) / weights.sum()
 
 
 def out_of_fold(features: Any, labels: list[int], *, folds: int = FOLDS, repeats: int = REPEATS, seed: int = 0) -> Any:

@@ -4,9 +4,13 @@ cross-fitted through the built-in recipe.
 The labelled rows are split into 5 stratified folds (``FOLDS``); for each, the recipe
 (:func:`hpo.train.training.fine_tune`) trains a fresh adapter with the best trial's params on
 the other four folds and gives class probabilities for the held-out fold, so every row is
-scored by a model that never saw it. :mod:`hpo.analysis.label_issues` hands them to cleanlab
-as it does the quick probe's. It trains five times: minutes on a CPU per thousand rows at a
-sweep's usual budget; ``max_steps`` shortens each run.
+scored by a model that never saw it. A sweep's trials are short (they only have to rank
+configs), so each fold's run is given at least ``EPOCHS`` passes over its rows, and it stops
+early on a slice of its own training part (``STOP_FRACTION``): trained on, a model learns the
+wrong labels it is given too, and then vouches for them. :mod:`hpo.analysis.label_issues`
+averages these probabilities with the quick probe's (an ensemble, weighted by each one's
+out-of-fold accuracy, as cleanlab does) and hands them to cleanlab. It trains five times:
+minutes on a CPU per thousand rows; ``max_steps`` sets each run's length instead.
 """
 
 from __future__ import annotations
@@ -18,14 +22,31 @@ from pathlib import Path
 from typing import Any
 
 FOLDS = 5
+STOP_FRACTION = 0.1
+"""Share of each fold's training part held back to stop on: the run ends at its lowest loss there."""
+EVALUATIONS = 10
+"""Evaluations on that slice per fold's run (every ``max_steps / EVALUATIONS`` steps)."""
+PATIENCE = 4
+"""Evaluations without a lower loss on the slice before a fold's run stops."""
+EPOCHS = 3
+"""Unless ``max_steps`` is given, each fold's run is long enough for this many passes over its
+training part (or the sweep's ``max_steps``, if longer): a sweep's short trials rank configs,
+but a probe that has not converged scores every row near the class shares."""
 
 
 def strong_probe(sweep: Any, params: dict[str, Any], texts: list[str], labels: list[int], *,
                  folds: int = FOLDS, max_steps: int | None = None, seed: int = 0) -> Any:
     """Out-of-fold class probabilities, shape (rows, classes), from the recipe run with ``params``
-    on each fold's complement; ``labels`` are 0..K-1."""
+    on each fold's complement; ``labels`` are 0..K-1. Each run takes ``max_steps`` steps, or by
+    default the longer of the sweep's ``max_steps`` and ``EPOCHS`` passes over its training rows.
+
+    Each fold's training part keeps ``STOP_FRACTION`` of its rows (stratified) apart: the run is
+    evaluated on them ``EVALUATIONS`` times, stops after ``PATIENCE`` evaluations without a lower
+    loss, and predicts with the weights of its best one. A run that goes on past that point
+    starts to fit the wrong labels it was given, and a fitted wrong label is one the held-out fold's
+    model would agree with less confidently elsewhere."""
     import numpy as np
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedKFold, train_test_split
 
     from hpo.train import training
     from hpo.train.recipe import TrainJob
@@ -33,19 +54,23 @@ def strong_probe(sweep: Any, params: dict[str, Any], texts: list[str], labels: l
     classes = max(labels) + 1
     probabilities = np.zeros((len(texts), classes), dtype=np.float64)
     base = TrainJob.from_sweep(sweep, params)
-    steps = max_steps or base.max_steps
+    batch = int(base.params.batch_size)
     with tempfile.TemporaryDirectory(prefix="hpo-label-probe-") as folder:
         splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
         for fold, (kept, held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-            train_file, held_file = Path(folder) / f"train{fold}.tsv", Path(folder) / f"held{fold}.tsv"
-            for path, rows in ((train_file, kept), (held_file, held)):
-                with path.open("w", newline="", encoding="utf-8") as handle:  # csv quotes what needs it
+            fit, stop = train_test_split(kept, test_size=max(classes, round(len(kept) * STOP_FRACTION)),
+                                         random_state=seed, stratify=[labels[i] for i in kept])
+            steps = max_steps or fold_steps(base.max_steps, batch, len(fit))
+            files = {name: Path(folder) / f"{name}{fold}.tsv" for name in ("train", "stop")}
+            for name, rows in (("train", fit), ("stop", stop)):
+                with files[name].open("w", newline="", encoding="utf-8") as handle:  # csv quotes what needs it
                     writer = csv.writer(handle, delimiter="\t")
                     writer.writerow(("label", "text"))
                     writer.writerows((labels[i], texts[i]) for i in rows)
-            job = dataclasses.replace(base, train_data=str(train_file), eval_data=str(held_file), text_column="text",
-                                      label_column="label", train_limit=None, patience=None, restore_best=False,
-                                      max_steps=steps, eval_every=steps)
+            job = dataclasses.replace(base, train_data=str(files["train"]), eval_data=str(files["stop"]),
+                                      text_column="text", label_column="label", train_limit=None, max_steps=steps,
+                                      eval_every=max(steps // EVALUATIONS, 1), patience=PATIENCE, restore_best=True,
+                                      watch="eval_loss", watch_mode="min", min_steps=0)
 
             def predict(model: Any, tokenizer: Any, rows: Any = held) -> None:
                 probabilities[rows] = _predict(model, tokenizer, [texts[i] for i in rows], base.max_length,
@@ -53,6 +78,20 @@ def strong_probe(sweep: Any, params: dict[str, Any], texts: list[str], labels: l
 
             training.fine_tune(job, lambda step, metrics: None, on_trained=predict)
     return probabilities / probabilities.sum(1, keepdims=True)
+
+
+def fold_steps(max_steps: int, batch_size: int, rows: int) -> int:
+    """The steps of one fold's run when none are chosen: the longer of ``max_steps`` and ``EPOCHS``
+    passes over ``rows`` training rows in batches of ``batch_size``."""
+    return max(max_steps, -(-EPOCHS * rows // batch_size))
+
+
+def planned_steps(sweep: Any, params: dict[str, Any], rows: int, folds: int = FOLDS) -> int:
+    """About the steps each fold's run of :func:`strong_probe` takes for ``rows`` labelled rows
+    (before early stopping), for the message that announces it."""
+    training_rows = rows - rows // folds
+    return fold_steps(sweep.max_steps, int(params.get("batch_size", 16)),
+                      training_rows - max(2, round(training_rows * STOP_FRACTION)))
 
 
 def _predict(model: Any, tokenizer: Any, texts: list[str], max_length: int, batch: int) -> Any:
@@ -73,7 +112,7 @@ def _predict(model: Any, tokenizer: Any, texts: list[str], max_length: int, batc
 
 
 def best_trial_setup(study: Any, overrides: list[str]) -> tuple[Any, dict[str, Any], int, str | None]:
-    """The sweep as the study ran it (``--set`` on top: ``max_steps`` shortens each fold's run),
+    """The sweep as the study ran it (``--set`` on top: ``max_steps`` sets each fold's run),
     the best trial's params, its number, and the sweep's MLflow tracking URI (None when the
     record hides a password in it). Raises HpoError for a study ``hpo search`` did not
     make, one trained by the module's own ``train``, or one with no COMPLETE trial."""

@@ -47,11 +47,12 @@ from hpo.record.optuna_access import backend_of, stale_trial_ids, storage_of, st
 from hpo.record.stores import retry_transient, retry_when_locked
 from hpo.record.study import GRACE_PERIOD, HEARTBEAT_INTERVAL
 
-__all__ = ["AskedTrial", "Ledger", "StudyLock", "Told", "counts_towards_target", "driver_id"]
+__all__ = ["AskedTrial", "Ledger", "StudyLock", "Told", "counts_towards_target", "driver_id", "trial_config"]
 logger = logging.getLogger(__name__)
 DRIVER_ATTR = "hpo:driver"
 NOT_COUNTED = ("interrupted", "superseded", "claim")
 RERUN = ("interrupted",)
+CONFIG_ATTR = "config"  # the user attr holding what space(trial) returned (tuples as lists): see trial_config
 MAX_ATTEMPTS = 3
 """Attempts of one config that may end interrupted (worker or driver killed) before the
 trial counts as FAIL with reason ``interrupted_too_often``."""
@@ -67,6 +68,11 @@ def counts_towards_target(trial: FrozenTrial) -> bool:
         return False
     reason = trial.user_attrs.get("reason")
     return reason is not None and reason not in NOT_COUNTED and not trial.user_attrs.get("retried")
+
+
+def trial_config(trial: FrozenTrial) -> dict[str, Any]:
+    """The config a trial trains with: what ``space(trial)`` returned (:data:`CONFIG_ATTR`), else its sampled params."""
+    return trial.user_attrs.get(CONFIG_ATTR) or dict(trial.params)
 
 
 def _objective(value: Any) -> float | list[float]:
@@ -165,7 +171,7 @@ class Ledger:
             step = "space"
             params = self.space(trial)
             step = "claim"
-            trial.set_user_attr("config", {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()})
+            trial.set_user_attr(CONFIG_ATTR, {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()})
         except Exception as error:
             self._fail_claim(trial, step, error)
             raise

@@ -17,21 +17,19 @@ import enum
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from optuna.trial import TrialState
 
+from hpo.record import mirror
 from hpo.record.ledger import AskedTrial, Ledger, Told
+from hpo.record.mirror import KEPT_AS_TAG, JobParams, run_params, shown_reason
 from hpo.record.stores import retry_transient
 from hpo.record.study import GRACE_PERIOD
-from hpo.record.sweep_tracker import SweepTracker, TrialEnd, run_status
-from hpo.record.tracking import TAG_STATE
+from hpo.record.sweep_tracker import SweepTracker
 
 logger = logging.getLogger(__name__)
-KEPT_AS_TAG = "hpo.kept_as_trial"
-"""On the run of a trial another process failed while it ran here: the trial its result was kept as."""
 
 
 @dataclass(frozen=True)
@@ -83,18 +81,15 @@ class Recorder:
 
     POLL = 1.0
     """Seconds between looks at the study while waiting for other processes' trials."""
-    # Trial attributes the recipe reports among its metrics and the study keeps as user attrs.
-    ATTRS = ("micro_batch_size", "grad_accum", "peak_memory_mb", "peak_reserved_memory_mb", "resident_memory_mb")
-    # ... and those kept as fractional numbers: seconds from the trial's start on its worker to the start of its
-    # first optimizer step; the training's tokens per second and, on a CUDA GPU, its model FLOPs utilisation.
-    SECONDS_ATTRS = ("trial_setup_seconds", "tokens_per_second", "mfu")
+    ATTRS = mirror.ATTRS  # metrics the study keeps as the trial's user attrs (ints) ...
+    SECONDS_ATTRS = mirror.SECONDS_ATTRS  # ... and as fractional numbers
     # Curves kept on the Optuna trial (user attr "curves") for `hpo diagnose` and reports (every eval_* too):
     # the steps' loss and gradient norm, and the retain set's scores (hpo.train.training, hpo.train.answers).
     CURVES = ("train_loss", "eval_loss", "learning_rate", "train_loss_max", "grad_norm", "grad_norm_max",
               "retain_loss", "retain_score", "retain_loss_before", "retain_score_before")
 
     def __init__(self, ledger: Ledger, tracker: SweepTracker, display: Display, *, metric: str,
-                 deadline: float | None, job_params: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 deadline: float | None, job_params: JobParams | None = None,
                  objective: str = "last", direction: str = "maximize"):
         self.job_params = job_params
         """params -> the full job a worker trains with (defaults filled in), for the MLflow run."""
@@ -169,9 +164,7 @@ class Recorder:
             return NoTrial.DONE
         self._waiting_since, self.elsewhere = None, False
         self.started += 1
-        params = {**asked.trial.params, **{k: v for k, v in asked.params.items() if k not in asked.trial.params}}
-        if self.job_params is not None:
-            params = {**self.job_params(asked.params), **params}
+        params = run_params(asked.trial.params, asked.params, self.job_params)  # the worker's info comes later
         self.tracker.start_trial(asked.number, params)  # written off this thread, in order (hpo.record.writer)
         self._logged[asked.number] = set(params)
         self.display.trial_started(asked.number, asked.params)
@@ -237,7 +230,8 @@ class Recorder:
 
     def on_info(self, number: int, info: dict[str, Any]) -> None:
         """What the trial's worker resolved (device, precision, ...): Optuna user attrs and
-        MLflow params of the trial's run."""
+        MLflow params of the trial's run, those whose names it does not show yet
+        (:func:`~hpo.record.mirror.run_params`: what ``space()`` returned and the job come first)."""
         if number not in self.ledger.running:
             return
         for key, value in info.items():
@@ -281,7 +275,6 @@ class Recorder:
         elif kind == "pruned":
             call = {"state": TrialState.PRUNED, "reason": "pruned"}
             attrs["pruned_at"] = outcome.step
-            reason = f"stopped early by the pruner at step {outcome.step}"
         elif kind == "interrupted":
             # after a Ctrl-C the trial was stopped, not crashed: its rerun is the same attempt
             call = {"state": TrialState.FAIL, "reason": "interrupted", "error": error,
@@ -292,7 +285,7 @@ class Recorder:
         try:
             told = self.ledger.tell(number, attrs=attrs, **call)
         finally:
-            self._close_run(number, told, value, reason, error)
+            self._close_run(number, told, value, error, outcome.step)
 
     def _log_best_step(self, number: int, step: int) -> None:
         """``best_step`` as a metric of the trial's MLflow run (the value is its ``hpo.objective`` tag)."""
@@ -302,21 +295,17 @@ class Recorder:
         except Exception:  # noqa: BLE001 - the study holds it (user attr best_step); the run is closed below
             logger.warning("hpo: logging best_step of trial %s to MLflow failed", number, exc_info=True)
 
-    def _close_run(self, number: int, told: Told | None, value: float | None, reason: str | None,
-                   error: str | None) -> None:
-        """Mirror what Optuna now holds to MLflow and the display."""
+    def _close_run(self, number: int, told: Told | None, value: float | None, error: str | None,
+                   step: int | None) -> None:
+        """Mirror what Optuna now holds to MLflow and the display (the reason as
+        :func:`~hpo.record.mirror.shown_reason` words it; ``step``: where a pruned trial stopped)."""
         if told is None:  # the Optuna write failed: a reclaim fails and re-queues the trial
             state, shown = "FAIL", "interrupted"
         else:
             state = told.state.name
-            if told.reason in ("interrupted", "interrupted_too_often"):
-                shown = told.reason
-                if told.reason == "interrupted":
-                    self.interrupted.append(number)
-            elif state == "FAIL":
-                shown = error or told.reason
-            else:
-                shown = reason
+            shown = shown_reason(state, told.reason, error, step)
+            if told.reason == "interrupted":
+                self.interrupted.append(number)
         if told is not None and told.kept_as is not None:
             self.kept[number] = told.kept_as
             message = (f"trial {number} had been failed as interrupted by another process while it still ran "
@@ -363,114 +352,3 @@ class Recorder:
                 logger.warning("hpo: recording trial %s as interrupted failed", number, exc_info=True)
         self.ledger.close()
         return left
-
-
-# User attrs that are hpo's bookkeeping; a trial's other scalar user attrs are what its worker
-# resolved (device, precision, ...), which its MLflow run holds as params.
-BOOKKEEPING_ATTRS = frozenset({
-    "reason", "error", "retried", "retry_of", "attempt", "warm_start", "late_result_of", "superseded_by",
-    "last_step", "pruned_at", "stopped_early_at", "config", "curves", "resources",
-    *Recorder.ATTRS, *Recorder.SECONDS_ATTRS,
-})
-
-
-def mirror_gaps(study: Any, tracker: SweepTracker, *, metric: str,
-                job_params: Callable[[dict[str, Any]], dict[str, Any]] | None = None, only: set[int] | None = None,
-                grace: float = GRACE_PERIOD) -> list[int]:
-    """Bring the study's MLflow trial runs in line with the study (the truth) after a driver
-    died with writes it had not made yet, or could not make them (:mod:`hpo.record.writer`: the
-    store was down, or refused a write): every finished trial whose run is missing or disagrees
-    with the study (:func:`run_agrees`: still RUNNING, another status or ``hpo.state``, no or
-    another ``hpo.objective``, a sampled param or a curve missing) gets its run -- made if
-    missing, with the params and the metric curves the study keeps -- tagged and closed with its
-    state, so no run stays RUNNING for a trial that is not running, nor closed with the wrong
-    state or without its values.
-
-    Trials of a live driver are left to it, and so are those another machine's driver
-    finished less than ``grace`` seconds ago. ``only``: just these trials, whatever their
-    driver and their run's status (this process's own trials whose writes failed). Returns
-    the numbers of the trials whose runs were written."""
-    from hpo.record.ledger import DRIVER_ATTR
-    from hpo.record.liveness import driver_is_dead, known_alive
-
-    runs = tracker.trial_run_index()
-    trials = study.get_trials(deepcopy=False)
-    by_number = {trial.number: trial for trial in trials}
-    written = []
-    for trial in trials:
-        run = runs.get(trial.number)
-        if not trial.state.is_finished() or (only is not None and trial.number not in only):
-            continue
-        if run is None and (trial.user_attrs.get("late_result_of") is not None
-                            or trial.user_attrs.get("reason") in ("superseded", "space")):
-            continue  # never ran as itself: its result is on the run of the trial it names
-        kept = run.data.tags.get(KEPT_AS_TAG, "") if run is not None else ""
-        source = by_number.get(int(kept), trial) if kept.isdigit() else trial  # the run holds the kept result
-        end = _trial_end(source, metric, job_params)
-        if only is None:
-            if run is not None and run_agrees(run, source, end):
-                continue
-            driver = trial.system_attrs.get(DRIVER_ATTR)
-            if driver and known_alive(driver):
-                continue
-            ended = trial.datetime_complete.timestamp() if trial.datetime_complete else 0.0
-            judged_dead = trial.user_attrs.get("reason") in ("interrupted", "interrupted_too_often")
-            if not (judged_dead or (driver and driver_is_dead(driver))) and time.time() - ended < grace:
-                continue  # another machine's driver may still be writing it
-        tracker.fill_trial(trial.number, run, end)
-        written.append(trial.number)
-    numbers = {trial.number for trial in trials}
-    for number, run in runs.items():  # a run whose trial the study does not hold
-        if only is None and number not in numbers and run.info.status == "RUNNING":
-            tracker.fill_trial(number, run, TrialEnd("FAIL", "interrupted"))
-            written.append(number)
-    return sorted(written)
-
-
-def run_agrees(run: Any, trial: Any, end: TrialEnd) -> bool:
-    """Whether a trial's MLflow ``run`` holds what the study says of the finished ``trial``
-    (``end``, :func:`_trial_end`): closed with the status and ``hpo.state`` of its state, the
-    ``hpo.objective`` of a COMPLETE trial, every sampled param and every curve the study keeps."""
-    tags = run.data.tags
-    if run.info.status != run_status(end.state, end.reason) or tags.get(TAG_STATE) != end.state:
-        return False
-    if isinstance(end.value, (int, float)) and tags.get("hpo.objective") != repr(float(end.value)):
-        return False
-    if any(str(key) not in run.data.params for key, value in trial.params.items() if value is not None):
-        return False
-    return all(key in run.data.metrics for key, points in end.curves.items()
-               if any(isinstance(value, (int, float)) and not isinstance(value, bool) for _, value in points))
-
-
-def _trial_end(trial: Any, metric: str, job_params: Callable[[dict[str, Any]], dict[str, Any]] | None) -> TrialEnd:
-    """What a finished Optuna trial's MLflow run should hold (as :meth:`Recorder.on_end` writes it)."""
-    attrs = trial.user_attrs
-    state, reason = trial.state.name, attrs.get("reason")
-    if reason in ("interrupted", "interrupted_too_often") or (state == "FAIL" and reason is None):
-        shown = reason or "interrupted"  # no reason: Optuna failed it for a stale heartbeat
-    elif state == "FAIL":
-        shown = attrs.get("error") or reason
-    elif state == "PRUNED":
-        shown = f"stopped early by the pruner at step {attrs.get('pruned_at')}"
-    else:
-        shown = reason
-    config = attrs.get("config") or dict(trial.params)
-    try:
-        job = job_params(config) if job_params is not None else {}
-    except Exception:  # noqa: BLE001 - a config this version cannot rebuild: the sampled params still go
-        job = {}
-    info = {k: v for k, v in attrs.items()
-            if k not in BOOKKEEPING_ATTRS and isinstance(v, (str, int, float, bool))}
-    params = {**info, **job, **trial.params, **{k: v for k, v in config.items() if k not in trial.params}}
-    curves: dict[str, list[tuple[int, float]]] = {k: [(int(s), v) for s, v in points]
-                                                  for k, points in (attrs.get("curves") or {}).items()}
-    if trial.intermediate_values and metric not in curves:
-        curves[metric] = sorted(trial.intermediate_values.items())
-    last = attrs.get("last_step") or (max(trial.intermediate_values) if trial.intermediate_values else 0)
-    for key in (*Recorder.ATTRS, *Recorder.SECONDS_ATTRS):
-        if key in attrs and key not in curves:
-            curves[key] = [(int(last), attrs[key])]
-    single = trial.values[0] if state == "COMPLETE" and trial.values and len(trial.values) == 1 else None
-    return TrialEnd(state, shown, value=single, params=params, curves=curves,
-                    started=int(trial.datetime_start.timestamp() * 1000) if trial.datetime_start else None,
-                    ended=int(trial.datetime_complete.timestamp() * 1000) if trial.datetime_complete else None)

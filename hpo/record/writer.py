@@ -15,11 +15,11 @@ write is tried, once, and so on until one succeeds. Once :meth:`Writer.give_up_w
 was called (the sweep is ending), a store that is down is not tried again at all: the
 writes left are handed to their ``on_failure`` at once, so the end of a sweep waits for at
 most one write's retries. The sweep writes the records so missed from the study at its end
-(:func:`hpo.record.recorder.mirror_gaps`), or the next one does.
+(:func:`hpo.record.mirror.mirror_gaps`), or the next one does.
 
 Nothing is lost by it: :meth:`Writer.flush` waits for every submitted write (the sweep
 calls it before it ends, Ctrl-C included), and what a killed driver had not written yet is
-written by the next sweep on the study, from the study (:func:`hpo.record.recorder.mirror_gaps`).
+written by the next sweep on the study, from the study (:func:`hpo.record.mirror.mirror_gaps`).
 Knows nothing of MLflow: a write is any callable.
 """
 

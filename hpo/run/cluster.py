@@ -14,6 +14,11 @@ cannot be joined leaves no study or MLflow run behind. Three ways in:
   line that says which token is missing and how to give it, instead of Ray's half minute of
   retries ending in "Failed to connect".
 
+Before any trial, :func:`preflight` starts Ray and refuses, in one line, a sweep no node
+can run (``gpus_per_trial``/``cpus_per_trial`` above the largest node's) or whose device,
+precision or quantization the trial's worker cannot run (a Ray task with the trial's
+resources asks :func:`hpo.train.accelerator.problems`).
+
 ``held_resources`` runs in a trial's worker: the resources Ray assigned to it, so that the
 study records what each trial held and when (``resources`` user attr).
 """
@@ -32,12 +37,13 @@ from typing import Any
 
 from hpo.errors import HpoError
 
+logger = logging.getLogger(__name__)
 AUTH_MODE = "RAY_AUTH_MODE"
 TOKEN = "RAY_AUTH_TOKEN"
 TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
 DEFAULT_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
-# Result keys: what a trial's workers hold (JSON list, one entry per rank) and when it reported.
-HELD_KEY, TIME_KEY = "hpo_held", "hpo_time"
+PROBE_TIMEOUT = 180.0
+"""Seconds :func:`preflight` waits for a worker to answer its device check."""
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
     # Each trial runs in a new thread of a reused worker: glibc would give each its own
@@ -99,6 +105,55 @@ def connect(address: str | None, *, worker_logs: bool = False) -> None:
         raise HpoError(f"could not join the Ray cluster at {address}: {type(error).__name__}: "
                        f"{str(error).splitlines()[0] if str(error) else ''} (check --address / RAY_ADDRESS; "
                        "`ray status` on the head shows the cluster)") from None
+
+
+def preflight(sweep: Any, *, address: str | None, recipe: bool, worker_logs: bool = False) -> None:
+    """Start (or join) Ray and refuse a sweep it cannot run, before anything is written.
+
+    Raises HpoError, one line: a ``gpus_per_trial``/``cpus_per_trial`` above every node's
+    (the largest node's numbers are given), or -- for the built-in recipe, when the sweep asks
+    for a device, precision, quantization or lean loss a worker may lack -- what a probe task holding
+    one trial's resources found (:func:`hpo.train.accelerator.problems`).
+    """
+    import ray
+
+    connect(address, worker_logs=worker_logs)
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    per_worker = sweep.worker_resources  # one trial's share of one node (all of it for a one-worker trial)
+    for key, field in (("GPU", "gpus_per_trial"), ("CPU", "cpus_per_trial")):
+        wanted = per_worker[key]
+        if wanted > 0 and not any(node.get(key, 0.0) >= wanted for node in nodes):
+            largest = max(nodes, key=lambda node: node.get(key, 0.0), default={})
+            raise HpoError(
+                f"sweep field {field}={wanted:g}: no node of the Ray cluster has that many "
+                f"({'the largest has' if len(nodes) > 1 else 'it has'} {largest.get('GPU', 0.0):g} GPU, "
+                f"{largest.get('CPU', 0.0):g} CPU); lower it with --set {field}=... or add such a node")
+    if recipe and (sweep.device != "auto" or sweep.precision in ("bf16", "fp16") or sweep.quantization != "none"
+                   or sweep.lean_loss in ("liger", "cce")):
+        found = _worker_problems(ray, sweep)
+        if found:
+            raise HpoError(found[0])
+
+
+def _worker_problems(ray: Any, sweep: Any) -> list[str]:
+    """:func:`hpo.train.accelerator.problems` in a Ray task with one worker's resources (so with
+    the GPUs Ray would give one worker of a trial: a multi-worker trial's total may fit no
+    node); a cluster too busy to answer in time is not an error."""
+
+    def probe(device: str, precision: str, quantization: str, lean_loss: str) -> list[str]:
+        from hpo.train import accelerator
+
+        return accelerator.problems(device, precision, quantization, lean_loss)
+
+    per_worker = sweep.worker_resources  # what each rank of a multi-worker trial sees, not the trial's total
+    task = ray.remote(num_cpus=per_worker["CPU"], num_gpus=per_worker["GPU"])(probe)
+    ref = task.remote(sweep.device, sweep.precision, sweep.quantization, sweep.lean_loss)
+    try:
+        return ray.get(ref, timeout=PROBE_TIMEOUT)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        logger.warning("hpo: no worker answered the device check within %.0f s; trials will report it", PROBE_TIMEOUT)
+        return []
 
 
 def _use_given_token() -> None:

@@ -3,9 +3,12 @@
 With ``workers_per_trial > 1`` the Tune trial runs :func:`run_distributed_trial`, a light
 driver that starts a ``TorchTrainer`` with that many workers, each reserving the sweep's
 ``worker_resources``. Ray Train initialises ``torch.distributed`` (gloo on CPUs, NCCL on
-GPUs) and every rank runs the built-in recipe (or the module's ``train``): the recipe sees
-the process group, wraps the adapter in DistributedDataParallel and trains on its shard of
-every batch, so the ranks together train on exactly the batches one worker would.
+GPUs) and every rank runs the trial's one body (:func:`hpo.run.trial.run_body`, as a
+one-worker trial does): the built-in recipe (or the module's ``train``). The recipe sees the
+process group, wraps the adapter in DistributedDataParallel and trains on its shard of every
+batch, so the ranks together train on exactly the batches one worker would; rank 0's first
+result carries what it resolved (device, precision, target_modules, ...), as a one-worker
+trial's does.
 
 How a result travels: every rank calls ``ray.train.report`` at each evaluation (a barrier
 in Ray Train); ``TuneReportCallback`` forwards rank 0's metrics into the Tune trial, and from
@@ -37,13 +40,11 @@ from typing import Any
 
 from ray import train, tune
 
-from hpo.errors import is_out_of_memory
-from hpo.run.cluster import HELD_KEY, TIME_KEY, held_resources
-from hpo.run.scheduling import EARLY_STOP_KEY, ERROR_KEY, REASON_KEY, call_train
-from hpo.train.reporter import NonFiniteMetric, Report
+from hpo.run.cluster import held_resources
+from hpo.run.trial import HELD_KEY, TrialSpec, failure, run_body
 
 
-def run_distributed_trial(config: dict[str, Any], spec: Any) -> None:
+def run_distributed_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """Tune function trainable (the trial's driver): one Ray Train run, rank 0 reporting."""
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -69,9 +70,7 @@ def run_distributed_trial(config: dict[str, Any], spec: Any) -> None:
         trainer.fit()
     except Exception as error:  # noqa: BLE001 - a rank's error fails the trial with its reason
         failures = getattr(error, "worker_failures", None) or {}
-        first = _cause(failures[min(failures)]) if failures else error
-        reason = "oom" if is_out_of_memory(first) else "error"
-        tune.report({ERROR_KEY: f"{type(first).__name__}: {first}"[:4000], REASON_KEY: reason})
+        tune.report(failure(_cause(failures[min(failures)]) if failures else error))
 
 
 class ReleaseWorkerGroups(tune.Callback):
@@ -121,33 +120,13 @@ def _cause(error: BaseException) -> BaseException:
     return getattr(error, "cause", None) or error
 
 
-def _rank_loop(config: dict[str, Any], spec: Any) -> None:
-    """On every rank: the recipe (or the module's train) with a report that reaches Tune."""
-    import warnings
-
+def _rank_loop(config: dict[str, Any], spec: TrialSpec) -> None:
+    """On every rank: the trial's one body (:func:`hpo.run.trial.run_body`), its results going to
+    ``ray.train.report`` (rank 0's reach Tune) with what every rank holds; an exception is raised,
+    failing the worker group (see :func:`run_distributed_trial`)."""
     import torch.distributed as dist
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*(Some weights|newly initialized).*")
+    started = time.perf_counter()  # the trial's start on this rank: trial_setup_seconds counts from here
     held: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(held, held_resources())
-    held_text = json.dumps(held)
-
-    def send(step: int, values: dict[str, Any]) -> None:
-        """``ray.train.report`` on every rank (rank 0's metrics go on to Tune), with what the ranks hold."""
-        train.report({"step": step, **values, HELD_KEY: held_text, TIME_KEY: time.time()})
-
-    report = Report(spec.sweep.metric, send,  # the same checked contract as a one-worker trial
-                    prune_metric=spec.sweep.pruned_on if spec.sweep.pruner != "none" else None)
-    try:
-        if spec.train is not None:
-            call_train(spec.train, config["params"], report, spec.sweep)
-        else:
-            from hpo.train import training
-            from hpo.train.recipe import TrainJob
-
-            final = training.fine_tune(TrainJob.from_sweep(spec.sweep, config["params"]), report, score=spec.score)
-            if final.get("stopped_early_at"):  # patience ended it (on every rank alike)
-                send(report.last_step, {EARLY_STOP_KEY: int(final["stopped_early_at"])})
-    except NonFiniteMetric as error:
-        send(report.last_step, {ERROR_KEY: f"non-finite loss: {error}", REASON_KEY: "nan"})
+    run_body(config["params"], spec, train.report, held, started=started, errors_as_results=False)

@@ -6,8 +6,9 @@ How a trial flows (Tune calls all of this in one driver thread):
 1. ``OptunaBridge.suggest`` asks the recorder for the next trial (Optuna ``ask`` +
    ``space(trial)``), or says to wait, or that the sweep is done -- or, when other
    processes' running trials fill a shared study, ends Tune's run (see :func:`run`).
-2. A worker runs :func:`run_trial`: the module's ``train`` or the built-in recipe, whose
-   checked ``report(step, metrics)`` (:class:`hpo.Report`) becomes ``tune.report``.
+2. A worker runs the trial (:mod:`hpo.run.trial`, the protocol: one worker, or each rank of
+   a multi-worker trial, :mod:`hpo.run.distributed`): the module's ``train`` or the built-in
+   recipe, whose checked ``report(step, metrics)`` (:class:`hpo.Report`) becomes a result.
    Exceptions become an error result, so the reason reaches the driver; a non-finite
    objective ends the trial (``nan``). The recipe's first result also carries what the
    worker resolved (device, precision, target_modules, ...) as ``hpo_info/<name>`` entries
@@ -32,16 +33,13 @@ running trials at the end of its current step (they end as interrupted and run a
 next run); a second SIGINT raises ``KeyboardInterrupt`` at once. Tune's own handler would
 only end its loop after the current step, and hpo would not know why.
 
-Before any trial, :func:`preflight` starts Ray and refuses, in one line, a sweep no node
-can run (``gpus_per_trial``/``cpus_per_trial`` above the largest node's) or whose device,
-precision or quantization the trial's worker cannot run (a Ray task with the trial's
-resources asks :func:`hpo.train.accelerator.problems`).
+Before any trial, :func:`hpo.run.cluster.preflight` has started Ray and refused a sweep no
+node can run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 import json
 import logging
@@ -49,98 +47,21 @@ import os
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from hpo.errors import HpoError, is_out_of_memory
 from hpo.record.ledger import AskedTrial
 from hpo.record.recorder import NoTrial, Outcome, Recorder
-from hpo.run.cluster import HELD_KEY, TIME_KEY, held_resources
+from hpo.run import cluster
+from hpo.run import trial as protocol
+from hpo.run.trial import EARLY_STOP_KEY, ERROR_KEY, HELD_KEY, REASON_KEY, TIME_KEY, TrialSpec, run_trial
 from hpo.space import TrainFn
-from hpo.train.recipe import TrainJob
-from hpo.train.reporter import NonFiniteMetric, Report
 
 logger = logging.getLogger(__name__)
-ERROR_KEY = "hpo_error"
-REASON_KEY = "hpo_reason"
-EARLY_STOP_KEY = "hpo_early_stopped"
-INFO_PREFIX = "hpo_info/"
-PROBE_TIMEOUT = 180.0
-
-
-@dataclass(frozen=True)
-class TrialSpec:
-    """What every worker needs besides the trial's own params (sent once via the object store)."""
-
-    sweep: Any  # hpo.Sweep
-    train: TrainFn | None
-    score: Any = None
-    """The module's own ``score(prediction, reference)`` for task sft, or None (exact match)."""
-
-
-def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
-    """Ray Tune function trainable for one trial (runs on a worker)."""
-    started = time.perf_counter()  # the trial's start on its worker: trial_setup_seconds counts from here
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*(Some weights|newly initialized).*")
-    params = config["params"]
-    info: dict[str, Any] = {}
-    held = json.dumps([held_resources()])
-
-    def send(result: dict[str, Any]) -> None:
-        """``tune.report`` with what this trial holds (see :func:`hpo.run.cluster.held_resources`) and,
-        on the first result after they are known, the worker's resolved settings."""
-        if info:
-            result.update({INFO_PREFIX + k: v for k, v in info.items()})
-            info.clear()
-        tune.report({**result, HELD_KEY: held, TIME_KEY: time.time()})
-
-    report = Report(spec.sweep.metric, lambda step, values: send({"step": step, **values}),
-                    prune_metric=spec.sweep.pruned_on if spec.sweep.pruner != "none" else None)
-    try:
-        if spec.train is not None:
-            call_train(spec.train, params, report, spec.sweep)
-        else:
-            from hpo.train import training
-
-            final = training.fine_tune(TrainJob.from_sweep(spec.sweep, params), report, on_start=info.update,
-                                       score=spec.score, started=started)
-            if final.get("stopped_early_at"):  # patience ended it: tell the driver why
-                send({"step": report.last_step, EARLY_STOP_KEY: int(final["stopped_early_at"])})
-    except NonFiniteMetric as error:
-        send({"step": report.last_step, ERROR_KEY: f"non-finite loss: {error}", REASON_KEY: "nan"})
-    except Exception as error:  # noqa: BLE001 - any trial error becomes FAIL with its reason
-        reason = "oom" if is_out_of_memory(error) else "error"
-        message = f"{type(error).__name__}: {error}"
-        send({"step": report.last_step, ERROR_KEY: message[:4000], REASON_KEY: reason})
-    finally:
-        if spec.train is None:  # a recipe trial (its exception, if any, handled): back to the resident baseline
-            from hpo.train import accelerator
-
-            accelerator.release_memory()
-
-
-def call_train(train: TrainFn, params: dict[str, Any], report: Report, sweep: Any) -> Any:
-    """A module's own ``train``: ``train(params, report, sweep)`` when it takes a third (or a
-    ``sweep``) parameter -- the effective sweep, after ``--set`` -- else ``train(params, report)``."""
-    try:
-        signature = inspect.signature(train)
-    except (TypeError, ValueError):  # a builtin or C callable: the two-argument form
-        return train(params, report)
-    kinds = [p.kind for p in signature.parameters.values()]
-    positional = [p for p in signature.parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if "sweep" in signature.parameters and signature.parameters["sweep"].kind == inspect.Parameter.KEYWORD_ONLY:
-        return train(params, report, sweep=sweep)
-    if len(positional) >= 3 or inspect.Parameter.VAR_POSITIONAL in kinds:
-        return train(params, report, sweep)
-    return train(params, report)
 
 
 class _LiveTrialsFirst:
@@ -251,12 +172,12 @@ class OptunaBridge(Searcher):
         if number is None or ERROR_KEY in result or "step" not in result:
             return
         try:
-            self.recorder.on_result(number, int(result["step"]), _metrics(result))
+            self.recorder.on_result(number, int(result["step"]), protocol.metrics(result))
         except Exception:  # noqa: BLE001
             logger.exception("hpo: recording a result of trial %s failed", number)
 
     def _info(self, number: int, result: dict) -> None:
-        info = {k.removeprefix(INFO_PREFIX): v for k, v in result.items() if k.startswith(INFO_PREFIX)}
+        info = protocol.worker_settings(result)
         if info:
             try:
                 self.recorder.on_info(number, info)
@@ -297,7 +218,7 @@ class OptunaBridge(Searcher):
         if ERROR_KEY in result:
             return Outcome("fail", reason=result.get(REASON_KEY, "error"), error=result[ERROR_KEY])
         if "step" in result and self.metric in result:
-            self.recorder.on_result(number, int(result["step"]), _metrics(result))
+            self.recorder.on_result(number, int(result["step"]), protocol.metrics(result))
         if stopped_at is not None:
             return Outcome("pruned", step=stopped_at)
         if result.get("done") and EARLY_STOP_KEY in result:
@@ -381,16 +302,6 @@ def _note_held(held: dict[str, dict[str, Any]], trial_id: str, result: dict) -> 
     held[trial_id]["end"] = float(result.get(TIME_KEY, time.time()))
 
 
-_RESULT_KEYS = {"step", "done", "trial_id", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
-                "time_since_restore", "iterations_since_restore", "pid", "hostname", "node_ip", "date",
-                "experiment_tag", "checkpoint_dir_name", "should_checkpoint"}
-
-
-def _metrics(result: dict) -> dict[str, float]:
-    return {k: v for k, v in result.items() if k not in _RESULT_KEYS and not k.startswith(("config/", "hpo_"))
-            and isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str | None, module: Any,
         storage_path: str, name: str, worker_logs: bool = False, score: Any = None) -> None:
     """Start (or join) Ray and run trials until the recorder says the sweep is done.
@@ -421,7 +332,7 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
     logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
     # A trial whose worker died is recorded (interrupted, run again); Tune's traceback for it is noise.
     logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
-    ray = _start_ray(address, worker_logs)
+    cluster.connect(address, worker_logs=worker_logs)
     concurrency = sweep.concurrency or _fit_count(ray.cluster_resources(), sweep.trial_resources)
 
     scheduler = make_scheduler(sweep)
@@ -460,63 +371,6 @@ def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str |
         first = recorder.wait_for_a_trial()
         if first is None:
             return
-
-
-def _start_ray(address: str | None, worker_logs: bool) -> Any:
-    """Start or join Ray once (:func:`hpo.run.cluster.connect`); returns the ``ray`` module."""
-    import ray
-
-    from hpo.run import cluster
-
-    cluster.connect(address, worker_logs=worker_logs)
-    return ray
-
-
-def preflight(sweep: Any, *, address: str | None, recipe: bool, worker_logs: bool = False) -> None:
-    """Start (or join) Ray and refuse a sweep it cannot run, before anything is written.
-
-    Raises HpoError, one line: a ``gpus_per_trial``/``cpus_per_trial`` above every node's
-    (the largest node's numbers are given), or -- for the built-in recipe, when the sweep asks
-    for a device, precision, quantization or lean loss a worker may lack -- what a probe task holding
-    one trial's resources found (:func:`hpo.train.accelerator.problems`).
-    """
-    ray = _start_ray(address, worker_logs)
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    per_worker = sweep.worker_resources  # one trial's share of one node (all of it for a one-worker trial)
-    for key, field in (("GPU", "gpus_per_trial"), ("CPU", "cpus_per_trial")):
-        wanted = per_worker[key]
-        if wanted > 0 and not any(node.get(key, 0.0) >= wanted for node in nodes):
-            largest = max(nodes, key=lambda node: node.get(key, 0.0), default={})
-            raise HpoError(
-                f"sweep field {field}={wanted:g}: no node of the Ray cluster has that many "
-                f"({'the largest has' if len(nodes) > 1 else 'it has'} {largest.get('GPU', 0.0):g} GPU, "
-                f"{largest.get('CPU', 0.0):g} CPU); lower it with --set {field}=... or add such a node")
-    if recipe and (sweep.device != "auto" or sweep.precision in ("bf16", "fp16") or sweep.quantization != "none"
-                   or sweep.lean_loss in ("liger", "cce")):
-        found = _probe(ray, sweep)
-        if found:
-            raise HpoError(found[0])
-
-
-def _probe(ray: Any, sweep: Any) -> list[str]:
-    """:func:`hpo.train.accelerator.problems` in a Ray task with one worker's resources (so with
-    the GPUs Ray would give one worker of a trial: a multi-worker trial's total may fit no
-    node); a cluster too busy to answer in time is not an error."""
-
-    def probe(device: str, precision: str, quantization: str, lean_loss: str) -> list[str]:
-        from hpo.train import accelerator
-
-        return accelerator.problems(device, precision, quantization, lean_loss)
-
-    per_worker = sweep.worker_resources  # what each rank of a multi-worker trial sees, not the trial's total
-    task = ray.remote(num_cpus=per_worker["CPU"], num_gpus=per_worker["GPU"])(probe)
-    ref = task.remote(sweep.device, sweep.precision, sweep.quantization, sweep.lean_loss)
-    try:
-        return ray.get(ref, timeout=PROBE_TIMEOUT)
-    except ray.exceptions.GetTimeoutError:
-        ray.cancel(ref, force=True)
-        logger.warning("hpo: no worker answered the device check within %.0f s; trials will report it", PROBE_TIMEOUT)
-        return []
 
 
 def _fit_count(available: dict[str, float], per_trial: dict[str, float]) -> int:

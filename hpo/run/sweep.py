@@ -172,14 +172,14 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     sweep = search_space.sweep
     name = check_study_name(options.study or search_space.default_study_name)
     from hpo.analysis import study_report
-    from hpo.run import scheduling
+    from hpo.run import cluster, scheduling
 
     threading.Thread(target=study_report.preload, name="hpo-report-imports", daemon=True).start()
 
     _check_writable(options)  # a read-only folder: said at once
     # Ray's resources and the trial's device before either store is written
-    scheduling.preflight(sweep, address=options.address or os.environ.get("RAY_ADDRESS"),
-                         recipe=search_space.train is None, worker_logs=options.worker_logs)
+    cluster.preflight(sweep, address=options.address or os.environ.get("RAY_ADDRESS"),
+                      recipe=search_space.train is None, worker_logs=options.worker_logs)
     studies.check_storage(options.storage)  # both stores reachable before either is written
     check_tracking(options.tracking_uri)
     warm_source = _open_warm_source(options, name)
@@ -200,7 +200,8 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
         run_index = studies.next_run_index(study)
     study.sampler = studies.make_sampler(sweep.sampler, sweep.seed + run_index, sweep.trials)
 
-    from hpo.record.recorder import Recorder, mirror_gaps
+    from hpo.record.mirror import mirror_gaps
+    from hpo.record.recorder import Recorder
     from hpo.record.sweep_record import SweepRecord
     from hpo.train.recipe import TrainJob
 
@@ -353,7 +354,7 @@ def _flush_mirror(study: Any, tracker: Any, metric: str, job: Any, console: Cons
     """Wait for the MLflow writes of this run's trials; rewrite from the study the runs of
     trials whose writes failed (a warning if that fails too: the next run tries again). A
     store that is down is not waited for (see :meth:`hpo.record.sweep_tracker.SweepTracker.end_call`)."""
-    from hpo.record.recorder import mirror_gaps
+    from hpo.record.mirror import mirror_gaps
 
     tracker.flush(final=True)
     if tracker.unwritten:

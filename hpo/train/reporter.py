@@ -2,8 +2,8 @@
 
 The built-in recipe and a module's own ``train(params, report[, sweep])`` both get a
 :class:`Report`. Each call is checked, then handed to the report's *sink*: under Ray the
-sink is ``tune.report`` (:func:`hpo.run.scheduling.run_trial`), in ``hpo promote`` it logs to
-MLflow and the progress bar. A sink may raise to end training early (Ray's stop does).
+sink is Ray's report (``tune.report``, or ``ray.train.report`` on each rank of a multi-worker
+trial: :mod:`hpo.run.trial`), in ``hpo promote`` it logs to MLflow and the progress bar. A sink may raise to end training early (Ray's stop does).
 
 The contract:
 
@@ -36,6 +36,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+# The one list of reserved result names (Tune's own and hpo's ``hpo_*``): hpo.run.trial.metrics sets them
+# aside from a result, so the sweep records only the trial's own metrics.
 RESERVED_KEYS = frozenset({
     "step", "done", "trial_id", "training_iteration", "timestamp", "pid", "hostname", "node_ip", "date",
     "experiment_tag", "checkpoint_dir_name", "should_checkpoint", "iterations_since_restore",
