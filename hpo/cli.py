@@ -260,6 +260,8 @@ def _deeper_checks(sweep: Any, labels: bool, paraphrases: bool, folder: Any, wri
         results["files"].append(found.write_csv(folder / "label_issues.csv"))
         if write_clean:
             column = data.read_raw(sweep.train_data, "classification", sweep.text_column, sweep.label_column).label_column
+            if column is None:  # not for classification data: read_raw names the column it found, or raises
+                raise HpoError(f"{sweep.train_data}: no label column; set one with --set label_column=...")
             changed = write_copy(sweep.train_data, write_clean, found.suspects, column, relabel)
             results["clean"] = (f"wrote {write_clean}: {sweep.train_data} with {changed} suspect rows "
                                 f"{'relabelled' if relabel else 'left out'}")

@@ -48,6 +48,7 @@ KNOWN_DIRECTIONS = {
     "mfu": "maximize",
 }
 DIRECTIONS = ("maximize", "minimize")
+Direction = Literal["maximize", "minimize"]
 DATA_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
 MAX_SEED = 2**32 - 1
 
@@ -420,9 +421,9 @@ class Sweep:
         return tuple(typing.cast(str, self.metric).split(","))
 
     @property
-    def directions(self) -> tuple[str, ...]:
+    def directions(self) -> tuple[Direction, ...]:
         """One ``maximize``/``minimize`` per name of :attr:`metrics`."""
-        return tuple(typing.cast(str, self.direction).split(","))
+        return typing.cast("tuple[Direction, ...]", tuple(typing.cast(str, self.direction).split(",")))
 
     @property
     def mode(self) -> str:
@@ -624,7 +625,7 @@ def resolve_paths(sweep: Sweep, base: Path) -> Sweep:
 
     Hub ids (``imdb:train``, ``org/model``) are left alone unless such a path exists.
     """
-    changes: dict[str, str] = {}
+    changes: dict[str, Any] = {}
     for name in ("train_data", "eval_data", "test_data", "retain_data", "synonyms", "model", "chat_template"):
         value = getattr(sweep, name)
         if not value:

@@ -61,10 +61,10 @@ def redact_url(url: str) -> str:
         return shown.replace("%2A%2A%2A", HIDDEN)
     except Exception:  # noqa: BLE001 - anything unparseable: hide all that could be a secret
         scheme, rest = url.split("://", 1)
-        address, query = rest.split("?", 1) if "?" in rest else (rest, None)
+        address = rest.split("?", 1)[0]
         if "@" in address:
             address = f"{HIDDEN}@{address.rsplit('@', 1)[1]}"
-        return f"{scheme}://{address}" + (f"?{HIDDEN}" if query is not None else "")
+        return f"{scheme}://{address}" + (f"?{HIDDEN}" if "?" in rest else "")
 
 
 def check_url(url: str, flag: str) -> None:

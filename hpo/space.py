@@ -33,14 +33,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpo.config import Sweep, direction_follows_metric, parse_overrides, resolve_paths
 from hpo.errors import HpoError
 from hpo.priors import Prior, check_priors
 
-Space = Callable[[Any], dict]
-TrainFn = Callable[[dict, Callable[[int, dict], None]], Any]
+if TYPE_CHECKING:
+    import optuna
+
+Space = Callable[["optuna.Trial"], dict]
+"""A module's ``space(trial)``: the sampled config from Optuna's trial."""
+TrainFn = Callable[..., Any]
+"""A module's own ``train(params, report)`` or ``train(params, report, sweep)`` (see :func:`hpo.run.trial.call_train`)."""
 
 
 @dataclass(frozen=True)

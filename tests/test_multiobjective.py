@@ -75,7 +75,7 @@ def test_every_objective_must_be_reported() -> None:
 
 def test_a_study_keeps_its_directions_and_names(tmp_path: Path) -> None:
     storage = open_storage(f"sqlite:///{tmp_path / 'mo.db'}")
-    study = create_or_resume(storage, "mo", "maximize,minimize", optuna.samplers.RandomSampler(0), metric="score,cost")
+    study = create_or_resume(storage, "mo", ("maximize", "minimize"), optuna.samplers.RandomSampler(0), metrics=("score", "cost"))
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     assert study.metric_names == ["score", "cost"]
     for values in ([0.9, 300], [0.8, 100], [0.7, 200]):
@@ -83,7 +83,7 @@ def test_a_study_keeps_its_directions_and_names(tmp_path: Path) -> None:
     assert [point["number"] for point in pareto_front(study)] == [0, 1]
     assert pareto_front(study)[1]["values"] == {"score": 0.8, "cost": 100}
     with pytest.raises(HpoError, match="exists and maximize,minimizes its objectives, but this sweep maximizes"):
-        create_or_resume(storage, "mo", "maximize", optuna.samplers.RandomSampler(0), metric="score")
+        create_or_resume(storage, "mo", ("maximize",), optuna.samplers.RandomSampler(0), metrics=("score",))
     with pytest.raises(HpoError, match="several objectives and no single best trial.*--trial N \\(trials 0, 1;"):
         _pick_trial(study, None)
     assert _pick_trial(study, 1).params == study.trials[1].params
@@ -190,6 +190,6 @@ def test_a_two_objective_sweep_keeps_the_pareto_front(tmp_path: Path, monkeypatc
 
 def test_single_metric_studies_are_unchanged(tmp_path: Path) -> None:
     storage = open_storage(f"sqlite:///{tmp_path / 'one.db'}")
-    study = create_or_resume(storage, "one", "maximize", optuna.samplers.RandomSampler(0), metric="score")
+    study = create_or_resume(storage, "one", ("maximize",), optuna.samplers.RandomSampler(0), metrics=("score",))
     assert (study.direction.name, study.metric_names) == ("MAXIMIZE", ["score"])
     assert dataclasses.replace(Sweep(), metric="eval_loss", direction="minimize").metrics == ("eval_loss",)

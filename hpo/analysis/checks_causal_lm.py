@@ -64,9 +64,9 @@ def check_causal_lm(train_source: str, eval_source: str | None, text_column: str
                 f"the {'training' if split == 'train' else 'validation'} text has about {tokens} tokens ({method}): "
                 f"{tokens // max_length} blocks of max_length={max_length}, fewer than the {minimum} a run needs: "
                 f"{fix}", tokens, []))
-    long_enough = [[i for i, text in enumerate(piece.texts) if len(text.split()) >= MIN_PARAGRAPH_WORDS]
-                   for piece in (train, evaluation)]
-    findings += _leakage_findings(train.take(long_enough[0]), evaluation.take(long_enough[1]), "paragraphs",
+    long_train, long_eval = ([i for i, text in enumerate(piece.texts) if len(text.split()) >= MIN_PARAGRAPH_WORDS]
+                             for piece in (train, evaluation))
+    findings += _leakage_findings(train.take(long_train), evaluation.take(long_eval), "paragraphs",
                                   held_out=not eval_source)
     return findings, stats
 
@@ -93,7 +93,8 @@ def _paragraphs(raw: data.RawExamples, tokenizer: Any) -> tuple[_Part, list[int]
     numbers, texts, offsets = [], [], []
     offset = 0
     for row, text in enumerate(raw.texts, start=1):
-        start, lines = 0, []
+        start = 0
+        lines: list[str] = []
         for line_number, line in enumerate(text.split("\n"), start=1):
             if line.strip():
                 if not lines:

@@ -84,7 +84,7 @@ def _label_findings(raw: data.RawExamples, labels: list[int | None]) -> list[Fin
         findings.append(_finding(
             "error", "label_unparseable", raw.source, bad,
             f"{len(bad)} of {total} rows have a label in column {column!r} that is not an integer "
-            f"(row {bad[0] + 1}: {raw.labels[bad[0]]!r}); labels must be integers 0..K-1: map names to "
+            f"(row {bad[0] + 1}: {(raw.labels or [])[bad[0]]!r}); labels must be integers 0..K-1: map names to "
             "numbers, or pick another --set label_column"))
     negative = [i for i, label in enumerate(labels) if label is not None and label < 0]
     if negative:

@@ -58,6 +58,7 @@ from hpo.analysis.checks_text import (
     _normalize,
     _Part,
     _truncation_findings,
+    pick,
     train_and_eval,
 )
 from hpo.train import sft
@@ -77,8 +78,8 @@ class _Conversations:
     """Tokens with loss within the first ``max_length`` tokens."""
 
     def take(self, indices: list[int]) -> _Conversations:
-        return _Conversations(self.part.take(indices), *([values[i] for i in indices] for values in (
-            self.conversations, self.answers, self.loss, self.kept_loss)))
+        return _Conversations(self.part.take(indices), pick(self.conversations, indices), pick(self.answers, indices),
+                              pick(self.loss, indices), pick(self.kept_loss, indices))
 
 
 def check_sft(train_source: str, eval_source: str | None, max_length: int, eval_fraction: float, tokenizer: Any,
@@ -113,7 +114,7 @@ def _read(source: str, max_length: int, tokenizer: Any, template: str | None) ->
         last = _last_answer(messages)
         prompts.append("\n\n".join(m["content"] for m in messages[:last]))
         answers.append(messages[last]["content"] if last < len(messages) else "")
-        if tokenizer is not None:
+        if tokenizer is not None and template is not None:  # check_sft gives both or neither
             labelled = [label != sft.IGNORE for label in sft.tokenize(messages, tokenizer, template, sys.maxsize).labels]
         else:
             labelled = []

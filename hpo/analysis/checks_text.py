@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from hpo.analysis.checks_report import Finding, _finding
 from hpo.train import data
@@ -26,6 +26,12 @@ TOKENS_PER_WORD = 1.3
 TOKENIZER_BATCH = 2048
 PERCENTILES = (50, 90, 95, 99)
 _PUNCTUATION = re.compile(r"[^\w\s]")
+_T = TypeVar("_T")
+
+
+def pick(values: list[_T], indices: list[int]) -> list[_T]:
+    """The items of ``values`` at ``indices``, in that order."""
+    return [values[i] for i in indices]
 
 
 @dataclass
@@ -40,8 +46,8 @@ class _Part:
     tokens: list[int]
 
     def take(self, indices: list[int]) -> _Part:
-        return _Part(self.source, *([values[i] for i in indices] for values in (
-            self.numbers, self.texts, self.keys, self.labels, self.tokens)))
+        return _Part(self.source, pick(self.numbers, indices), pick(self.texts, indices), pick(self.keys, indices),
+                     pick(self.labels, indices), pick(self.tokens, indices))
 
 
 def _duplicate_findings(part: _Part, noun: str, where: str) -> list[Finding]:

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from hpo.analysis.diagnose_rules import Finding
 
 if TYPE_CHECKING:
+    import optuna
+
     from hpo.analysis.diagnose import StudyDiagnosis
 
 CHECKS_FILE = "checks.json"
@@ -122,7 +124,7 @@ def data_findings(stored: dict) -> list[Finding]:
     return found
 
 
-def diagnose_with_checks(study: Any, folder: Path | None = None, source: str | None = None) -> StudyDiagnosis:
+def diagnose_with_checks(study: optuna.Study, folder: Path | None = None, source: str | None = None) -> StudyDiagnosis:
     """:func:`hpo.analysis.diagnose.diagnose_study` with the data findings of ``folder`` (by default
     this study's :func:`checks_folder`, relative to the current folder)."""
     from hpo.analysis.diagnose import diagnose_study

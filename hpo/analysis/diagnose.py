@@ -181,7 +181,7 @@ def diagnose_study(study: optuna.Study) -> StudyDiagnosis:
     record = SweepRecord.load(study)
     sweep = record.sweep if record else {}
     # A multi-objective study ("a,b" / "maximize,minimize") is diagnosed on its first objective.
-    metric = sweep.get("metric").split(",")[0] if sweep.get("metric") else None
+    metric = named.split(",")[0] if (named := sweep.get("metric")) else None
     direction = (sweep.get("direction") or study.directions[0].name.lower()).split(",")[0]
     everything = study.get_trials(deepcopy=False)
     finished = [t for t in everything if is_diagnosed(t)]
@@ -192,8 +192,8 @@ def diagnose_study(study: optuna.Study) -> StudyDiagnosis:
             skipped[key] = skipped.get(key, 0) + 1
     trials = [diagnose_trial(t, metric=metric, direction=direction, max_steps=sweep.get("max_steps"))
               for t in finished]
-    complete = [t for t in finished if t.state == TrialState.COMPLETE and first_value(t) is not None
-                and math.isfinite(first_value(t))]
+    complete = [t for t in finished if t.state == TrialState.COMPLETE and (value := first_value(t)) is not None
+                and math.isfinite(value)]
     importance, why_not = param_importance(study, complete)
     priors = stored_priors(record.priors if record else None)
     edges = range_edges(complete, direction, priors)

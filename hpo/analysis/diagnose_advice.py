@@ -38,6 +38,8 @@ from hpo.priors import Prior
 
 if TYPE_CHECKING:
     import optuna
+    from optuna.distributions import BaseDistribution
+    from optuna.importance import FanovaImportanceEvaluator
     from optuna.trial import FrozenTrial
 
     from hpo.analysis.diagnose import TrialDiagnosis
@@ -46,7 +48,7 @@ REGULARISERS = ("weight_decay", "lora_dropout", "dropout", "hidden_dropout", "at
 SEVERITY = {"diverging": 0, "overfitting": 1, "underfitting": 2, "slow_convergence": 3, "early_overfitting": 4}
 
 
-def importance_evaluator() -> Any:
+def importance_evaluator() -> FanovaImportanceEvaluator:
     """fANOVA, seeded. Not Optuna 5's default, PED-ANOVA: that one compares the top 10% of trials
     with the rest (one trial below 20) and ranked the dominant parameter first in 68-80% of
     12-30-trial studies in bench/importance.py, against fANOVA's 90-97%."""
@@ -70,8 +72,8 @@ def param_importance(study: optuna.Study, complete: list[FrozenTrial]) -> tuple[
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            first = {"target": lambda t: t.values[0]} if len(study.directions) > 1 else {}
-            shares = optuna.importance.get_param_importances(study, evaluator=importance_evaluator(), **first)
+            first = (lambda t: t.values[0]) if len(study.directions) > 1 else None
+            shares = optuna.importance.get_param_importances(study, evaluator=importance_evaluator(), target=first)
     except Exception as error:  # noqa: BLE001 - evaluators raise many types on odd studies
         return {}, f"parameter importance could not be computed ({type(error).__name__}: {error})"
     return {name: float(share) for name, share in shares.items()}, None
@@ -110,13 +112,14 @@ def within_prior(edge: dict, prior: Prior | None) -> dict:
     return {**edge, "suggestion": round(limit) if isinstance(wider, int) else limit, "clipped_by_prior": True}
 
 
-def numeric_edge(name: str, distribution: Any, values: list[float]) -> dict | None:
+def numeric_edge(name: str, distribution: BaseDistribution, values: list[float]) -> dict | None:
     from optuna.distributions import FloatDistribution, IntDistribution
 
     if not isinstance(distribution, (FloatDistribution, IntDistribution)) or distribution.high <= distribution.low:
         return None
     low, high, log = distribution.low, distribution.high, distribution.log
     where = math.log if log else float  # log ranges are judged in log space
+    wider: float | None
     positions = [(where(v) - where(low)) / (where(high) - where(low)) for v in values]
     if min(positions) >= 1 - EDGE_SHARE:
         bound, at = "upper", high
@@ -136,14 +139,14 @@ def numeric_edge(name: str, distribution: Any, values: list[float]) -> dict | No
             "best_values": values}
 
 
-def choice_edge(name: str, distribution: Any, values: list[Any]) -> dict | None:
+def choice_edge(name: str, distribution: BaseDistribution, values: list[Any]) -> dict | None:
     """A categorical parameter whose choices are ordered numbers, the best trials all at one end."""
     from optuna.distributions import CategoricalDistribution
 
     if not isinstance(distribution, CategoricalDistribution) or len(distribution.choices) < 2:
         return None
-    choices = list(distribution.choices)
-    if not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices):
+    choices = [c for c in distribution.choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
+    if len(choices) < len(distribution.choices):
         return None
     ordered = sorted(choices)
     if ordered != choices and ordered != choices[::-1] or len(set(choices)) != len(choices):

@@ -12,7 +12,10 @@ import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,6 @@ def rounded(share: float) -> float:
     return round(share, 4)
 
 
-def first_value(trial: Any) -> float | None:
+def first_value(trial: FrozenTrial) -> float | None:
     """A finished trial's value; a multi-objective trial's first (``trial.value`` raises there)."""
     return trial.values[0] if trial.values else None

@@ -19,7 +19,12 @@ import csv
 import dataclasses
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
+
+    from hpo.config import Sweep
 
 FOLDS = 5
 STOP_FRACTION = 0.1
@@ -34,7 +39,7 @@ training part (or the sweep's ``max_steps``, if longer): a sweep's short trials 
 but a probe that has not converged scores every row near the class shares."""
 
 
-def strong_probe(sweep: Any, params: dict[str, Any], texts: list[str], labels: list[int], *,
+def strong_probe(sweep: Sweep, params: dict[str, Any], texts: list[str], labels: list[int], *,
                  folds: int = FOLDS, max_steps: int | None = None, seed: int = 0) -> Any:
     """Out-of-fold class probabilities, shape (rows, classes), from the recipe run with ``params``
     on each fold's complement; ``labels`` are 0..K-1. Each run takes ``max_steps`` steps, or by
@@ -111,7 +116,7 @@ def _predict(model: Any, tokenizer: Any, texts: list[str], max_length: int, batc
     return np.concatenate(out)
 
 
-def best_trial_setup(study: Any, overrides: list[str]) -> tuple[Any, dict[str, Any], int, str | None]:
+def best_trial_setup(study: optuna.Study, overrides: list[str]) -> tuple[Sweep, dict[str, Any], int, str | None]:
     """The sweep as the study ran it (``--set`` on top: ``max_steps`` sets each fold's run),
     the best trial's params, its number, and the sweep's MLflow tracking URI (None when the
     record hides a password in it). Raises HpoError for a study ``hpo search`` did not

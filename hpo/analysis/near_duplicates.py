@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 JACCARD = 0.7
@@ -78,15 +79,15 @@ class Pairs:
                          f"{pair.second_row} {_clip(pair.second_text)!r}")
         if len(self.pairs) > limit:
             lines.append(f"  ... {len(self.pairs) - limit} more in the CSV")
-        if self.warning():
-            lines.append(self.warning())
+        if warning := self.warning():
+            lines.append(warning)
         return lines
 
     def to_dict(self) -> dict:
         return {"pairs": [asdict(p) for p in self.pairs], "leaked": self.leaked, "warning": self.warning(),
                 "seconds": round(self.seconds, 1)}
 
-    def write_csv(self, path: Any) -> Any:
+    def write_csv(self, path: Path) -> Path:
         import csv
 
         from hpo.analysis.label_issues import replacing
@@ -105,10 +106,11 @@ def check_pairs(train_source: str, eval_source: str | None, *, task: str, model:
                 text_column: str | None = None, label_column: str | None = None, eval_fraction: float = 0.1) -> Pairs:
     """Read the sweep's splits as ``hpo check-data`` does (classification rows, causal-LM paragraphs,
     sft prompts; the held-out share of the training file without ``eval_source``) and find the pairs."""
-    from hpo.analysis.checks_text import train_and_eval
+    from hpo.analysis.checks_text import _Part, train_and_eval
     from hpo.train import data
 
-    parts = []
+    parts: list[_Part] = []
+    paragraphs: list[tuple[_Part, list[int], data.RawExamples]] = []  # causal_lm: each file's, with offsets and rows
     for source in filter(None, (train_source, eval_source)):
         if task == "sft":
             from hpo.analysis.checks_sft import _read
@@ -119,18 +121,16 @@ def check_pairs(train_source: str, eval_source: str | None, *, task: str, model:
 
             raw = data.read_raw(source, task, text_column)
             part, offsets = _paragraphs(raw, None)
-            parts.append((part, offsets, raw))
+            paragraphs.append((part, offsets, raw))
         else:
-            from hpo.analysis.checks_text import _Part
-
             texts = data.read_raw(source, task, text_column, label_column).texts
             numbers = list(range(1, len(texts) + 1))
             parts.append(_Part(source, numbers, texts, texts, [None] * len(texts), [0] * len(texts)))
     if task == "causal_lm":
         if eval_source:
-            train, evaluation = parts[0][0], parts[1][0]
+            train, evaluation = paragraphs[0][0], paragraphs[1][0]
         else:
-            part, offsets, raw = parts[0]
+            part, offsets, raw = paragraphs[0]
             head, _ = data.hold_out(data.Examples(train_source, raw.texts, None), eval_fraction)
             cut = len(head.texts[0])
             train = part.take([i for i, offset in enumerate(offsets) if offset < cut])

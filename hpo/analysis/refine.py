@@ -75,7 +75,7 @@ def plan_refinement(study: optuna.Study, sweep: dict) -> Plan:
 
     diagnosis = diagnose_study(study)
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if first_value(t) is not None and math.isfinite(first_value(t))]
+                if (value := first_value(t)) is not None and math.isfinite(value)]
     if not complete:
         raise HpoError(f"study {study.study_name!r} has no COMPLETE trial to learn from; run more trials first "
                        f"(`hpo status --study {study.study_name}` shows how each one ended)")
@@ -91,7 +91,7 @@ def plan_refinement(study: optuna.Study, sweep: dict) -> Plan:
     counts = Counter(trial.state.name for trial in study.get_trials(deepcopy=False))
     best = evidence.ranked[0]
     return Plan(study.study_name, diagnosis.metric, diagnosis.direction, dict(counts),
-                (best.number, float(first_value(best))), params, sweep_changes(evidence, sweep), notes)
+                (best.number, float(first_value(best) or 0.0)), params, sweep_changes(evidence, sweep), notes)
 
 
 def importance_note(diagnosis: StudyDiagnosis) -> str | None:

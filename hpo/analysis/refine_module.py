@@ -121,9 +121,9 @@ def refined_source(source: str, source_path: Path, plan: Plan, recorded: dict, m
                 comment(f"{describe(change.before)} -> {describe(change.after)}: {change.reason}", text.indent(call)))
     for call, lines in reasons.values():  # an earlier round's comment there is about the range replaced
         edits.append((text.earlier_comment(call), text.line_start(call), "\n".join(lines) + "\n"))
-    statement = sweep_statement(tree, source_path)
-    start, end = text.span(statement.value)
-    edits.append((start, end, sweep_text(text, statement.value, recorded, module_sweep, plan.sweep, path,
+    call = sweep_call(tree, source_path)
+    start, end = text.span(call)
+    edits.append((start, end, sweep_text(text, call, recorded, module_sweep, plan.sweep, path,
                                          source_path.parent)))
     doc = docstring(plan, source_path, command, ast.get_docstring(tree), unapplied)
     body = tree.body[0] if tree.body else None
@@ -203,8 +203,8 @@ def call_text(text: Text, call: ast.Call, after: Any) -> str:
     return f"{head}{kind}({name}, {literal(after.low)}, {literal(after.high)}{extra})"
 
 
-def sweep_statement(tree: ast.Module, source_path: Path) -> ast.Assign | ast.AnnAssign:
-    """The module's one top-level ``sweep = <call>(...)``."""
+def sweep_call(tree: ast.Module, source_path: Path) -> ast.Call:
+    """The call of the module's one top-level ``sweep = <call>(...)``."""
     found = [node for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
              and any(isinstance(t, ast.Name) and t.id == "sweep"
                      for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))]
@@ -212,7 +212,7 @@ def sweep_statement(tree: ast.Module, source_path: Path) -> ast.Assign | ast.Ann
         raise HpoError(f"{source_path}: hpo refine rewrites the module's one top-level `sweep = hpo.Sweep(...)`; "
                        f"it has {len(found)} assignments to sweep{'' if len(found) != 1 else ' and not a call'}: "
                        "write it as one hpo.Sweep(...) call, or refine the module by hand from `hpo diagnose`")
-    return found[0]
+    return found[0].value
 
 
 def sweep_text(text: Text, call: ast.Call, recorded: dict, module_sweep: Sweep, changes: list[Change], path: Path,

@@ -20,8 +20,8 @@ from __future__ import annotations
 import html
 import json
 import warnings
-from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import optuna
@@ -74,12 +74,10 @@ def write_report(study: optuna.Study, folder: Path, diagnosis: dict[str, Any] | 
             from hpo.analysis.diagnose_advice import importance_evaluator
 
             options = {**options, "evaluator": importance_evaluator()}
-        figure = _plot(lambda name=name, options=options: getattr(optuna.visualization, f"plot_{name}")(study, **options),
-                       name, skipped)
+        figure = _plot(optuna.visualization, name, study, options, skipped)
         if figure is not None:
             sections.append((title, figure.to_html(full_html=False, include_plotlyjs=False)))
-        axes = _plot(lambda name=name, options=options: getattr(optuna.visualization.matplotlib, f"plot_{name}")(
-            study, **options), name, [])
+        axes = _plot(optuna.visualization.matplotlib, name, study, options, [])
         if axes is not None:
             png = folder / f"{name}.png"
             _save_png(axes, png)
@@ -96,11 +94,13 @@ def _first_objective(study: optuna.Study) -> dict[str, Any]:
     return {"target": lambda trial: trial.values[0], "target_name": name}
 
 
-def _plot(make: Callable[[], Any], name: str, skipped: list[str]) -> Any:
+def _plot(plots: ModuleType, name: str, study: optuna.Study, options: dict[str, Any], skipped: list[str]) -> Any:
+    """``plots.plot_<name>(study, **options)`` (a plotly figure or matplotlib axes), or None with the
+    reason added to ``skipped``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return make()
+            return getattr(plots, f"plot_{name}")(study, **options)
     except Exception as error:  # noqa: BLE001 - e.g. importance with one trial; the report says so
         skipped.append(f"{name}: {error}")
         return None

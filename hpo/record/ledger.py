@@ -35,7 +35,8 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -43,7 +44,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.record.liveness import Heartbeats, driver_id, driver_is_dead, known_alive
 from hpo.record.locks import StudyLock
-from hpo.record.optuna_access import backend_of, stale_trial_ids, storage_of, study_id, tell_without_readback, trial_id
+from hpo.record.optuna_access import (
+    BaseHeartbeat,
+    backend_of,
+    stale_trial_ids,
+    storage_of,
+    study_id,
+    tell_without_readback,
+    trial_id,
+)
 from hpo.record.stores import retry_transient, retry_when_locked
 from hpo.record.study import GRACE_PERIOD, HEARTBEAT_INTERVAL
 
@@ -84,7 +93,10 @@ def _values(value: Any) -> list[float]:
     return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
 
 
-def _write(call: Callable[[], Any]) -> Any:
+T = TypeVar("T")
+
+
+def _write(call: Callable[[], T]) -> T:
     return retry_transient(lambda: retry_when_locked(call), what="writing the study")
 
 
@@ -130,7 +142,7 @@ class Ledger:
         storage = backend_of(study)
         url = getattr(storage, "url", None)
         enabled = url and getattr(storage, "get_heartbeat_interval", lambda: None)()
-        self.heartbeats = Heartbeats(url, HEARTBEAT_INTERVAL, GRACE_PERIOD) if enabled else None
+        self.heartbeats = Heartbeats(url, HEARTBEAT_INTERVAL, GRACE_PERIOD) if url and enabled else None
 
     # counting ---------------------------------------------------------------------
     def finished(self) -> int:
@@ -196,8 +208,7 @@ class Ledger:
     def heartbeat(self, trial: optuna.Trial) -> None:
         """One heartbeat now (at ask; the :class:`Heartbeats` thread keeps it fresh)."""
         storage = storage_of(self.study)
-        interval = getattr(storage, "get_heartbeat_interval", None)
-        if interval is not None and interval():
+        if isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval():
             _write(lambda: storage.record_heartbeat(trial_id(trial)))
 
     def record_intermediate(self, number: int, step: int, value: float) -> None:
@@ -243,7 +254,7 @@ class Ledger:
             self.abandoned.add(number)  # a later reclaim (ours or another's) fails and re-queues it
             raise
 
-    def _tell(self, asked: AskedTrial, state: TrialState, value: float | None, reason: str | None,
+    def _tell(self, asked: AskedTrial, state: TrialState, value: float | list[float] | None, reason: str | None,
               error: str | None, attrs: dict[str, Any] | None, crashed: bool = True) -> Told:
         trial = asked.trial
         attempt = asked.attempt  # no read first: a trial finished meanwhile refuses the first write below
@@ -257,7 +268,7 @@ class Ledger:
         try:
             for key, attr in values.items():
                 if attr is not None:
-                    _write(lambda key=key, attr=attr: trial.set_user_attr(key, attr))
+                    _write(partial(trial.set_user_attr, key, attr))
             if state == TrialState.COMPLETE:
                 _write(lambda: tell_without_readback(self.study, trial, _objective(value)))
             else:
@@ -273,7 +284,7 @@ class Ledger:
             self._enqueue_again(self._frozen(trial), counted=crashed or reason not in RERUN)
         return Told(state, reason, again=again)
 
-    def _keep_late(self, asked: AskedTrial, frozen: FrozenTrial, state: TrialState, value: float | None,
+    def _keep_late(self, asked: AskedTrial, frozen: FrozenTrial, state: TrialState, value: float | list[float] | None,
                    reason: str | None, attrs: dict[str, Any] | None) -> Told:
         """The trial was failed by a reclaimer while it still ran here. A result (COMPLETE,
         PRUNED) is kept as a new trial with the same params, and the rerun the reclaimer
@@ -344,8 +355,8 @@ class Ledger:
                 reason = "interrupted" if attempt < self.max_attempts else "interrupted_too_often"
                 storage = storage_of(self.study)
                 try:
-                    _write(lambda t=trial, r=reason, s=storage: s.set_trial_user_attr(trial_id(t), "reason", r))
-                    _write(lambda t=trial, s=storage: s.set_trial_state_values(trial_id(t), TrialState.FAIL))
+                    _write(partial(storage.set_trial_user_attr, trial_id(trial), "reason", reason))
+                    _write(partial(storage.set_trial_state_values, trial_id(trial), TrialState.FAIL))
                 except UpdateFinishedTrialError:
                     continue  # it ended (or another process reclaimed it) meanwhile
                 if reason == "interrupted":

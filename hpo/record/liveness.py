@@ -26,7 +26,10 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from optuna.storages import RDBStorage
 
 logger = logging.getLogger(__name__)
 START_TOLERANCE = 1.0
@@ -184,7 +187,7 @@ class Heartbeats:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        storage: Any = None
+        storage: RDBStorage | None = None
         while not self._stop.wait(max(0.2, self.interval / 2)):
             with self._lock:
                 ids = sorted(self._ids)
@@ -203,7 +206,7 @@ class Heartbeats:
             storage.engine.dispose()
 
 
-def _own_storage(url: str, interval: float, grace_period: float) -> Any:
+def _own_storage(url: str, interval: float, grace_period: float) -> RDBStorage:
     import optuna
 
     engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else \

@@ -17,13 +17,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from hpo.errors import HpoError
 from hpo.record.optuna_access import backend_of
 from hpo.record.sqlite import sqlite_file_lock, sqlite_path
+
+if TYPE_CHECKING:
+    import sqlalchemy
 
 LOCK_TIMEOUT = 600.0
 
@@ -38,7 +42,7 @@ class StudyLock:
     def __init__(self, study: optuna.Study, timeout: float = LOCK_TIMEOUT):
         storage = backend_of(study)
         self.url: str = getattr(storage, "url", "")
-        self.engine = getattr(storage, "engine", None)
+        self.engine: sqlalchemy.Engine | None = getattr(storage, "engine", None)
         self.study_name = study.study_name
         self.key = f"hpo:{study.study_name}"
         self.timeout = timeout
@@ -67,7 +71,7 @@ class StudyLock:
             "hpo process holds; check for a hung `hpo search` on this study, or try again")
 
     @contextlib.contextmanager
-    def _acquire(self) -> Any:
+    def _acquire(self) -> Iterator[None]:
         if self._file_lock is not None:
             from filelock import Timeout
 
@@ -81,21 +85,21 @@ class StudyLock:
                 self._file_lock.release()
             return
         dialect = self.engine.dialect.name if self.engine is not None else ""
-        if dialect == "postgresql":
-            with self._postgres():
+        if self.engine is not None and dialect == "postgresql":
+            with self._postgres(self.engine):
                 yield
-        elif dialect == "mysql":
-            with self._mysql():
+        elif self.engine is not None and dialect == "mysql":
+            with self._mysql(self.engine):
                 yield
         else:
             yield
 
     @contextlib.contextmanager
-    def _postgres(self) -> Any:
+    def _postgres(self, engine: sqlalchemy.Engine) -> Iterator[None]:
         import sqlalchemy
 
         take = sqlalchemy.text("SELECT pg_try_advisory_lock(hashtext(:key))")
-        with self.engine.connect() as connection:
+        with engine.connect() as connection:
             deadline, wait = time.monotonic() + self.timeout, 0.01
             while not connection.execute(take, {"key": self.key}).scalar():
                 connection.commit()
@@ -111,12 +115,12 @@ class StudyLock:
                 connection.commit()
 
     @contextlib.contextmanager
-    def _mysql(self) -> Any:
+    def _mysql(self, engine: sqlalchemy.Engine) -> Iterator[None]:
         import sqlalchemy
 
         # MySQL lock names are at most 64 characters: a long study name is hashed.
         key = self.key if len(self.key) <= 64 else "hpo:" + hashlib.sha1(self.key.encode()).hexdigest()
-        with self.engine.connect() as connection:
+        with engine.connect() as connection:
             got = connection.execute(sqlalchemy.text("SELECT GET_LOCK(:key, :timeout)"),
                                      {"key": key, "timeout": max(0, int(self.timeout))}).scalar()
             connection.commit()

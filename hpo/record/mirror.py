@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpo.record.ledger import trial_config
 from hpo.record.study import GRACE_PERIOD
 from hpo.record.sweep_tracker import SweepTracker, TrialEnd, run_status
 from hpo.record.tracking import TAG_STATE
+
+if TYPE_CHECKING:
+    import optuna
+    from mlflow.entities import Run
+    from optuna.trial import FrozenTrial
 
 JobParams = Callable[[dict[str, Any]], dict[str, Any]]
 """A trial's config -> the full job a worker trains with (defaults filled in), for its MLflow run."""
@@ -79,7 +84,7 @@ def shown_reason(state: str, reason: str | None, error: str | None, pruned_at: i
     return reason
 
 
-def mirror_gaps(study: Any, tracker: SweepTracker, *, metric: str, job_params: JobParams | None = None,
+def mirror_gaps(study: optuna.Study, tracker: SweepTracker, *, metric: str, job_params: JobParams | None = None,
                 only: set[int] | None = None, grace: float = GRACE_PERIOD) -> list[int]:
     """Bring the study's MLflow trial runs in line with the study (the truth) after a driver
     died with writes it had not made yet, or could not make them (:mod:`hpo.record.writer`: the
@@ -131,7 +136,7 @@ def mirror_gaps(study: Any, tracker: SweepTracker, *, metric: str, job_params: J
     return sorted(written)
 
 
-def run_agrees(run: Any, trial: Any, end: TrialEnd) -> bool:
+def run_agrees(run: Run, trial: FrozenTrial, end: TrialEnd) -> bool:
     """Whether a trial's MLflow ``run`` holds what the study says of the finished ``trial``
     (``end``, :func:`trial_end`): closed with the status and ``hpo.state`` of its state, the
     ``hpo.objective`` of a COMPLETE trial, every sampled param and every curve the study keeps."""
@@ -146,7 +151,7 @@ def run_agrees(run: Any, trial: Any, end: TrialEnd) -> bool:
                if any(isinstance(value, (int, float)) and not isinstance(value, bool) for _, value in points))
 
 
-def trial_end(trial: Any, metric: str, job_params: JobParams | None) -> TrialEnd:
+def trial_end(trial: FrozenTrial, metric: str, job_params: JobParams | None) -> TrialEnd:
     """What a finished Optuna trial's MLflow run should hold (as :meth:`Recorder.on_end` writes it)."""
     attrs = trial.user_attrs
     state = trial.state.name

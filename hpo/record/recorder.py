@@ -295,10 +295,11 @@ class Recorder:
         except Exception:  # noqa: BLE001 - the study holds it (user attr best_step); the run is closed below
             logger.warning("hpo: logging best_step of trial %s to MLflow failed", number, exc_info=True)
 
-    def _close_run(self, number: int, told: Told | None, value: float | None, error: str | None,
+    def _close_run(self, number: int, told: Told | None, value: float | list[float] | None, error: str | None,
                    step: int | None) -> None:
         """Mirror what Optuna now holds to MLflow and the display (the reason as
         :func:`~hpo.record.mirror.shown_reason` words it; ``step``: where a pruned trial stopped)."""
+        shown: str | None
         if told is None:  # the Optuna write failed: a reclaim fails and re-queues the trial
             state, shown = "FAIL", "interrupted"
         else:

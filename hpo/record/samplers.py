@@ -25,7 +25,7 @@ import heapq
 import importlib.util
 import math
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -113,11 +113,13 @@ class RecentHistory(optuna.samplers.BaseSampler):
         """The ``keep_best`` best COMPLETE trials, a heap of (value, number), the worst first (values
         negated when minimizing)."""
 
-    def _seen(self, study: optuna.Study, trial: FrozenTrial) -> StudyView:
-        """What the wrapped sampler sees of ``study`` while it samples ``trial``."""
+    def _seen(self, study: optuna.Study, trial: FrozenTrial) -> optuna.Study:
+        """What the wrapped sampler sees of ``study`` while it samples ``trial``: a
+        :class:`~hpo.record.optuna_access.StudyView`, which stands in for the study (its trials are
+        the chosen ones, all else is forwarded)."""
         if self._view is None or self._view[0] != trial.number:
             self._view = (trial.number, self._build(study))
-        return self._view[1]
+        return cast(optuna.Study, self._view[1])
 
     def _build(self, study: optuna.Study) -> StudyView:
         trials = cached_trials(study)  # by number

@@ -15,12 +15,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TypeVar
 
 from hpo.errors import HpoError
 from hpo.secrets import check_url, redact_url
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def check_local(url: str, flag: str) -> bool:
@@ -71,7 +73,7 @@ def connect_once(url: str) -> None:
     engine.dispose()
 
 
-def retry_when_locked(call: Any, attempts: int = 8, words: tuple[str, ...] = ("database is locked",)) -> Any:
+def retry_when_locked(call: Callable[[], T], attempts: int = 8, words: tuple[str, ...] = ("database is locked",)) -> T:
     """Run ``call()``; if SQLite answers 'database is locked' (or another of ``words``), wait
     and run it again.
 
@@ -115,7 +117,8 @@ def is_transient(error: BaseException) -> bool:
     return "database is locked" in text
 
 
-def retry_transient(call: Any, *, attempts: int = 6, first_wait: float = 0.5, what: str = "a storage call") -> Any:
+def retry_transient(call: Callable[[], T], *, attempts: int = 6, first_wait: float = 0.5,
+                    what: str = "a storage call") -> T:
     """Run ``call()``, retrying transient storage/MLflow errors (:func:`is_transient`) with
     a bounded exponential back-off (0.5, 1, 2, 4, 8 s: about 15 s in all); anything else, or
     the last failure, is raised. Only for calls that are safe to repeat."""

@@ -13,7 +13,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -25,6 +25,9 @@ from hpo.record.sqlite import sqlite_file_lock
 from hpo.record.stores import check_local, connect_once, retry_when_locked
 from hpo.secrets import redact_url as redact
 from hpo.secrets import scrub
+
+if TYPE_CHECKING:
+    from hpo.config import Direction
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 # The driver records a heartbeat for every trial it runs; a trial whose heartbeat is older
@@ -109,28 +112,28 @@ def _storage_error(url: str, error: Exception) -> HpoError:
     )
 
 
-def create_or_resume(storage: optuna.storages.BaseStorage, name: str, direction: str,
-                     sampler: optuna.samplers.BaseSampler, metric: str | None = None) -> optuna.Study:
+def create_or_resume(storage: optuna.storages.BaseStorage, name: str, directions: tuple[Direction, ...],
+                     sampler: optuna.samplers.BaseSampler, metrics: tuple[str, ...] | None = None) -> optuna.Study:
     """The study ``name``, created if new. An existing study must have the same direction(s).
 
-    ``metric`` names the objective (Optuna's metric names), so optuna-dashboard shows
+    ``metrics`` name the objectives (Optuna's metric names), so optuna-dashboard shows
     ``eval_accuracy`` rather than "Objective 0"; set on create and on resume. A
-    multi-objective sweep gives comma-separated names and directions (``"a,b"``,
-    ``"maximize,minimize"``): the study then has several directions and keeps a Pareto front.
+    multi-objective sweep gives several names and directions (``Sweep.metrics``, ``Sweep.directions``):
+    the study then has several directions and keeps a Pareto front.
     """
-    directions = direction.split(",")
+    wanted = list(directions)
     try:
         existing = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
-        existing = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions,
+        existing = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=wanted,
                                        load_if_exists=True)
     held = [d.name.lower() for d in existing.directions]
-    if held != directions:
+    if held != wanted:
         raise HpoError(
             f"study {name!r} exists and {','.join(held)}s its objective{'s' if len(held) > 1 else ''}, but this "
-            f"sweep {direction}s; use another --study name"
+            f"sweep {','.join(directions)}s; use another --study name"
         )
-    names = metric.split(",") if metric else None
+    names = list(metrics) if metrics else None
     if names and existing.metric_names != names:
         retry_when_locked(lambda: existing.set_metric_names(names))
     return existing
@@ -180,12 +183,12 @@ def best_summary(study: optuna.Study) -> dict[str, Any] | None:
     A multi-objective study has no single best trial: None (see :func:`pareto_front`)."""
     if is_multi_objective(study):
         return None
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = [(t.value, t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.value is not None and math.isfinite(t.value)]
     if not complete:
         return None
     pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
-    trial = pick(complete, key=lambda t: t.value)
+    _, trial = pick(complete, key=lambda scored: scored[0])
     from hpo.record.sweep_record import SweepRecord
 
     record = SweepRecord.load(study)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import optuna
 
 VERSION = 2
 """1: the layout of version 0 (module, sweep, tracking_uri, mlflow_experiment_id,
@@ -48,12 +51,12 @@ class SweepRecord:
         """The sweep's metric (``"a,b"`` for a multi-objective sweep), or None if not recorded."""
         return self.sweep.get("metric")
 
-    def save(self, study: Any) -> None:
+    def save(self, study: optuna.Study) -> None:
         """Write the record to the study (replacing the one there)."""
         study.set_user_attr(self.KEY, dataclasses.asdict(self))
 
     @classmethod
-    def load(cls, study: Any) -> SweepRecord | None:
+    def load(cls, study: optuna.Study) -> SweepRecord | None:
         """The study's record, or None for a study ``hpo search`` never ran."""
         return cls.from_dict(study.user_attrs.get(cls.KEY))
 

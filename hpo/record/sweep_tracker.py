@@ -15,8 +15,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpo.record.tracking import (
     DEFAULT_TRACKING_URI,
@@ -32,6 +33,9 @@ from hpo.record.tracking import (
     mlflow_metrics,
     mlflow_params,
 )
+
+if TYPE_CHECKING:
+    from mlflow.entities import Metric, Param, RunTag
 
 logger = logging.getLogger(__name__)
 # Optuna state -> MLflow run status. A pruned trial was stopped early by the sweep: KILLED,
@@ -118,7 +122,8 @@ class SweepTracker(Tracker):
         self.writer.submit(write, f"starting the MLflow run of trial {number}", lambda: self.unwritten.add(number))
         self._add(number, params=mlflow_params(params))
 
-    def _add(self, number: int, metrics: list[Any] = (), params: list[Any] = (), tags: list[Any] = ()) -> None:
+    def _add(self, number: int, metrics: Sequence[Metric] = (), params: Sequence[Param] = (),
+             tags: Sequence[RunTag] = ()) -> None:
         """Metrics, params and tags for the trial's run: joined to those still waiting for the
         writer, else submitted as a new batch. A batch the writer could not write (skipped while
         the store was down, or failed) is kept: it goes with the trial's next write."""

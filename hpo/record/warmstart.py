@@ -26,7 +26,7 @@ from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import HpoError
 from hpo.record import optuna_access
@@ -100,7 +100,8 @@ class _ProbeSampler(optuna.samplers.RandomSampler):
         self.kept: dict[str, Any] = {}
         self.rejected: dict[str, BaseDistribution] = {}
 
-    def sample_independent(self, study: optuna.Study, trial: Any, name: str, distribution: BaseDistribution) -> Any:
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, name: str,
+                           distribution: BaseDistribution) -> Any:
         if name in self.wanted:
             if _contains(distribution, self.wanted[name]):
                 self.kept[name] = self.wanted[name]

@@ -104,9 +104,10 @@ class Writer:
                 if item is None:
                     return
                 write, what, on_failure = item
-                down = self._down_until is not None
+                down_until = self._down_until  # read once: up_again() may clear it from the caller's thread
+                down = down_until is not None
                 try:
-                    if down and (self._give_up or time.monotonic() < self._down_until):
+                    if down_until is not None and (self._give_up or time.monotonic() < down_until):
                         raise _Skipped()
                     if not down:
                         self._retry(write, what)

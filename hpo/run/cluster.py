@@ -33,9 +33,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from hpo.errors import HpoError
+
+if TYPE_CHECKING:
+    from hpo.config import Sweep
 
 logger = logging.getLogger(__name__)
 AUTH_MODE = "RAY_AUTH_MODE"
@@ -69,7 +72,7 @@ def resolve_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
-def is_explicit(address: str | None) -> bool:
+def is_explicit(address: str | None) -> TypeGuard[str]:
     """An address Ray connects to as given (no local discovery, no automatic token)."""
     return address not in (None, "", "auto", "local")
 
@@ -107,7 +110,7 @@ def connect(address: str | None, *, worker_logs: bool = False) -> None:
                        "`ray status` on the head shows the cluster)") from None
 
 
-def preflight(sweep: Any, *, address: str | None, recipe: bool, worker_logs: bool = False) -> None:
+def preflight(sweep: Sweep, *, address: str | None, recipe: bool, worker_logs: bool = False) -> None:
     """Start (or join) Ray and refuse a sweep it cannot run, before anything is written.
 
     Raises HpoError, one line: a ``gpus_per_trial``/``cpus_per_trial`` above every node's
@@ -123,7 +126,7 @@ def preflight(sweep: Any, *, address: str | None, recipe: bool, worker_logs: boo
     for key, field in (("GPU", "gpus_per_trial"), ("CPU", "cpus_per_trial")):
         wanted = per_worker[key]
         if wanted > 0 and not any(node.get(key, 0.0) >= wanted for node in nodes):
-            largest = max(nodes, key=lambda node: node.get(key, 0.0), default={})
+            largest: dict[str, float] = max(nodes, key=lambda node: node.get(key, 0.0), default={})
             raise HpoError(
                 f"sweep field {field}={wanted:g}: no node of the Ray cluster has that many "
                 f"({'the largest has' if len(nodes) > 1 else 'it has'} {largest.get('GPU', 0.0):g} GPU, "
@@ -135,7 +138,7 @@ def preflight(sweep: Any, *, address: str | None, recipe: bool, worker_logs: boo
             raise HpoError(found[0])
 
 
-def _worker_problems(ray: Any, sweep: Any) -> list[str]:
+def _worker_problems(ray: Any, sweep: Sweep) -> list[str]:
     """:func:`hpo.train.accelerator.problems` in a Ray task with one worker's resources (so with
     the GPUs Ray would give one worker of a trial: a multi-worker trial's total may fit no
     node); a cluster too busy to answer in time is not an error."""
@@ -166,7 +169,7 @@ def _use_given_token() -> None:
 def _reload_ray_config() -> None:
     """Ray reads RAY_AUTH_MODE into a cached config when it is imported; read it again (this
     is what Ray itself does when it turns token auth on for a local cluster)."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # not in ray's _raylet.pyi
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
@@ -179,7 +182,7 @@ def _probe(address: str) -> None:
         raise HpoError(f"--address {address!r}: expected HOST:PORT (the head's GCS port, 6379 unless "
                        "`ray start --head --port` said otherwise), ray://HOST:10001, or auto")
     from ray._private.services import canonicalize_bootstrap_address
-    from ray._raylet import GcsClient
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]  # a Cython class ray's _raylet.pyi leaves out
 
     resolved = canonicalize_bootstrap_address(address) or address  # 127.0.0.1 means this node's IP to Ray
     try:

@@ -62,7 +62,8 @@ def run_distributed_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         run_config=train.RunConfig(
             name=f"trial-{config.get('number', 0)}-{context.get_trial_id()}",
             storage_path=_storage_path(context),
-            callbacks=[TuneReportCallback()],
+            # ray.train binds RunConfig at import (Train v2's takes this UserCallback); mypy reads the v1 one
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]
             failure_config=train.FailureConfig(max_failures=0),
         ),
     )

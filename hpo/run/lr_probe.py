@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.distributions import FloatDistribution
+from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.trial import FrozenTrial
 
 from hpo import space as spaces
 from hpo.errors import HpoError
 from hpo.train.lr_probe import Choice, Curve
+
+if TYPE_CHECKING:
+    from hpo.train.recipe import TrainJob
 
 logger = logging.getLogger(__name__)
 ATTR = "lr_probe"
@@ -120,13 +124,15 @@ class _Centre(optuna.samplers.BaseSampler):
     """Every parameter at the middle of its distribution, on its own scale (the middle choice of a
     categorical one): the config the probe trains, whatever the space samples."""
 
-    def infer_relative_search_space(self, study: optuna.Study, trial: Any) -> dict[str, Any]:
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return {}
 
-    def sample_relative(self, study: optuna.Study, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         return {}
 
-    def sample_independent(self, study: optuna.Study, trial: Any, param_name: str, param_distribution: Any) -> Any:
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
         from hpo.record.samplers import from_unit
 
         return from_unit(0.5, param_distribution)
@@ -137,19 +143,19 @@ def centre_params(search_space: spaces.SearchSpace) -> dict[str, Any]:
     return spaces.call_space(search_space, _throwaway_study(search_space, _Centre()).ask())
 
 
-def _throwaway_study(search_space: spaces.SearchSpace, sampler: Any = None) -> optuna.Study:
+def _throwaway_study(search_space: spaces.SearchSpace, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
     """An in-memory study to sample the space on (quietly: Optuna logs each study it creates)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(directions=list(search_space.sweep.directions), sampler=sampler)
 
 
-def _run_on_worker(job: Any, outer: tuple[float, float], resources: dict[str, float]) -> Curve:
+def _run_on_worker(job: TrainJob, outer: tuple[float, float], resources: dict[str, float]) -> Curve:
     """:func:`hpo.train.lr_probe.range_test` in a Ray task with one (worker of a) trial's resources,
     in a worker process that exits afterwards (``max_calls=1``): the base model it loaded must not
     stay in memory, or on the GPU, beside the trials."""
     import ray
 
-    def probe(job: Any, outer: tuple[float, float]) -> Curve:
+    def probe(job: TrainJob, outer: tuple[float, float]) -> Curve:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*(Some weights|newly initialized).*")
         from hpo.train import accelerator, lr_probe

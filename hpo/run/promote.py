@@ -30,10 +30,11 @@ import dataclasses
 import math
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Console
 
@@ -244,7 +245,8 @@ def _finish_failed(tracker: Any, error: BaseException, console: Console) -> None
     try:
         tracker.finish({}, "FAILED")
     except Exception as finish_error:  # noqa: BLE001 - never hide ``error``
-        error.add_note(f"(also: the MLflow run could not be closed: {type(finish_error).__name__}: {finish_error})")
+        if sys.version_info >= (3, 11):  # add_note is 3.11's; on 3.10 the warning below says it alone
+            error.add_note(f"(also: the MLflow run could not be closed: {type(finish_error).__name__}: {finish_error})")
         console.print(f"[yellow]warning:[/] the MLflow run could not be closed as FAILED "
                       f"({type(finish_error).__name__}); the error that stopped hpo promote follows", highlight=False)
 
@@ -285,7 +287,7 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
                 shown = f"{sweep.metrics[0]}={metrics[sweep.metrics[0]]:.4f} eval_loss={metrics['eval_loss']:.4f}"
                 progress.update(task, completed=step, shown=shown)
 
-            final = training.fine_tune(job, Report(sweep.metric, show), on_trained=save, score=_module_score(sweep, study),
+            final = training.fine_tune(job, Report(cast(str, sweep.metric), show), on_trained=save, score=_module_score(sweep, study),
                                        on_start=lambda settings: tracker.log_params(
                                            {k: settings[k] for k in ("device", "precision")}))
             progress.update(task, completed=job.max_steps)

@@ -48,7 +48,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
@@ -60,6 +60,9 @@ from hpo.run import cluster
 from hpo.run import trial as protocol
 from hpo.run.trial import EARLY_STOP_KEY, ERROR_KEY, HELD_KEY, REASON_KEY, TIME_KEY, TrialSpec, run_trial
 from hpo.space import TrainFn
+
+if TYPE_CHECKING:
+    from hpo.config import Sweep
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ class _ASHA(_LiveTrialsFirst, ASHAScheduler):
         return decision
 
 
-def make_scheduler(sweep: Any) -> _ASHA | _NoStop:
+def make_scheduler(sweep: Sweep) -> _ASHA | _NoStop:
     """The sweep's pruner as a Tune scheduler: ``asha`` and ``hyperband`` are Ray's ASHA, first rung at
     ``sweep.first_rung``, one bracket or ``sweep.brackets`` (asynchronous Hyperband); ``none`` stops nothing."""
     if sweep.pruner == "none":
@@ -145,7 +148,7 @@ class OptunaBridge(Searcher):
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True
 
-    def suggest(self, trial_id: str) -> dict | str | None:
+    def suggest(self, trial_id: str) -> dict | str | None:  # type: ignore[override]  # Ray's annotation omits FINISHED
         """The next trial's config; None: ask again; ``FINISHED``: no more trials in this run,
         both when the sweep is done and when other processes' trials fill the study (``ELSEWHERE``):
         Tune then keeps no idle worker for reuse (its cache is emptied at the end of each step
@@ -302,7 +305,7 @@ def _note_held(held: dict[str, dict[str, Any]], trial_id: str, result: dict) -> 
     held[trial_id]["end"] = float(result.get(TIME_KEY, time.time()))
 
 
-def run(recorder: Recorder, sweep: Any, train: TrainFn | None, *, address: str | None, module: Any,
+def run(recorder: Recorder, sweep: Sweep, train: TrainFn | None, *, address: str | None, module: Any,
         storage_path: str, name: str, worker_logs: bool = False, score: Any = None) -> None:
     """Start (or join) Ray and run trials until the recorder says the sweep is done.
 

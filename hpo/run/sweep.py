@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from rich.console import Console
 
@@ -22,6 +22,17 @@ from hpo import space as spaces
 from hpo.errors import HpoError
 from hpo.record import study as studies
 from hpo.train import data, models
+
+if TYPE_CHECKING:
+    import optuna
+
+    from hpo.analysis.checks_report import DataReport
+    from hpo.config import Sweep
+    from hpo.record.ledger import Ledger
+    from hpo.record.mirror import JobParams
+    from hpo.record.recorder import Recorder
+    from hpo.record.sweep_tracker import SweepTracker
+    from hpo.train.lr_probe import Choice
 
 
 @dataclass
@@ -123,7 +134,7 @@ def _check_sft(search_space: spaces.SearchSpace, options: SearchOptions, console
     sft.check(sweep, tokenizer)
 
 
-def check_data(sweep: Any, tokenizer: Any = None) -> Any:
+def check_data(sweep: Sweep, tokenizer: Any = None) -> DataReport:
     """The data-quality report for the sweep's data (see :mod:`hpo.analysis.checks`); for task sft,
     formatted with the sweep's chat template when ``tokenizer`` is given."""
     from hpo.analysis.checks import check_data as run_checks
@@ -190,8 +201,8 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     # before the study is created (the storage itself was checked above).
     tracker = SweepTracker(options.tracking_uri, name)
     storage = studies.open_storage(options.storage, concurrency=sweep.concurrency or os.cpu_count())
-    study = studies.create_or_resume(storage, name, sweep.direction,
-                                     studies.make_sampler(sweep.sampler, sweep.seed, sweep.trials), metric=sweep.metric)
+    study = studies.create_or_resume(storage, name, sweep.directions,
+                                     studies.make_sampler(sweep.sampler, sweep.seed, sweep.trials), metrics=sweep.metrics)
     ledger = Ledger(study, lambda trial: spaces.call_space(search_space, trial), target=sweep.trials,
                     retries=options.retries)
     with ledger.lock:
@@ -211,7 +222,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
 
     job = None if search_space.train else job_params
     reclaimed = ledger.reclaim()
-    closed = mirror_gaps(study, tracker, metric=sweep.metric, job_params=job)
+    closed = mirror_gaps(study, tracker, metric=sweep.metrics[0], job_params=job)
     if reclaimed or closed:
         console.print(f"[yellow]cleaned up after an interrupted sweep:[/] trials {reclaimed or '-'} failed as "
                       f"interrupted (they run again), MLflow runs of trials {closed or '-'} written from the study")
@@ -271,8 +282,8 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     display = SweepDisplay(console, study=name, metric=sweep.metrics[0], direction=sweep.directions[0], target=sweep.trials,
                            max_steps=sweep.max_steps, already=already,
                            best=(best["number"], best["value"]) if best else None)
-    recorder = Recorder(ledger, tracker, display, metric=sweep.metric, deadline=deadline, job_params=job,
-                        objective=sweep.objective, direction=sweep.direction)
+    recorder = Recorder(ledger, tracker, display, metric=cast(str, sweep.metric), deadline=deadline, job_params=job,
+                        objective=sweep.objective, direction=sweep.directions[0])
     status, hard_stop = "FINISHED", False
     # The first Ctrl-C from here on starts no new trial and stops the running ones (they run
     # again on the next run), then the records are closed; a second one stops at once.
@@ -289,7 +300,7 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
             raise
         finally:
             recorder.close_leftovers()
-            _flush_mirror(study, tracker, sweep.metric, job, console)
+            _flush_mirror(study, tracker, sweep.metrics[0], job, console)
             _ending(result, recorder, ledger.finished(), sweep.trials)
             if result.ended == "interrupted":
                 status = "KILLED"
@@ -312,14 +323,15 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     return result
 
 
-def _rungs(sweep: Any) -> str:
+def _rungs(sweep: Sweep) -> str:
     """Where ASHA judges trials, for the sweep's first line: `` from step 20`` (and its brackets)."""
     if sweep.pruner == "none":
         return ""
     return f" from step {sweep.first_rung}" + (f", {sweep.brackets} brackets" if sweep.brackets > 1 else "")
 
 
-def _probe_learning_rate(study: Any, search_space: spaces.SearchSpace, ledger: Any, console: Console) -> Any:
+def _probe_learning_rate(study: optuna.Study, search_space: spaces.SearchSpace, ledger: Ledger,
+                         console: Console) -> Choice | None:
     """``lr_probe``: the study's learning-rate range, recorded or probed now (:mod:`hpo.run.lr_probe`), given
     to every ``space(trial)`` of this run from here on (a :class:`hpo.space.NarrowedTrial`); its
     :class:`~hpo.train.lr_probe.Choice`, or None when the sweep does not probe."""
@@ -350,7 +362,8 @@ def _check_writable(options: SearchOptions) -> None:
                        f"{existing} ({why_not_writable(str(existing))}); run hpo from a folder you can write")
 
 
-def _flush_mirror(study: Any, tracker: Any, metric: str, job: Any, console: Console) -> None:
+def _flush_mirror(study: optuna.Study, tracker: SweepTracker, metric: str, job: JobParams | None,
+                  console: Console) -> None:
     """Wait for the MLflow writes of this run's trials; rewrite from the study the runs of
     trials whose writes failed (a warning if that fails too: the next run tries again). A
     store that is down is not waited for (see :meth:`hpo.record.sweep_tracker.SweepTracker.end_call`)."""
@@ -370,7 +383,7 @@ def _flush_mirror(study: Any, tracker: Any, metric: str, job: Any, console: Cons
                           f"study {study.study_name!r} writes them from it", highlight=False)
 
 
-def _ending(result: SearchResult, recorder: Any, finished: int, target: int) -> None:
+def _ending(result: SearchResult, recorder: Recorder, finished: int, target: int) -> None:
     """How the sweep ended: the study full, --timeout, Ctrl-C, or short for another reason."""
     result.finished, result.target = finished, target
     if finished >= target:
@@ -408,7 +421,7 @@ def _open_warm_source(options: SearchOptions, name: str) -> tuple[Any, str] | No
     return source, label
 
 
-def _write_study_report(study: Any, tracker: Any, workdir: Path, console: Console) -> Path | None:
+def _write_study_report(study: optuna.Study, tracker: SweepTracker, workdir: Path, console: Console) -> Path | None:
     """Write the study report and log it to the sweep's parent run; a failure here only warns."""
     try:
         from hpo.analysis.study_report import write_report

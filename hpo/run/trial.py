@@ -37,7 +37,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ray import tune
 
@@ -45,6 +45,9 @@ from hpo.errors import is_out_of_memory
 from hpo.run.cluster import held_resources
 from hpo.space import TrainFn
 from hpo.train.reporter import NonFiniteMetric, Report, is_reserved
+
+if TYPE_CHECKING:
+    from hpo.config import Sweep
 
 ERROR_KEY = "hpo_error"
 """The trial failed: the exception's class and message (at most 4,000 characters)."""
@@ -66,7 +69,7 @@ Send = Callable[[dict[str, Any]], None]
 class TrialSpec:
     """What every worker needs besides the trial's own params (sent once via the object store)."""
 
-    sweep: Any  # hpo.Sweep
+    sweep: Sweep
     train: TrainFn | None
     score: Any = None
     """The module's own ``score(prediction, reference)`` for task sft, or None (exact match)."""
@@ -98,7 +101,7 @@ def run_body(params: dict[str, Any], spec: TrialSpec, transport: Send, held: lis
             info.clear()
         transport({**result, HELD_KEY: held_text, TIME_KEY: time.time()})
 
-    report = Report(spec.sweep.metric, lambda step, values: send({"step": step, **values}),
+    report = Report(cast(str, spec.sweep.metric), lambda step, values: send({"step": step, **values}),
                     prune_metric=spec.sweep.pruned_on if spec.sweep.pruner != "none" else None)
     try:
         if spec.train is not None:
@@ -141,7 +144,7 @@ def worker_settings(result: dict[str, Any]) -> dict[str, Any]:
     return {k.removeprefix(INFO_PREFIX): v for k, v in result.items() if k.startswith(INFO_PREFIX)}
 
 
-def call_train(train: TrainFn, params: dict[str, Any], report: Report, sweep: Any) -> Any:
+def call_train(train: TrainFn, params: dict[str, Any], report: Report, sweep: Sweep) -> Any:
     """A module's own ``train``: ``train(params, report, sweep)`` when it takes a third (or a
     ``sweep``) parameter -- the effective sweep, after ``--set`` -- else ``train(params, report)``."""
     try:

@@ -80,7 +80,7 @@ def facts(device: torch.device) -> DeviceFacts:
     if index >= visible:  # cuda:N beyond what this worker sees: no name to read
         return DeviceFacts("cuda", index, visible=visible)
     return DeviceFacts("cuda", index, torch.cuda.get_device_name(index),
-                       tuple(torch.cuda.get_device_capability(index)), visible)  # type: ignore[arg-type]
+                       torch.cuda.get_device_capability(index), visible)
 
 
 def resolve_device(requested: str = "auto") -> torch.device:

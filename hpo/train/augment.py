@@ -28,12 +28,12 @@ def load_synonyms(path: str | None) -> dict[str, list[str]]:
         raise HpoError(f"{path}: no such synonym table; fix --set synonyms=... (a TSV: word, then synonyms)")
     if file.suffix.lower() == ".json":
         try:
-            table = json.loads(file.read_text(encoding="utf-8"))
+            loaded = json.loads(file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise HpoError(f"{path}: not valid JSON ({error.msg}); expected {{\"word\": [\"synonym\", ...]}}") from None
-        if not isinstance(table, dict):
+        if not isinstance(loaded, dict):
             raise HpoError(f"{path}: expected a JSON object mapping words to lists of synonyms")
-        return {str(k).lower(): [str(v) for v in values] for k, values in table.items() if values}
+        return {str(k).lower(): [str(v) for v in values] for k, values in loaded.items() if values}
     table: dict[str, list[str]] = {}
     for line in file.read_text(encoding="utf-8").splitlines():
         fields = [f.strip() for f in line.split("\t") if f.strip()]

@@ -109,7 +109,7 @@ def _matmul_params(model: Any) -> tuple[int, int]:
             trainable += weight.numel()
         if weight.dim() >= 2 and id(weight) not in skip:
             matmul += _numel(weight)
-    if tied_head:
+    if tied_head and embedding is not None:
         matmul += embedding.weight.numel()
     return matmul, trainable
 

@@ -101,13 +101,14 @@ def hold_out(examples: Examples, fraction: float) -> tuple[Examples, Examples]:
         newline = text.rfind("\n", 0, cut)
         cut = newline if newline > len(text) // 2 else cut
         return Examples(examples.source, [text[:cut]], None), Examples(examples.source, [text[cut:]], None)
+    labels = examples.labels  # a list: a causal-LM text returned above
     kept, held = hold_out_rows(examples.source, len(examples.texts), fraction)
 
     def take(indices: list[int]) -> Examples:
         return Examples(
             examples.source,
             [examples.texts[i] for i in indices],
-            [examples.labels[i] for i in indices],  # type: ignore[index]
+            [labels[i] for i in indices],
         )
 
     return take(kept), take(held)

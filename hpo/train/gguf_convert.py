@@ -88,8 +88,11 @@ def content_key(gguf_path: Path) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()  # hashlib.file_digest is 3.11's
     with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _remove_leftovers(target: Path) -> None:

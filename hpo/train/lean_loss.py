@@ -194,9 +194,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor, rows: int) -> torch.Tensor:
-        wants = ctx.needs_input_grad[:3]
-        grads = [torch.zeros_like(x, dtype=torch.float32) if want else None
-                 for x, want in zip((hidden, weight, bias), wants, strict=True)]
+        wants = ctx.needs_input_grad[:3]  # False for a bias that is None
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if wants[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants[2] and bias is not None else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
             part, labels = hidden[start : start + rows], targets[start : start + rows]
@@ -212,12 +213,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad.scatter_add_(1, picked, valid.unsqueeze(1).to(grad.dtype).neg())
             if not valid.all():
                 grad[~valid] = 0.0
-            if wants[0]:
-                grads[0][start : start + rows] = grad.to(weight.dtype) @ weight
-            if wants[1]:
-                grads[1] += grad.T @ part.float()
-            if wants[2]:
-                grads[2] += grad.sum(0)
+            if grad_hidden is not None:
+                grad_hidden[start : start + rows] = grad.to(weight.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight += grad.T @ part.float()
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+        grads = (grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.save_for_backward(*(g for g in grads if g is not None))
         ctx.kept = [g is not None for g in grads]

@@ -214,7 +214,7 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
             current = Example([], [], [])
         current.input_ids += example.input_ids
         current.labels += [IGNORE, *example.labels[1:]]  # the previous example's last token predicts nothing
-        current.position_ids += list(range(len(example.input_ids)))  # type: ignore[operator]
+        current.position_ids += list(range(len(example.input_ids)))  # type: ignore[operator]  # a block's start as []
     if current.input_ids:
         blocks.append(current)
     return blocks

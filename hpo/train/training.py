@@ -230,7 +230,7 @@ def make_optimizer(model: Any, trainable: list, p: Any, fused: bool = False) -> 
     ``p.loraplus_lr_ratio`` > 0, LoRA+ (Hayou et al. 2024) through peft's ``create_loraplus_optimizer``:
     the lora_B matrices (and, as peft does, 1-D trainable weights such as biases) learn at ratio x
     the rate, the rest (lora_A, the task head's matrices) at the rate; 1-D weights get no weight decay."""
-    options = {"fused": True} if fused else {}
+    options: dict[str, Any] = {"fused": True} if fused else {}
     if not p.loraplus_lr_ratio:
         return torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.weight_decay, **options)
     from peft.optimizers import create_loraplus_optimizer
@@ -283,7 +283,7 @@ def _train(job: TrainJob, model: Any, tokenizer: Any, train_set: Any, eval_set: 
             metrics = {**evaluate_now(), **_step_stats(losses, norms, world)}
             metrics["micro_batch_size"] = micro
             metrics["grad_accum"] = math.ceil(p.batch_size / micro)
-            metrics["learning_rate"] = scheduler.get_last_lr()[0]
+            metrics["learning_rate"] = float(scheduler.get_last_lr()[0])
             metrics["train_seconds"] = _synchronised_seconds(run.device, started)
             metrics.update(cost.throughput(flops, metrics["train_seconds"], run.facts, run.precision, gpus=world))
             metrics.update(run.memory())
@@ -678,17 +678,17 @@ def _model_inputs(dataset: Any, indices: Any, tokenizer: Any, task: str,
 class _Classification(tuple):
     """(token features, labels) with a length, so both tasks' datasets have ``len``."""
 
-    def __len__(self) -> int:  # type: ignore[override]
+    def __len__(self) -> int:
         return len(self[1])
 
 
 def _datasets(job: TrainJob, tokenizer: Any) -> tuple[Any, Any, int]:
     if job.task == "sft":
-        key = ("sft", job.model, job.train_data, job.eval_data, job.max_length, job.eval_fraction, job.train_limit,
-               job.packing, job.chat_template, job.generation_examples)
-        if key not in _DATASETS:
-            _DATASETS[key] = (*sft.datasets(job, tokenizer), 0)
-        return _DATASETS[key]
+        sft_key = ("sft", job.model, job.train_data, job.eval_data, job.max_length, job.eval_fraction,
+                   job.train_limit, job.packing, job.chat_template, job.generation_examples)
+        if sft_key not in _DATASETS:
+            _DATASETS[sft_key] = (*sft.datasets(job, tokenizer), 0)
+        return _DATASETS[sft_key]
     key = (job.model, job.task, job.train_data, job.eval_data, job.text_column, job.label_column,
            job.max_length, job.eval_fraction, job.train_limit)
     if key not in _DATASETS:
@@ -873,7 +873,7 @@ def _lora_config(job: TrainJob, model_type: str) -> Any:
         fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections transposed (Conv1D)
         task_type=TaskType.SEQ_CLS if job.task == "classification" else TaskType.CAUSAL_LM,
         r=p.lora_r,
-        lora_alpha=p.lora_alpha,
+        lora_alpha=p.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; it only divides it by r
         lora_dropout=p.lora_dropout,
         target_modules=list(p.target_modules) if p.target_modules else None,
     )
