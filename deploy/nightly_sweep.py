@@ -103,7 +103,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         raise NightlyError("--trials: give --more K instead; the night's target is the study's finished trials plus K")
     if any(arg == "--storage" or arg.startswith("--storage=") for arg in rest):
         raise NightlyError("--storage: pass the storage URL in HPO_STORAGE (it holds a password), not on the command line")
-    from hpo.errors import url_secrets
+    from hpo.secrets import url_secrets
 
     for index, arg in enumerate(rest):
         if arg == "--warm-start" or arg.startswith("--warm-start="):

@@ -59,12 +59,15 @@ def search(
     retries: Annotated[int, typer.Option("--retries", min=0, help="Run a failed trial (error, oom) again up to N times.")] = 0,
     skip_data_check: Annotated[bool, typer.Option("--skip-data-check", help="Start even if `hpo check-data` finds errors.")] = False,
     worker_logs: Annotated[bool, typer.Option("--worker-logs", help="Show what trials print (otherwise it stays in Ray's log files).")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the study (the default when it exists; kept for scripts).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", hidden=True, help="Gone: a study resumes by its name.")] = False,
     more: Annotated[int | None, typer.Option("--more", min=1, help="Run K more finished trials than the study holds now (nightly runs; instead of --trials).")] = None,
-    warm_start: Annotated[str | None, typer.Option("--warm-start", envvar="HPO_WARM_START", help="STUDY[@STORAGE]: first enqueue that earlier study's best configs (those that fit this space), once per study.")] = None,
+    warm_start: Annotated[str | None, typer.Option("--warm-start", envvar="HPO_WARM_START", help="STUDY\\[@STORAGE]: first enqueue that earlier study's best configs (those that fit this space), once per study.")] = None,
     warm_start_top: Annotated[int, typer.Option("--warm-start-top", min=1, help="How many of the earlier study's best configs --warm-start enqueues.")] = 5,
 ) -> None:
     """Run a sweep: sample trials, train them on Ray, stop weak ones early, record everything."""
+    if resume:  # accepted and ignored once; an error now, so a script learns it never did anything
+        raise HpoError("--resume: hpo search always resumes the study of that name (default: the module's file "
+                       "name, or --study NAME); run the same command without --resume")
     from hpo.run.sweep import SearchOptions
     from hpo.run.sweep import search as run_search
 
@@ -526,7 +529,8 @@ def report(
     record = SweepRecord.load(loaded)
     uri = tracking_uri or (record.tracking_uri if record else None)
     if uri and "***" not in uri:
-        from hpo.record.tracking import SweepTracker, check_tracking
+        from hpo.record.sweep_tracker import SweepTracker
+        from hpo.record.tracking import check_tracking
 
         check_tracking(uri)
         tracker = SweepTracker(uri, loaded.study_name)
@@ -542,7 +546,11 @@ def dashboard(
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8080,
 ) -> None:
-    """Serve the Optuna dashboard on the study storage."""
+    """Serve optuna-dashboard on the study storage: the trials, their states, values and parameter plots.
+
+    The Optuna study is the truth about every trial; the MLflow runs that mirror it (metric
+    curves, artifacts, promoted models) are in the MLflow UI: `hpo ui`.
+    """
     from hpo.record import study as studies
 
     opened = studies.open_storage(storage)
@@ -558,7 +566,12 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 5000,
 ) -> None:
-    """Serve the MLflow UI on the tracking store (one worker)."""
+    """Serve the MLflow UI on the tracking store: the sweep's runs, metric curves, reports and registered models.
+
+    Serves `mlflow server` (one worker) on a local store, or prints the links into a tracking
+    server that runs already. The Optuna study itself (trials, parameter plots) is in
+    optuna-dashboard: `hpo dashboard`.
+    """
     from hpo.record.tracking import DEFAULT_TRACKING_URI, check_tracking, redact, sweep_links, ui_link
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
@@ -596,66 +609,17 @@ def ui(
     os.execve(sys.executable, command, env)
 
 
-# Options whose URL may hold a password, and the environment variable each also reads.
-_SECRET_OPTIONS = {"--storage": "HPO_STORAGE", "--tracking-uri": "MLFLOW_TRACKING_URI", "--warm-start": "HPO_WARM_START"}
-
-
-def _url_in(value: str | None, name: str) -> str | None:
-    """The URL an option's (or its variable's) value holds: ``STUDY@URL`` of --warm-start
-    after the first ``@``."""
-    if value and name in ("--warm-start", "HPO_WARM_START"):
-        return value.partition("@")[2] or None
-    return value
-
-
-def _secrets_off_the_command_line() -> None:
-    """Run again (same pid, via exec) with any password-bearing ``--storage`` or
-    ``--tracking-uri`` moved into its environment variable: a sweep's command line is
-    visible to every user in ``ps`` and is recorded by Ray as the job's entry point."""
-    from hpo.errors import url_secrets
-
-    args, moved, index = sys.argv[1:], {}, 0
-    kept: list[str] = []
-    while index < len(args):
-        flag, _, inline = args[index].partition("=")
-        value = inline if inline else (args[index + 1] if index + 1 < len(args) else "")
-        if flag in _SECRET_OPTIONS and url_secrets(_url_in(value, flag)):
-            moved[_SECRET_OPTIONS[flag]] = value
-            index += 1 if inline else 2
-            continue
-        kept.append(args[index])
-        index += 1
-    if moved:
-        sys.stdout.flush()
-        # -P: `-m` would put the current folder first on sys.path, so an hpo.py there
-        # would run instead, with the password in its environment
-        env = {**os.environ, **moved}
-        home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        if home == os.getcwd():  # `python -m hpo` in a checkout: the same hpo again, not an installed one
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")]))
-        os.execve(sys.executable, [sys.executable, "-P", "-m", "hpo", *kept], env)
-
-
-def _scrub_known_secrets(text: str) -> str:
-    """``text`` without the secrets of the storage URL and tracking URI this process uses."""
-    from hpo.errors import scrub
-
-    urls = [_url_in(os.environ.get(name), name) for name in _SECRET_OPTIONS.values()]
-    urls += [part for a in sys.argv if "://" in a for part in (a, a.partition("@")[2])]  # STUDY@URL too
-    text = scrub(text, *urls)
-    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    return text.replace(password, "***") if password else text
-
-
 def main() -> None:
-    """Console-script entry point: one-line errors, exit 2 for bad input."""
-    _secrets_off_the_command_line()
+    """Console-script entry point: one-line errors, exit 2 for bad input, never a secret (:mod:`hpo.secrets`)."""
+    from hpo.secrets import scrub_known_secrets, secrets_off_the_command_line
+
+    secrets_off_the_command_line()
     try:
         app()
     except HpoError as error:
         if _state["debug"]:
             raise
-        err_console.print(f"error: {_scrub_known_secrets(str(error))}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"error: {scrub_known_secrets(str(error))}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -663,7 +627,7 @@ def main() -> None:
     except Exception as error:  # noqa: BLE001 - a bug or an environment problem: say which, briefly
         if _state["debug"]:
             raise
-        err_console.print(f"error: unexpected {type(error).__name__}: {_scrub_known_secrets(str(error))} "
+        err_console.print(f"error: unexpected {type(error).__name__}: {scrub_known_secrets(str(error))} "
                           "(run `hpo --debug ...` for the traceback)",
                           markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -12,6 +12,7 @@ the line and the import, and the chain of ``hpo`` modules that led to it.
 from __future__ import annotations
 
 import ast
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,9 @@ WORKER = ("hpo.train.training", "hpo.train.recipe", "hpo.train.data", "hpo.train
           "hpo.train.augment", "hpo.train.gguf_convert")
 # The Optuna side: the study and its storage, the trial ledger and what it is built from.
 OPTUNA_SIDE = ("hpo.record.study", "hpo.record.ledger", "hpo.record.locks", "hpo.record.liveness", "hpo.names",
-               "hpo.record.warmstart")
+               "hpo.record.warmstart", "hpo.record.optuna_access")
+OPTUNA_ACCESS = "hpo.record.optuna_access"
+"""The one module that may read Optuna's private attributes and import its private modules."""
 DIAGNOSIS = ("hpo.analysis.diagnose", "hpo.analysis.diagnose_rules", "hpo.analysis.diagnose_curve",
              "hpo.analysis.diagnose_advice", "hpo.formatting")
 
@@ -33,14 +36,18 @@ RULES: list[tuple[tuple[str, ...], frozenset[str], str]] = [
      "the training loop gets a config and report(); it runs the same under Ray, in a process or a test"),
     (OPTUNA_SIDE, frozenset({"ray"}), "Optuna owns trial state; Ray only executes"),
     (("hpo.record.recorder",), frozenset({"ray"}), "the driver's one writer takes plain events from the scheduler"),
-    (("hpo.record.tracking",), frozenset({"ray"}), "MLflow mirrors the study; Ray only executes"),
-    (("hpo.record.tracking", "hpo.record.writer"), frozenset({"optuna"}),
+    (("hpo.record.tracking", "hpo.record.sweep_tracker"), frozenset({"ray"}), "MLflow mirrors the study; Ray only executes"),
+    (("hpo.record.tracking", "hpo.record.sweep_tracker", "hpo.record.writer"), frozenset({"optuna"}),
      "the MLflow side mirrors what the driver hands it and never opens the Optuna side, hpo.record.study"),
     (("hpo.record.stores", "hpo.record.sqlite"), frozenset({"optuna", "mlflow", "ray"}),
      "pre-flight checks and retries shared by both stores belong to neither"),
     (("hpo.config", "hpo.overrides", "hpo.space"), frozenset({"ray", "mlflow"}),
      "loading and checking a sweep runs nothing"),
+    (("hpo.errors", "hpo.secrets"), frozenset({"optuna", "ray", "mlflow", "torch", "transformers"}),
+     "leaves that every side imports, the command line before anything else: errors and secrets load nothing heavy"),
     (DIAGNOSIS, frozenset({"ray", "mlflow"}), "the diagnosis reads the study and writes nothing"),
+    (("hpo.run.promote", "hpo.run.model_card", "hpo.run.atomic_folder"), frozenset({"ray"}),
+     "hpo promote trains the final run in this process: it needs no Ray"),
 ]
 
 
@@ -175,6 +182,69 @@ def test_hpo_modules_keep_their_import_boundaries():
 def test_the_checker_reads_the_whole_package():
     index = module_index(HPO)
     assert {"hpo", "hpo.train.training", "hpo.record.study", "hpo.record.tracking", "hpo.run.scheduling"} <= set(index)
+
+
+def optuna_private_names(folder: Path) -> frozenset[str]:
+    """Every private attribute name (``_x``, not ``__x__``) of Optuna's study, its cached and RDB
+    storages, an asked trial, a frozen trial, the distributions and a sampler: read from the
+    live objects (class and instance attributes), so a name hpo could reach for is in it."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{folder / 'names.db'}"
+    with warnings.catch_warnings():  # heartbeat_interval is "experimental"
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.create_study(storage=optuna.storages.RDBStorage(url, heartbeat_interval=60), study_name="names")
+    study = optuna.load_study(study_name="names", storage=url)
+    asked = study.ask()
+    asked.suggest_float("x", 0, 1)
+    asked.suggest_int("n", 0, 3)
+    asked.suggest_categorical("c", ["a", "b"])
+    study.tell(asked, 1.0)
+    frozen = study.trials[0]
+    objects = [study, study._storage, study._storage._backend, asked, frozen, *frozen.distributions.values(),
+               optuna.samplers.TPESampler()]
+    return frozenset(name for thing in objects for name in {*dir(thing), *getattr(thing, "__dict__", {})}
+                     if name.startswith("_") and not name.startswith("__"))
+
+
+def optuna_internals(index: dict[str, Path], private: frozenset[str]) -> list[str]:
+    """One line per use of Optuna's internals outside :data:`OPTUNA_ACCESS`: ``x._name`` where
+    ``_name`` is one of ``private`` (``self._name``, an hpo object's own, is not), and an import of
+    a private Optuna module (``optuna.study._tell``)."""
+    base = index[min(index, key=len)].parent.parent
+    problems = []
+    for module, path in index.items():
+        if module == OPTUNA_ACCESS:
+            continue
+        shown = path.relative_to(base).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if (isinstance(node, ast.Attribute) and node.attr in private
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                problems.append(f"{shown}:{node.lineno} `.{node.attr}`")
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            problems += [f"{shown}:{node.lineno} `import {name}`" for name in names
+                         if name.split(".")[0] == "optuna" and any(part.startswith("_") for part in name.split("."))]
+    return problems
+
+
+def test_only_one_module_knows_optunas_internals(tmp_path):
+    """Optuna's private attributes (``study._storage``, ``trial._trial_id``, ...) and modules are
+    read in hpo/record/optuna_access.py only: an Optuna upgrade that renames one breaks one file."""
+    index = module_index(HPO)
+    assert OPTUNA_ACCESS in index
+    problems = optuna_internals(index, optuna_private_names(tmp_path))
+    assert not problems, f"Optuna internals outside {OPTUNA_ACCESS} (add a function there):\n" + "\n".join(problems)
+
+
+def test_the_internals_check_finds_attributes_and_private_modules(tmp_path):
+    index = _package(tmp_path, {"ledger.py": "def f(study, trial):\n    return study._storage, trial._trial_id\n",
+                                "tell.py": "from optuna.study._tell import _tell_with_warning\n",
+                                "own.py": "class A:\n    def f(self):\n        return self._storage\n"})
+    problems = optuna_internals(index, frozenset({"_storage", "_trial_id"}))
+    assert problems == ["pkg/ledger.py:2 `._storage`", "pkg/ledger.py:2 `._trial_id`",
+                        "pkg/tell.py:1 `import optuna.study._tell`"], problems
 
 
 def _package(tmp_path: Path, files: dict[str, str]) -> dict[str, Path]:

@@ -95,6 +95,26 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+def test_resume_is_an_error_that_says_what_to_do(tmp_path: Path) -> None:
+    """``--resume`` was accepted and ignored (a study always resumes by its name): now one line
+    that says to drop it, before anything is loaded or written; ``--help`` no longer offers it."""
+    result = run_hpo(["search", LORA, "--resume"], cwd=tmp_path)
+    assert_clean_error(result, "--resume", "resumes the study of that name", "without --resume", cwd=tmp_path)
+    assert "--resume" not in run_hpo(["search", "--help"], cwd=tmp_path).stdout
+
+
+def test_help_shows_what_rich_would_read_as_markup_and_names_the_tools(tmp_path: Path) -> None:
+    """Rich reads ``[@STORAGE]`` as a markup tag and dropped it (``STUDY:``); ``ui`` and
+    ``dashboard`` say which tool each serves."""
+    wide = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}
+    search = run_hpo(["search", "--help"], cwd=tmp_path, env=wide)
+    assert search.returncode == 0 and "STUDY[@STORAGE]: first enqueue" in search.stdout, search.stdout
+    listing = run_hpo(["--help"], cwd=tmp_path, env=wide).stdout
+    dashboard = next(line for line in listing.splitlines() if "│ dashboard " in line)
+    ui = next(line for line in listing.splitlines() if "│ ui " in line)
+    assert "optuna-dashboard" in dashboard and "MLflow UI" in ui, listing
+
+
 def test_help_does_not_import_the_heavy_libraries(tmp_path: Path) -> None:
     import subprocess
 

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from hpo.record.ledger import DRIVER_ATTR, Ledger, counts_towards_target
 from hpo.record.recorder import Recorder
 from hpo.record.study import open_storage
-from hpo.record.tracking import SweepTracker
+from hpo.record.sweep_tracker import SweepTracker
 from hpo.run.scheduling import OptunaBridge, _NoStop
 from hpo.run.trial import ERROR_KEY, REASON_KEY
 

@@ -151,7 +151,7 @@ def test_strong_probe_cross_fits_the_best_trial_through_the_recipe(tmp_path: Pat
     fold (a tiny random BERT and 3 steps: this checks the plumbing, not the probe's quality)."""
     from mlflow.tracking import MlflowClient
 
-    from hpo.record.tracking import SweepTracker
+    from hpo.record.sweep_tracker import SweepTracker
 
     data = _small_file(tmp_path / "reviews.tsv", {3, 20})
     storage = _recorded_study(tmp_path, data, tiny_bert)

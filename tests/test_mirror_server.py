@@ -71,7 +71,7 @@ def trial_runs(uri: str, study: str) -> dict[int, object]:
 def tracker_with_a_trial(server: Server, monkeypatch: pytest.MonkeyPatch, prefix: str, pause: float):
     """(tracker, study, sweep run id): a sweep and its trial 0 with step 1 written; the writer
     tries once, then pauses ``pause`` seconds; a dead server fails each MLflow call at once."""
-    from hpo.record.tracking import SweepTracker
+    from hpo.record.sweep_tracker import SweepTracker
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
@@ -205,7 +205,7 @@ def test_a_run_whose_answer_was_lost_is_made_once(server: Server, monkeypatch: p
     """The answers to the sweep run's and to a trial run's create are lost: MLflow's client
     sends the POST again and the server makes each run twice. Each run is there once (the twin
     deleted), closed; the twins stayed RUNNING for good (the sweep used the run it got back)."""
-    from hpo.record.tracking import SweepTracker
+    from hpo.record.sweep_tracker import SweepTracker
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     proxy = LosingProxy(server, lose={1, 2})  # the sweep run's create, then trial 0's

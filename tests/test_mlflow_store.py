@@ -12,7 +12,7 @@ import mlflow
 import pytest
 
 from hpo.record import mlflow_store
-from hpo.record.tracking import SweepTracker
+from hpo.record.sweep_tracker import SweepTracker
 
 
 def _schema(path: Path) -> tuple[list, list]:

@@ -21,7 +21,7 @@ from hpo.overrides import parse_overrides
 from hpo.record.ledger import Ledger
 from hpo.record.recorder import Recorder
 from hpo.record.study import open_storage
-from hpo.record.tracking import SweepTracker
+from hpo.record.sweep_tracker import SweepTracker
 from hpo.run.promote import FinalSchedule, final_schedule
 from hpo.run.ranking import mode, prune_mode, pruned_on
 from hpo.run.scheduling import OptunaBridge, _NoStop

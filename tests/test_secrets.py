@@ -25,7 +25,8 @@ from urllib.parse import quote
 import psutil
 import pytest
 
-from hpo.errors import HpoError, redact_url, scrub, url_secrets
+from hpo.errors import HpoError
+from hpo.secrets import redact_url, scrub, url_secrets
 from tests.conftest import hpo_env, run_hpo
 
 TINY = '''
@@ -69,7 +70,8 @@ def test_redact_each_shape(url: str, shown: str, secrets: list[str]) -> None:
 def test_http_credentials_go_in_a_header_never_in_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
     """check_tracking strips the user info before the request and sends it as basic auth,
     the way MLflow's MLFLOW_TRACKING_USERNAME/PASSWORD do; the URI MLflow gets has none."""
-    from hpo.record.tracking import check_tracking, use_credentials, without_credentials
+    from hpo.record.tracking import check_tracking
+    from hpo.secrets import use_credentials, without_credentials
 
     seen = []
 

@@ -70,7 +70,7 @@ def test_report_uploads_only_the_files_it_wrote(tmp_path: Path, monkeypatch: pyt
     from mlflow.tracking import MlflowClient
 
     from hpo.cli import app
-    from hpo.record.tracking import SweepTracker
+    from hpo.record.sweep_tracker import SweepTracker
 
     make_study(tmp_path, "rep")
     run_id = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "rep").start_sweep({}, {})

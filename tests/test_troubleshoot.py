@@ -242,7 +242,8 @@ def test_diagnose_reads_the_data_checks_logged_to_the_sweeps_mlflow_run(tmp_path
 
     from hpo.analysis.data_findings import write_checks
     from hpo.cli import app
-    from hpo.record.tracking import SweepTracker, log_data_checks
+    from hpo.record.sweep_tracker import SweepTracker
+    from hpo.record.tracking import log_data_checks
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -40,15 +40,23 @@ from typing import Any, TypeVar
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages._heartbeat import BaseHeartbeat  # what record_heartbeat belongs to (no public name)
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.record.liveness import Heartbeats, driver_id, driver_is_dead, known_alive
-from hpo.record.locks import StudyLock, backend
+from hpo.record.locks import StudyLock
+from hpo.record.optuna_access import (
+    BaseHeartbeat,
+    backend_of,
+    stale_trial_ids,
+    storage_of,
+    study_id,
+    tell_without_readback,
+    trial_id,
+)
 from hpo.record.stores import retry_transient, retry_when_locked
 from hpo.record.study import GRACE_PERIOD, HEARTBEAT_INTERVAL
 
-__all__ = ["AskedTrial", "Ledger", "StudyLock", "Told", "backend", "counts_towards_target", "driver_id", "trial_config"]
+__all__ = ["AskedTrial", "Ledger", "StudyLock", "Told", "counts_towards_target", "driver_id", "trial_config"]
 logger = logging.getLogger(__name__)
 DRIVER_ATTR = "hpo:driver"
 NOT_COUNTED = ("interrupted", "superseded", "claim")
@@ -92,16 +100,6 @@ def _write(call: Callable[[], T]) -> T:
     return retry_transient(lambda: retry_when_locked(call), what="writing the study")
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, value: float | list[float] | None = None,
-          state: TrialState | None = None) -> None:
-    """``study.tell(trial, value, state)`` without reading the trial back for the FrozenTrial
-    ``Study.tell`` returns (a read of the trial, 7 queries, per trial; hpo uses none of it):
-    the function ``Study.tell`` calls, with the same checks, sampler hook and write."""
-    from optuna.study._tell import _tell_with_warning
-
-    _tell_with_warning(study, trial, value, state)
-
-
 @dataclass
 class AskedTrial:
     number: int
@@ -141,7 +139,7 @@ class Ledger:
         """Trials of this process whose end could not be written: reclaimed like a dead driver's."""
         self.driver = driver_id()
         self.lock = StudyLock(study)
-        storage = backend(study._storage)
+        storage = backend_of(study)
         url = getattr(storage, "url", None)
         enabled = url and getattr(storage, "get_heartbeat_interval", lambda: None)()
         self.heartbeats = Heartbeats(url, HEARTBEAT_INTERVAL, GRACE_PERIOD) if url and enabled else None
@@ -166,9 +164,9 @@ class Ledger:
     def taken(self) -> int:
         """Trials that count towards the target (:func:`counts_towards_target`) plus running ones,
         of every process: one query on a database, else counted from the trials."""
-        storage = backend(self.study._storage)
+        storage = backend_of(self.study)
         if getattr(storage, "engine", None) is not None:
-            return count_taken(storage.engine, self.study._study_id)
+            return count_taken(storage.engine, study_id(self.study))
         return sum(1 for t in self.study.get_trials(deepcopy=False)
                    if counts_towards_target(t) or t.state == TrialState.RUNNING)
 
@@ -177,10 +175,10 @@ class Ledger:
         error on the way fails the trial (reason ``space`` when ``space`` raised, else
         ``claim``, which does not count) and is raised: a claim never leaves a RUNNING trial."""
         trial = self.study.ask()
-        storage = self.study._storage
+        storage = storage_of(self.study)
         step = "claim"
         try:
-            _write(lambda: storage.set_trial_system_attr(trial._trial_id, DRIVER_ATTR, self.driver))
+            _write(lambda: storage.set_trial_system_attr(trial_id(trial), DRIVER_ATTR, self.driver))
             self.heartbeat(trial)
             step = "space"
             params = self.space(trial)
@@ -192,7 +190,7 @@ class Ledger:
         asked = AskedTrial(trial.number, params, trial, attempt=int(trial.user_attrs.get("attempt", 1)))
         self.running[trial.number] = asked
         if self.heartbeats is not None:
-            self.heartbeats.add(trial._trial_id)
+            self.heartbeats.add(trial_id(trial))
         return asked
 
     def _fail_claim(self, trial: optuna.Trial, reason: str, error: Exception) -> None:
@@ -209,9 +207,9 @@ class Ledger:
     # while running ------------------------------------------------------------------
     def heartbeat(self, trial: optuna.Trial) -> None:
         """One heartbeat now (at ask; the :class:`Heartbeats` thread keeps it fresh)."""
-        storage = self.study._storage
+        storage = storage_of(self.study)
         if isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval():
-            _write(lambda: storage.record_heartbeat(trial._trial_id))
+            _write(lambda: storage.record_heartbeat(trial_id(trial)))
 
     def record_intermediate(self, number: int, step: int, value: float) -> None:
         """Record the objective at ``step`` as the trial's intermediate value (once per step; NaN and inf are kept as they are)."""
@@ -249,7 +247,7 @@ class Ledger:
         A trial a reclaimer failed meanwhile keeps its result as a new trial (``kept_as``)."""
         asked = self.running.pop(number)
         if self.heartbeats is not None:
-            self.heartbeats.discard(asked.trial._trial_id)
+            self.heartbeats.discard(trial_id(asked.trial))
         try:
             return self._tell(asked, state, value, reason, error, attrs, crashed)
         except Exception:
@@ -272,9 +270,9 @@ class Ledger:
                 if attr is not None:
                     _write(partial(trial.set_user_attr, key, attr))
             if state == TrialState.COMPLETE:
-                _write(lambda: _tell(self.study, trial, _objective(value)))
+                _write(lambda: tell_without_readback(self.study, trial, _objective(value)))
             else:
-                _write(lambda: _tell(self.study, trial, state=state))
+                _write(lambda: tell_without_readback(self.study, trial, state=state))
         except (UpdateFinishedTrialError, ValueError):  # Optuna's tell says "Cannot tell a FAIL trial."
             frozen = self._frozen(trial)
             if not frozen.state.is_finished():
@@ -316,16 +314,16 @@ class Ledger:
         return Told(state, reason, kept_as=kept)
 
     def _withdraw(self, trial: FrozenTrial, kept: int) -> None:
-        storage = self.study._storage
+        storage = storage_of(self.study)
         try:
-            _write(lambda: storage.set_trial_user_attr(trial._trial_id, "reason", "superseded"))
-            _write(lambda: storage.set_trial_user_attr(trial._trial_id, "superseded_by", kept))
-            _write(lambda: storage.set_trial_state_values(trial._trial_id, TrialState.FAIL))
+            _write(lambda: storage.set_trial_user_attr(trial_id(trial), "reason", "superseded"))
+            _write(lambda: storage.set_trial_user_attr(trial_id(trial), "superseded_by", kept))
+            _write(lambda: storage.set_trial_state_values(trial_id(trial), TrialState.FAIL))
         except UpdateFinishedTrialError:
             pass
 
     def _frozen(self, trial: optuna.Trial) -> FrozenTrial:
-        return retry_transient(lambda: self.study._storage.get_trial(trial._trial_id), what="reading the study")
+        return retry_transient(lambda: storage_of(self.study).get_trial(trial_id(trial)), what="reading the study")
 
     def _enqueue_again(self, trial: FrozenTrial, counted: bool = True) -> None:
         """Queue ``trial``'s params to run again, as its next attempt (``counted``) or the same one."""
@@ -345,20 +343,20 @@ class Ledger:
                        if t.number not in self.running]
             # Claims record the driver and a first heartbeat under this lock: a RUNNING trial
             # without a heartbeat now is one whose claimer died in the middle of claiming it.
-            orphans = {t._trial_id for t in running} - self._with_heartbeat([t._trial_id for t in running])
+            orphans = {trial_id(t) for t in running} - self._with_heartbeat([trial_id(t) for t in running])
             for trial in running:
                 driver = trial.system_attrs.get(DRIVER_ATTR)
-                if trial.number not in self.abandoned and trial._trial_id not in orphans:
+                if trial.number not in self.abandoned and trial_id(trial) not in orphans:
                     if driver and known_alive(driver):
                         continue
-                    if not ((driver and driver_is_dead(driver)) or trial._trial_id in stale):
+                    if not ((driver and driver_is_dead(driver)) or trial_id(trial) in stale):
                         continue
                 attempt = int(trial.user_attrs.get("attempt", 1))
                 reason = "interrupted" if attempt < self.max_attempts else "interrupted_too_often"
-                storage = self.study._storage
+                storage = storage_of(self.study)
                 try:
-                    _write(partial(storage.set_trial_user_attr, trial._trial_id, "reason", reason))
-                    _write(partial(storage.set_trial_state_values, trial._trial_id, TrialState.FAIL))
+                    _write(partial(storage.set_trial_user_attr, trial_id(trial), "reason", reason))
+                    _write(partial(storage.set_trial_state_values, trial_id(trial), TrialState.FAIL))
                 except UpdateFinishedTrialError:
                     continue  # it ended (or another process reclaimed it) meanwhile
                 if reason == "interrupted":
@@ -368,7 +366,7 @@ class Ledger:
 
     def _with_heartbeat(self, trial_ids: list[int]) -> set[int]:
         """Those of ``trial_ids`` that have a heartbeat row (all of them when heartbeats are off)."""
-        storage = backend(self.study._storage)
+        storage = backend_of(self.study)
         if not trial_ids or not getattr(storage, "get_heartbeat_interval", lambda: None)():
             return set(trial_ids)
         import sqlalchemy
@@ -384,10 +382,10 @@ class Ledger:
 
     def _stale_trial_ids(self) -> list[int]:
         """Trials whose heartbeat is older than the grace period (Optuna's own query)."""
-        storage = backend(self.study._storage)
+        storage = backend_of(self.study)
         if not getattr(storage, "get_heartbeat_interval", lambda: None)():
             return []
-        return retry_transient(lambda: storage._get_stale_trial_ids(self.study._study_id), what="reading heartbeats")
+        return retry_transient(lambda: stale_trial_ids(self.study), what="reading heartbeats")
 
 
 def count_taken(engine: Any, study_id: int) -> int:

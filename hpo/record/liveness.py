@@ -140,17 +140,6 @@ def _pid_exists(pid: int) -> bool:
     return True
 
 
-def is_this_process(text: str) -> bool:
-    """Whether ``text`` names the calling process."""
-    driver = parse_driver(text)
-    if driver is None or driver.host != HOST or driver.pid != os.getpid():
-        return False
-    if driver.boot_id is not None and (driver.boot_id != BOOT_ID or driver.pid_namespace != PID_NAMESPACE):
-        return False
-    mine = _start_time(os.getpid())
-    return driver.start is None or mine is None or abs(mine - driver.start) <= START_TOLERANCE
-
-
 def known_alive(text: str) -> bool:
     """Whether ``text`` names a process of this machine, boot and namespace that runs now
     (the calling process included): its trials are live whatever their heartbeat says."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from hpo.errors import HpoError
+from hpo.record.optuna_access import backend_of
 from hpo.record.sqlite import sqlite_file_lock, sqlite_path
 
 if TYPE_CHECKING:
@@ -35,16 +36,11 @@ class StudyLockTimeout(HpoError):
     """Another process held the study lock longer than the timeout."""
 
 
-def backend(storage: Any) -> Any:
-    """The storage behind Optuna's cache wrapper (``load_study`` wraps an RDBStorage)."""
-    return getattr(storage, "_backend", storage)
-
-
 class StudyLock:
     """See the module docstring."""
 
     def __init__(self, study: optuna.Study, timeout: float = LOCK_TIMEOUT):
-        storage = backend(study._storage)
+        storage = backend_of(study)
         self.url: str = getattr(storage, "url", "")
         self.engine: sqlalchemy.Engine | None = getattr(storage, "engine", None)
         self.study_name = study.study_name

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from hpo.record.ledger import trial_config
 from hpo.record.study import GRACE_PERIOD
-from hpo.record.tracking import TAG_STATE, SweepTracker, TrialEnd, run_status
+from hpo.record.sweep_tracker import SweepTracker, TrialEnd, run_status
+from hpo.record.tracking import TAG_STATE
 
 if TYPE_CHECKING:
     import optuna

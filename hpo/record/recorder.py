@@ -27,7 +27,7 @@ from hpo.record.ledger import AskedTrial, Ledger, Told
 from hpo.record.mirror import KEPT_AS_TAG, JobParams, run_params, shown_reason
 from hpo.record.stores import retry_transient
 from hpo.record.study import GRACE_PERIOD
-from hpo.record.tracking import SweepTracker
+from hpo.record.sweep_tracker import SweepTracker
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ table gives it a budget of 100-1,000 trials); at 5,000 trials it was most of a n
 from __future__ import annotations
 
 import bisect
-import copy
 import heapq
 import importlib.util
 import math
@@ -34,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.config import SAMPLERS
 from hpo.errors import HpoError
+from hpo.record.optuna_access import StudyView, cached_trials
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE group, QMCSampler
 
@@ -91,7 +91,7 @@ class RecentHistory(optuna.samplers.BaseSampler):
     fade the older ones). A study with at most ``history`` finished trials, and a
     multi-objective one, is modelled whole, as by ``sampler`` alone.
 
-    Each trial is sampled on one snapshot of the study (:class:`_View`), read once per trial
+    Each trial is sampled on one snapshot of the study (:class:`~hpo.record.optuna_access.StudyView`), read once per trial
     (Optuna's own per-trial cache), where TPE alone reads the study again for its running trials.
     Which trials are in it is kept up to date from the trials new or unfinished since the last
     one, so choosing them does not take longer as the study grows. One study per sampler, as
@@ -102,7 +102,7 @@ class RecentHistory(optuna.samplers.BaseSampler):
         self._sampler = sampler
         self._history = history
         self._keep_best = keep_best
-        self._view: tuple[int, _View] | None = None
+        self._view: tuple[int, StudyView] | None = None
         self._looked = 0
         """Trials ``0 .. _looked - 1`` were looked at (a trial's number is its place in the study's list)."""
         self._open: set[int] = set()
@@ -114,22 +114,23 @@ class RecentHistory(optuna.samplers.BaseSampler):
         negated when minimizing)."""
 
     def _seen(self, study: optuna.Study, trial: FrozenTrial) -> optuna.Study:
-        """What the wrapped sampler sees of ``study`` while it samples ``trial``: a :class:`_View`,
-        which stands in for the study (its trials are the chosen ones, all else is forwarded)."""
+        """What the wrapped sampler sees of ``study`` while it samples ``trial``: a
+        :class:`~hpo.record.optuna_access.StudyView`, which stands in for the study (its trials are
+        the chosen ones, all else is forwarded)."""
         if self._view is None or self._view[0] != trial.number:
             self._view = (trial.number, self._build(study))
         return cast(optuna.Study, self._view[1])
 
-    def _build(self, study: optuna.Study) -> _View:
-        trials = study._get_trials(deepcopy=False, use_cache=True)  # by number
+    def _build(self, study: optuna.Study) -> StudyView:
+        trials = cached_trials(study)  # by number
         if len(study.directions) > 1:
-            return _View(study, trials)
+            return StudyView(study, trials)
         self._catch_up(study, trials)
         if len(self._finished) <= self._history:
-            return _View(study, trials)
+            return StudyView(study, trials)
         chosen = {*self._finished[-self._history:], *(number for _, number in self._best),
                   *(number for number in self._open if trials[number].state == TrialState.RUNNING)}
-        return _View(study, [trials[number] for number in sorted(chosen)])
+        return StudyView(study, [trials[number] for number in sorted(chosen)])
 
     def _catch_up(self, study: optuna.Study, trials: list[FrozenTrial]) -> None:
         """Take in the trials that are new, or were not finished when last looked at (a FAIL
@@ -170,29 +171,6 @@ class RecentHistory(optuna.samplers.BaseSampler):
         self._sampler.reseed_rng()
 
 
-class _View:
-    """A study whose trials are ``trials`` (sorted by number); all else is the study's. Optuna's
-    samplers read trials through ``Study._get_trials``, others through ``get_trials``."""
-
-    def __init__(self, study: optuna.Study, trials: list[FrozenTrial]):
-        self._study = study
-        self._trials = trials
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def _get_trials(self, deepcopy: bool = True, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
-        trials = [t for t in self._trials if states is None or t.state in states]
-        return copy.deepcopy(trials) if deepcopy else trials
-
-    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy, states)
-
-    @property
-    def trials(self) -> list[FrozenTrial]:
-        return self._get_trials()
-
-
 class QmcStartSampler(optuna.samplers.BaseSampler):
     """Scrambled Sobol points until the study holds ``startup`` finished trials, then ``sampler``.
 
@@ -215,8 +193,7 @@ class QmcStartSampler(optuna.samplers.BaseSampler):
 
     def _in_startup(self, study: optuna.Study) -> bool:
         if not self._started:
-            finished = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED),
-                                         use_cache=True)
+            finished = cached_trials(study, states=(TrialState.COMPLETE, TrialState.PRUNED))
             self._started = len(finished) >= self._startup
         return not self._started
 

@@ -18,14 +18,15 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from hpo.errors import HpoError, check_url, redact_url
+from hpo.errors import HpoError
+from hpo.secrets import check_url, redact_url
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 def check_local(url: str, flag: str) -> bool:
-    """The checks of a store URL that need no connection: that it parses (:func:`hpo.errors.check_url`)
+    """The checks of a store URL that need no connection: that it parses (:func:`hpo.secrets.check_url`)
     and, for an SQLite file, that its folder exists. Returns whether ``url`` is an SQLite
     file: then nothing more is checked (opening it would create the file). Raises HpoError
     (password hidden) naming ``flag``."""

@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.errors import HpoError, scrub
-from hpo.errors import redact_url as redact
+from hpo.errors import HpoError
+from hpo.record import optuna_access
 from hpo.record.samplers import make_sampler  # noqa: F401 - the sweep builds its sampler as study.make_sampler
 from hpo.record.sqlite import sqlite_file_lock
 from hpo.record.stores import check_local, connect_once, retry_when_locked
+from hpo.secrets import redact_url as redact
+from hpo.secrets import scrub
 
 if TYPE_CHECKING:
     from hpo.config import Direction
@@ -229,6 +231,7 @@ def fail_reasons(study: optuna.Study) -> dict[str, int]:
 
 def next_run_index(study: optuna.Study) -> int:
     """0 for the first sweep process on this study, then 1, 2, ... (call under the study lock)."""
-    index = int(study._storage.get_study_system_attrs(study._study_id).get("hpo:runs", 0))
-    study._storage.set_study_system_attr(study._study_id, "hpo:runs", index + 1)
+    storage, study_id = optuna_access.storage_of(study), optuna_access.study_id(study)
+    index = int(storage.get_study_system_attrs(study_id).get("hpo:runs", 0))
+    storage.set_study_system_attr(study_id, "hpo:runs", index + 1)
     return index

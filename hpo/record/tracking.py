@@ -1,29 +1,25 @@
-"""MLflow: one parent run per sweep (per study), one nested run per trial.
+"""MLflow: the tracking store, one experiment per study, and the runs besides a sweep's.
 
-The parent run carries the sweep's settings; each trial's run carries the trial's params
-(the same names and values as in Optuna), every evaluation as metric history, its final
-state, and tags linking the study and trial number. Only the driver writes here.
-A resumed sweep reopens its study's parent run, so nested runs stay under one parent.
+:func:`check_tracking` makes sure the store answers before anything is written. A
+:class:`Tracker` is a client on the study's experiment (made on first use, tagged as model
+training), its calls retried when a shared SQLite store says 'locked', each run made once
+even when an answer was lost. :class:`PromoteTracker` writes ``hpo promote``'s run and its
+registered model version; :func:`log_data_checks` keeps ``hpo check-data``'s files. The
+sweep's parent run and its trial runs: :mod:`hpo.record.sweep_tracker`. Only the driver
+writes MLflow; how its credentials are kept: :mod:`hpo.secrets`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import threading
 import time
-import urllib.request
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from hpo.errors import HpoError, scrub
-from hpo.errors import redact_url as redact
+from hpo.errors import HpoError
 from hpo.record.stores import check_local, connect_once
-
-if TYPE_CHECKING:
-    from mlflow.entities import Metric, Param, RunTag
+from hpo.secrets import open_with_credentials, scrub_credentials, use_credentials
+from hpo.secrets import redact_url as redact
 
 logger = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -33,83 +29,30 @@ TAG_TRIAL = "hpo.trial_number"
 TAG_STATE = "hpo.state"
 TAG_REASON = "hpo.reason"
 CREATE_KEY_TAG = "hpo.create_key"
-"""A key of one create_run call (see :meth:`_Tracker._create_run`)."""
+"""A key of one create_run call (see :meth:`Tracker._create_run`)."""
 # MLflow 3 marks an experiment's kind with this tag; "custom_model_development" is model
 # training (runs table), not the GenAI overview. The UI's workflow switch also follows the
 # ``workflowType=machine_learning`` query parameter of experiment links (see :func:`ui_link`).
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
-# Optuna state -> MLflow run status. A pruned trial was stopped early by the sweep: KILLED,
-# with hpo.state=PRUNED telling it apart from an interrupted one.
-RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-
-
-CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-# Other variables that hold a secret as a whole: MLflow's bearer token, the passwords
-# libpq and the MySQL client read. Only the driver uses them.
-SECRET_VARS = ("MLFLOW_TRACKING_TOKEN", "PGPASSWORD", "MYSQL_PWD")
-
-
-def use_credentials(uri: str) -> str:
-    """An HTTP(S) tracking URI without its user info, which becomes this process's
-    ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (the way MLflow documents
-    basic auth). Call it before any HTTP request: urllib and MLflow quote a URI with user
-    info in their errors (``https://bob:pw@host`` without a port: "nonnumeric port: 'pw@host'").
-    The credentials never go into MLflow params or tags; Ray workers do not get them
-    (:func:`without_credentials`). Other URIs come back unchanged.
-    """
-    from urllib.parse import unquote, urlsplit, urlunsplit
-
-    scheme, _, rest = uri.partition("://")
-    before_query = rest.split("?", 1)[0]
-    if not uri.startswith(("http://", "https://")) or "@" not in before_query:
-        return uri
-    at = before_query.rindex("@")  # the user info ends at the last '@' (a password may hold an unencoded '/')
-    userinfo, host_and_path = rest[:at], rest[at + 1 :]
-    user, _, password = userinfo.partition(":")
-    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
-    if password:
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
-    stripped = f"{scheme}://{host_and_path}"
-    try:
-        return urlunsplit(urlsplit(stripped))  # normal form, as MLflow will see it
-    except ValueError as error:
-        raise HpoError(f"--tracking-uri {redact(uri)}: not a valid URL ({scrub(str(error), uri)})") from None
-
-
-@contextlib.contextmanager
-def without_credentials() -> Iterator[None]:
-    """The MLflow credentials (and a storage URL or tracking URI with a password) out of this
-    process's environment for the block: processes it starts (a local Ray and its workers) do
-    not inherit them; only the driver writes Optuna and MLflow."""
-    from hpo.errors import url_secrets
-
-    urls = {"HPO_STORAGE": os.environ.get("HPO_STORAGE"), "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI"),
-            "HPO_WARM_START": os.environ.get("HPO_WARM_START", "").partition("@")[2]}  # STUDY@URL
-    names = [*CREDENTIAL_VARS, *SECRET_VARS, *(name for name, url in urls.items() if url_secrets(url))]
-    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
 
 
 def check_tracking(uri: str | None) -> None:
     """Make sure the MLflow store can be used, writing nothing (not even an SQLite file).
 
-    Errors show the URI redacted and never quote its secrets (:func:`hpo.errors.scrub`).
+    Errors show the URI redacted and never quote its secrets (:func:`hpo.secrets.scrub`).
     """
     original = uri = uri or DEFAULT_TRACKING_URI
     if check_local(uri, "--tracking-uri"):
         return
     if uri.startswith(("http://", "https://")):
         try:
-            _health(use_credentials(uri), timeout=10)
+            health(use_credentials(uri), timeout=10)
             return
         except HpoError:
             raise
         except Exception as error:  # noqa: BLE001 - URLError, HTTPError, timeouts
-            reason = _scrub(str(error), original)
+            reason = scrub_credentials(str(error), original)
             raise HpoError(
                 f"--tracking-uri {redact(original)}: the MLflow server does not answer ({type(error).__name__}: "
                 f"{reason[:200]}); start it (hpo ui, or docker/compose.yaml) or fix the URI"
@@ -124,50 +67,14 @@ def check_tracking(uri: str | None) -> None:
             ) from None
 
 
-def _health(uri: str, timeout: float) -> None:
+def health(uri: str, timeout: float) -> None:
     """GET the MLflow server's ``/health`` (with this process's Basic auth credentials, never
     sent to another origin on a redirect); raises if it does not answer within ``timeout``."""
-    import base64
-
-    request = urllib.request.Request(uri.rstrip("/") + "/health")
-    user, password = os.environ.get(CREDENTIAL_VARS[0]), os.environ.get(CREDENTIAL_VARS[1])
-    if user and password:
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    with urllib.request.build_opener(_SameOriginAuth).open(request, timeout=timeout):
+    with open_with_credentials(uri.rstrip("/") + "/health", timeout):
         return
 
 
-class _SameOriginAuth(urllib.request.HTTPRedirectHandler):
-    """Follows a redirect as urllib does, but drops the ``Authorization`` header when it leads
-    to another origin (scheme, host or port): the password goes to the tracking server only,
-    never to wherever it redirects (requests, which MLflow's own client uses, does the same)."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 - urllib's signature
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and _origin(new.full_url) != _origin(req.full_url):
-            for name in [n for n in new.headers if n.lower() == "authorization"]:
-                del new.headers[name]
-            new.unredirected_hdrs.pop("Authorization", None)
-        return new
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
-    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or default
-
-
-def _scrub(text: str, uri: str) -> str:
-    """Error text without the URI's secrets nor the MLflow password of this process."""
-    text = scrub(text, uri)
-    password = os.environ.get(CREDENTIAL_VARS[1])
-    return text.replace(password, "***") if password else text
-
-
-class _Tracker:
+class Tracker:
     """An MLflow client on the study's experiment (created on first use), its calls retried
     when a shared SQLite store says 'locked'."""
 
@@ -212,7 +119,7 @@ class _Tracker:
                     self.client.delete_run(twin.info.run_id)
         except Exception as error:  # noqa: BLE001 - the run was made; a twin, if any, stays
             logger.warning("hpo: could not check that MLflow run %s was made once (%s: %s)", run.info.run_id,
-                           type(error).__name__, _first_line(error))
+                           type(error).__name__, first_line(error))
         return run
 
     def _search(self, role: str, trial_number: int | None = None, max_results: int = 1) -> list[Any]:
@@ -223,365 +130,28 @@ class _Tracker:
         return self.client.search_runs([self.experiment_id], filter_string=wanted, max_results=max_results)
 
     def _log_metrics(self, run_id: str, step: int, metrics: dict[str, float], now: int | None = None) -> None:
-        batch = _metrics(metrics, step, now or int(time.time() * 1000))
+        batch = mlflow_metrics(metrics, step, now or int(time.time() * 1000))
         if batch:
             self.client.log_batch(run_id, metrics=batch)
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        items = _params(params)
+        items = mlflow_params(params)
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start : start + 100])
 
 
-MIRROR_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-"""A sweep's client budget against an MLflow server (MLflow's own defaults: 7 retries, back-off
-factor 2, 120 s timeout, make one call to a dead server take about 4 minutes): a call gives up
-after about 3 s when the server refuses connections, after 30 s when it does not answer at
-all. The writer retries on top within its own budget (:class:`hpo.record.writer.Writer`), and
-what is still missed is written from the study. Set any of them to override."""
-
-
-class MlflowDown(Exception):
-    """The MLflow store did not answer a call of the sweep's end (or an earlier one): not tried again."""
-
-
-class SweepTracker(_Tracker):
-    """Writes a sweep's runs. Called from the driver's one thread; the trial runs' writes
-    (:meth:`start_trial` ... :meth:`end_trial`) go through a :class:`~hpo.record.writer.Writer`, in
-    order, off that thread: :meth:`flush` waits for them. A write's time (metric timestamps,
-    a run's end) is taken when it is submitted, not when it runs. A trial's params, metrics
-    and tags that wait for the writer together go in one ``log_batch``."""
-
-    def __init__(self, tracking_uri: str | None, study_name: str):
-        from hpo.record.writer import Writer
-
-        if (tracking_uri or DEFAULT_TRACKING_URI).startswith(("http://", "https://")):
-            for name, value in MIRROR_HTTP_DEFAULTS.items():
-                os.environ.setdefault(name, value)
-            # MLflow's client prints two "View run/experiment at" lines to stdout for every run it
-            # closes on a server (from the writer's thread, into the sweep's display) and reads the
-            # run back for them: one more call per trial. The sweep prints its own links.
-            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-        super().__init__(tracking_uri, study_name)
-        self.parent_run_id: str | None = None
-        self.trial_runs: dict[int, str] = {}
-        """Trial number -> its run's id, once the writer has created the run."""
-        self.writer = Writer("hpo-mlflow")
-        self.unwritten: set[int] = set()
-        """Trials with a write that failed after its retries (see :func:`hpo.record.recorder.mirror_gaps`)."""
-        self._pending: dict[int, tuple[list[Any], list[Any], list[Any]]] = {}
-        """Trial number -> (metrics, params, tags) submitted to the writer, not written yet."""
-        self._queued: set[int] = set()
-        """Trials with a batch write in the writer's queue that has not started yet."""
-        self._pending_lock = threading.Lock()
-        self._down = False
-
-    def start_sweep(self, params: dict[str, Any], tags: dict[str, str]) -> str:
-        """Open (or reopen, on resume) the study's parent run; returns its id."""
-        run_id = self.find_sweep_run()
-        if run_id is not None:
-            self.client.update_run(run_id, status="RUNNING")
-        else:
-            run = self._create_run(self.study_name, {TAG_ROLE: "sweep", TAG_STUDY: self.study_name, **tags})
-            run_id = run.info.run_id
-            self._log_params(run_id, params)
-        self.parent_run_id = run_id
-        return run_id
-
-    def note_sweep(self, params: dict[str, Any], tags: dict[str, str]) -> None:
-        """Params and tags on the parent run, made now or reopened (MLflow takes a param again when
-        its value is the same: a resumed sweep notes what its first run noted)."""
-        from mlflow.entities import RunTag
-
-        if self.parent_run_id is not None:
-            self.client.log_batch(self.parent_run_id, params=_params(params),
-                                  tags=[RunTag(key, value) for key, value in tags.items()])
-
-    def _trial_tags(self, number: int, state: str) -> dict[str, str]:
-        return {"mlflow.parentRunId": self.parent_run_id or "", TAG_STUDY: self.study_name, TAG_TRIAL: str(number),
-                TAG_ROLE: "trial", TAG_STATE: state}
-
-    def start_trial(self, number: int, params: dict[str, Any]) -> None:
-        """The trial's run, RUNNING, with its params (written by the writer)."""
-        tags, started = self._trial_tags(number, "RUNNING"), int(time.time() * 1000)
-
-        def write() -> None:
-            if number not in self.trial_runs:  # a retry after a lost answer must not make a second run
-                run = self._create_run(f"trial-{number}", tags, start_time=started)
-                self.trial_runs[number] = run.info.run_id
-
-        self.writer.submit(write, f"starting the MLflow run of trial {number}", lambda: self.unwritten.add(number))
-        self._add(number, params=_params(params))
-
-    def _add(self, number: int, metrics: Sequence[Metric] = (), params: Sequence[Param] = (),
-             tags: Sequence[RunTag] = ()) -> None:
-        """Metrics, params and tags for the trial's run: joined to those still waiting for the
-        writer, else submitted as a new batch. A batch the writer could not write (skipped while
-        the store was down, or failed) is kept: it goes with the trial's next write."""
-        if not (metrics or params or tags):
-            return
-        with self._pending_lock:
-            waiting = self._pending.setdefault(number, ([], [], []))
-            waiting[0].extend(metrics)
-            waiting[1].extend(params)
-            waiting[2].extend(tags)
-            if number in self._queued:
-                return
-            self._queued.add(number)
-
-        def missed() -> None:
-            with self._pending_lock:
-                self._queued.discard(number)
-            self.unwritten.add(number)
-
-        def write() -> None:
-            with self._pending_lock:
-                self._queued.discard(number)
-            run_id = self.trial_runs.get(number)
-            if run_id is not None:
-                self._write_pending(number, run_id)
-
-        self.writer.submit(write, f"logging to the MLflow run of trial {number}", missed)
-
-    def _write_pending(self, number: int, run_id: str) -> None:
-        """What waits for the trial's run, in one ``log_batch`` (or several). If the store is
-        down (a transient error) it is put back for the trial's next write; one the store refused
-        is dropped (the trial's run is written from the study at the sweep's end)."""
-        from hpo.record.stores import is_transient
-
-        with self._pending_lock:
-            taken = self._pending.pop(number, None)
-        if taken is None or not any(taken):
-            return
-        try:
-            self._log_batch(run_id, *taken)
-        except Exception as error:
-            if not is_transient(error):
-                raise
-            with self._pending_lock:  # kept, ahead of what came meanwhile: the next write of the trial takes it
-                later = self._pending.get(number, ([], [], []))
-                self._pending[number] = (taken[0] + later[0], taken[1] + later[1], taken[2] + later[2])
-            raise
-
-    def _log_batch(self, run_id: str, metrics: list[Any], params: list[Any], tags: list[Any]) -> None:
-        """One ``log_batch`` when MLflow's limits allow (1000 values, 100 params, 100 tags), else several.
-        A param given twice goes once (MLflow refuses a batch that repeats a key); a tag's last value wins."""
-        params = list({param.key: param for param in reversed(params)}.values())[::-1]
-        tags = list({tag.key: tag for tag in tags}.values())
-        while metrics or params or tags:
-            some_params, params = params[:100], params[100:]
-            some_tags, tags = tags[:100], tags[100:]
-            room = 1000 - len(some_params) - len(some_tags)
-            some_metrics, metrics = metrics[:room], metrics[room:]
-            self.client.log_batch(run_id, metrics=some_metrics, params=some_params, tags=some_tags)
-
-    def _on_run(self, number: int, what: str, write: Any) -> None:
-        """Submit ``write(run_id)`` for the trial's run (skipped if the run could not be made)."""
-
-        def on_run() -> None:
-            run_id = self.trial_runs.get(number)
-            if run_id is not None:
-                write(run_id)
-
-        self.writer.submit(on_run, f"{what} of trial {number} in MLflow", lambda: self.unwritten.add(number))
-
-    def log_metrics(self, number: int, step: int, metrics: dict[str, float]) -> None:
-        self._add(number, metrics=_metrics(metrics, step, int(time.time() * 1000)))
-
-    def log_trial_params(self, number: int, params: dict[str, Any]) -> None:
-        """More params on a running trial's run (what its worker resolved: device, precision, ...)."""
-        if params:
-            self._add(number, params=_params(params))
-
-    def tag_trial(self, number: int, key: str, value: str) -> None:
-        from mlflow.entities import RunTag
-
-        self._add(number, tags=[RunTag(key, value)])
-
-    def end_trial(self, number: int, state: str, reason: str | None = None, value: float | None = None) -> None:
-        """Close the trial's run with the status matching the Optuna ``state``: its tags (with
-        whatever else still waits for the writer) in one batch, then the status."""
-        ended = int(time.time() * 1000)
-        self._add(number, tags=_end_tags(state, reason, value))
-
-        def write(run_id: str) -> None:
-            self._write_pending(number, run_id)  # whatever an earlier write could not write goes first
-            self._terminate(run_id, state, reason, ended)
-            self.trial_runs.pop(number, None)
-
-        self._on_run(number, "closing the run", write)
-
-    def _close(self, run_id: str, state: str, reason: str | None, value: float | None, ended: int | None) -> None:
-        self.client.log_batch(run_id, tags=_end_tags(state, reason, value))
-        self._terminate(run_id, state, reason, ended)
-
-    def _terminate(self, run_id: str, state: str, reason: str | None, ended: int | None) -> None:
-        """End the run with the MLflow status of the Optuna ``state`` (:func:`run_status`)."""
-        self.client.set_terminated(run_id, status=run_status(state, reason), end_time=ended)
-
-    def flush(self, final: bool = False) -> None:
-        """Wait until the trial runs' writes submitted so far are written (or failed); ``final``:
-        the sweep is ending, so a store that is down is not tried again (see :class:`~hpo.record.writer.Writer`).
-        A server that answers its health check again (restarted within the writer's pause) is
-        written to as usual: the sweep's end does not leave its runs to the next sweep for it."""
-        if final:
-            if self.writer.down and self._answers():
-                logger.warning("hpo: the MLflow server %s answers again; writing what the sweep could not",
-                               self.shown_uri)
-                self.writer.up_again()
-            self.writer.give_up_when_down()
-        self.writer.flush()
-
-    def _answers(self) -> bool:
-        """Whether the MLflow server answers its health check within 3 s (other stores are not probed: False)."""
-        if not self.uri.startswith(("http://", "https://")):
-            return False
-        try:
-            _health(self.uri, timeout=3)
-            return True
-        except Exception:  # noqa: BLE001 - URLError, HTTPError, timeouts: still down
-            return False
-
-    @property
-    def down(self) -> bool:
-        """Whether the store did not answer the last write, or a call of the sweep's end (:meth:`end_call`)."""
-        return self._down or self.writer.down
-
-    def end_call(self, call: Any, what: str) -> Any:
-        """``call()``, one of the sweep's end (gap filling, the report, the sweep run's close):
-        not tried when the store is known to be down (:class:`MlflowDown`); one that fails with
-        a transient error marks it down, so the other end calls are not tried."""
-        from hpo.record.stores import is_transient
-
-        if self.down:
-            raise MlflowDown(f"{what}: the MLflow store {self.shown_uri} did not answer")
-        try:
-            return call()
-        except Exception as error:
-            if is_transient(error):
-                self._down = True
-            raise
-
-    def end_sweep(self, status: str = "FINISHED", summary: dict[str, Any] | None = None) -> None:
-        """Close the sweep's parent run with ``status`` and the ``summary`` tags. Never raises
-        (it runs in the sweep's ``finally``): a failure is a warning, and the next ``hpo search``
-        on the study that runs trials reopens and closes the run."""
-        from mlflow.entities import RunTag
-
-        self.writer.give_up_when_down()
-        self.writer.close()
-        if self.parent_run_id is None:
-            return
-        parent = self.parent_run_id
-        tags = [RunTag(f"hpo.{key}", str(value)) for key, value in (summary or {}).items()]
-
-        def close() -> None:
-            if tags:
-                self.client.log_batch(parent, tags=tags)
-            self.client.set_terminated(parent, status=status)
-
-        try:
-            self.end_call(close, "closing the sweep's MLflow run")
-        except Exception as error:  # noqa: BLE001 - the trials are recorded in the study; this is the mirror
-            logger.warning("hpo: the sweep's MLflow run %s was not closed (%s: %s); it shows RUNNING until the next "
-                           "`hpo search` on study %r that runs trials closes it", parent, type(error).__name__,
-                           _first_line(error), self.study_name)
-
-    def log_report(self, files: list[Any], run_id: str | None = None) -> None:
-        """Log the study report's ``files`` (the paths :func:`hpo.analysis.study_report.write_report` wrote,
-        nothing else of their folder) under ``report/`` of the parent run (or ``run_id``)."""
-        target = run_id or self.parent_run_id
-        if target:
-            def log() -> None:
-                for path in files:
-                    self.client.log_artifact(target, str(path), artifact_path="report")
-
-            self.end_call(log, "logging the study report")
-
-    def find_sweep_run(self) -> str | None:
-        found = self._search("sweep", max_results=1)
-        return found[0].info.run_id if found else None
-
-    def trial_run_index(self) -> dict[int, Any]:
-        """This study's trial runs by trial number (MLflow ``Run`` objects; the first one found
-        when a number has several)."""
-        found = self._search("trial", max_results=50000)
-        runs: dict[int, Any] = {}
-        for run in found:
-            runs.setdefault(int(run.data.tags.get(TAG_TRIAL, -1)), run)
-        return runs
-
-    def fill_trial(self, number: int, run: Any, end: TrialEnd) -> None:
-        """Bring a trial's run in line with the study after a driver died: make it if it is
-        missing, add the params and metric points it lacks, tag and close it (synchronous)."""
-        from mlflow.entities import Metric
-
-        existed = run is not None
-        if run is None:
-            parent = self.parent_run_id or self.find_sweep_run()
-            tags = {**self._trial_tags(number, "RUNNING"), "mlflow.parentRunId": parent or ""}
-            run = self._create_run(f"trial-{number}", tags, start_time=end.started)
-            have_params: set[str] = set()
-        else:
-            have_params = set(run.data.params)
-        run_id = run.info.run_id
-        self._log_params(run_id, {k: v for k, v in end.params.items() if str(k) not in have_params})
-        points = []
-        for key, history in end.curves.items():
-            logged = {m.step for m in self.client.get_metric_history(run_id, key)} if existed else set()
-            points += [Metric(key, float(value), end.ended or end.started or 0, int(step))
-                       for step, value in history if int(step) not in logged and _is_number(value)]
-        for start in range(0, len(points), 1000):
-            self.client.log_batch(run_id, metrics=points[start : start + 1000])
-        self._close(run_id, end.state, end.reason, end.value, end.ended)
-
-
-def _params(params: dict[str, Any]) -> list[Any]:
+def mlflow_params(params: dict[str, Any]) -> list[Any]:
+    """MLflow params of ``params`` (values as text, at most 6000 characters; None left out)."""
     from mlflow.entities import Param
 
     return [Param(str(k), str(v)[:6000]) for k, v in params.items() if v is not None]
 
 
-def _metrics(metrics: dict[str, Any], step: int, now: int) -> list[Any]:
+def mlflow_metrics(metrics: dict[str, Any], step: int, now: int) -> list[Any]:
     """MLflow metric points of the numbers among ``metrics``, at ``step``, timestamped ``now`` (ms)."""
     from mlflow.entities import Metric
 
-    return [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
-
-
-def _end_tags(state: str, reason: str | None, value: float | None) -> list[Any]:
-    from mlflow.entities import RunTag
-
-    tags = [RunTag(TAG_STATE, state)]
-    if reason:
-        tags.append(RunTag(TAG_REASON, reason[:5000]))
-    if value is not None and _is_number(value):
-        tags.append(RunTag("hpo.objective", repr(float(value))))
-    return tags
-
-
-def run_status(state: str, reason: str | None) -> str:
-    """The MLflow status of a trial's run that ends in Optuna ``state`` (see :data:`RUN_STATUS`);
-    an interrupted trial's run is KILLED."""
-    return "KILLED" if reason == "interrupted" else RUN_STATUS.get(state, "FAILED")
-
-
-@dataclass(frozen=True)
-class TrialEnd:
-    """What the study holds about a finished trial, for :meth:`SweepTracker.fill_trial`."""
-
-    state: str
-    """The Optuna state name: COMPLETE, PRUNED or FAIL."""
-    reason: str | None
-    """What the run's hpo.reason tag says (``interrupted`` closes it KILLED)."""
-    value: float | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    """Metric name -> (step, value) points."""
-    started: int | None = None
-    """Milliseconds since the epoch."""
-    ended: int | None = None
+    return [Metric(k, float(v), now, step) for k, v in metrics.items() if is_number(v)]
 
 
 def _experiment_id(client: Any, uri: str, study_name: str) -> str:
@@ -605,7 +175,7 @@ def _experiment_id(client: Any, uri: str, study_name: str) -> str:
             ) from None
         raise HpoError(
             f"--tracking-uri {redact(uri)}: cannot use the MLflow store "
-            f"({type(error).__name__}: {_scrub(message, uri)[:300]}); check the URI and that the server runs"
+            f"({type(error).__name__}: {scrub_credentials(message, uri)[:300]}); check the URI and that the server runs"
         ) from None
 
 
@@ -632,7 +202,7 @@ def sweep_links(tracking_uri: str, base_url: str) -> list[tuple[str, str]]:
     return [(e.name, ui_link(base_url, e.experiment_id)) for e in experiments]
 
 
-class PromoteTracker(_Tracker):
+class PromoteTracker(Tracker):
     """The final training run of ``hpo promote``: a run of its own in the study's
     experiment, linked to the trial and the sweep, with a registered model version."""
 
@@ -679,7 +249,7 @@ class PromoteTracker(_Tracker):
     def finish(self, metrics: dict[str, float], status: str) -> None:
         if not self.run_id:
             return
-        final = {f"final_{k}": v for k, v in metrics.items() if _is_number(v)}
+        final = {f"final_{k}": v for k, v in metrics.items() if is_number(v)}
         if final:
             self.log_metrics(0, final)
         self.client.set_terminated(self.run_id, status=status)
@@ -705,11 +275,11 @@ class _RetryWhenLocked:
         return lambda *args, **kwargs: retry_when_locked(lambda: attribute(*args, **kwargs), words=RETRY_WORDS)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     return str(error).splitlines()[0][:200] if str(error) else ""
 
 
@@ -745,7 +315,7 @@ def log_data_checks(tracking_uri: str | None, study_name: str, files: list[Any])
     """Log ``hpo check-data``'s files (the label and near-duplicate CSVs) under ``checks/`` of the
     study's sweep run, or, before any sweep, of a new finished run named ``check-data`` in the
     study's experiment; returns the run's id."""
-    tracker = _Tracker(tracking_uri, study_name)
+    tracker = Tracker(tracking_uri, study_name)
     found = tracker._search("sweep")
     run_id = found[0].info.run_id if found else tracker.client.create_run(
         tracker.experiment_id, run_name="check-data", tags={TAG_ROLE: "check-data", TAG_STUDY: study_name}).info.run_id

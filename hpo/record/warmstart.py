@@ -29,6 +29,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import HpoError
+from hpo.record import optuna_access
 
 DONE_ATTR = "hpo:warm_start"
 
@@ -114,7 +115,7 @@ def warm_start(study: optuna.Study, source_study: optuna.Study, source_label: st
     """Enqueue up to ``min(top, room)`` compatible best configs of ``source_study`` into
     ``study``, once per study (see the module docstring). ``room``: trials still to run."""
     result = WarmStart(source=source_label)
-    storage, study_id = study._storage, study._study_id
+    storage, study_id = optuna_access.storage_of(study), optuna_access.study_id(study)
     if storage.get_study_system_attrs(study_id).get(DONE_ATTR):
         result.already = True
         return result
@@ -143,7 +144,7 @@ def warm_start(study: optuna.Study, source_study: optuna.Study, source_label: st
 
 def _contains(distribution: BaseDistribution, value: Any) -> bool:
     try:
-        return bool(distribution._contains(distribution.to_internal_repr(value)))
+        return optuna_access.contains(distribution, value)
     except (ValueError, TypeError):
         return False
 

@@ -94,7 +94,7 @@ def connect(address: str | None, *, worker_logs: bool = False) -> None:
             _probe(address)
     # Ray enables token auth for a local cluster and says so on every start; keep it, quietly.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    from hpo.record.tracking import without_credentials
+    from hpo.secrets import without_credentials
 
     try:
         with without_credentials():  # a local Ray's processes never inherit the MLflow password

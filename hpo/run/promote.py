@@ -11,26 +11,25 @@ restored -- which is also how a sweep with ``objective="best"`` is honoured: the
 trains on more data for longer than the trial, so the trial's ``best_step`` is recorded for
 reference rather than trained to. Then:
 
-1. the output folder is written whole or not at all (built in a temporary folder beside
-   it, then renamed): the LoRA adapter in safetensors (or, with ``--merge``, the merged
-   model), the tokenizer, ``hpo_promote.json`` and a model card ``README.md``;
+1. the output folder is written whole or not at all (built in a staging folder beside
+   it, then renamed: :mod:`hpo.run.atomic_folder`): the LoRA adapter in safetensors (or,
+   with ``--merge``, the merged model), the tokenizer, ``hpo_promote.json`` and a model card
+   ``README.md`` (:mod:`hpo.run.model_card`);
 2. MLflow gets a run of its own in the study's experiment, tagged with the study, the
    trial and the sweep's parent run, with the metric history, the folder as artifacts,
    and a registered model version (``--register NAME``, default the study name).
 
-Nothing here knows Ray.
+Nothing here knows Ray (tests/test_boundaries.py holds it to that): the final run trains in
+this process. It lives in ``hpo/run/`` all the same, beside ``hpo search``: ``run/`` holds the
+two flows that train (a sweep, a final run), each driving ``train/`` and writing ``record/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import re
-import secrets
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,6 +45,8 @@ from hpo.overrides import parse_overrides
 from hpo.record import study as studies
 from hpo.record.sweep_record import SweepRecord
 from hpo.run import ranking
+from hpo.run.atomic_folder import publish, remove_stale_staging, staging_folder
+from hpo.run.model_card import load_code, trial_value, write_records
 
 BUDGET_FACTOR = 3
 EVALUATIONS = 20
@@ -57,8 +58,6 @@ a point, and on SST-2 (600 steps, 872 dev rows) a quarter stopped at step 360 at
 the curve was still rising."""
 MIN_SHARE = 0.5
 """... but never before this share of its steps."""
-STAGING_MARK = ".{name}.promote-"
-"""Staging folders beside the output: ``.<output name>.promote-<host>-<pid>-<random>``."""
 
 
 @dataclass
@@ -141,7 +140,7 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
         raise HpoError(f"--output {output}: the folder exists and is not empty; choose another or remove it")
     if not output.parent.is_dir():
         output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(output)
+    remove_stale_staging(output)
     tracking_uri = options.tracking_uri or recorded.tracking_uri
     if tracking_uri and "***" in tracking_uri:
         raise HpoError("the study's MLflow URI has a hidden password: give it again with --tracking-uri")
@@ -162,12 +161,12 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
     stopping = (f"early stopping after {job.sweep.patience} evaluations without a better {job.watch} (not before "
                 f"step {job.min_steps})" if job.sweep.patience else "no early stopping")
     console.print(f"[bold]hpo promote[/] study {study.study_name} trial {trial.number} "
-                  f"({recorded.sweep['metric']}={_trial_value(trial)}{at}): {job.sweep.max_steps} steps, evaluating "
+                  f"({recorded.sweep['metric']}={trial_value(trial)}{at}): {job.sweep.max_steps} steps, evaluating "
                   f"every {job.sweep.eval_every}, {stopping}, the best {job.watch}'s weights kept; MLflow run {run_id}")
-    staging = _staging_folder(output)
+    staging = staging_folder(output)
     try:
         metrics = _train_and_save(job, sweep, params, options, study, trial, staging, tracker, console)
-        _publish(staging, output)
+        publish(staging, output)
         tracker.log_folder(output)
         version = tracker.register(model_name, trial.number)
         tracker.finish(metrics, "FINISHED")
@@ -176,7 +175,7 @@ def promote(options: PromoteOptions, console: Console) -> PromoteResult:
         _finish_failed(tracker, error, console)
         raise
     return PromoteResult(output, run_id, model_name, version, metrics, trial.number,
-                         _load_code(output, sweep.task, options.merge, metrics.get("num_labels")))
+                         load_code(output, sweep.task, options.merge, metrics.get("num_labels")))
 
 
 def _pick_trial(study: Any, number: int | None) -> Any:
@@ -199,12 +198,6 @@ def _pick_trial(study: Any, number: int | None) -> Any:
     if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
         raise HpoError(f"--trial {number} is {trial.state.name}; promote a COMPLETE (or PRUNED) trial")
     return trial
-
-
-def _trial_value(trial: Any) -> float | list[float] | None:
-    """``trial.value``, or the list of a multi-objective trial's values (``trial.value`` raises there)."""
-    values = trial.values
-    return values[0] if values and len(values) == 1 else values
 
 
 def _final_sweep(recorded: SweepRecord, overrides: list[str]) -> tuple[Sweep, FinalSchedule]:
@@ -246,40 +239,6 @@ def _check_data(sweep: Sweep) -> None:
         except HpoError as error:
             message = str(error).replace("check --set train_data/eval_data", f"fix --set {name}=...")
             raise HpoError(f"hpo promote: {name}: {message}") from None
-
-
-def _staging_folder(output: Path) -> Path:
-    """A new folder beside ``output`` to build the model in, named after this host and pid
-    (so a later promote can tell a dead run's leftovers), with the umask's mode (not 0700)."""
-    staging = output.parent / f"{STAGING_MARK.format(name=output.name)}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
-    return staging
-
-
-def _remove_stale_staging(output: Path) -> list[Path]:
-    """Remove the staging folders for ``output`` left by a killed promote on this host
-    (their pid is not running); another live promote's folder is left alone."""
-    import psutil
-
-    host, removed = socket.gethostname(), []
-    for folder in output.parent.glob(f"{STAGING_MARK.format(name=output.name)}*"):
-        rest = folder.name.removeprefix(STAGING_MARK.format(name=output.name))
-        owner_host, _, tail = rest.rpartition("-")[0].rpartition("-")
-        pid = tail
-        if folder.is_dir() and owner_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
-
-
-def _publish(staging: Path, output: Path) -> None:
-    """Put the finished ``staging`` folder in place as ``output`` in one step: rename(2)
-    replaces a missing or *empty* directory atomically, so ``output`` is whole or untouched."""
-    try:
-        os.replace(staging, output)
-    except OSError as error:
-        raise HpoError(f"--output {output}: cannot move the finished model there ({error.strerror}); "
-                       "it must be missing or an empty folder on the same file system") from None
 
 
 def _finish_failed(tracker: Any, error: BaseException, console: Console) -> None:
@@ -339,7 +298,7 @@ def _train_and_save(job: Any, sweep: Sweep, params: dict, options: PromoteOption
         metrics.update({f"test_{k.removeprefix('eval_')}": v for k, v in saved.get("test", {}).items()})
         if saved.get("num_labels"):
             metrics["num_labels"] = saved["num_labels"]
-        _write_records(staging, job, sweep, params, options, study, trial, metrics)
+        write_records(staging, job, sweep, params, options.merge, study, trial, metrics)
         return metrics
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -355,104 +314,6 @@ def _module_score(sweep: Sweep, study: Any) -> Any:
     from hpo import space
 
     return space.load(module).score
-
-
-def _write_records(folder: Path, job: Any, sweep: Sweep, params: dict, options: PromoteOptions, study: Any,
-                   trial: Any, metrics: dict[str, float]) -> None:
-    from hpo.train import models
-
-    record = {
-        "study": study.study_name,
-        "trial": trial.number,
-        "trial_value": _trial_value(trial),
-        "metric": sweep.metric,
-        "base_model": sweep.model,
-        "base_model_path": models.resolve(sweep.model),
-        "task": sweep.task,
-        "merged": options.merge,
-        "params": params,
-        "seed": job.seed,
-        "max_steps": job.sweep.max_steps,
-        "eval_every": job.sweep.eval_every,
-        "patience": job.sweep.patience,
-        "min_steps": job.min_steps,
-        "watch": job.watch,
-        "objective": sweep.objective,
-        "trial_best_step": trial.user_attrs.get("best_step"),
-        "train_data": sweep.train_data,
-        "eval_data": sweep.eval_data,
-        "test_data": sweep.test_data,
-        "max_length": sweep.max_length,
-        "metrics": metrics,
-    }
-    (folder / "hpo_promote.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items()))
-    param_rows = "\n".join(f"| {k} | {v} |" for k, v in params.items())
-    (folder / "README.md").write_text(f"""---
-library_name: {"transformers" if options.merge else "peft"}
-base_model: {sweep.model}
-tags: [hpo, {"lora" if not options.merge else "lora-merged"}, {sweep.task}]
----
-
-# {study.study_name}: trial {trial.number}, promoted
-
-{"A merged" if options.merge else "A LoRA adapter for"} `{sweep.model}` ({sweep.task}), trained by `hpo promote` with
-the parameters of trial {trial.number} of the Optuna study `{study.study_name}`
-({sweep.metric} = {_trial_value(trial)} in the sweep), for up to {job.sweep.max_steps} steps, evaluated every
-{job.sweep.eval_every}, with early stopping on the validation {job.watch} (patience {job.sweep.patience} evaluations, not
-before step {job.min_steps}); the weights are those of the evaluation with the best validation
-{job.watch} (step {int(metrics.get('best_step', 0))}).
-
-Training data: `{sweep.train_data}`; validation: `{sweep.eval_data or f'{sweep.eval_fraction:.0%} held out of the training data'}`.
-
-## Parameters
-
-| parameter | value |
-| --- | --- |
-{param_rows}
-| seed | {job.seed} |
-
-## Metrics (final model)
-
-| metric | value |
-| --- | --- |
-{rows}
-
-## Load it
-
-```python
-{_load_code(folder, sweep.task, options.merge, metrics.get("num_labels"))}
-```
-""")
-
-
-def _load_code(folder: Path, task: str, merged: bool, num_labels: float | None) -> str:
-    if task == "sft":
-        return _generate_code(folder, merged)
-    labels = f", num_labels={int(num_labels)}" if num_labels and int(num_labels) != 2 else ""
-    if merged:
-        cls = "AutoModelForSequenceClassification" if task == "classification" else "AutoModelForCausalLM"
-        return (f"from transformers import {cls}, AutoTokenizer\n"
-                f"model = {cls}.from_pretrained(\"{folder}\")\n"
-                f"tokenizer = AutoTokenizer.from_pretrained(\"{folder}\")")
-    cls = "AutoPeftModelForSequenceClassification" if task == "classification" else "AutoPeftModelForCausalLM"
-    return (f"from peft import {cls}\nfrom transformers import AutoTokenizer\n"
-            f"model = {cls}.from_pretrained(\"{folder}\"{labels})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained(\"{folder}\")")
-
-
-def _generate_code(folder: Path, merged: bool) -> str:
-    """How to answer a question with a promoted sft model: its chat template, greedy decoding."""
-    cls = "AutoModelForCausalLM" if merged else "AutoPeftModelForCausalLM"
-    package = "transformers" if merged else "peft"
-    return (f"from {package} import {cls}\nfrom transformers import AutoTokenizer\n"
-            f"model = {cls}.from_pretrained(\"{folder}\")\n"
-            f"tokenizer = AutoTokenizer.from_pretrained(\"{folder}\")\n"
-            "messages = [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]\n"
-            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
-            "return_dict=True)\n"
-            "output = model.generate(**inputs, max_new_tokens=32, do_sample=False)\n"
-            "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))")
 
 
 def _registry_name(study_name: str) -> str:

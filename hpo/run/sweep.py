@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from hpo.record.ledger import Ledger
     from hpo.record.mirror import JobParams
     from hpo.record.recorder import Recorder
-    from hpo.record.tracking import SweepTracker
+    from hpo.record.sweep_tracker import SweepTracker
     from hpo.train.lr_probe import Choice
 
 
@@ -177,7 +177,8 @@ def search(options: SearchOptions, console: Console) -> SearchResult:
     """Run one sweep to its target number of finished trials (or its timeout)."""
     from hpo.names import check_study_name
     from hpo.record.ledger import Ledger
-    from hpo.record.tracking import SweepTracker, check_tracking
+    from hpo.record.sweep_tracker import SweepTracker
+    from hpo.record.tracking import check_tracking
 
     search_space = prepare(options, console)
     sweep = search_space.sweep
@@ -366,7 +367,7 @@ def _flush_mirror(study: optuna.Study, tracker: SweepTracker, metric: str, job: 
                   console: Console) -> None:
     """Wait for the MLflow writes of this run's trials; rewrite from the study the runs of
     trials whose writes failed (a warning if that fails too: the next run tries again). A
-    store that is down is not waited for (see :meth:`hpo.record.tracking.SweepTracker.end_call`)."""
+    store that is down is not waited for (see :meth:`hpo.record.sweep_tracker.SweepTracker.end_call`)."""
     from hpo.record.mirror import mirror_gaps
 
     tracker.flush(final=True)
