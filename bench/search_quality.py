@@ -159,8 +159,8 @@ def task_setup(args) -> dict:
 def check_hpo_set(pairs: list[str], module: Path) -> None:
     """``--hpo-set`` pairs as ``hpo search --set`` reads them, on the module (HpoError naming the bad one)."""
     from hpo import space as spaces
-    from hpo.overrides import parse_overrides
     from hpo.errors import HpoError
+    from hpo.overrides import parse_overrides
 
     try:
         fixed = sorted(TASK_FIELDS & set(parse_overrides(pairs)))
