@@ -265,14 +265,60 @@ def probe_steps(study) -> int:
     return len(curve["lrs"]) + (1 if curve.get("stopped") == "diverged" else 0)
 
 
+def trainer_hooks(loaded, load_base, pad_token_id: int, task_type: str):
+    """``Trainer.hyperparameter_search``'s ``model_init`` and ``hp_space`` over a module's
+    ``space(trial)``: the base from ``load_base()`` wrapped in peft's LoRA of ``task_type`` with the
+    sampled LoRA settings, and the rest of the sampled params for ``TrainingArguments``."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from hpo import space as spaces
+    from hpo.train.recipe import PARAM_NAMES, TrainParams
+
+    def model_init(trial):
+        model = load_base()
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = pad_token_id
+        # Trainer calls model_init before hp_space: space() samples here (the live trial keeps its choices,
+        # so hp_space gets the same), else every trial's LoRA would be the defaults
+        chosen = spaces.call_space(loaded, trial) if trial is not None else {}
+        p = TrainParams(**{k: v for k, v in chosen.items() if k in PARAM_NAMES})
+        config = LoraConfig(task_type=TaskType[task_type], r=int(p.lora_r), lora_alpha=p.lora_alpha,
+                            lora_dropout=p.lora_dropout,
+                            target_modules=list(p.target_modules) if p.target_modules else None)
+        return get_peft_model(model, config)
+
+    def hp_space(trial):  # what TrainingArguments does not know (the LoRA settings), model_init reads
+        params = spaces.call_space(loaded, trial)
+        params["per_device_train_batch_size"] = int(params.pop("batch_size"))
+        return params
+
+    return model_init, hp_space
+
+
+def trainer_search(trainer, hp_space, metric: str, args, seed: int, out: Path) -> list[dict]:
+    """Run ``trainer.hyperparameter_search`` (``n_trials = budget / max_steps``, TPE seeded with
+    ``seed``, maximising ``metric``) into an SQLite study beside ``out``; each finished trial's end
+    time, steps and value (None unless it ran all ``max_steps``)."""
+    import optuna
+
+    storage = f"sqlite:///{out.parent}/trainer-{seed}.db"
+    trainer.hyperparameter_search(
+        hp_space=hp_space, compute_objective=lambda m: m[metric], n_trials=args.budget // args.max_steps,
+        direction="maximize", backend="optuna", sampler=optuna.samplers.TPESampler(seed=seed),
+        storage=storage, study_name=f"trainer-{seed}", load_if_exists=False)
+    study = optuna.load_study(study_name=f"trainer-{seed}", storage=storage)
+    return [{"end": t.datetime_complete.timestamp(),
+             "steps": max(t.intermediate_values, default=0) if t.state != optuna.trial.TrialState.COMPLETE else args.max_steps,
+             "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else None}
+            for t in study.trials if t.datetime_complete is not None]
+
+
 def run_trainer(args, paths, seed: int, out: Path) -> list[dict]:
     if paths["task"] == "sft":
         import search_quality_sft
 
         return search_quality_sft.run_trainer(args, paths, seed, out)
-    import optuna
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -283,7 +329,6 @@ def run_trainer(args, paths, seed: int, out: Path) -> list[dict]:
 
     from hpo import space as spaces
     from hpo.train import data, models
-    from hpo.train.recipe import PARAM_NAMES, TrainParams
 
     torch.set_num_threads(2)
     loaded = spaces.load(paths["module"])
@@ -299,23 +344,9 @@ def run_trainer(args, paths, seed: int, out: Path) -> list[dict]:
         enc = tokenizer(examples.texts, truncation=True, max_length=paths["max_length"])
         return [{**{k: enc[k][i] for k in enc.keys()}, "labels": examples.labels[i]} for i in range(len(examples.texts))]
 
-    def model_init(trial):
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=paths["num_labels"])
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        # Trainer calls model_init before hp_space: space() samples here (the live trial keeps its choices,
-        # so hp_space gets the same), else every trial's LoRA would be the defaults
-        chosen = spaces.call_space(loaded, trial) if trial is not None else {}
-        p = TrainParams(**{k: v for k, v in chosen.items() if k in PARAM_NAMES})
-        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=int(p.lora_r), lora_alpha=p.lora_alpha,
-                            lora_dropout=p.lora_dropout,
-                            target_modules=list(p.target_modules) if p.target_modules else None)
-        return get_peft_model(model, config)
-
-    def hp_space(trial):  # what TrainingArguments does not know (the LoRA settings), model_init reads
-        params = spaces.call_space(loaded, trial)
-        params["per_device_train_batch_size"] = params.pop("batch_size")
-        return params
+    model_init, hp_space = trainer_hooks(
+        loaded, lambda: AutoModelForSequenceClassification.from_pretrained(path, num_labels=paths["num_labels"]),
+        tokenizer.pad_token_id, "SEQ_CLS")
 
     def accuracy(prediction):
         return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
@@ -326,16 +357,7 @@ def run_trainer(args, paths, seed: int, out: Path) -> list[dict]:
         per_device_eval_batch_size=64, logging_strategy="no", disable_tqdm=True)
     trainer = Trainer(model_init=model_init, args=training_args, train_dataset=encode(train), eval_dataset=encode(dev),
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
-    storage = f"sqlite:///{out.parent}/trainer-{seed}.db"
-    trainer.hyperparameter_search(
-        hp_space=hp_space, compute_objective=lambda m: m["eval_accuracy"], n_trials=args.budget // args.max_steps,
-        direction="maximize", backend="optuna", sampler=optuna.samplers.TPESampler(seed=seed),
-        storage=storage, study_name=f"trainer-{seed}", load_if_exists=False)
-    study = optuna.load_study(study_name=f"trainer-{seed}", storage=storage)
-    return [{"end": t.datetime_complete.timestamp(),
-             "steps": max(t.intermediate_values, default=0) if t.state != optuna.trial.TrialState.COMPLETE else args.max_steps,
-             "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else None}
-            for t in study.trials if t.datetime_complete is not None]
+    return trainer_search(trainer, hp_space, "eval_accuracy", args, seed, out)
 
 
 class DefineByRun:

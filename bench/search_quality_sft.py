@@ -78,14 +78,12 @@ def run_trainer(args, paths: dict, seed: int, out: Path) -> list[dict]:
     (eval_exact_match). The rows are hpo's (:func:`hpo.train.sft.datasets`); see the module doc
     for what differs. Returns each finished trial's end time, steps and value (None unless it
     ran all ``max_steps``)."""
-    import optuna
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from hpo import space as spaces
     from hpo.train import models, sft
-    from hpo.train.recipe import PARAM_NAMES, TrainJob, TrainParams
+    from hpo.train.recipe import TrainJob
 
     # one thread, as each trial of hpo and Ray Tune has: two on a loaded 2-core machine spent 5x the CPU
     # per step (20 s against hpo's 4 at batch 4, load average 30-40), spinning while they waited for each other
@@ -104,24 +102,12 @@ def run_trainer(args, paths: dict, seed: int, out: Path) -> list[dict]:
     def collate(examples: list[sft.Example]) -> dict:
         return sft.collate(sft.SftSet(examples, tokenizer.pad_token_id), range(len(examples)))
 
-    def model_init(trial):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                     attn_implementation=job.sweep.attn_implementation)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        # Trainer calls model_init before hp_space: space() samples here (the live trial keeps its choices,
-        # so hp_space gets the same), else every trial's LoRA would be the defaults
-        chosen = spaces.call_space(loaded, trial) if trial is not None else {}
-        p = TrainParams(**{k: v for k, v in chosen.items() if k in PARAM_NAMES})
-        config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=int(p.lora_r), lora_alpha=p.lora_alpha,
-                            lora_dropout=p.lora_dropout,
-                            target_modules=list(p.target_modules) if p.target_modules else None)
-        return get_peft_model(model, config)
+    from search_quality import trainer_hooks, trainer_search  # the Trainer way's hooks, as for classification
 
-    def hp_space(trial):  # what TrainingArguments does not know (the LoRA settings), model_init reads
-        params = spaces.call_space(loaded, trial)
-        params["per_device_train_batch_size"] = int(params.pop("batch_size"))
-        return params
+    model_init, hp_space = trainer_hooks(
+        loaded, lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                            attn_implementation=job.sweep.attn_implementation),
+        tokenizer.pad_token_id, "CAUSAL_LM")
 
     class GenerationTrainer(Trainer):
         """Trainer whose evaluation adds the generation score: hpo's greedy answers to the first
@@ -144,14 +130,4 @@ def run_trainer(args, paths: dict, seed: int, out: Path) -> list[dict]:
         logging_strategy="no", disable_tqdm=True)
     trainer = GenerationTrainer(model_init=model_init, args=training_args, train_dataset=train_set.examples,
                                 eval_dataset=eval_set.examples, data_collator=collate)
-    storage = f"sqlite:///{out.parent}/trainer-{seed}.db"
-    metric = paths["metric"]
-    trainer.hyperparameter_search(
-        hp_space=hp_space, compute_objective=lambda m: m[metric], n_trials=args.budget // args.max_steps,
-        direction="maximize", backend="optuna", sampler=optuna.samplers.TPESampler(seed=seed),
-        storage=storage, study_name=f"trainer-{seed}", load_if_exists=False)
-    study = optuna.load_study(study_name=f"trainer-{seed}", storage=storage)
-    return [{"end": t.datetime_complete.timestamp(),
-             "steps": max(t.intermediate_values, default=0) if t.state != optuna.trial.TrialState.COMPLETE else args.max_steps,
-             "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else None}
-            for t in study.trials if t.datetime_complete is not None]
+    return trainer_search(trainer, hp_space, paths["metric"], args, seed, out)
