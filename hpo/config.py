@@ -1,8 +1,8 @@
 """The typed sweep config: its fields, defaults and validation, and its local paths made absolute.
 
 A search-space module declares ``sweep = hpo.Sweep(...)``; the command line may then
-override any field with ``--set KEY=VALUE`` (:mod:`hpo.overrides`). Every check names the field and
-how to fix it, so :class:`HpoError` messages can be shown to the user as they are.
+override any field with ``--set KEY=VALUE`` (:mod:`hpo.overrides`). Each field is checked when a
+``Sweep`` is built (:mod:`hpo.config_checks`: the field, what is wrong and how to fix it).
 """
 
 from __future__ import annotations
@@ -206,180 +206,10 @@ class Sweep:
         object.__setattr__(self, "metric", metric)
         if self.direction is None and metric in KNOWN_DIRECTIONS:
             object.__setattr__(self, "direction", KNOWN_DIRECTIONS[metric])
-        for problem in self._problems():
+        from hpo.config_checks import problems
+
+        for problem in problems(self):
             raise HpoError(problem)
-
-    def _problems(self) -> typing.Iterator[str]:
-        if self.task not in TASKS:
-            yield _bad("task", self.task, f"must be one of {', '.join(TASKS)}")
-        if self.is_multi_objective:
-            yield from self._objectives_problems()
-        elif self.direction not in DIRECTIONS:
-            yield _bad(
-                "direction", self.direction,
-                f"must be maximize or minimize (needed for the metric {self.metric!r})",
-            )
-        if not self.model:
-            yield _bad("model", self.model, "must name a Hugging Face model id or a local folder")
-        if self.objective not in OBJECTIVES:
-            yield _bad("objective", self.objective, f"must be one of {', '.join(OBJECTIVES)}")
-        yield from self._prune_problems()
-        if self.pruner not in PRUNERS:
-            yield _bad("pruner", self.pruner, f"must be one of {', '.join(PRUNERS)}")
-        if self.sampler not in SAMPLERS:
-            yield _bad("sampler", self.sampler, f"must be one of {', '.join(SAMPLERS)}")
-        for name in ("trials", "max_steps", "eval_every", "max_length", "eval_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                yield _bad(name, value, "must be a whole number of at least 1")
-        if isinstance(self.eval_every, int) and isinstance(self.max_steps, int):
-            if self.eval_every > self.max_steps:
-                yield _bad("eval_every", self.eval_every, f"must not exceed max_steps={self.max_steps}")
-        if not isinstance(self.generation_examples, int) or self.generation_examples < 0:
-            yield _bad("generation_examples", self.generation_examples, "must be a whole number of at least 0")
-        if {"eval_exact_match", "eval_score"} & set(self.metrics) and self.generation_examples == 0:
-            yield _bad("generation_examples", 0, f"leaves nothing to compute metric={self.metric} from; set it above 0")
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
-            yield _bad("max_new_tokens", self.max_new_tokens, "must be a whole number of at least 1")
-        yield from self._answer_problems()
-        for name in ("train_limit", "patience"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                yield _bad(name, value, "must be a whole number of at least 0, or none")
-        if self.concurrency is not None and (not isinstance(self.concurrency, int) or self.concurrency < 1):
-            yield _bad("concurrency", self.concurrency, "must be a whole number of at least 1, or none")
-        if self.timeout is not None and not (_finite_number(self.timeout) and self.timeout > 0):
-            yield _bad("timeout", self.timeout, "must be a positive number of seconds, or none")
-        if not (_finite_number(self.eval_fraction) and 0 < self.eval_fraction < 1):
-            yield _bad("eval_fraction", self.eval_fraction, "must lie between 0 and 1")
-        most = self.max_steps if isinstance(self.max_steps, int) else self.grace_period
-        if self.grace_period is not None and (not isinstance(self.grace_period, int) or isinstance(self.grace_period, bool)
-                                              or not 1 <= self.grace_period <= most):
-            yield _bad("grace_period", self.grace_period, f"must be a whole number of steps from 1 to max_steps="
-                       f"{self.max_steps}, or none (the evaluation nearest 20% of max_steps)")
-        if not (_finite_number(self.reduction_factor) and self.reduction_factor > 1):
-            yield _bad("reduction_factor", self.reduction_factor, "must be a number above 1")
-        if not (_finite_number(self.cpus_per_trial) and self.cpus_per_trial > 0):
-            yield _bad("cpus_per_trial", self.cpus_per_trial, "must be a positive number")
-        if not (_finite_number(self.gpus_per_trial) and self.gpus_per_trial >= 0):
-            yield _bad("gpus_per_trial", self.gpus_per_trial, "must be 0 or a positive number")
-        elif self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
-            yield _bad("gpus_per_trial", self.gpus_per_trial, "above 1 must be a whole number")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
-            # numpy (and so transformers' set_seed) takes seeds 0..2**32-1 only
-            yield _bad("seed", self.seed, f"must be a whole number from 0 to {MAX_SEED}")
-        if not isinstance(self.lr_probe, bool):
-            yield _bad("lr_probe", self.lr_probe, "must be true or false")
-        yield from self._accelerator_problems()
-        yield from _worker_problems(self)
-
-    def _answer_problems(self) -> typing.Iterator[str]:
-        """answer_format and retain_data: sft only, a valid regular expression, something generated."""
-        import re
-
-        for name in ("answer_format", "retain_data"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not isinstance(value, str) or not value:
-                yield _bad(name, value, "must be a non-empty string, or none")
-            elif self.task != "sft":
-                yield _bad(name, value, f"applies to task=sft only, not task={self.task}; remove it")
-            elif self.generation_examples == 0:
-                yield _bad(name, value, "needs generated answers to judge; set generation_examples above 0")
-        if isinstance(self.answer_format, str) and self.answer_format:
-            try:
-                re.compile(self.answer_format)
-            except re.error as error:
-                yield _bad("answer_format", self.answer_format, f"is not a valid regular expression ({error}); "
-                           "write one Python's re module reads, e.g. \\d{4}-\\d{2}-\\d{2}")
-
-    def _objectives_problems(self) -> typing.Iterator[str]:
-        """A multi-objective sweep: names, one direction per name, what needs a single objective."""
-        names = self.metrics
-        if not all(names) or len(set(names)) != len(names):
-            yield _bad("metric", self.metric, "must list distinct metric names separated by commas, "
-                       "e.g. eval_accuracy,peak_memory_mb")
-            return
-        if self.direction is None:
-            unknown = [name for name in names if name not in KNOWN_DIRECTIONS]
-            yield _bad("direction", None, f"must give one direction per metric, comma-separated (e.g. "
-                       f"{','.join(KNOWN_DIRECTIONS.get(n, 'maximize') for n in names)}): the better direction of "
-                       f"{', '.join(unknown)} is not known")
-            return
-        words = split_commas(str(self.direction))
-        if len(words) != len(names):
-            yield _bad("direction", self.direction, f"gives {len(words)} direction(s) for the {len(names)} metrics "
-                       f"{self.metric}; give one per metric, comma-separated, in the same order")
-        elif any(word not in DIRECTIONS for word in words):
-            bad = next(word for word in words if word not in DIRECTIONS)
-            yield _bad("direction", self.direction, f"has {bad!r}; each direction must be maximize or minimize")
-        if self.objective == "best":
-            yield _bad("objective", "best", "needs a single metric: a trial's best evaluation is not defined for "
-                       f"several objectives ({self.metric}); use --set objective=last")
-        if self.sampler == "cmaes":
-            yield _bad("sampler", "cmaes", f"optimizes a single objective, not {self.metric}; use tpe, random, gp "
-                       "or qmc")
-
-    def _prune_problems(self) -> typing.Iterator[str]:
-        if self.prune_metric is not None and (not isinstance(self.prune_metric, str) or not self.prune_metric):
-            yield _bad("prune_metric", self.prune_metric, "must name a metric that report records (e.g. eval_loss), "
-                       "or none for the sweep's metric")
-        elif self.prune_direction not in (None, "maximize", "minimize"):
-            yield _bad("prune_direction", self.prune_direction, "must be maximize or minimize, or none")
-        elif self.prune_metric not in (None, *self.metrics) and self.prune_direction is None \
-                and self.prune_metric not in KNOWN_DIRECTIONS:
-            yield _bad("prune_direction", None, f"must be maximize or minimize (needed for the prune_metric "
-                       f"{self.prune_metric!r}, whose better direction is not known)")
-
-    def _accelerator_problems(self) -> typing.Iterator[str]:
-        """The device/precision/memory fields; what depends on the worker's hardware is
-        checked later, on a worker (``hpo.train.accelerator.problems``)."""
-        import re
-
-        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            yield _bad("device", self.device, "must be auto, cpu, cuda, cuda:N or mps")
-        elif self.device.startswith("cuda") and self.gpus_per_trial == 0 and not self.gpus_per_worker:
-            yield _bad("device", self.device, "needs a GPU reserved for each trial: --set gpus_per_trial=1 "
-                       "(or 0.5 to share one), or --set device=auto")
-        elif self.device.startswith("cuda:") and self._placement_known() \
-                and int(self.device[5:]) >= (visible := max(1, math.ceil(self.worker_resources["GPU"]))):
-            yield _bad("device", self.device, f"is not a GPU a trial sees: Ray gives each trial worker {visible} "
-                       f"GPU(s), numbered from cuda:0 whatever their index on the machine; use --set device=cuda "
-                       "(or auto), and choose the machine's GPUs with CUDA_VISIBLE_DEVICES before `ray start`")
-        elif self.device in ("cpu", "mps") and self.quantization not in ("none", None):
-            yield _bad("quantization", self.quantization, f"needs a CUDA GPU (bitsandbytes), not device={self.device}; "
-                       "use --set quantization=none")
-        if self.precision not in PRECISIONS:
-            yield _bad("precision", self.precision, f"must be one of {', '.join(PRECISIONS)}")
-        if self.quantization not in QUANTIZATIONS:
-            yield _bad("quantization", self.quantization, f"must be one of {', '.join(QUANTIZATIONS)}")
-        for name in ("gradient_checkpointing", "packing", "group_by_length", "fused_optimizer"):
-            if not isinstance(getattr(self, name), bool):
-                yield _bad(name, getattr(self, name), "must be true or false")
-        yield from self._lean_loss_problems()
-        if not isinstance(self.attn_implementation, str) or not self.attn_implementation:
-            yield _bad("attn_implementation", self.attn_implementation, "must name an attention kernel (sdpa, eager, "
-                       "flash_attention_2, ...)")
-
-    def _lean_loss_problems(self) -> typing.Iterator[str]:
-        """What is known of ``lean_loss`` before a worker looks (whether its package imports and the
-        trial's device is a CUDA GPU: ``hpo.train.accelerator.problems``)."""
-        if self.lean_loss not in LEAN_LOSSES:
-            yield _bad("lean_loss", self.lean_loss, f"must be one of {', '.join(LEAN_LOSSES)}")
-        elif self.lean_loss != "off" and self.task == "classification":
-            yield _bad("lean_loss", self.lean_loss, "applies to a language model's output layer (task causal_lm or "
-                       "sft), not to task classification; use --set lean_loss=off")
-        elif self.lean_loss in ("liger", "cce") and self.device in ("cpu", "mps"):
-            yield _bad("lean_loss", self.lean_loss, f"runs Triton kernels on a CUDA GPU, not device={self.device}; "
-                       "use --set lean_loss=chunked (plain torch, any device)")
-
-    def _placement_known(self) -> bool:
-        """Whether the resource fields are valid enough for :attr:`worker_resources`."""
-        workers = self.workers_per_trial
-        return (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1
-                and _finite_number(self.gpus_per_trial) and _finite_number(self.cpus_per_trial)
-                and all(v is None or _finite_number(v) for v in (self.gpus_per_worker, self.cpus_per_worker)))
 
     @property
     def gpu_field(self) -> str:
@@ -455,61 +285,11 @@ LEAN_LOSSES = _choices("lean_loss")
 """See :mod:`hpo.train.lean_loss`."""
 
 
-def _worker_problems(sweep: Sweep) -> typing.Iterator[str]:
-    """workers_per_trial and the per-worker resources, and how they fit the per-trial ones.
-
-    A per-worker amount, when given, defines the trial's total (workers x amount); the
-    per-trial field must then be left at its default or agree with that total.
-    """
-    workers = sweep.workers_per_trial
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        yield _bad("workers_per_trial", workers, "must be a whole number of at least 1")
-        return
-    defaults = {"cpus_per_trial": 1.0, "gpus_per_trial": 0.0}
-    for kind in ("cpus", "gpus"):
-        per_worker, per_trial = getattr(sweep, f"{kind}_per_worker"), getattr(sweep, f"{kind}_per_trial")
-        if per_worker is None:
-            continue
-        if not (_finite_number(per_worker) and (per_worker > 0 if kind == "cpus" else per_worker >= 0)):
-            yield _bad(f"{kind}_per_worker", per_worker, "must be a positive number, or none" if kind == "cpus"
-                       else "must be 0 or a positive number, or none")
-        elif kind == "gpus" and per_worker > 1 and per_worker != int(per_worker):
-            yield _bad("gpus_per_worker", per_worker, "above 1 must be a whole number")
-        elif _finite_number(per_trial) and per_trial != defaults[f"{kind}_per_trial"] \
-                and not math.isclose(per_trial, per_worker * workers):
-            yield _bad(f"{kind}_per_trial", per_trial,
-                       f"disagrees with {kind}_per_worker={per_worker} x workers_per_trial={workers}; "
-                       f"set only one of {kind}_per_trial (the trial's total) and {kind}_per_worker")
-    if workers > 1 and sweep.gpus_per_worker is None and _finite_number(sweep.gpus_per_trial):
-        share = sweep.gpus_per_trial / workers
-        if share > 1 and share != int(share):
-            yield _bad("gpus_per_trial", sweep.gpus_per_trial,
-                       f"split over workers_per_trial={workers} gives {share:g} GPUs per worker; "
-                       "above 1 that must be a whole number (or set gpus_per_worker)")
-    per_worker = sweep.gpus_per_worker if sweep.gpus_per_worker is not None else (
-        sweep.gpus_per_trial / workers if _finite_number(sweep.gpus_per_trial) else 0)
-    if workers > 1 and _finite_number(per_worker) and 0 < per_worker < 1:
-        field = sweep.gpu_field
-        yield _bad(field, getattr(sweep, field),
-                   f"gives each of the workers_per_trial={workers} workers {per_worker:g} GPU: the ranks of one "
-                   "trial would share a GPU, which NCCL refuses ('Duplicate GPU detected'); give every worker a "
-                   f"whole GPU (--set gpus_per_trial={workers}) or train on one worker (--set workers_per_trial=1)")
-
-
-def _finite_number(value: Any) -> bool:
-    """A finite int or float (not a bool): what a numeric field may hold."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def split_commas(text: str) -> tuple[str, ...]:
     """The names of a comma-separated ``metric`` (a multi-objective sweep's), or the words of its ``direction``:
     ``"eval_accuracy, peak_memory_mb"`` -> ``("eval_accuracy", "peak_memory_mb")``. The one reading of that form,
     for a sweep (:attr:`Sweep.metrics`, :attr:`Sweep.directions`) and for what a study recorded of one."""
     return tuple(part.strip() for part in text.split(","))
-
-
-def _bad(name: str, value: Any, what: str) -> str:
-    return f"sweep field {name}={value!r} {what} (fix it in the module or with --set {name}=...)"
 
 
 def looks_like_local_path(value: str) -> bool:
