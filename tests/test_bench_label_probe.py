@@ -49,3 +49,19 @@ def test_too_many_rows_are_refused_in_one_line(tmp_path: Path) -> None:
                    cwd=tmp_path)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "bench/label_probe.py: --rows 100: " in result.stderr and "has 60 rows" in result.stderr
+
+
+def test_the_ceiling_probe_trains_on_rows_that_were_not_drawn(tmp_path: Path, tiny_bert: Path) -> None:
+    """``--probe ceiling`` trains once on clean rows apart from the planted ones and ranks the planted
+    rows with and without the quick probe's ensemble."""
+    data = _reviews(tmp_path / "mine.csv")
+    result = bench("--data", str(data), "--text-column", "review", "--label-column", "stars", "--rows", "40",
+                   "--rate", "0.1", "--seeds", "1", "--model", str(tiny_bert), "--probe", "ceiling",
+                   "--ceiling-rows", "100", "--ceiling-steps", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["probe"] for line in lines] == ["ceiling+quick", "ceiling"]
+    for line in lines:
+        assert (line["rows"], line["flipped"], line["steps"]) == (40, 4, 2)
+        assert line["trained_on"] == 18, "the 20 rows not drawn, less the 10% it stops on"
+        assert 0 <= line["precision_at_k"] <= 1 and Path(line["cached"]).is_file()

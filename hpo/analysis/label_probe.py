@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import optuna
 
     from hpo.config import Sweep
+    from hpo.train.recipe import TrainJob
 
 FOLDS = 5
 STOP_FRACTION = 0.1
@@ -53,7 +54,6 @@ def strong_probe(sweep: Sweep, params: dict[str, Any], texts: list[str], labels:
     import numpy as np
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
-    from hpo.train import training
     from hpo.train.recipe import TrainJob
 
     classes = max(labels) + 1
@@ -66,24 +66,39 @@ def strong_probe(sweep: Sweep, params: dict[str, Any], texts: list[str], labels:
             fit, stop = train_test_split(kept, test_size=max(classes, round(len(kept) * STOP_FRACTION)),
                                          random_state=seed, stratify=[labels[i] for i in kept])
             steps = max_steps or fold_steps(base.sweep.max_steps, batch, len(fit))
-            files = {name: Path(folder) / f"{name}{fold}.tsv" for name in ("train", "stop")}
-            for name, rows in (("train", fit), ("stop", stop)):
-                with files[name].open("w", newline="", encoding="utf-8") as handle:  # csv quotes what needs it
-                    writer = csv.writer(handle, delimiter="\t")
-                    writer.writerow(("label", "text"))
-                    writer.writerows((labels[i], texts[i]) for i in rows)
-            job = dataclasses.replace(base, restore_best=True, watch="eval_loss", watch_mode="min", min_steps=0)
-            job = job.with_settings(train_data=str(files["train"]), eval_data=str(files["stop"]), text_column="text",
-                                    label_column="label", train_limit=None, max_steps=steps,
-                                    eval_every=max(steps // EVALUATIONS, 1), patience=PATIENCE,
-                                    grace_period=None)  # ASHA's first rung: not past these steps
-
-            def predict(model: Any, tokenizer: Any, rows: Any = held) -> None:
-                probabilities[rows] = _predict(model, tokenizer, [texts[i] for i in rows], base.sweep.max_length,
-                                               base.sweep.eval_batch_size)[:, :classes]
-
-            training.fine_tune(job, lambda step, metrics: None, on_trained=predict)
+            probabilities[held] = fit_and_predict(
+                base, [(labels[i], texts[i]) for i in fit], [(labels[i], texts[i]) for i in stop],
+                [texts[i] for i in held], steps, Path(folder) / str(fold))[:, :classes]
     return probabilities / probabilities.sum(1, keepdims=True)
+
+
+def fit_and_predict(base: TrainJob, train: list[tuple[int, str]], stop: list[tuple[int, str]], texts: list[str],
+                    steps: int, folder: Path) -> Any:
+    """One run of the recipe with ``base``'s params on the ``(label, text)`` rows of ``train``, for
+    ``steps`` steps, evaluated ``EVALUATIONS`` times on ``stop`` and ended after ``PATIENCE``
+    evaluations without a lower loss there; returns the class probabilities its best weights give
+    ``texts``, shape (len(texts), the model's classes). ``folder`` takes the rows' files."""
+    from hpo.train import training
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {name: folder / f"{name}.tsv" for name in ("train", "stop")}
+    for name, rows in (("train", train), ("stop", stop)):
+        with files[name].open("w", newline="", encoding="utf-8") as handle:  # csv quotes what needs it
+            writer = csv.writer(handle, delimiter="\t")
+            writer.writerow(("label", "text"))
+            writer.writerows(rows)
+    job = dataclasses.replace(base, restore_best=True, watch="eval_loss", watch_mode="min", min_steps=0)
+    job = job.with_settings(train_data=str(files["train"]), eval_data=str(files["stop"]), text_column="text",
+                            label_column="label", train_limit=None, max_steps=steps,
+                            eval_every=max(steps // EVALUATIONS, 1), patience=PATIENCE,
+                            grace_period=None)  # ASHA's first rung: not past these steps
+    out: list[Any] = []
+
+    def predict(model: Any, tokenizer: Any) -> None:
+        out.append(_predict(model, tokenizer, texts, base.sweep.max_length, base.sweep.eval_batch_size))
+
+    training.fine_tune(job, lambda step, metrics: None, on_trained=predict)
+    return out[0]
 
 
 def fold_steps(max_steps: int, batch_size: int, rows: int) -> int:
