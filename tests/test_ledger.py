@@ -214,6 +214,31 @@ class TestLedgerOnEveryStorage:
         assert rerun.state == TrialState.FAIL and rerun.user_attrs["reason"] == "superseded"
         assert sum(counts_towards_target(t) for t in trials.values()) == 1, "the config counts once"
 
+    def test_a_claim_records_config_driver_and_heartbeat_and_attrs_are_written_all_or_none(
+            self, storage_url: str) -> None:
+        """The claim writes the config, the driver and the first heartbeat in one transaction, and
+        a trial's attrs go in together or not at all: a value the study cannot store (a set) leaves
+        none of its batch behind, and the same attrs can be written once it is fixed."""
+        ledger = new_ledger(storage_url, create=True)
+        asked = ledger.claim()
+        trial = ledger.study.get_trials(deepcopy=False)[asked.number]
+        assert trial.user_attrs["config"] == asked.params
+        assert trial.system_attrs[DRIVER_ATTR] == ledger.driver
+        engine = sqlalchemy.create_engine(storage_url)
+        with engine.connect() as connection:
+            beats = connection.execute(sqlalchemy.text("SELECT COUNT(*) FROM trial_heartbeats WHERE trial_id = :id"),
+                                       {"id": trial._trial_id}).scalar_one()
+        engine.dispose()
+        assert beats == 1
+        with pytest.raises(TypeError):
+            ledger.set_attrs(asked.number, {"device": "cpu", "tags": {"a", "b"}})
+        assert "device" not in ledger.study.get_trials(deepcopy=False)[asked.number].user_attrs
+        ledger.set_attrs(asked.number, {"device": "cpu", "tags": ["a", "b"]})
+        ledger.tell(asked.number, TrialState.COMPLETE, 0.5, attrs={"last_step": 3})
+        trial = ledger.study.get_trials(deepcopy=False)[asked.number]
+        assert (trial.state, trial.user_attrs["device"], trial.user_attrs["tags"], trial.user_attrs["last_step"]) == \
+            (TrialState.COMPLETE, "cpu", ["a", "b"], 3)
+
     def test_interrupted_reruns_are_bounded(self, storage_url: str) -> None:
         ledger = new_ledger(storage_url, target=1, create=True)
         told = []

@@ -52,6 +52,7 @@ from hpo.record.optuna_access import (
     study_id,
     tell_without_readback,
     trial_id,
+    write_trial_attrs,
 )
 from hpo.record.stores import retry_transient, retry_when_locked
 from hpo.record.study import GRACE_PERIOD, HEARTBEAT_INTERVAL
@@ -171,19 +172,19 @@ class Ledger:
                    if counts_towards_target(t) or t.state == TrialState.RUNNING)
 
     def _ask(self) -> AskedTrial:
-        """Ask, record the driver and a heartbeat, sample ``space``, store the config. Any
-        error on the way fails the trial (reason ``space`` when ``space`` raised, else
-        ``claim``, which does not count) and is raised: a claim never leaves a RUNNING trial."""
+        """Ask, sample ``space``, then record the config, the driver and a first heartbeat in one
+        transaction (all under the study lock, so no reclaimer sees the trial half-claimed; a
+        claimer that dies before that write leaves a trial without a heartbeat, which a reclaim
+        fails). Any error on the way fails the trial (reason ``space`` when ``space`` raised,
+        else ``claim``, which does not count) and is raised: a claim never leaves a RUNNING trial."""
         trial = self.study.ask()
-        storage = storage_of(self.study)
-        step = "claim"
+        step = "space"
         try:
-            _write(lambda: storage.set_trial_system_attr(trial_id(trial), DRIVER_ATTR, self.driver))
-            self.heartbeat(trial)
-            step = "space"
             params = self.space(trial)
             step = "claim"
-            trial.set_user_attr(CONFIG_ATTR, {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()})
+            config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
+            _write(partial(write_trial_attrs, self.study, trial_id(trial), {CONFIG_ATTR: config},
+                           {DRIVER_ATTR: self.driver}, heartbeat=self._beating()))
         except Exception as error:
             self._fail_claim(trial, step, error)
             raise
@@ -192,6 +193,11 @@ class Ledger:
         if self.heartbeats is not None:
             self.heartbeats.add(trial_id(trial))
         return asked
+
+    def _beating(self) -> bool:
+        """Whether the study's storage keeps heartbeats (an RDB storage with an interval)."""
+        storage = storage_of(self.study)
+        return isinstance(storage, BaseHeartbeat) and bool(storage.get_heartbeat_interval())
 
     def _fail_claim(self, trial: optuna.Trial, reason: str, error: Exception) -> None:
         """FAIL a trial whose claim went wrong; if even that fails, a later reclaim does it."""
@@ -205,12 +211,6 @@ class Ledger:
             self.abandoned.add(trial.number)
 
     # while running ------------------------------------------------------------------
-    def heartbeat(self, trial: optuna.Trial) -> None:
-        """One heartbeat now (at ask; the :class:`Heartbeats` thread keeps it fresh)."""
-        storage = storage_of(self.study)
-        if isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval():
-            _write(lambda: storage.record_heartbeat(trial_id(trial)))
-
     def record_intermediate(self, number: int, step: int, value: float) -> None:
         """Record the objective at ``step`` as the trial's intermediate value (once per step; NaN and inf are kept as they are)."""
         asked = self.running[number]
@@ -221,15 +221,16 @@ class Ledger:
             except UpdateFinishedTrialError:
                 pass  # failed by a reclaimer meanwhile: the value is kept here for tell (see _keep_late)
 
-    def set_attr(self, number: int, key: str, value: Any) -> None:
-        """A user attr on a running trial, written only when it changes."""
+    def set_attrs(self, number: int, attrs: dict[str, Any]) -> None:
+        """User attrs on a running trial, those that changed, in one write."""
         asked = self.running[number]
-        if asked.attrs.get(key) != value:
-            asked.attrs[key] = value
+        changed = {key: value for key, value in attrs.items() if asked.attrs.get(key) != value}
+        if changed:
             try:
-                _write(lambda: asked.trial.set_user_attr(key, value))
+                _write(partial(write_trial_attrs, self.study, trial_id(asked.trial), changed))
             except UpdateFinishedTrialError:
                 pass  # failed by a reclaimer meanwhile: tell keeps the attrs with the result
+            asked.attrs.update(changed)
 
     def close(self) -> None:
         """Stop the heartbeat thread (after the last trial ended)."""
@@ -266,9 +267,8 @@ class Ledger:
         values = {**(attrs or {}), "reason": reason, "error": error[:4000] if error else None,
                   "retried": True if again and reason not in RERUN else None}
         try:
-            for key, attr in values.items():
-                if attr is not None:
-                    _write(partial(trial.set_user_attr, key, attr))
+            _write(partial(write_trial_attrs, self.study, trial_id(trial),
+                           {key: attr for key, attr in values.items() if attr is not None}))
             if state == TrialState.COMPLETE:
                 _write(lambda: tell_without_readback(self.study, trial, _objective(value)))
             else:

@@ -17,7 +17,7 @@ import enum
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from optuna.trial import TrialState
@@ -45,6 +45,8 @@ class Outcome:
     """The exception's class and message, for ``fail``."""
     step: int | None = None
     """The step at which the trial was stopped early (``pruned``, or ``early_stopped``)."""
+    attrs: dict[str, Any] = field(default_factory=dict)
+    """User attrs recorded with the end, in the same write (the resources the trial held)."""
 
 
 class NoTrial(enum.Enum):
@@ -212,12 +214,9 @@ class Recorder:
         if value is not None and len(self.metrics) == 1:
             self.ledger.record_intermediate(number, step, value)
             self._note_best(number, step, value)
-        for key in self.ATTRS:
-            if key in metrics:
-                self.ledger.set_attr(number, key, int(metrics[key]))
-        for key in self.SECONDS_ATTRS:
-            if key in metrics:
-                self.ledger.set_attr(number, key, round(float(metrics[key]), 4))
+        self.ledger.set_attrs(number, {**{key: int(metrics[key]) for key in self.ATTRS if key in metrics},
+                                       **{key: round(float(metrics[key]), 4) for key in self.SECONDS_ATTRS
+                                          if key in metrics}})
         self.tracker.log_metrics(number, step, metrics)
         self.display.trial_result(number, step, value)
 
@@ -233,8 +232,7 @@ class Recorder:
         (:func:`~hpo.record.mirror.run_params`: what ``space()`` returned and the job come first)."""
         if number not in self.ledger.running:
             return
-        for key, value in info.items():
-            self.ledger.set_attr(number, key, value)
+        self.ledger.set_attrs(number, info)
         logged = self._logged.setdefault(number, set())
         self.tracker.log_trial_params(number, {k: v for k, v in info.items() if k not in logged})
         logged.update(info)
@@ -260,7 +258,7 @@ class Recorder:
             value = [last.get(metric) for metric in self.metrics] if kind == "complete" else None
         self._logged.pop(number, None)
         steps = self._steps.get(number)
-        attrs: dict[str, Any] = {"last_step": steps} if steps else {}
+        attrs: dict[str, Any] = {**outcome.attrs, **({"last_step": steps} if steps else {})}
         best = self.best.pop(number, None)
         if kind == "complete" and self.objective == "best" and best is not None:
             value, attrs["best_step"] = best

@@ -40,6 +40,7 @@ node can run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -195,16 +196,13 @@ class OptunaBridge(Searcher):
         if result:
             self._info(number, result)  # Tune skips on_trial_result for the result it stops on
         try:
-            _note_held(self.held, trial_id, result or {})
-            if trial_id in self.held:
-                self.recorder.ledger.set_attr(number, "resources", self.held.pop(trial_id))
-        except Exception:  # noqa: BLE001 - a missing record of resources must not block the end
-            logger.exception("hpo: recording the resources of trial %s failed", number)
-        try:
             outcome = self._outcome(trial_id, number, result, error)
         except Exception as problem:  # noqa: BLE001 - never leave a trial RUNNING
             logger.exception("hpo: deciding the end of trial %s failed", number)
             outcome = Outcome("fail", reason="error", error=f"hpo internal error: {problem}")
+        _note_held(self.held, trial_id, result or {})
+        if trial_id in self.held:  # recorded with the end, in the same write
+            outcome = dataclasses.replace(outcome, attrs={**outcome.attrs, "resources": self.held.pop(trial_id)})
         try:
             self.recorder.on_end(number, outcome)
         except Exception:  # noqa: BLE001 - Tune only logs it; the trial is reclaimed and re-queued
