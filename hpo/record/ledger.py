@@ -45,7 +45,6 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.record.liveness import Heartbeats, driver_id, driver_is_dead, known_alive
 from hpo.record.locks import StudyLock
 from hpo.record.optuna_access import (
-    BaseHeartbeat,
     backend_of,
     stale_trial_ids,
     storage_of,
@@ -184,7 +183,7 @@ class Ledger:
             step = "claim"
             config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
             _write(partial(write_trial_attrs, self.study, trial_id(trial), {CONFIG_ATTR: config},
-                           {DRIVER_ATTR: self.driver}, heartbeat=self._beating()))
+                           {DRIVER_ATTR: self.driver}, heartbeat=self.heartbeats is not None))
         except Exception as error:
             self._fail_claim(trial, step, error)
             raise
@@ -193,11 +192,6 @@ class Ledger:
         if self.heartbeats is not None:
             self.heartbeats.add(trial_id(trial))
         return asked
-
-    def _beating(self) -> bool:
-        """Whether the study's storage keeps heartbeats (an RDB storage with an interval)."""
-        storage = storage_of(self.study)
-        return isinstance(storage, BaseHeartbeat) and bool(storage.get_heartbeat_interval())
 
     def _fail_claim(self, trial: optuna.Trial, reason: str, error: Exception) -> None:
         """FAIL a trial whose claim went wrong; if even that fails, a later reclaim does it."""

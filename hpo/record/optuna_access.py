@@ -8,8 +8,7 @@ its public calls do more than hpo can afford. Where hpo needs either, it comes h
 * the study's storage and id, for study system attrs (``hpo:runs``, warm start's done mark)
   and the one-query trial count on the database (:func:`hpo.record.ledger.count_taken`);
 * the storage behind Optuna's cache wrapper (its URL and SQLAlchemy engine: the study lock);
-* the trials whose heartbeat is stale, by Optuna's own query, without failing them, and the
-  class a storage with heartbeats is (``BaseHeartbeat``, which Optuna exports under no public name);
+* the trials whose heartbeat is stale, by Optuna's own query, without failing them;
 * a trial's attrs (user and system) and its first heartbeat written in one transaction, where
   Optuna commits each on its own (:func:`write_trial_attrs`);
 * ``tell`` without reading the trial back (``Study.tell`` returns a FrozenTrial hpo never uses:
@@ -34,10 +33,9 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
-from optuna.storages._heartbeat import BaseHeartbeat  # what record_heartbeat belongs to (no public name)
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["BaseHeartbeat", "StudyView", "backend_of", "cached_trials", "contains", "stale_trial_ids", "storage_of",
+__all__ = ["StudyView", "backend_of", "cached_trials", "contains", "stale_trial_ids", "storage_of",
            "study_id", "tell_without_readback", "trial_id", "write_trial_attrs"]
 
 
