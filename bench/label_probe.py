@@ -39,6 +39,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -140,8 +141,7 @@ def main() -> None:
             from hpo.analysis.label_probe import strong_probe
             from hpo.config import Sweep
 
-            sweep = Sweep(model=args.model, task="classification", max_length=args.max_length, max_steps=args.max_steps,
-                          eval_every=args.max_steps)
+            sweep = probe_sweep(args)
             key = hashlib.sha256(json.dumps([args.data, args.rows, args.rate, args.model, params, args.max_steps,
                                              args.max_length], sort_keys=True).encode()).hexdigest()[:10]
             cached = work / f"strong-{seed}-{key}.npy"
@@ -168,6 +168,14 @@ def main() -> None:
             ceiling(args, pairs, picked, planted, flipped, params, seed, work)
 
 
+def probe_sweep(args: argparse.Namespace) -> Any:
+    """The sweep the strong and ceiling probes train under: ``--model``, ``--max-length``, ``--max-steps``."""
+    from hpo.config import Sweep
+
+    return Sweep(model=args.model, task="classification", max_length=args.max_length, max_steps=args.max_steps,
+                 eval_every=args.max_steps)
+
+
 def ceiling(args: argparse.Namespace, pairs: list[tuple[str, int]], picked: list[int], planted: Path,
             flipped: set[int], params: dict, seed: int, work: Path) -> None:
     """What the strong probe could reach at best with this model and config: one run of the same
@@ -178,8 +186,7 @@ def ceiling(args: argparse.Namespace, pairs: list[tuple[str, int]], picked: list
     from sklearn.model_selection import train_test_split
 
     from hpo.analysis.label_issues import check_labels
-    from hpo.analysis.label_probe import EPOCHS, STOP_FRACTION, fit_and_predict
-    from hpo.config import Sweep
+    from hpo.analysis.label_probe import STOP_FRACTION, fit_and_predict, fold_steps
     from hpo.train.recipe import TrainJob
 
     drawn = set(picked)
@@ -187,9 +194,8 @@ def ceiling(args: argparse.Namespace, pairs: list[tuple[str, int]], picked: list
     random.Random(seed).shuffle(others)
     rows = [(label, text) for text, label in others[:args.ceiling_rows]]
     fit, stop = train_test_split(rows, test_size=STOP_FRACTION, random_state=seed, stratify=[r[0] for r in rows])
-    sweep = Sweep(model=args.model, task="classification", max_length=args.max_length, max_steps=args.max_steps,
-                  eval_every=args.max_steps)
-    steps = args.ceiling_steps or max(args.max_steps, -(-EPOCHS * len(fit) // int(params.get("batch_size", 16))))
+    sweep = probe_sweep(args)
+    steps = args.ceiling_steps or fold_steps(args.max_steps, int(params.get("batch_size", 16)), len(fit))
     key = hashlib.sha256(json.dumps([args.data, args.rows, args.rate, args.model, params, steps, args.max_length,
                                      args.ceiling_rows], sort_keys=True).encode()).hexdigest()[:10]
     cached = work / f"ceiling-{seed}-{key}.npy"
