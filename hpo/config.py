@@ -126,8 +126,8 @@ class Sweep:
     lr_probe: bool = False
     """Before the study's first trial, a learning-rate range test (Smith 2017, read as fastai's ``lr_find``
     reads it): one short run of the space's centre config on the base model with the rate rising
-    exponentially; ``learning_rate``'s range becomes the decade around where the loss fell fastest, within
-    the module's own range (the outer bound; the module is not edited). The study records what it chose and
+    exponentially; ``learning_rate``'s range becomes the decade around where the loss fell fastest, cut to
+    the module's own range (the outer bound; the module is not edited; at least half a decade). The study records what it chose and
     why (user attr ``lr_probe``; the parent MLflow run too), and a resumed study reuses that. For the
     built-in recipe with ``learning_rate`` drawn by ``trial.suggest_float``; costs about one trial. Off by
     default. See :mod:`hpo.train.lr_probe`."""

@@ -65,9 +65,13 @@ Why these ranges (published LoRA results, not guesses):
   (0.008) for 57% more steps, still worse than ASHA from step 20.
 * ``lr_probe`` stays off here (``--set lr_probe=true`` turns it on): this range was chosen for
   every model this module may be run with. On SST-2 with this model and 120 steps the probe
-  moved it to 5e-4..5e-3 (where the loss fell fastest: 4.5e-3), and of the same 12 configs 10
-  instead of 5 passed 0.6 accuracy (median 0.778 against 0.517, best 0.819 against 0.822); it
-  costs about one trial's steps.
+  moved it to 5e-4..5e-3 (where the loss fell fastest: 4.5e-3; the part of that decade inside
+  this range, 1.4e-3..5e-3, since hpo.train.lr_probe stopped shifting a whole decade inside),
+  and of the same 12 configs 10 instead of 5 passed 0.6 accuracy (median 0.778 against 0.517,
+  best 0.819 against 0.822). It costs 100 optimizer steps, a fifth of bench/search_quality.py's
+  480, and there it did not pay on SST-2 (median best 0.797 with it, 0.799 without, 3 seeds)
+  while it gained two validation examples on the 400 reviews (0.883 against 0.867): not enough to
+  spend on every run of this module by default.
 """
 
 import hpo

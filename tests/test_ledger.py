@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from hpo.record.ledger import DRIVER_ATTR, Ledger, StudyLock, counts_towards_target
 from hpo.record.liveness import driver_id, driver_is_dead, known_alive
 from hpo.record.locks import StudyLockTimeout
+from hpo.record.optuna_access import write_trial_attrs
 from hpo.record.study import open_storage
 from tests.conftest import hpo_env
 
@@ -233,11 +234,15 @@ class TestLedgerOnEveryStorage:
         with pytest.raises(TypeError):
             ledger.set_attrs(asked.number, {"device": "cpu", "tags": {"a", "b"}})
         assert "device" not in ledger.study.get_trials(deepcopy=False)[asked.number].user_attrs
-        ledger.set_attrs(asked.number, {"device": "cpu", "tags": ["a", "b"]})
+        ledger.set_attrs(asked.number, {"device": "cuda", "tags": ["a", "b"]})
+        ledger.set_attrs(asked.number, {"device": "cpu"})  # a key written again is replaced
         ledger.tell(asked.number, TrialState.COMPLETE, 0.5, attrs={"last_step": 3})
         trial = ledger.study.get_trials(deepcopy=False)[asked.number]
         assert (trial.state, trial.user_attrs["device"], trial.user_attrs["tags"], trial.user_attrs["last_step"]) == \
             (TrialState.COMPLETE, "cpu", ["a", "b"], 3)
+        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # Optuna's own check
+            write_trial_attrs(ledger.study, trial._trial_id, {"late": 1}, {"late": 2})
+        assert "late" not in ledger.study.get_trials(deepcopy=False)[asked.number].user_attrs
 
     def test_interrupted_reruns_are_bounded(self, storage_url: str) -> None:
         ledger = new_ledger(storage_url, target=1, create=True)

@@ -35,11 +35,13 @@ def falling_at(centre: float, outer: tuple[float, float] = OUTER) -> Curve:
 
 @pytest.mark.parametrize(("centre", "expected"), [
     (1e-3, (10**-3.5, 10**-2.5)),  # inside: the decade centred on it
-    (2e-4, (1e-4, 1e-3)),  # near the low end: the module's lowest decade
-    (2e-2, (5e-4, 5e-3)),  # above the module's range: its top decade
-    (3e-5, (1e-4, 1e-3)),  # below it: its lowest decade
+    (2e-4, (1e-4, 2e-4 * 10**0.5)),  # near the low end: the part of that decade inside the module's range
+    (4.5e-3, (4.5e-3 / 10**0.5, 5e-3)),  # near the top (SST-2's): not shifted down to a whole decade
+    (6.9e-3, (5e-3 / 10**0.5, 5e-3)),  # just above: less than half a decade inside, the top half decade
+    (2e-2, (5e-3 / 10**0.5, 5e-3)),  # well above the module's range: its top half decade
+    (3e-5, (1e-4, 10**-3.5)),  # below it: its lowest half decade
 ])
-def test_the_range_is_the_decade_where_the_loss_falls_fastest_within_the_modules(
+def test_the_range_is_the_decade_where_the_loss_falls_fastest_cut_to_the_modules(
         centre: float, expected: tuple[float, float]) -> None:
     choice = choose(falling_at(centre), OUTER)
     assert OUTER[0] <= choice.low < choice.high <= OUTER[1]
