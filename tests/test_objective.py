@@ -145,6 +145,7 @@ def test_a_trial_is_worth_its_best_or_last_evaluation(tmp_path: Path, tracking_u
         bridge.on_trial_complete("b", result={"step": 3, "score": curve[3]})
     finally:
         ledger.close()
+        tracker.flush(final=True)  # the runs are written by the tracker's own thread: wait for them before reading
     trials = study.get_trials()
     done, stopped = trials[complete], trials[pruned]
     assert done.state == TrialState.COMPLETE and done.intermediate_values == pytest.approx(curve)
