@@ -45,7 +45,8 @@ the way first held a finished trial at or above the target.
 The fields that define the task (model, data, seed, steps) are the bench's and are refused here.
 With ``lr_probe=true`` the range test's optimizer steps count in hpo's budget, before its first
 trial's: the steps its recorded curve holds (plus one when it stopped on divergence, which may
-have ended on a step it did not record), :data:`hpo.train.lr_probe.STEPS` if it recorded none.
+have ended on a step it did not record), all its planned steps (:func:`hpo.train.lr_probe.steps_for`:
+one trial's) if it recorded none.
 
 **Your own data.** ``--train PATH --dev PATH`` (TSV, CSV or JSONL, read by hpo's own loader as a
 search-space module's ``train_data``/``eval_data`` are: the text and integer label columns
@@ -221,7 +222,7 @@ def run_hpo(args, paths, seed: int, out: Path) -> dict:
             study = optuna.load_study(study_name=f"sq-{seed}", storage=storage)
         except KeyError:  # the study is not created yet
             continue
-        spent = probe_steps(study) + sum(studies.last_step(t) or 0 for t in study.get_trials(deepcopy=False)
+        spent = probe_steps(study, args.max_steps) + sum(studies.last_step(t) or 0 for t in study.get_trials(deepcopy=False)
                                          if t.state.is_finished())
         if spent >= args.budget:
             stopped = True
@@ -245,23 +246,23 @@ def run_hpo(args, paths, seed: int, out: Path) -> dict:
     done = [t for t in study.trials if t.datetime_complete is not None]
     rows = [{"end": t.datetime_complete.timestamp(), "steps": studies.last_step(t) or 0,
              "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else None} for t in done]
-    probe = probe_steps(study)
+    probe = probe_steps(study, args.max_steps)
     if probe:  # it ran before the first trial began: first in finishing order
         first = min((t.datetime_start.timestamp() for t in study.trials if t.datetime_start is not None), default=0.0)
         rows.append({"end": first - 1e-3, "steps": probe, "value": None, "probe": True})
     return rows
 
 
-def probe_steps(study) -> int:
+def probe_steps(study, max_steps: int) -> int:
     """Optimizer steps the study's lr probe (``lr_probe=true``) spent, 0 without one: see the module's docstring."""
-    from hpo.train.lr_probe import STEPS
+    from hpo.train.lr_probe import steps_for
 
     recorded = study.user_attrs.get("lr_probe")
     if not recorded:
         return 0
     curve = recorded.get("curve")
     if not curve or not curve.get("lrs"):
-        return STEPS
+        return steps_for(max_steps)
     return len(curve["lrs"]) + (1 if curve.get("stopped") == "diverged" else 0)
 
 

@@ -129,8 +129,8 @@ class Sweep:
     exponentially; ``learning_rate``'s range becomes the decade around where the loss fell fastest, cut to
     the module's own range (the outer bound; the module is not edited; at least half a decade). The study records what it chose and
     why (user attr ``lr_probe``; the parent MLflow run too), and a resumed study reuses that. For the
-    built-in recipe with ``learning_rate`` drawn by ``trial.suggest_float``; costs about one trial. Off by
-    default. See :mod:`hpo.train.lr_probe`."""
+    built-in recipe with ``learning_rate`` drawn by ``trial.suggest_float``; costs at most one trial (as many
+    steps as one, up to 100). Off by default (``search_spaces/lora.py`` turns it on). See :mod:`hpo.train.lr_probe`."""
     cpus_per_trial: float = 1.0
     """CPUs Ray reserves for each trial (torch uses that many threads)."""
     gpus_per_trial: float = 0.0

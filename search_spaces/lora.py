@@ -63,15 +63,17 @@ Why these ranges (published LoRA results, not guesses):
   20, 0.66 at 30, above 0.9 from 50). Hyperband's extra brackets (judging trials later) cost
   26-32% more steps at rung 20 with nothing left to gain, and at rung 10 halved the regret
   (0.008) for 57% more steps, still worse than ASHA from step 20.
-* ``lr_probe`` stays off here (``--set lr_probe=true`` turns it on): this range was chosen for
-  every model this module may be run with. On SST-2 with this model and 120 steps the probe
-  moved it to 5e-4..5e-3 (where the loss fell fastest: 4.5e-3; the part of that decade inside
-  this range, 1.4e-3..5e-3, since hpo.train.lr_probe stopped shifting a whole decade inside),
-  and of the same 12 configs 10 instead of 5 passed 0.6 accuracy (median 0.778 against 0.517,
-  best 0.819 against 0.822). It costs 100 optimizer steps, a fifth of bench/search_quality.py's
-  480, and there it did not pay on SST-2 (median best 0.797 with it, 0.799 without, 3 seeds)
-  while it gained two validation examples on the 400 reviews (0.883 against 0.867): not enough to
-  spend on every run of this module by default.
+* ``lr_probe`` on (``--set lr_probe=false`` turns it off): before the first trial, a learning-rate
+  range test of one trial's steps (hpo.train.lr_probe) narrows the range above to the part of the
+  decade where this model's loss falls fastest on your data. The range above is a prior for every
+  model and dataset this module may be run with; on SST-2 and the 400 reviews, with this model and
+  60-step trials, the loss fell fastest at or above its top (4.5e-3 to 2e-2), and the probe kept
+  1.4-1.6e-3..5e-3: in bench/fidelity.py 10 of the same 12 configs instead of 5 passed 0.6 accuracy
+  in 120 SST-2 steps (median 0.778 against 0.517). In bench/search_quality.py (480 steps, 3 seeds,
+  the probe's steps counted) the probe of one trial's 60 steps gave a median best of 0.892 on the
+  reviews against 0.867 without it (Ray Tune 0.883, Trainer 0.858), and 0.797 on SST-2 against
+  0.799 (Trainer 0.751, Ray Tune 0.694); the earlier 100-step probe gave 0.883 and 0.797 with 40
+  steps less for the trials (docs/benchmarks.md). A study begun without it goes on without it.
 """
 
 import hpo
@@ -91,6 +93,7 @@ sweep = hpo.Sweep(
     pruner="asha",
     sampler="tpe-qmc",
     seed=0,
+    lr_probe=True,
     cpus_per_trial=1,
     gpus_per_trial=0,
 )

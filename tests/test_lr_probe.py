@@ -3,6 +3,7 @@ refusals, and a probed sweep whose study and MLflow parent run record the choice
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from hpo.record.locks import StudyLock
 from hpo.record.study import open_storage
 from hpo.run import lr_probe
 from hpo.train import worker_cache
-from hpo.train.lr_probe import STEPS, Choice, Curve, choose, range_test, schedule
+from hpo.train.lr_probe import MIN_STEPS, STEPS, Choice, Curve, choose, range_test, schedule, steps_for
 from hpo.train.recipe import TrainJob
 from tests.conftest import SEARCH_SPACES, run_hpo
 
@@ -86,8 +87,13 @@ def test_the_range_test_ramps_the_rate_trains_and_leaves_the_base_clean(tiny_ber
     assert len(curve.losses) == len(curve.lrs) and all(math.isfinite(loss) for loss in curve.losses)
     base = next(iter(worker_cache._BASE_MODELS.values()))
     assert not any("lora" in name for name, _ in base.named_modules()), "the adapter is removed"
+    assert len(curve.lrs) == curve.steps == STEPS, "trials longer than STEPS: a test of STEPS"
     diverged = range_test(job, (3.0, 30.0))  # rates up to 300: the loss blows up and the test stops
     assert diverged.stopped == "diverged" and len(diverged.lrs) < STEPS
+    short = range_test(dataclasses.replace(job, sweep=dataclasses.replace(sweep, max_steps=40, eval_every=20)), OUTER)
+    assert len(short.lrs) == short.steps == 40, "one trial's worth of steps"
+    assert short.lrs[0] == pytest.approx(OUTER[0] / 10) and short.lrs[-1] == pytest.approx(OUTER[1] * 10)
+    assert [steps_for(n) for n in (10, 60, 100, 5000)] == [MIN_STEPS, 60, STEPS, STEPS]
 
 
 def test_a_narrowed_trial_draws_learning_rate_inside_both_ranges_and_nothing_else_changes() -> None:
@@ -143,21 +149,24 @@ def test_the_field_is_checked_and_the_probe_trains_the_spaces_centre() -> None:
     assert centre["learning_rate"] == pytest.approx(math.sqrt(1e-4 * 5e-3))
 
 
-def test_a_study_reuses_its_recorded_range_and_refuses_to_mix_ranges(tmp_path: Path) -> None:
+def test_a_study_reuses_its_recorded_range_and_one_begun_without_it_goes_on_unprobed(tmp_path: Path) -> None:
     storage = open_storage(f"sqlite:///{tmp_path / 'hpo.db'}")
     loaded = spaces.load(SEARCH_SPACES / "lora.py", ["lr_probe=true"])
     probed = optuna.create_study(study_name="probed", storage=storage, direction="maximize")
     choice = choose(falling_at(1e-3), OUTER)
     probed.set_user_attr(lr_probe.ATTR, choice.to_dict())
-    assert lr_probe.for_study(probed, loaded, StudyLock(probed)) == (choice, True)  # no Ray: nothing probed again
+    assert lr_probe.for_study(probed, loaded, StudyLock(probed)) == \
+        (choice, f"lr probe (recorded when the study began, not run again): {choice.reason}")  # no Ray: no probe
     with pytest.raises(HpoError, match="run it with --set lr_probe=true"):
-        lr_probe.for_study(probed, spaces.load(SEARCH_SPACES / "lora.py"), StudyLock(probed))
+        lr_probe.for_study(probed, spaces.load(SEARCH_SPACES / "lora.py", ["lr_probe=false"]), StudyLock(probed))
 
     sampled = optuna.create_study(study_name="sampled", storage=storage, direction="maximize")
     sampled.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, params={"learning_rate": 1e-4},
                                    distributions={"learning_rate": FloatDistribution(*OUTER, log=True)}))
-    with pytest.raises(HpoError, match="already holds 1 trial"):
-        lr_probe.for_study(sampled, loaded, StudyLock(sampled))
+    choice, said = lr_probe.for_study(sampled, loaded, StudyLock(sampled))  # begun before the probe was on
+    assert choice is None and "not run, study 'sampled' already holds 1 trial(s)" in said
+    assert "drawn from the module's range 0.0001..0.005" in said and "this run goes on over the module's range" in said
+    assert "--study NAME" in said
     assert lr_probe.ATTR not in sampled.user_attrs
 
 

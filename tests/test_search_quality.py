@@ -106,11 +106,13 @@ def test_the_lr_probe_s_steps_count_in_hpo_s_budget_before_its_first_trial() -> 
     search_quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(search_quality)
     study = optuna.create_study()
-    assert search_quality.probe_steps(study) == 0
+    assert search_quality.probe_steps(study, 60) == 0
     study.set_user_attr("lr_probe", {"curve": {"lrs": [1e-4] * 37, "losses": [0.7] * 37, "stopped": "diverged"}})
-    assert search_quality.probe_steps(study) == 38, "a diverged test may have ended on a step it did not record"
+    assert search_quality.probe_steps(study, 60) == 38, "a diverged test may have ended on a step it did not record"
     study.set_user_attr("lr_probe", {"curve": {"lrs": [1e-4] * 100, "losses": [0.7] * 100, "stopped": "end"}})
-    assert search_quality.probe_steps(study) == 100
+    assert search_quality.probe_steps(study, 60) == 100, "a probe recorded before it followed the trials' length"
+    study.set_user_attr("lr_probe", {"curve": {"lrs": [], "losses": [], "stopped": "diverged"}})
+    assert search_quality.probe_steps(study, 60) == 60, "none recorded: all it was to run, one trial's steps"
 
     probed = [{"end": 5.0, "steps": 100, "value": None, "probe": True}]
     probed += [{"end": 10.0 + i, "steps": 60, "value": 0.70 + 0.01 * i} for i in range(8)]

@@ -12,8 +12,10 @@ module's ``learning_rate`` range for every trial of the study.
   its own scale) with the rate rising -- and records the :class:`~hpo.train.lr_probe.Choice`.
   A study that already holds sampled trials is not probed: they were drawn over the module's
   range, and TPE models one range per parameter (its group search space keeps the first
-  trial's distribution), so the range is moved before the first trial or not at all. A study
-  whose recorded probe narrowed the range is run with ``lr_probe=true`` again, not without it.
+  trial's distribution), so the range is moved before the first trial or not at all. Such a
+  study (one begun before its module turned the probe on, say a nightly study of ``lora.py``)
+  goes on over the module's range, and the sweep says so in one line. A study whose recorded
+  probe narrowed the range is run with ``lr_probe=true`` again, not without it.
 
 The trials then call ``space`` with a :class:`hpo.space.NarrowedTrial`: the module's file is
 never changed, its range stays the outer bound.
@@ -71,10 +73,11 @@ def recorded(study: optuna.Study) -> Choice | None:
     return Choice.from_dict(stored) if stored else None
 
 
-def for_study(study: optuna.Study, search_space: spaces.SearchSpace, lock: Any) -> tuple[Choice | None, bool]:
-    """``(choice, reused)``: the study's recorded choice (``reused``), or a new probe's, recorded;
-    ``(None, False)`` when the sweep has ``lr_probe=false``. See the module's docstring for
-    what is refused (HpoError)."""
+def for_study(study: optuna.Study, search_space: spaces.SearchSpace, lock: Any) -> tuple[Choice | None, str]:
+    """``(choice, said)``: the study's recorded choice, or a new probe's, recorded, and the line the
+    sweep prints about it; ``(None, "")`` when the sweep has ``lr_probe=false``; ``(None, said)``
+    for a study that already holds trials drawn over the module's range (not probed). See the
+    module's docstring for what is refused (HpoError)."""
     sweep = search_space.sweep
     if not sweep.lr_probe:
         earlier = recorded(study)
@@ -82,26 +85,27 @@ def for_study(study: optuna.Study, search_space: spaces.SearchSpace, lock: Any) 
             raise HpoError(f"study {study.study_name!r} samples learning_rate over the range its lr probe chose "
                            f"({earlier.low:.3g}..{earlier.high:.3g}); run it with --set lr_probe=true (the recorded range "
                            "is reused, nothing is probed again), or start a new study with --study NAME")
-        return None, False
+        return None, ""
     outer = check(search_space)
     with lock:
         earlier = recorded(study)
         if earlier is not None:
             spaces.narrowed_range(outer, (earlier.low, earlier.high))  # the module's range still meets it
-            return earlier, True
+            return earlier, line(earlier, reused=True)
         sampled = sum(1 for t in study.get_trials(deepcopy=False) if spaces.LEARNING_RATE in t.params)
         if sampled:
-            raise HpoError(f"study {study.study_name!r} already holds {sampled} trial(s) whose learning_rate was drawn "
-                           "from the module's whole range; lr_probe moves the range before a study's first trial (the "
-                           "sampler models one range per parameter): start a new study with --study NAME, or set "
-                           "lr_probe=false")
+            return None, (f"lr probe: not run, study {study.study_name!r} already holds {sampled} trial(s) whose "
+                          f"learning_rate was drawn from the module's range {outer[0]:.2g}..{outer[1]:.2g}, and the "
+                          "probe moves the range before a study's first trial only (the sampler models one range "
+                          "per parameter): this run goes on over the module's range; a new study (--study NAME) "
+                          "is probed")
         from hpo.train.lr_probe import choose
         from hpo.train.recipe import TrainJob
 
         job = TrainJob.from_sweep(sweep, centre_params(search_space))
         choice = choose(_run_on_worker(job, outer, sweep.worker_resources), outer)
         study.set_user_attr(ATTR, choice.to_dict())
-        return choice, False
+        return choice, line(choice, reused=False)
 
 
 def line(choice: Choice, reused: bool) -> str:

@@ -338,10 +338,11 @@ def _probe_learning_rate(study: optuna.Study, search_space: spaces.SearchSpace, 
     :class:`~hpo.train.lr_probe.Choice`, or None when the sweep does not probe."""
     from hpo.run import lr_probe
 
-    choice, reused = lr_probe.for_study(study, search_space, ledger.lock)
+    choice, said = lr_probe.for_study(study, search_space, ledger.lock)
+    if said:
+        console.print(said, highlight=False)
     if choice is None:
         return None
-    console.print(lr_probe.line(choice, reused), highlight=False)
     bounds = (choice.low, choice.high)
     ledger.space = lambda trial: spaces.call_space(search_space, spaces.NarrowedTrial(trial, bounds))
     return choice

@@ -3,7 +3,8 @@ rate rising exponentially, and the learning-rate range it points to.
 
 Leslie Smith's range test ("Cyclical Learning Rates for Training Neural Networks", WACV 2017,
 section 3.3), read the way fastai's ``Learner.lr_find`` and PyTorch Lightning's ``Tuner.lr_find``
-read it: :data:`STEPS` optimizer steps with the rate rising exponentially, the training loss
+read it: up to :data:`STEPS` optimizer steps (one trial's worth when trials are shorter:
+:func:`steps_for`) with the rate rising exponentially, the training loss
 smoothed by a debiased moving average with ``beta`` :data:`SMOOTHING`, the test stopped once
 the smoothed loss passes :data:`DIVERGED` times the best so far (both libraries' ``num_it`` /
 ``num_training``, smoothing and ``stop_div`` / ``early_stop_threshold``). Each step trains as a
@@ -48,7 +49,11 @@ from typing import Any
 from hpo.train.recipe import TrainJob
 
 STEPS = 100
-"""Optimizer steps of the test (fastai's ``num_it``, Lightning's ``num_training``)."""
+"""The most optimizer steps of the test (fastai's ``num_it``, Lightning's ``num_training``); a sweep
+whose trials are shorter tests for as many steps as one trial runs (:func:`steps_for`)."""
+MIN_STEPS = 30
+"""The fewest steps of a test, whatever the trials' length: what leaves 22 points once ``lr_find``'s
+trims (the first tenth, the last five) are made."""
 SPAN = 10.0
 """The test's rate runs from the module's low bound / SPAN to its high bound x SPAN."""
 SMOOTHING = 0.98
@@ -70,8 +75,10 @@ class Curve:
     lrs: list[float]
     losses: list[float]
     stopped: str
-    """``diverged`` (the smoothed loss passed :data:`DIVERGED` x its best) or ``end`` (all :data:`STEPS`)."""
+    """``diverged`` (the smoothed loss passed :data:`DIVERGED` x its best) or ``end`` (all its ``steps``)."""
     seconds: float = 0.0
+    steps: int = STEPS
+    """The steps the test was to run (:func:`steps_for`; a probe recorded before it varied ran :data:`STEPS`)."""
 
 
 @dataclass(frozen=True)
@@ -103,16 +110,24 @@ class Choice:
         return cls(**values)
 
 
-def schedule(step: int, outer: tuple[float, float]) -> float:
-    """The rate of step ``step`` (0-based) of a test around the module's ``outer`` (low, high) range:
-    exponential from low / :data:`SPAN` to high x :data:`SPAN` over :data:`STEPS` steps."""
+def steps_for(max_steps: int) -> int:
+    """The optimizer steps of a test for trials of ``max_steps`` steps: one trial's worth, at most
+    :data:`STEPS` and at least :data:`MIN_STEPS`. The test is a cost paid before the first trial, out
+    of the same budget: a sweep of 60-step trials paid 100 (five thirds of a trial) for it, while on
+    SST-2 and the reviews a 60-step test chose the same range as a 100-step one (docs/benchmarks.md)."""
+    return max(MIN_STEPS, min(STEPS, max_steps))
+
+
+def schedule(step: int, outer: tuple[float, float], steps: int = STEPS) -> float:
+    """The rate of step ``step`` (0-based) of a test of ``steps`` steps around the module's ``outer``
+    (low, high) range: exponential from low / :data:`SPAN` to high x :data:`SPAN`."""
     start, end = outer[0] / SPAN, outer[1] * SPAN
-    return start * (end / start) ** (step / (STEPS - 1))
+    return start * (end / start) ** (step / (steps - 1))
 
 
 def range_test(job: TrainJob, outer: tuple[float, float]) -> Curve:
-    """Train a fresh adapter on ``job`` for at most :data:`STEPS` steps with the rate rising as
-    :func:`schedule` says around the module's ``outer`` range (``job.params.learning_rate`` is not
+    """Train a fresh adapter on ``job`` for at most :func:`steps_for` steps (one trial's worth) with the
+    rate rising as :func:`schedule` says around the module's ``outer`` range (``job.params.learning_rate`` is not
     used; LoRA+'s ratio is kept), recording the smoothed loss; stop when it diverges or turns
     non-finite. Runs where a trial runs (a worker)."""
     import torch
@@ -126,17 +141,18 @@ def range_test(job: TrainJob, outer: tuple[float, float]) -> Curve:
     stopped = "end"
     average, best = 0.0, math.inf
     p = job.params
+    steps = steps_for(job.sweep.max_steps)
     with worker_cache.adapter(job) as fresh:
         trainable = [w for w in fresh.model.parameters() if w.requires_grad]
-        first = schedule(0, outer)
+        first = schedule(0, outer, steps)
         optimizer = training.make_optimizer(fresh.model, trainable, dataclasses.replace(p, learning_rate=first),
                                             fused=job.sweep.fused_optimizer)
-        ramp = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, outer) / first)
+        ramp = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, outer, steps) / first)
         batches = training_batches(job, fresh.train_set, fresh.tokenizer)
         micro = p.batch_size
         fresh.model.train()
-        for step in range(STEPS):
-            lr = schedule(step, outer)
+        for step in range(steps):
+            lr = schedule(step, outer, steps)
             loss, micro, _ = training.optimizer_step(fresh.model, next(batches), micro, optimizer, trainable,
                                                      p.max_grad_norm, fresh.run, job.sweep.task,
                                                      padding_free=is_padding_free(job))
@@ -152,14 +168,14 @@ def range_test(job: TrainJob, outer: tuple[float, float]) -> Curve:
             if smoothed > DIVERGED * best:
                 stopped = "diverged"
                 break
-    return Curve(lrs, losses, stopped, round(time.perf_counter() - started, 1))
+    return Curve(lrs, losses, stopped, round(time.perf_counter() - started, 1), steps)
 
 
 def steepest(curve: Curve) -> float | None:
     """fastai's ``steep`` on the curve ``lr_find`` reads (first tenth and last five points dropped):
     the rate at which the smoothed loss falls fastest against log10 of the rate; None when it
     never falls there (or too few points are left)."""
-    skip = int(STEPS * SKIP_START_SHARE)
+    skip = int(curve.steps * SKIP_START_SHARE)
     lrs, losses = curve.lrs[skip : len(curve.lrs) - SKIP_END], curve.losses[skip : len(curve.losses) - SKIP_END]
     slopes = [(losses[i + 1] - losses[i]) / (math.log10(lrs[i + 1]) - math.log10(lrs[i])) for i in range(len(lrs) - 1)]
     if not slopes or min(slopes) >= 0:
