@@ -71,7 +71,7 @@ Why these ranges (published LoRA results, not guesses):
   1.4-1.6e-3..5e-3: in bench/fidelity.py 10 of the same 12 configs instead of 5 passed 0.6 accuracy
   in 120 SST-2 steps (median 0.778 against 0.517). In bench/search_quality.py (480 steps, 3 seeds,
   the probe's steps counted) the probe of one trial's 60 steps gave a median best of 0.892 on the
-  reviews against 0.867 without it (Ray Tune 0.883, Trainer 0.858), and 0.797 on SST-2 against
+  reviews against 0.867 without it (Ray Tune 0.883, Trainer 0.858), and 0.798 on SST-2 against
   0.799 (Trainer 0.751, Ray Tune 0.694); the earlier 100-step probe gave 0.883 and 0.797 with 40
   steps less for the trials (docs/benchmarks.md). A study begun without it goes on without it.
 """
