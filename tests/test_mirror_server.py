@@ -202,9 +202,11 @@ def _length(request: bytes) -> int:
 
 
 def test_a_run_whose_answer_was_lost_is_made_once(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The answers to the sweep run's and to a trial run's create are lost: MLflow's client
-    sends the POST again and the server makes each run twice. Each run is there once (the twin
-    deleted), closed; the twins stayed RUNNING for good (the sweep used the run it got back)."""
+    """The answers to the sweep run's and to a trial run's create are lost (each run is made).
+    MLflow's client before 3.18 sends the POST again and the server makes each run twice (the
+    twin stayed RUNNING for good); from 3.18 the client raises, and the sweep's start failed
+    (the trial's create, tried again by the writer, made a twin). Each run is there once, closed:
+    a create tried again looks up the run its lost answer made, by the create's key."""
     from hpo.record.sweep_tracker import SweepTracker
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")

@@ -15,10 +15,12 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hpo.record.stores import retry_transient
 from hpo.record.tracking import (
     DEFAULT_TRACKING_URI,
     TAG_REASON,
@@ -91,7 +93,9 @@ class SweepTracker(Tracker):
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
         else:
-            run = self._create_run(self.study_name, {TAG_ROLE: "sweep", TAG_STUDY: self.study_name, **tags})
+            key, tags = uuid.uuid4().hex, {TAG_ROLE: "sweep", TAG_STUDY: self.study_name, **tags}
+            run = retry_transient(lambda: self._create_run(self.study_name, tags, key=key),
+                                  what="creating the sweep's MLflow run")
             run_id = run.info.run_id
             self._log_params(run_id, params)
         self.parent_run_id = run_id
@@ -112,11 +116,11 @@ class SweepTracker(Tracker):
 
     def start_trial(self, number: int, params: dict[str, Any]) -> None:
         """The trial's run, RUNNING, with its params (written by the writer)."""
-        tags, started = self._trial_tags(number, "RUNNING"), int(time.time() * 1000)
+        tags, started, key = self._trial_tags(number, "RUNNING"), int(time.time() * 1000), uuid.uuid4().hex
 
         def write() -> None:
             if number not in self.trial_runs:  # a retry after a lost answer must not make a second run
-                run = self._create_run(f"trial-{number}", tags, start_time=started)
+                run = self._create_run(f"trial-{number}", tags, start_time=started, key=key)
                 self.trial_runs[number] = run.info.run_id
 
         self.writer.submit(write, f"starting the MLflow run of trial {number}", lambda: self.unwritten.add(number))

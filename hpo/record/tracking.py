@@ -11,13 +11,15 @@ writes MLflow; how its credentials are kept: :mod:`hpo.secrets`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
+import uuid
 from typing import Any
 
 from hpo.errors import HpoError
-from hpo.record.stores import check_local, connect_once
+from hpo.record.stores import check_local, connect_once, retry_transient
 from hpo.secrets import open_with_credentials, scrub_credentials, use_credentials
 from hpo.secrets import redact_url as redact
 
@@ -67,6 +69,17 @@ def check_tracking(uri: str | None) -> None:
             ) from None
 
 
+@functools.cache
+def _client_resends_creates() -> bool:
+    """Whether MLflow's client sends a POST again when its answer was lost (before 3.18, which
+    retries a write that is not idempotent only when the server cannot have processed it)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return Version(version("mlflow")) < Version("3.18")
+
+
 def health(uri: str, timeout: float) -> None:
     """GET the MLflow server's ``/health`` (with this process's Basic auth credentials, never
     sent to another origin on a redirect); raises if it does not answer within ``timeout``."""
@@ -94,32 +107,52 @@ class Tracker:
             seed(self.uri)  # a new local store: a copy of one migrated once (see hpo.record.mlflow_store)
             self.client = _RetryWhenLocked(MlflowClient(tracking_uri=self.uri))
             self.experiment_id = _experiment_id(self.client, self.uri, study_name)
+        self._unanswered: set[str] = set()
+        """Keys of creates sent whose answer did not come (see :meth:`_create_run`)."""
 
-    def _create_run(self, run_name: str, tags: dict[str, str], start_time: int | None = None) -> Any:
+    def _create_run(self, run_name: str, tags: dict[str, str], start_time: int | None = None,
+                    key: str | None = None) -> Any:
         """A new run in the study's experiment, made once even when its answer was lost.
 
-        MLflow's client retries a POST whose answer did not come (its urllib3 ``Retry`` allows
-        every method): a server that made the run, then restarted, or answered after the client's
-        timeout, makes the same run twice, and the one hpo did not get back stayed RUNNING for
-        good. Each create carries a key of its own (tag ``hpo.create_key``); the runs found with
-        it besides the one returned are deleted. That check is best effort: if it fails, a
-        warning (the run itself was made). A local store (no HTTP between) is not checked."""
-        import uuid
-
+        A server that made the run, then restarted, or answered after the client's timeout,
+        leaves the caller with an error though the run exists. Each create carries a key of its
+        own (tag ``hpo.create_key``); a caller that tries a create again passes the same
+        ``key``, and a create whose earlier try got no answer looks for the run with that key
+        before it sends the POST again. MLflow's client before 3.18 sends such a POST again
+        itself (its urllib3 ``Retry`` allowed every method): the runs found with the key besides
+        the one returned are deleted, as they would stay RUNNING for good. Those checks are best
+        effort: if one fails, a warning (the run itself was made). A local store (no HTTP
+        between) is not checked."""
         if not self.uri.startswith(("http://", "https://")):
             return self.client.create_run(self.experiment_id, start_time=start_time, run_name=run_name, tags=tags)
-        key = uuid.uuid4().hex
+        key = key or uuid.uuid4().hex
+        if key in self._unanswered:  # an earlier try of this create got no answer: was it made?
+            made = self._made_with(key)
+            if made:
+                self._unanswered.discard(key)
+                return self._keep_one(made[0], made)
+        self._unanswered.add(key)
         run = self.client.create_run(self.experiment_id, start_time=start_time, run_name=run_name,
                                      tags={**tags, CREATE_KEY_TAG: key})
-        try:
-            made = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{CREATE_KEY_TAG}` = '{key}'",
-                                           max_results=10)
-            for twin in made:
-                if twin.info.run_id != run.info.run_id:
-                    self.client.delete_run(twin.info.run_id)
-        except Exception as error:  # noqa: BLE001 - the run was made; a twin, if any, stays
-            logger.warning("hpo: could not check that MLflow run %s was made once (%s: %s)", run.info.run_id,
-                           type(error).__name__, first_line(error))
+        self._unanswered.discard(key)
+        if _client_resends_creates():
+            try:
+                self._keep_one(run, self._made_with(key))
+            except Exception as error:  # noqa: BLE001 - the run was made; a twin, if any, stays
+                logger.warning("hpo: could not check that MLflow run %s was made once (%s: %s)", run.info.run_id,
+                               type(error).__name__, first_line(error))
+        return run
+
+    def _made_with(self, key: str) -> list[Any]:
+        """The runs made by the create of ``key``, the first made first."""
+        return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{CREATE_KEY_TAG}` = '{key}'",
+                                       max_results=10, order_by=["attributes.start_time ASC"])
+
+    def _keep_one(self, run: Any, made: list[Any]) -> Any:
+        """``run``, the others of ``made`` (twins of one create) deleted."""
+        for twin in made:
+            if twin.info.run_id != run.info.run_id:
+                self.client.delete_run(twin.info.run_id)
         return run
 
     def _search(self, role: str, trial_number: int | None = None, max_results: int = 1) -> list[Any]:
@@ -213,7 +246,9 @@ class PromoteTracker(Tracker):
         trial_runs = self._search("trial", trial_number, max_results=1)
         tags = {TAG_ROLE: "promote", TAG_STUDY: self.study_name, TAG_TRIAL: str(trial_number),
                 "hpo.sweep_run_id": parent_run_id or "", "hpo.trial_run_id": trial_runs[0].info.run_id if trial_runs else ""}
-        run = self._create_run(f"promote-trial-{trial_number}", tags)
+        key = uuid.uuid4().hex
+        run = retry_transient(lambda: self._create_run(f"promote-trial-{trial_number}", tags, key=key),
+                              what="creating the MLflow run of hpo promote")
         self.run_id, self.trial_number = run.info.run_id, trial_number
         self._log_params(self.run_id, params)
         return self.run_id
