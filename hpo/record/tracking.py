@@ -73,11 +73,11 @@ def check_tracking(uri: str | None) -> None:
 def _client_resends_creates() -> bool:
     """Whether MLflow's client sends a POST again when its answer was lost (before 3.18, which
     retries a write that is not idempotent only when the server cannot have processed it)."""
+    import re
     from importlib.metadata import version
 
-    from packaging.version import Version
-
-    return Version(version("mlflow")) < Version("3.18")
+    major, minor = re.match(r"(\d+)\.(\d+)", version("mlflow")).groups()  # type: ignore[union-attr]
+    return (int(major), int(minor)) < (3, 18)
 
 
 def health(uri: str, timeout: float) -> None:
@@ -120,8 +120,9 @@ class Tracker:
         ``key``, and a create whose earlier try got no answer looks for the run with that key
         before it sends the POST again. MLflow's client before 3.18 sends such a POST again
         itself (its urllib3 ``Retry`` allowed every method): the runs found with the key besides
-        the one returned are deleted, as they would stay RUNNING for good. Those checks are best
-        effort: if one fails, a warning (the run itself was made). A local store (no HTTP
+        the one returned are deleted, as they would stay RUNNING for good; that check is best
+        effort: if it fails, a warning (the run itself was made). The look before a create is
+        sent again fails as the create would (the caller tries again). A local store (no HTTP
         between) is not checked."""
         if not self.uri.startswith(("http://", "https://")):
             return self.client.create_run(self.experiment_id, start_time=start_time, run_name=run_name, tags=tags)
