@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hpo.record.stores import retry_transient
 from hpo.record.tracking import (
     DEFAULT_TRACKING_URI,
     TAG_REASON,
@@ -93,9 +92,8 @@ class SweepTracker(Tracker):
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
         else:
-            key, tags = uuid.uuid4().hex, {TAG_ROLE: "sweep", TAG_STUDY: self.study_name, **tags}
-            run = retry_transient(lambda: self._create_run(self.study_name, tags, key=key),
-                                  what="creating the sweep's MLflow run")
+            run = self._create_run_now(self.study_name, {TAG_ROLE: "sweep", TAG_STUDY: self.study_name, **tags},
+                                       "creating the sweep's MLflow run")
             run_id = run.info.run_id
             self._log_params(run_id, params)
         self.parent_run_id = run_id

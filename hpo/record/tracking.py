@@ -144,6 +144,11 @@ class Tracker:
                                type(error).__name__, first_line(error))
         return run
 
+    def _create_run_now(self, run_name: str, tags: dict[str, str], what: str) -> Any:
+        """:meth:`_create_run` from the caller's thread, tried again on transient errors under one key."""
+        key = uuid.uuid4().hex
+        return retry_transient(lambda: self._create_run(run_name, tags, key=key), what=what)
+
     def _made_with(self, key: str) -> list[Any]:
         """The runs made by the create of ``key``, the first made first."""
         return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{CREATE_KEY_TAG}` = '{key}'",
@@ -247,9 +252,7 @@ class PromoteTracker(Tracker):
         trial_runs = self._search("trial", trial_number, max_results=1)
         tags = {TAG_ROLE: "promote", TAG_STUDY: self.study_name, TAG_TRIAL: str(trial_number),
                 "hpo.sweep_run_id": parent_run_id or "", "hpo.trial_run_id": trial_runs[0].info.run_id if trial_runs else ""}
-        key = uuid.uuid4().hex
-        run = retry_transient(lambda: self._create_run(f"promote-trial-{trial_number}", tags, key=key),
-                              what="creating the MLflow run of hpo promote")
+        run = self._create_run_now(f"promote-trial-{trial_number}", tags, "creating the MLflow run of hpo promote")
         self.run_id, self.trial_number = run.info.run_id, trial_number
         self._log_params(self.run_id, params)
         return self.run_id
