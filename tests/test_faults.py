@@ -361,3 +361,69 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
     assert {trials[n].user_attrs.get("reason") for n in running} == {"interrupted"}
     assert not [t for t in trials.values() if t.state == TrialState.RUNNING]
     assert not [r for r in mlflow_runs(tmp_path, "long") if r.info.status == "RUNNING"]
+
+
+LATE_RAYLET = '''
+import json
+import time
+
+import psutil
+import ray
+import ray._private.node as node
+import ray._private.services as services
+
+from hpo.run import cluster
+
+real_get_node, real_clock, late = services.get_node, time.monotonic, []
+
+
+def get_node(*args, **kwargs):
+    """The first start's raylet is late: its first look finds no node."""
+    if not late:
+        late.append(time.monotonic())
+        raise RuntimeError("node info not available (test)")
+    return real_get_node(*args, **kwargs)
+
+
+class Clock:
+    """node.py's ``time``: 31 s ahead once the raylet was late, so Ray's 30 s wait runs out."""
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def monotonic(self):
+        return real_clock() + (31 if late else 0)
+
+
+services.get_node, node.time = get_node, Clock()
+cluster.connect(None)
+answer = ray.get(ray.remote(lambda: 41 + 1).remote())
+names = []
+for proc in psutil.Process().children(recursive=True):
+    try:
+        names.append(proc.name())
+    except psutil.Error:  # a worker that has just ended
+        pass
+print(json.dumps({"late": len(late), "answer": answer, "gcs_servers": names.count("gcs_server"),
+                  "raylets": names.count("raylet")}))
+ray.shutdown()
+'''
+
+
+def test_a_local_ray_whose_raylet_registers_late_is_started_once_more(tmp_path: Path) -> None:
+    """Ray waits a fixed 30 s for a new local node's raylet to register, then fails the start
+    ("The current node timed out during startup"); on a loaded 2-core machine it has taken
+    longer, failing whole sweeps. ``connect`` ends the half-started node's processes and starts
+    Ray once more. The late raylet is the one thing faked (Ray's look for the node fails once
+    and its clock jumps past the 30 s): both starts, their processes and the kill are real."""
+    script = tmp_path / "late_raylet.py"
+    script.write_text(LATE_RAYLET)
+    done = subprocess.run([sys.executable, str(script)], env=hpo_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["late"] == 1 and result["answer"] == 42, result
+    assert result["gcs_servers"] == 1 and result["raylets"] == 1, \
+        f"the half-started node's processes were left running: {result}"
+    assert "did not register within Ray's 30 s" in done.stderr and "starting Ray once more" in done.stderr, \
+        done.stderr[-4000:]

@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
+import psutil
+
 from hpo.errors import HpoError
 
 if TYPE_CHECKING:
@@ -47,6 +49,9 @@ TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
 DEFAULT_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 PROBE_TIMEOUT = 180.0
 """Seconds :func:`preflight` waits for a worker to answer its device check."""
+LOCAL_START_TRIES = 2
+"""Starts of a local Ray tried when its raylet registers late (see :func:`_init`)."""
+LATE_RAYLET = "timed out during startup"
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
     # Each trial runs in a new thread of a reused worker: glibc would give each its own
@@ -98,8 +103,7 @@ def connect(address: str | None, *, worker_logs: bool = False) -> None:
 
     try:
         with without_credentials():  # a local Ray's processes never inherit the MLflow password
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=worker_logs, runtime_env={"env_vars": worker_env()})
+            _init(ray, address, worker_logs)
     except Exception as error:  # noqa: BLE001 - every way of failing to join gets the same kind of line
         if address is None:
             raise
@@ -157,6 +161,46 @@ def _worker_problems(ray: Any, sweep: Sweep) -> list[str]:
         ray.cancel(ref, force=True)
         logger.warning("hpo: no worker answered the device check within %.0f s; trials will report it", PROBE_TIMEOUT)
         return []
+
+
+def _init(ray: Any, address: str | None, worker_logs: bool) -> None:
+    """``ray.init``; a local Ray whose raylet registered late is started once more.
+
+    Ray waits a fixed 30 s for a new node's raylet to register with its GCS and then raises
+    "The current node timed out during startup" (``ray/_private/node.py``). A busy machine can
+    take longer (seen on a loaded 2-core machine). The half-started node's processes (GCS,
+    raylet, reaper, log monitor, and what they started) are this process's children that were
+    not there before the try: they are ended, so they neither linger nor slow the second start.
+    """
+    for attempt in range(1, LOCAL_START_TRIES + 1):
+        before = {child.pid for child in psutil.Process().children()}
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=worker_logs, runtime_env={"env_vars": worker_env()})
+            return
+        except Exception as error:
+            if address not in (None, "local") or attempt == LOCAL_START_TRIES or \
+                    LATE_RAYLET not in str(error):
+                raise
+            ended = _end_started_since(before)
+            logger.warning("hpo: the local Ray's raylet did not register within Ray's 30 s (a busy machine?); "
+                           "ended the half-started node's %d processes and starting Ray once more", ended)
+
+
+def _end_started_since(before: set[int]) -> int:
+    """Kill this process's Ray children not in ``before``, with their descendants; how many."""
+    procs: list[psutil.Process] = []
+    for child in psutil.Process().children():
+        if child.pid in before:
+            continue
+        with contextlib.suppress(psutil.Error):
+            if any("ray" in part for part in child.cmdline()):
+                procs += [child, *child.children(recursive=True)]
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(procs, timeout=10)
+    return len(procs)
 
 
 def _use_given_token() -> None:
