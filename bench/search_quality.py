@@ -479,30 +479,34 @@ def steps_to_reach(points, target: float | None) -> int | None:
 
 def summary(results: dict[str, dict[int, list[dict]]], budget: int) -> dict:
     ways: dict[str, dict] = {}
+    # each way's median best, unrounded: the target hpo must reach (a trial at 104/120 = 0.86666...
+    # is at a median of 104/120, though below its 4-digit 0.8667)
+    medians: dict[str, float | None] = {}
     for way, by_seed in results.items():
-        per_seed = {}
+        per_seed, bests = {}, []
         for seed, trials in sorted(by_seed.items()):
             points = curve(trials, budget)
             best = points[-1][1] if points else None
+            bests += [best] if best is not None else []
             per_seed[str(seed)] = {"best": round(best, 4) if best is not None else None,
                                    "steps": points[-1][0] if points else 0,
                                    "trials": counted_trials(trials, budget),
                                    **({"probe_steps": sum(t["steps"] for t in trials if t.get("probe"))}
                                       if any(t.get("probe") for t in trials) else {}),
                                    "steps_to_own_best": steps_to_reach(points, best)}
-        bests = [s["best"] for s in per_seed.values() if s["best"] is not None]
-        ways[way] = {"seeds": per_seed, "median_best": round(statistics.median(bests), 4) if bests else None,
+        medians[way] = statistics.median(bests) if bests else None
+        ways[way] = {"seeds": per_seed, "median_best": round(medians[way], 4) if bests else None,
                      "median_steps": statistics.median(s["steps"] for s in per_seed.values())}
     for own in (w for w in results if w.startswith("hpo")):
         hpo_points = {seed: curve(trials, budget) for seed, trials in results[own].items()}
         for peer in (w for w in ways if not w.startswith("hpo")):
-            target = ways[peer]["median_best"]
+            target = medians[peer]
             reach = [steps_to_reach(points, target) for points in hpo_points.values()]
             median_reach = statistics.median(math.inf if r is None else r for r in reach) if reach else math.inf
             half = ways[peer]["median_steps"] / 2
             ways[own][f"vs_{peer}"] = {
-                "beats_median_best": (ways[own]["median_best"] or 0) > (target or 0),
-                "at_or_above_median_best": (ways[own]["median_best"] or 0) >= (target or 0),
+                "beats_median_best": (medians[own] or 0) > (target or 0) + 1e-9,
+                "at_or_above_median_best": (medians[own] or 0) >= (target or 0) - 1e-9,
                 "steps_to_reach_peer_median_best": reach,
                 "median_steps_to_reach": None if math.isinf(median_reach) else median_reach,
                 "peer_half_steps": half, "within_half": median_reach <= half}

@@ -123,3 +123,18 @@ def test_the_lr_probe_s_steps_count_in_hpo_s_budget_before_its_first_trial() -> 
                                  "steps_to_own_best": 460}
     assert arm["vs_trainer"]["steps_to_reach_peer_median_best"] == [400], "the probe's 100 steps come first"
     assert arm["vs_trainer"]["at_or_above_median_best"] and not arm["vs_trainer"]["within_half"]
+
+
+def test_a_peer_s_median_is_reached_at_its_exact_value_not_its_rounded_one() -> None:
+    """With 120 validation rows a peer's median best of 104/120 prints as 0.8667; hpo's trial at
+    104/120 reaches it (the 4-digit figure once served as the target, and it missed by 3e-5)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("search_quality", BENCH)
+    search_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(search_quality)
+    ours = [{"end": 1.0, "steps": 60, "value": 0.85}, {"end": 2.0, "steps": 60, "value": 104 / 120}]
+    peer = [{"end": 1.0 + i, "steps": 60, "value": 104 / 120} for i in range(8)]
+    arm = search_quality.summary({"hpo": {0: ours}, "trainer": {0: peer}}, 480)["hpo"]["vs_trainer"]
+    assert arm["steps_to_reach_peer_median_best"] == [120] and arm["within_half"], arm
+    assert arm["at_or_above_median_best"] and not arm["beats_median_best"], arm
