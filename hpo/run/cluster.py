@@ -52,6 +52,7 @@ PROBE_TIMEOUT = 180.0
 LOCAL_START_TRIES = 2
 """Starts of a local Ray tried when its raylet registers late (see :func:`_init`)."""
 LATE_RAYLET = "timed out during startup"
+"""In the error Ray raises when a new node's raylet has not registered in time (``ray/_private/node.py``)."""
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
     # Each trial runs in a new thread of a reused worker: glibc would give each its own
