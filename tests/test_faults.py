@@ -363,7 +363,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
     assert not [r for r in mlflow_runs(tmp_path, "long") if r.info.status == "RUNNING"]
 
 
-LATE_RAYLET = '''
+LATE_RAYLET_SCRIPT = '''
 import json
 import time
 
@@ -417,7 +417,7 @@ def test_a_local_ray_whose_raylet_registers_late_is_started_once_more(tmp_path: 
     Ray once more. The late raylet is the one thing faked (Ray's look for the node fails once
     and its clock jumps past the 30 s): both starts, their processes and the kill are real."""
     script = tmp_path / "late_raylet.py"
-    script.write_text(LATE_RAYLET)
+    script.write_text(LATE_RAYLET_SCRIPT)
     done = subprocess.run([sys.executable, str(script)], env=hpo_env(), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -5,10 +5,12 @@ take minutes: not run here."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -20,6 +22,15 @@ BENCH = REPO / "bench" / "search_quality.py"
 def bench(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(BENCH), "--work", str(cwd / "work"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=hpo_env())
+
+
+def load_bench() -> ModuleType:
+    """The bench as a module, for its summary's arithmetic (no way is run)."""
+    spec = importlib.util.spec_from_file_location("search_quality", BENCH)
+    assert spec is not None and spec.loader is not None
+    search_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(search_quality)
+    return search_quality
 
 
 def test_own_csv_and_jsonl_data_a_model_and_a_module_make_the_plan(tmp_path: Path, tiny_bert: Path) -> None:
@@ -98,13 +109,9 @@ def test_hpo_set_makes_an_arm_of_its_own_and_refuses_what_defines_the_task(tmp_p
 
 
 def test_the_lr_probe_s_steps_count_in_hpo_s_budget_before_its_first_trial() -> None:
-    import importlib.util
-
     import optuna
 
-    spec = importlib.util.spec_from_file_location("search_quality", BENCH)
-    search_quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(search_quality)
+    search_quality = load_bench()
     study = optuna.create_study()
     assert search_quality.probe_steps(study, 60) == 0
     study.set_user_attr("lr_probe", {"curve": {"lrs": [1e-4] * 37, "losses": [0.7] * 37, "stopped": "diverged"}})
@@ -128,11 +135,7 @@ def test_the_lr_probe_s_steps_count_in_hpo_s_budget_before_its_first_trial() -> 
 def test_a_peer_s_median_is_reached_at_its_exact_value_not_its_rounded_one() -> None:
     """With 120 validation rows a peer's median best of 104/120 prints as 0.8667; hpo's trial at
     104/120 reaches it (the 4-digit figure once served as the target, and it missed by 3e-5)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("search_quality", BENCH)
-    search_quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(search_quality)
+    search_quality = load_bench()
     ours = [{"end": 1.0, "steps": 60, "value": 0.85}, {"end": 2.0, "steps": 60, "value": 104 / 120}]
     peer = [{"end": 1.0 + i, "steps": 60, "value": 104 / 120} for i in range(8)]
     arm = search_quality.summary({"hpo": {0: ours}, "trainer": {0: peer}}, 480)["hpo"]["vs_trainer"]
