@@ -402,6 +402,32 @@ def test_importance_on_enough_trials_names_the_parameters_and_its_count() -> Non
     assert diagnose_study(edge_study()).importance == diagnosis.importance, "seeded: the same study, the same shares"
 
 
+def test_the_report_computes_a_studys_importance_once_and_a_new_trial_computes_it_again(tmp_path: Path) -> None:
+    """The study report shows importance three times (the diagnosis, the interactive plot, the
+    PNG): fANOVA runs once for them, and gives what a fresh fANOVA gives; one more trial is a new
+    study to it."""
+    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+
+    from hpo.analysis.diagnose_advice import RememberedImportance
+    from hpo.analysis.study_report import write_report
+
+    study = edge_study()
+    study.set_user_attr("probe", 1)  # not a trial: no effect on the key
+    computed, remembered = RememberedImportance.computed, RememberedImportance.remembered
+    write_report(study, tmp_path / "report")
+    assert (RememberedImportance.computed - computed, RememberedImportance.remembered - remembered) == (1, 2)
+    shown = json.loads((tmp_path / "report" / "diagnosis.json").read_text())["importance"]
+    fresh = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0))
+    assert shown == pytest.approx(fresh) and list(shown) == list(fresh)
+    assert (tmp_path / "report" / "param_importances.png").is_file()
+
+    add(study, {"learning_rate": 1e-5, "weight_decay": 0.05, "batch_size": 8},
+        curves=make_curves(SHAPES["healthy"], 5), value=0.9)
+    again = diagnose_study(study).importance
+    assert RememberedImportance.computed - computed == 2, "a new trial: computed again"
+    assert again == pytest.approx(get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0)))
+
+
 def test_importance_needs_three_complete_trials_and_says_so() -> None:
     study = new_study()
     add(study, {"learning_rate": 1e-3}, curves=make_curves(SHAPES["healthy"], 5), value=0.8)
