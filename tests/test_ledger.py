@@ -139,6 +139,29 @@ class TestLedgerOnEveryStorage:
         ledger.taken()
         assert len(queries) == 1, queries
 
+    def test_a_claim_takes_a_waiting_trial_first_and_asks_without_reading_the_study_when_none_waits(
+            self, storage_url: str) -> None:
+        """Reruns wait in Optuna's queue: a claim runs them first. With nothing queued the ask
+        skips Study.ask's read of every unfinished trial (one query says nothing waits)."""
+        from hpo.record.optuna_access import ask
+
+        ledger = new_ledger(storage_url, target=100, create=True)
+        study = ledger.study
+        for _ in range(3):  # other drivers' running trials: what Study.ask reads on every ask
+            study.ask().suggest_float("x", 0.0, 1.0)
+        study.enqueue_trial({"x": 0.25})
+        queued = ledger.claim()
+        assert queued.params == {"x": 0.25} and queued.number == 3, "the waiting trial, not a new one"
+        queries: list[str] = []
+        sqlalchemy.event.listen(ledger.lock.engine, "before_cursor_execute", lambda *a: queries.append(a[2]))
+        fresh = ask(study)
+        ours = len(queries)
+        queries.clear()
+        optunas = study.ask()
+        assert (fresh.number, optunas.number) == (4, 5)
+        assert ours < len(queries), (ours, len(queries))
+        assert fresh.user_attrs == {} and 0.0 <= ledger.claim().params["x"] <= 1.0
+
     def test_heartbeats_come_from_their_own_thread_while_the_loop_waits(self, storage_url: str) -> None:
         ledger = new_ledger(storage_url, create=True)
         ledger.heartbeats.interval = 0.5

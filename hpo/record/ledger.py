@@ -45,6 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.record.liveness import Heartbeats, driver_id, driver_is_dead, known_alive
 from hpo.record.locks import StudyLock
 from hpo.record.optuna_access import (
+    ask,
     backend_of,
     stale_trial_ids,
     storage_of,
@@ -176,7 +177,7 @@ class Ledger:
         claimer that dies before that write leaves a trial without a heartbeat, which a reclaim
         fails). Any error on the way fails the trial (reason ``space`` when ``space`` raised,
         else ``claim``, which does not count) and is raised: a claim never leaves a RUNNING trial."""
-        trial = self.study.ask()
+        trial = ask(self.study)
         step = "space"
         try:
             params = self.space(trial)
