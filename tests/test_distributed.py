@@ -121,7 +121,5 @@ def test_two_worker_trials_complete_prune_and_record_like_one_worker_trials(tmp_
                  if r.data.tags["hpo.role"] == "trial" and r.data.tags["hpo.trial_number"] == "0"]
         assert run.info.status == "FINISHED"
         params[study] = run.data.params
-    assert {k: v for k, v in params["ddp"].items() if k != "workers_per_trial"} == \
-        {k: v for k, v in params["one"].items() if k != "workers_per_trial"}, \
-        set(params["ddp"].items()) ^ set(params["one"].items())
+    assert params["ddp"] == params["one"], set(params["ddp"].items()) ^ set(params["one"].items())
     assert {"device", "precision", "target_modules", "trainable_params"} <= set(params["ddp"])
